@@ -1,0 +1,45 @@
+"""The provider contract: list what Helix owns, launch n (idempotently), terminate ids.
+
+A provider only ever sees, counts and terminates instances that carry Helix's group mark (the
+`helix:group` tag on EC2, the state directory for local processes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class ProviderInstance:
+    instance_id: str
+    zone: str
+    launched_at: float  # epoch seconds
+    state: str  # "pending" | "running" | "terminating"
+    protected: bool = False  # scale-in protection: never chosen for scale-in
+    address: str = ""  # private address if known
+
+
+class LaunchError(Exception):
+    """A launch failed in every zone; the message says why, in one line."""
+
+
+class Provider(Protocol):
+    name: str
+
+    def list_instances(self) -> list[ProviderInstance]:
+        """Every live instance this group owns (pending, running, terminating)."""
+        ...
+
+    def launch(self, count: int, token: str) -> list[ProviderInstance]:
+        """Launch `count` instances spread over the zones. Calling again with the same `token`
+        (a retry after a lost reply, a restart mid-launch) returns the same instances and launches
+        nothing new. Never waits for the instances to boot."""
+        ...
+
+    def terminate(self, instance_ids: Sequence[str]) -> None:
+        """Terminate exactly these ids (ids not owned by the group are refused, never touched)."""
+        ...
+
+    def close(self) -> None: ...

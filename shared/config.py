@@ -1,0 +1,501 @@
+"""The one configuration loader for every Helix process.
+
+Every setting is declared once, below, as a field of `Config`: its environment key, the seed
+project's aliases, its default, its parser (which says what is expected) and its documentation.
+The README's configuration table is checked against this declaration by a test, so the two cannot
+drift.
+
+Where values come from, strongest first:
+  1. the process environment,
+  2. the `.env` file at `HELIX_ENV_FILE` (default `./.env`, optional when not named explicitly),
+  3. the declared default.
+Within one source a `HELIX_…` key wins over its seed alias.
+
+Bad configuration never half-applies: `load_config` collects every problem, each as
+`KEY=value: expected …`, and raises `ConfigError`; `load_or_exit` prints them and exits 2 before
+the caller has touched a segment, a socket or a cloud API.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dotenv import dotenv_values
+
+ENV_FILE_KEY = "HELIX_ENV_FILE"
+DEFAULT_ENV_FILE = ".env"
+EXIT_BAD_CONFIG = 2
+
+
+class ConfigError(Exception):
+    """One or more settings are invalid; `errors` holds one line per problem."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+class Invalid(ValueError):
+    """Raised by a parser; the message completes 'expected …'."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsers. Each takes the raw string and returns the typed value or raises Invalid("…") where the
+# message says what was expected.
+
+Parser = Callable[[str], Any]
+
+
+def text(max_len: int = 4096, allow_empty: bool = True) -> Parser:
+    def parse(raw: str) -> str:
+        if not raw and not allow_empty:
+            raise Invalid("a non-empty value")
+        if len(raw) > max_len:
+            raise Invalid(f"at most {max_len} characters")
+        return raw
+
+    return parse
+
+
+def integer(lo: int, hi: int) -> Parser:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise Invalid(f"an integer from {lo} to {hi}") from None
+        if not lo <= value <= hi:
+            raise Invalid(f"an integer from {lo} to {hi}")
+        return value
+
+    return parse
+
+
+def number(lo: float, hi: float, *, lo_open: bool = False, unit: str = "") -> Parser:
+    unit_text = f" {unit}" if unit else ""
+    bound = f"greater than {lo:g}" if lo_open else f"from {lo:g}"
+    expected = f"a number {bound} to {hi:g}{unit_text}"
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise Invalid(expected) from None
+        if math.isnan(value) or value > hi or value < lo or (lo_open and value == lo):
+            raise Invalid(expected)
+        return value
+
+    return parse
+
+
+def flag(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise Invalid("one of 1, 0, true, false, yes, no, on, off")
+
+
+def choice(*options: str) -> Parser:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise Invalid("one of " + ", ".join(options))
+        return value
+
+    return parse
+
+
+def host_port(optional: bool = False) -> Parser:
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        if not value and optional:
+            return ""
+        parse_host_port(value)
+        return value
+
+    return parse
+
+
+def csv_list(item: Parser | None = None, *, max_items: int = 256) -> Parser:
+    def parse(raw: str) -> tuple[str, ...]:
+        items = tuple(part.strip() for part in raw.split(",") if part.strip())
+        if len(items) > max_items:
+            raise Invalid(f"at most {max_items} comma-separated items")
+        if item is not None:
+            for one in items:
+                item(one)
+        return items
+
+    return parse
+
+
+_SHM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+
+
+def shm_segment_name(raw: str) -> str:
+    if not _SHM_NAME.match(raw):
+        raise Invalid("a segment name of letters, digits, '.', '_' or '-' (no '/'), 1 to 201 characters")
+    return raw
+
+
+def cpu_source_spec(raw: str) -> str:
+    value = raw.strip()
+    if value == "host":
+        return value
+    if value.startswith("tree:") and value[5:].isdigit() and int(value[5:]) > 0:
+        return value
+    if value.startswith("cgroup:") and value[7:].startswith("/"):
+        return value
+    raise Invalid("'host', 'tree:<pid>' or 'cgroup:<absolute path>'")
+
+
+def app_check_spec(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        return ""
+    if value.startswith(("http://", "https://")) and len(value) > 8:
+        return value
+    if value.startswith("tcp://"):
+        parse_host_port(value[6:])
+        return value
+    if value.startswith("process:") and value[8:]:
+        return value
+    raise Invalid("empty, 'http(s)://…', 'tcp://host:port' or 'process:NAME'")
+
+
+def label_pairs(raw: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for part in (p.strip() for p in raw.split(",")):
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip():
+            raise Invalid("comma-separated key=value pairs")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """Split 'host:port' or '[v6]:port'; raise Invalid naming what was expected."""
+    expected = "host:port with a port from 1 to 65535 (IPv6 as [addr]:port)"
+    if value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+        if not sep:
+            raise Invalid(expected)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise Invalid(expected) from None
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host or ":" in host:
+            raise Invalid(expected)
+        if not re.match(r"^[A-Za-z0-9.-]{1,253}$", host):
+            raise Invalid(expected)
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise Invalid(expected)
+    return host, int(port_text)
+
+
+# ---------------------------------------------------------------------------------------------
+# The declaration.
+
+
+def setting(
+    key: str,
+    default: str,
+    doc: str,
+    parse: Parser,
+    *,
+    aliases: tuple[str, ...] = (),
+    secret: bool = False,
+    group: str = "general",
+) -> Any:
+    meta = {"key": key, "raw_default": default, "doc": doc, "parse": parse, "aliases": aliases,
+            "secret": secret, "group": group}
+    value = parse(default)
+    if isinstance(value, dict):
+        return field(default_factory=lambda: dict(value), metadata=meta)
+    return field(default=value, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Config:
+    # --- general -------------------------------------------------------------------------------
+    log_level: str = setting("HELIX_LOG_LEVEL", "info", "Log level of every process.",
+                             choice("debug", "info", "warning", "error"))
+    shm_name: str = setting("HELIX_SHM_NAME", "helix-metrics",
+                            "Name of the shared-memory metrics table (`/dev/shm/<name>`, lock file `<name>.lock` beside it).",
+                            shm_segment_name, group="table")
+    shm_capacity: int = setting("HELIX_SHM_CAPACITY", "1024", "Rows in the metrics table: the most instances one manager tracks.",
+                                integer(1, 1_000_000), group="table")
+    shm_reset: bool = setting("HELIX_SHM_RESET", "0",
+                              "MonitorS: replace an existing table whose layout does not match (loses the registry; agents re-register).",
+                              flag, group="table")
+    token: str = setting("HELIX_TOKEN", "", "Shared bearer token every RPC carries (or use HELIX_TOKEN_FILE).",
+                         text(1024), secret=True, group="security")
+    token_file: str = setting("HELIX_TOKEN_FILE", "", "File holding the bearer token (first line).", text(), group="security")
+    insecure: bool = setting("HELIX_INSECURE", "0", "Allow running with no token (loudly logged). Never in production.",
+                             flag, group="security")
+    tls_cert: str = setting("HELIX_TLS_CERT", "", "PEM certificate this process serves with (enables TLS).", text(), group="security")
+    tls_key: str = setting("HELIX_TLS_KEY", "", "PEM private key for HELIX_TLS_CERT.", text(), group="security")
+    tls_ca: str = setting("HELIX_TLS_CA", "",
+                          "PEM CA bundle: clients verify servers with it; servers require client certificates signed by it (mTLS).",
+                          text(), group="security")
+
+    # --- MonitorC (the agent on each instance) --------------------------------------------------
+    agent_listen: str = setting("HELIX_AGENT_LISTEN", "0.0.0.0:50051", "Address the agent's gRPC server listens on.",
+                                host_port(), group="agent")
+    monitor_addr: str = setting("HELIX_MONITOR_ADDR", "127.0.0.1:50052", "MonitorS address the agent registers with.",
+                                host_port(), group="agent")
+    cpu_source: str = setting("HELIX_CPU_SOURCE", "host",
+                              "What CPU the agent reports: `host` (whole machine), `tree:<pid>` or `cgroup:<path>` (divided by HELIX_VCPUS).",
+                              cpu_source_spec, group="agent")
+    vcpus: int = setting("HELIX_VCPUS", "0", "vCPUs this instance has; 0 means count the machine's.",
+                         integer(0, 4096), group="agent")
+    app_check: str = setting("HELIX_APP_CHECK", "",
+                             "App liveness probe: `http(s)://…` (2xx), `tcp://host:port`, `process:NAME`, or empty (live when the agent is).",
+                             app_check_spec, group="agent")
+    app_check_timeout: float = setting("HELIX_APP_CHECK_TIMEOUT", "1.0", "Seconds the liveness probe may take.",
+                                       number(0.01, 60, unit="seconds"), group="agent")
+    instance_id: str = setting("HELIX_INSTANCE_ID", "", "Instance id; empty: ask EC2 instance metadata, else use the hostname.",
+                               text(64), group="agent")
+    advertise_addr: str = setting("HELIX_ADVERTISE_ADDR", "", "host:port MonitorS should poll; empty: the instance's private IPv4 and listen port.",
+                                  host_port(optional=True), group="agent")
+    labels: dict = setting("HELIX_LABELS", "", "Labels sent at registration, `key=value,…` (e.g. `zone=us-east-1a`).",
+                           label_pairs, group="agent")
+    imds_url: str = setting("HELIX_IMDS_URL", "http://169.254.169.254", "EC2 instance-metadata endpoint (IMDSv2).",
+                            text(256), group="agent")
+
+    # --- MonitorS -------------------------------------------------------------------------------
+    monitor_listen: str = setting("HELIX_MONITOR_LISTEN", "0.0.0.0:50052", "Address MonitorS's Registry service listens on.",
+                                  host_port(), group="monitor")
+    poll_interval: float = setting("HELIX_POLL_INTERVAL", "1.0", "Seconds between two polls of every agent.",
+                                   number(0.05, 3600, unit="seconds"), group="monitor")
+    unhealthy_after: int = setting("HELIX_UNHEALTHY_AFTER", "3", "Consecutive failed polls before an instance is marked unhealthy.",
+                                   integer(1, 1000), group="monitor")
+    metrics_port: int = setting("HELIX_METRICS_PORT", "9464", "Prometheus metrics port of MonitorS; 0 turns it off.",
+                                integer(0, 65535), group="monitor")
+    trust_advertised: bool = setting("HELIX_TRUST_ADVERTISED", "0",
+                                     "Accept an advertised host that is not the caller's own IP (behind NAT or a proxy).",
+                                     flag, group="monitor")
+
+    # --- ControllerASG --------------------------------------------------------------------------
+    control_interval: float = setting("HELIX_CONTROL_INTERVAL", "0", "Seconds between two controller decisions; 0 means the poll interval.",
+                                      number(0, 3600, unit="seconds"), group="controller")
+    min_instances: int = setting("HELIX_MIN_INSTANCES", "1", "Fewest instances the fleet may have.",
+                                 integer(0, 100_000), aliases=("MIN_INSTANCES",), group="controller")
+    max_instances: int = setting("HELIX_MAX_INSTANCES", "10", "Most instances the fleet may have.",
+                                 integer(1, 100_000), aliases=("MAX_INSTANCES",), group="controller")
+    policy: str = setting("HELIX_POLICY", "target", "Scaling policy: `target` (target tracking) or `threshold` (the seed's).",
+                          choice("target", "threshold"), group="controller")
+    cpu_target: float = setting("HELIX_CPU_TARGET", "0.5", "Target mean CPU utilisation (0..1) for the `target` policy.",
+                                number(0, 1, lo_open=True), group="controller")
+    tolerance: float = setting("HELIX_TOLERANCE", "0.1", "No change while mean/target is within 1 ± this.",
+                               number(0, 1), group="controller")
+    scale_in_window: float = setting("HELIX_SCALE_IN_WINDOW", "300", "Scale in only to the highest recommendation of this many seconds.",
+                                     number(0, 86400, unit="seconds"), group="controller")
+    warmup: float = setting("HELIX_WARMUP", "60", "Seconds after registering during which an instance's CPU is left out of the mean.",
+                            number(0, 86400, unit="seconds"), group="controller")
+    cpu_upper: float = setting("HELIX_CPU_UPPER", "0.7", "`threshold` policy: scale out above this mean CPU (0..1).",
+                               number(0, 1), aliases=("CPU_UPPER_LIMIT",), group="controller")
+    cpu_lower: float = setting("HELIX_CPU_LOWER", "0.3", "`threshold` policy: scale in below this mean CPU (0..1).",
+                               number(0, 1), aliases=("CPU_LOWER_LIMIT",), group="controller")
+    step: int = setting("HELIX_STEP", "1", "`threshold` policy: instances added or removed per action.",
+                        integer(1, 1000), group="controller")
+    cooldown: float = setting("HELIX_COOLDOWN", "60", "`threshold` policy: seconds to wait after an action.",
+                              number(0, 86400, unit="seconds"), group="controller")
+    health_grace: float = setting("HELIX_HEALTH_GRACE", "-1",
+                                  "Seconds a new instance has to register before it is replaced; -1: 300 on ec2, 30 on local.",
+                                  number(-1, 86400, unit="seconds"), group="controller")
+    app_down_after: int = setting("HELIX_APP_DOWN_AFTER", "3", "Consecutive app-down polls before an instance is replaced.",
+                                  integer(1, 1000), group="controller")
+    max_unhealthy_fraction: float = setting("HELIX_MAX_UNHEALTHY_FRACTION", "0.45",
+                                            "Above this fraction unhealthy at once, assume a monitoring fault: replace one per interval.",
+                                            number(0, 1), group="controller")
+    termination_policy: str = setting("HELIX_TERMINATION_POLICY", "least-busy", "Whom to terminate on scale-in: `least-busy`, `oldest`, `newest`.",
+                                      choice("least-busy", "oldest", "newest"), group="controller")
+    activity_log: str = setting("HELIX_ACTIVITY_LOG", "", "File that gets one JSON line per scaling action; empty: none.",
+                                text(), group="controller")
+    history_file: str = setting("HELIX_HISTORY_FILE", "",
+                                "File where the policy keeps the load history it learns from; empty: `<HELIX_STATE_DIR>/history.json`.",
+                                text(), group="controller")
+
+    # --- providers ------------------------------------------------------------------------------
+    provider: str = setting("HELIX_PROVIDER", "local", "Where instances run: `local` (processes here) or `ec2`.",
+                            choice("local", "ec2"), group="provider")
+    group_name: str = setting("HELIX_GROUP", "helix", "Fleet name; the `helix:group` tag on everything Helix owns.",
+                              text(128, allow_empty=False), group="provider")
+    state_dir: str = setting("HELIX_STATE_DIR", ".helix-state", "Directory for the controller's state (local instances, history).",
+                             text(), group="provider")
+    local_app_cmd: str = setting("HELIX_LOCAL_APP_CMD", "",
+                                 "`local`: the app each instance runs (shell words; `{port}` becomes its port); empty: agent only.",
+                                 text(), group="provider")
+    local_zones: tuple = setting("HELIX_LOCAL_ZONES", "local-a,local-b", "`local`: zone names instances are spread over.",
+                                 csv_list(text(32, allow_empty=False)), group="provider")
+    local_host: str = setting("HELIX_LOCAL_HOST", "127.0.0.1", "`local`: loopback address instances listen on.",
+                              text(64, allow_empty=False), group="provider")
+    ec2_launch_template: str = setting("HELIX_EC2_LAUNCH_TEMPLATE", "", "`ec2`: launch template id or name (else AMI + type + subnets).",
+                                       text(256), group="ec2")
+    ec2_ami: str = setting("HELIX_EC2_AMI", "", "`ec2`: AMI id of the app image.", text(64), group="ec2")
+    ec2_instance_type: str = setting("HELIX_EC2_INSTANCE_TYPE", "t3.micro", "`ec2`: instance type.", text(64, allow_empty=False), group="ec2")
+    ec2_subnets: tuple = setting("HELIX_EC2_SUBNETS", "", "`ec2`: comma-separated subnet ids, one per zone, launches spread over them.",
+                                 csv_list(), group="ec2")
+    ec2_security_groups: tuple = setting("HELIX_EC2_SECURITY_GROUPS", "", "`ec2`: comma-separated security group ids.",
+                                         csv_list(), group="ec2")
+    ec2_key_name: str = setting("HELIX_EC2_KEY_NAME", "", "`ec2`: optional SSH key pair name.", text(256), group="ec2")
+    ec2_instance_profile: str = setting("HELIX_EC2_INSTANCE_PROFILE", "", "`ec2`: optional IAM instance profile name or ARN.",
+                                        text(2048), group="ec2")
+    ec2_endpoint_url: str = setting("HELIX_EC2_ENDPOINT_URL", "", "`ec2`: a non-AWS EC2 endpoint (tests use moto's server).",
+                                    text(2048), group="ec2")
+    aws_region: str = setting("HELIX_AWS_REGION", "", "`ec2`: AWS region.", text(64), aliases=("AWS_REGION", "REGION"), group="ec2")
+    aws_access_key: str = setting("HELIX_AWS_ACCESS_KEY", "", "`ec2`: access key id; empty: boto3's default chain (instance profile).",
+                                  text(256), aliases=("AWS_ACCESS_KEY",), secret=True, group="ec2")
+    aws_secret_key: str = setting("HELIX_AWS_SECRET_KEY", "", "`ec2`: secret access key.", text(256),
+                                  aliases=("AWS_SECRET_KEY",), secret=True, group="ec2")
+    aws_session_token: str = setting("HELIX_AWS_SESSION_TOKEN", "", "`ec2`: session token for temporary credentials.", text(4096),
+                                     aliases=("AWS_SESSION_TOKEN",), secret=True, group="ec2")
+
+    # --- derived values -------------------------------------------------------------------------
+    @property
+    def effective_control_interval(self) -> float:
+        return self.control_interval or self.poll_interval
+
+    @property
+    def effective_health_grace(self) -> float:
+        if self.health_grace >= 0:
+            return self.health_grace
+        return 300.0 if self.provider == "ec2" else 30.0
+
+    def resolved_token(self) -> str:
+        """The bearer token, from HELIX_TOKEN or the first line of HELIX_TOKEN_FILE ('' if none)."""
+        if self.token:
+            return self.token
+        if self.token_file:
+            with open(self.token_file, encoding="utf-8") as fh:
+                return fh.readline().strip()
+        return ""
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    name: str
+    key: str
+    raw_default: str
+    doc: str
+    aliases: tuple[str, ...]
+    secret: bool
+    group: str
+    parse: Parser
+
+
+def settings() -> list[SettingInfo]:
+    """Every declared setting, in declaration order (what the README table documents)."""
+    return [
+        SettingInfo(f.name, f.metadata["key"], f.metadata["raw_default"], f.metadata["doc"], f.metadata["aliases"],
+                    f.metadata["secret"], f.metadata["group"], f.metadata["parse"])
+        for f in dataclasses.fields(Config)
+    ]
+
+
+# Keys read by tools around the processes rather than by `Config` itself; known, so not typos.
+OTHER_KEYS = {ENV_FILE_KEY}
+
+
+def _show(info: SettingInfo, raw: str) -> str:
+    return f"<hidden, {len(raw)} characters>" if info.secret else raw
+
+
+def _cross_checks(cfg: Config) -> list[str]:
+    errors = []
+    if cfg.min_instances > cfg.max_instances:
+        errors.append(f"HELIX_MIN_INSTANCES={cfg.min_instances}: expected at most HELIX_MAX_INSTANCES={cfg.max_instances}")
+    if cfg.cpu_lower >= cfg.cpu_upper:
+        errors.append(f"HELIX_CPU_LOWER={cfg.cpu_lower:g}: expected less than HELIX_CPU_UPPER={cfg.cpu_upper:g}")
+    if cfg.token and cfg.token_file:
+        errors.append(f"HELIX_TOKEN_FILE={cfg.token_file}: expected only one of HELIX_TOKEN and HELIX_TOKEN_FILE to be set")
+    elif cfg.token_file:
+        try:
+            with open(cfg.token_file, encoding="utf-8") as fh:
+                if not fh.readline().strip():
+                    errors.append(f"HELIX_TOKEN_FILE={cfg.token_file}: expected a file whose first line is the token")
+        except OSError as exc:
+            errors.append(f"HELIX_TOKEN_FILE={cfg.token_file}: expected a readable file ({exc.strerror})")
+    if bool(cfg.tls_cert) != bool(cfg.tls_key):
+        key, value = ("HELIX_TLS_KEY", cfg.tls_key) if cfg.tls_cert else ("HELIX_TLS_CERT", cfg.tls_cert)
+        errors.append(f"{key}={value}: expected HELIX_TLS_CERT and HELIX_TLS_KEY to be set together")
+    for key, path in (("HELIX_TLS_CERT", cfg.tls_cert), ("HELIX_TLS_KEY", cfg.tls_key), ("HELIX_TLS_CA", cfg.tls_ca)):
+        if path and not os.path.isfile(path):
+            errors.append(f"{key}={path}: expected a readable PEM file")
+    if cfg.provider == "ec2" and not cfg.ec2_launch_template and not (cfg.ec2_ami and cfg.ec2_subnets):
+        errors.append("HELIX_PROVIDER=ec2: expected HELIX_EC2_LAUNCH_TEMPLATE, or HELIX_EC2_AMI with HELIX_EC2_SUBNETS")
+    return errors
+
+
+def load_config(environ: Mapping[str, str] | None = None, env_file: str | None = None) -> Config:
+    """Build the Config from the environment and the .env file; raise ConfigError listing every problem."""
+    environ = dict(os.environ if environ is None else environ)
+    errors: list[str] = []
+
+    explicit = env_file is not None or ENV_FILE_KEY in environ
+    path = env_file if env_file is not None else environ.get(ENV_FILE_KEY, DEFAULT_ENV_FILE)
+    file_values: dict[str, str] = {}
+    if path and os.path.exists(path):
+        try:
+            file_values = {k: v or "" for k, v in dotenv_values(path).items()}
+        except (OSError, UnicodeDecodeError) as exc:
+            errors.append(f"{ENV_FILE_KEY}={path}: expected a readable .env file ({exc})")
+    elif explicit and path:
+        errors.append(f"{ENV_FILE_KEY}={path}: expected an existing .env file")
+
+    infos = settings()
+    known = {info.key for info in infos} | {a for info in infos for a in info.aliases} | OTHER_KEYS
+    values: dict[str, Any] = {}
+    # The environment wins over the file; within a source the HELIX_ key wins over an alias.
+    for info in infos:
+        for source in (environ, file_values):
+            found = next(((k, source[k]) for k in (info.key, *info.aliases) if k in source), None)
+            if found is not None:
+                key, raw = found
+                try:
+                    values[info.name] = info.parse(raw)
+                except Invalid as exc:
+                    errors.append(f"{key}={_show(info, raw)}: expected {exc}")
+                break
+
+    for source in (environ, file_values):
+        for key in sorted(k for k in source if k.startswith("HELIX_") and k not in known):
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            errors.append(f"{key}={source[key]}: expected a known HELIX_ setting{hint}")
+
+    if errors:
+        raise ConfigError(errors)
+    cfg = Config(**values)
+    errors = _cross_checks(cfg)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+def load_or_exit(environ: Mapping[str, str] | None = None, env_file: str | None = None, *, prog: str = "helix") -> Config:
+    """load_config, or print every bad key (one line each) and exit 2 before anything is touched."""
+    try:
+        return load_config(environ, env_file)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"{prog}: bad configuration: {line}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
