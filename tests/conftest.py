@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from shared.table import MetricsTable
+from tests.procs import ProcessPool
+
+
+@pytest.fixture
+def procs(request):
+    """Start processes through this; all of them die with the test, and their logs show on failure."""
+    pool = ProcessPool()
+    yield pool
+    failed = getattr(request.node, "rep_call", None) is not None and request.node.rep_call.failed
+    if failed:
+        print(pool.dump())
+    pool.stop_all()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+@pytest.fixture
+def table_name():
+    """A segment name unique to this test; the segment and its lock file are removed afterwards."""
+    name = f"helix-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    yield name
+    MetricsTable.remove(name)

@@ -1,0 +1,126 @@
+"""The one way tests start processes, wait on conditions and clean up.
+
+Every process runs in its own session (process group), with a fresh Python interpreter
+(`subprocess`, never fork), and is killed with its whole group when the test ends, pass or fail.
+Output goes to a log file per process so a failing test can show it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T = TypeVar("T")
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll `condition` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001 - a condition may fail until it is ready
+            last_exc = exc
+        if time.monotonic() > deadline:
+            detail = f" (last error: {last_exc!r})" if last_exc else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def base_env(**overrides: Any) -> dict[str, str]:
+    """The environment for a Helix process in a test: no stray HELIX_ keys from the caller, no .env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HELIX_")}
+    env["HELIX_ENV_FILE"] = ""  # never pick up a developer's ./.env
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for key, value in overrides.items():
+        env[key] = str(value)
+    return env
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: str
+    _log: Any = field(repr=False, default=None)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def output(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+            return fh.read()
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.pid, sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def kill_group(self) -> None:
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self._log:
+            self._log.close()
+
+
+class ProcessPool:
+    """Starts processes for one test and kills every one of them (and their groups) at the end."""
+
+    def __init__(self, log_dir: str | None = None):
+        self.log_dir = log_dir or tempfile.mkdtemp(prefix="helix-test-logs-")
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
+              cwd: str | None = None) -> Proc:
+        log_path = os.path.join(self.log_dir, f"{name}-{len(self.procs)}.log")
+        log = open(log_path, "w", encoding="utf-8")
+        popen = subprocess.Popen(list(argv), env=dict(env or base_env()), cwd=cwd or ROOT, stdout=log,
+                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = Proc(name, popen, log_path, log)
+        self.procs.append(proc)
+        return proc
+
+    def python(self, name: str, module_args: Sequence[str], env: Mapping[str, str] | None = None) -> Proc:
+        """`python -m ...` (or `python -c ...`) with this interpreter."""
+        return self.start(name, [sys.executable, *module_args], env)
+
+    def dump(self) -> str:
+        parts = []
+        for proc in self.procs:
+            parts.append(f"----- {proc.name} (pid {proc.pid}, rc {proc.popen.poll()}) -----\n{proc.output()[-4000:]}")
+        return "\n".join(parts)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            proc.kill_group()
