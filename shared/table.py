@@ -113,6 +113,7 @@ ROW_DTYPE = np.dtype([
     ("load15", "<f4"),
     ("poll_latency", "<f4"),  # seconds, last successful poll
     ("vcpus", "<u2"),
+    ("app_port", "<u2"),  # where the instance's app listens (label app_port), 0 if unknown
     ("state", "u1"),
     ("app_live", "u1"),
 ])
@@ -190,6 +191,7 @@ class InstanceRow:
     load15: float = 0.0
     poll_latency: float = 0.0
     vcpus: int = 0
+    app_port: int = 0
     app_live: bool = False
 
     def to_record(self) -> tuple:
@@ -199,7 +201,7 @@ class InstanceRow:
             value = getattr(self, name)
             if name in _TEXT_FIELDS:
                 value = encode_text(name, value, _TEXT_FIELDS[name])
-            elif name in ("failures", "app_down_polls", "vcpus", "state", "app_live"):
+            elif name in ("failures", "app_down_polls", "vcpus", "app_port", "state", "app_live"):
                 value = int(value)
                 limit = np.iinfo(ROW_DTYPE[name]).max
                 if not 0 <= value <= limit:
@@ -218,7 +220,7 @@ class InstanceRow:
                 kwargs[f.name] = State(int(value))
             elif f.name == "app_live":
                 kwargs[f.name] = bool(value)
-            elif f.name in ("failures", "app_down_polls", "vcpus"):
+            elif f.name in ("failures", "app_down_polls", "vcpus", "app_port"):
                 kwargs[f.name] = int(value)
             else:
                 kwargs[f.name] = float(value)
