@@ -1,0 +1,116 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HeartbeatRequest(_message.Message):
+    __slots__ = ("sent_at",)
+    SENT_AT_FIELD_NUMBER: _ClassVar[int]
+    sent_at: float
+    def __init__(self, sent_at: _Optional[float] = ...) -> None: ...
+
+class HeartbeatResponse(_message.Message):
+    __slots__ = ("agent_time", "uptime_seconds", "agent_version", "app_live", "instance_id")
+    AGENT_TIME_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    APP_LIVE_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    agent_time: float
+    uptime_seconds: float
+    agent_version: str
+    app_live: bool
+    instance_id: str
+    def __init__(self, agent_time: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., agent_version: _Optional[str] = ..., app_live: _Optional[bool] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class GetMetricsRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class WatchMetricsRequest(_message.Message):
+    __slots__ = ("instance_id", "interval_seconds")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    interval_seconds: float
+    def __init__(self, instance_id: _Optional[str] = ..., interval_seconds: _Optional[float] = ...) -> None: ...
+
+class Metrics(_message.Message):
+    __slots__ = ("cpu", "vcpus", "mem", "load1", "load5", "load15", "net_rx_bps", "net_tx_bps", "disk", "app_live", "app_detail", "sample_time", "instance_id")
+    CPU_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    MEM_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    LOAD5_FIELD_NUMBER: _ClassVar[int]
+    LOAD15_FIELD_NUMBER: _ClassVar[int]
+    NET_RX_BPS_FIELD_NUMBER: _ClassVar[int]
+    NET_TX_BPS_FIELD_NUMBER: _ClassVar[int]
+    DISK_FIELD_NUMBER: _ClassVar[int]
+    APP_LIVE_FIELD_NUMBER: _ClassVar[int]
+    APP_DETAIL_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TIME_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    cpu: float
+    vcpus: int
+    mem: float
+    load1: float
+    load5: float
+    load15: float
+    net_rx_bps: float
+    net_tx_bps: float
+    disk: float
+    app_live: bool
+    app_detail: str
+    sample_time: float
+    instance_id: str
+    def __init__(self, cpu: _Optional[float] = ..., vcpus: _Optional[int] = ..., mem: _Optional[float] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., net_rx_bps: _Optional[float] = ..., net_tx_bps: _Optional[float] = ..., disk: _Optional[float] = ..., app_live: _Optional[bool] = ..., app_detail: _Optional[str] = ..., sample_time: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+
+class RegisterRequest(_message.Message):
+    __slots__ = ("instance_id", "address", "vcpus", "agent_version", "labels")
+    class LabelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    VCPUS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    address: str
+    vcpus: int
+    agent_version: str
+    labels: _containers.ScalarMap[str, str]
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., vcpus: _Optional[int] = ..., agent_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RegisterResponse(_message.Message):
+    __slots__ = ("slot", "poll_interval", "server_time")
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    POLL_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
+    slot: int
+    poll_interval: float
+    server_time: float
+    def __init__(self, slot: _Optional[int] = ..., poll_interval: _Optional[float] = ..., server_time: _Optional[float] = ...) -> None: ...
+
+class DeregisterRequest(_message.Message):
+    __slots__ = ("instance_id", "reason")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    reason: str
+    def __init__(self, instance_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class DeregisterResponse(_message.Message):
+    __slots__ = ("found",)
+    FOUND_FIELD_NUMBER: _ClassVar[int]
+    found: bool
+    def __init__(self, found: _Optional[bool] = ...) -> None: ...
