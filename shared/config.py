@@ -345,6 +345,8 @@ class Config:
                                  csv_list(text(32, allow_empty=False)), group="provider")
     local_host: str = setting("HELIX_LOCAL_HOST", "127.0.0.1", "`local`: loopback address instances listen on.",
                               text(64, allow_empty=False), group="provider")
+    local_vcpus: int = setting("HELIX_LOCAL_VCPUS", "1", "`local`: vCPUs each instance is allotted (its CPU is divided by this).",
+                               integer(1, 4096), group="provider")
     ec2_launch_template: str = setting("HELIX_EC2_LAUNCH_TEMPLATE", "", "`ec2`: launch template id or name (else AMI + type + subnets).",
                                        text(256), group="ec2")
     ec2_ami: str = setting("HELIX_EC2_AMI", "", "`ec2`: AMI id of the app image.", text(64), group="ec2")
@@ -419,30 +421,39 @@ def _show(info: SettingInfo, raw: str) -> str:
     return f"<hidden, {len(raw)} characters>" if info.secret else raw
 
 
-def _cross_checks(cfg: Config) -> list[str]:
-    errors = []
+def _cross_checks(cfg: Config) -> list[tuple[set[str], str]]:
+    """Contradictions between settings, each with the fields it involves."""
+    found: list[tuple[set[str], str]] = []
+
+    def bad(names: set[str], message: str) -> None:
+        found.append((names, message))
+
     if cfg.min_instances > cfg.max_instances:
-        errors.append(f"HELIX_MIN_INSTANCES={cfg.min_instances}: expected at most HELIX_MAX_INSTANCES={cfg.max_instances}")
+        bad({"min_instances", "max_instances"},
+            f"HELIX_MIN_INSTANCES={cfg.min_instances}: expected at most HELIX_MAX_INSTANCES={cfg.max_instances}")
     if cfg.cpu_lower >= cfg.cpu_upper:
-        errors.append(f"HELIX_CPU_LOWER={cfg.cpu_lower:g}: expected less than HELIX_CPU_UPPER={cfg.cpu_upper:g}")
+        bad({"cpu_lower", "cpu_upper"}, f"HELIX_CPU_LOWER={cfg.cpu_lower:g}: expected less than HELIX_CPU_UPPER={cfg.cpu_upper:g}")
     if cfg.token and cfg.token_file:
-        errors.append(f"HELIX_TOKEN_FILE={cfg.token_file}: expected only one of HELIX_TOKEN and HELIX_TOKEN_FILE to be set")
+        bad({"token", "token_file"},
+            f"HELIX_TOKEN_FILE={cfg.token_file}: expected only one of HELIX_TOKEN and HELIX_TOKEN_FILE to be set")
     elif cfg.token_file:
         try:
             with open(cfg.token_file, encoding="utf-8") as fh:
                 if not fh.readline().strip():
-                    errors.append(f"HELIX_TOKEN_FILE={cfg.token_file}: expected a file whose first line is the token")
+                    bad({"token_file"}, f"HELIX_TOKEN_FILE={cfg.token_file}: expected a file whose first line is the token")
         except OSError as exc:
-            errors.append(f"HELIX_TOKEN_FILE={cfg.token_file}: expected a readable file ({exc.strerror})")
+            bad({"token_file"}, f"HELIX_TOKEN_FILE={cfg.token_file}: expected a readable file ({exc.strerror})")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         key, value = ("HELIX_TLS_KEY", cfg.tls_key) if cfg.tls_cert else ("HELIX_TLS_CERT", cfg.tls_cert)
-        errors.append(f"{key}={value}: expected HELIX_TLS_CERT and HELIX_TLS_KEY to be set together")
-    for key, path in (("HELIX_TLS_CERT", cfg.tls_cert), ("HELIX_TLS_KEY", cfg.tls_key), ("HELIX_TLS_CA", cfg.tls_ca)):
+        bad({"tls_cert", "tls_key"}, f"{key}={value}: expected HELIX_TLS_CERT and HELIX_TLS_KEY to be set together")
+    for name, key, path in (("tls_cert", "HELIX_TLS_CERT", cfg.tls_cert), ("tls_key", "HELIX_TLS_KEY", cfg.tls_key),
+                            ("tls_ca", "HELIX_TLS_CA", cfg.tls_ca)):
         if path and not os.path.isfile(path):
-            errors.append(f"{key}={path}: expected a readable PEM file")
+            bad({name}, f"{key}={path}: expected a readable PEM file")
     if cfg.provider == "ec2" and not cfg.ec2_launch_template and not (cfg.ec2_ami and cfg.ec2_subnets):
-        errors.append("HELIX_PROVIDER=ec2: expected HELIX_EC2_LAUNCH_TEMPLATE, or HELIX_EC2_AMI with HELIX_EC2_SUBNETS")
-    return errors
+        bad({"provider", "ec2_launch_template", "ec2_ami", "ec2_subnets"},
+            "HELIX_PROVIDER=ec2: expected HELIX_EC2_LAUNCH_TEMPLATE, or HELIX_EC2_AMI with HELIX_EC2_SUBNETS")
+    return found
 
 
 def load_config(environ: Mapping[str, str] | None = None, env_file: str | None = None) -> Config:
@@ -464,6 +475,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
     infos = settings()
     known = {info.key for info in infos} | {a for info in infos for a in info.aliases} | OTHER_KEYS
     values: dict[str, Any] = {}
+    invalid: set[str] = set()
     # The environment wins over the file; within a source the HELIX_ key wins over an alias.
     for info in infos:
         for source in (environ, file_values):
@@ -474,6 +486,7 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
                     values[info.name] = info.parse(raw)
                 except Invalid as exc:
                     errors.append(f"{key}={_show(info, raw)}: expected {exc}")
+                    invalid.add(info.name)
                 break
 
     for source in (environ, file_values):
@@ -482,10 +495,10 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
             hint = f" (did you mean {close[0]}?)" if close else ""
             errors.append(f"{key}={source[key]}: expected a known HELIX_ setting{hint}")
 
-    if errors:
-        raise ConfigError(errors)
+    # Contradictions are checked on the valid values (defaults standing in for invalid ones), and
+    # only reported when every setting they involve parsed, so one run lists every problem.
     cfg = Config(**values)
-    errors = _cross_checks(cfg)
+    errors += [message for names, message in _cross_checks(cfg) if not names & invalid]
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -499,3 +512,17 @@ def load_or_exit(environ: Mapping[str, str] | None = None, env_file: str | None 
         for line in exc.errors:
             print(f"{prog}: bad configuration: {line}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
+
+
+def main() -> int:
+    """`python -m shared.config`: validate the configuration and print the effective settings."""
+    cfg = load_or_exit(prog="config")
+    for info in settings():
+        value = getattr(cfg, info.name)
+        shown = ("<hidden>" if value else "") if info.secret else value
+        print(f"{info.key}={shown}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""`python -m shared.inspect [--name NAME] [--json] [--watch SECONDS]`: dump the metrics table.
+
+Read-only: it attaches, copies a consistent snapshot and detaches; it never writes, creates or
+unlinks anything. With no table it prints one line and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from shared.config import load_or_exit
+from shared.table import MetricsTable, Snapshot, TableError
+
+EXIT_NO_TABLE = 1
+
+
+def _age(now: float, then: float) -> float | None:
+    return round(now - then, 3) if then > 0 else None
+
+
+def snapshot_dict(snap: Snapshot, now: float) -> dict[str, Any]:
+    """The snapshot as plain JSON-ready data (the `--json` output)."""
+    mon, ctl = snap.monitor, snap.controller
+    monitor = {
+        "pid": mon.pid,
+        "alive": mon.alive(now),
+        "heartbeat_age_s": _age(now, mon.heartbeat),
+        "poll_interval_s": mon.poll_interval,
+        "cycle_s": round(mon.cycle_seconds, 6),
+        "registered": mon.registered,
+        "started_at": mon.started_at,
+    }
+    controller_interval = max(mon.poll_interval, 1e-3)
+    controller = {
+        "pid": ctl.pid,
+        "alive": ctl.heartbeat > 0 and now - ctl.heartbeat <= 3 * controller_interval + 2,
+        "heartbeat_age_s": _age(now, ctl.heartbeat),
+        "policy": ctl.policy,
+        "desired": ctl.desired,
+        "in_service": ctl.in_service,
+        "pending": ctl.pending,
+        "frozen": ctl.frozen,
+        "dry_run": ctl.dry_run,
+        "last_action": ctl.action,
+        "last_reason": ctl.reason,
+        "last_decision_age_s": _age(now, ctl.decision_at),
+    }
+    instances = []
+    for row in snap.instances():
+        instances.append({
+            "instance_id": row.instance_id,
+            "address": row.address,
+            "zone": row.zone,
+            "state": row.state.label,
+            "cpu": round(row.cpu, 4),
+            "mem": round(row.mem, 4),
+            "disk": round(row.disk, 4),
+            "load": [round(row.load1, 2), round(row.load5, 2), round(row.load15, 2)],
+            "net_rx_bps": round(row.net_rx, 1),
+            "net_tx_bps": round(row.net_tx, 1),
+            "vcpus": row.vcpus,
+            "app_live": row.app_live,
+            "app_detail": row.app_detail,
+            "app_port": row.app_port,
+            "registered_age_s": _age(now, row.registered_at),
+            "last_seen_age_s": _age(now, row.last_seen),
+            "failures": row.failures,
+            "app_down_polls": row.app_down_polls,
+            "poll_latency_ms": round(row.poll_latency * 1000, 2),
+            "agent_version": row.agent_version,
+        })
+    return {"table": {"capacity": snap.capacity, "seq": snap.seq}, "monitor": monitor,
+            "controller": controller, "instances": instances}
+
+
+def _fmt_age(age: float | None) -> str:
+    return "never" if age is None else f"{age:.1f}s"
+
+
+def render_text(name: str, data: dict[str, Any]) -> str:
+    mon, ctl, rows = data["monitor"], data["controller"], data["instances"]
+    lines = [f"table {name}: {len(rows)} of {data['table']['capacity']} rows in use, seq {data['table']['seq']}"]
+    if mon["pid"]:
+        state = "alive" if mon["alive"] else "NOT RESPONDING"
+        lines.append(f"monitor: pid {mon['pid']} {state}, heartbeat {_fmt_age(mon['heartbeat_age_s'])} ago, "
+                     f"poll every {mon['poll_interval_s']:g}s, last cycle {mon['cycle_s'] * 1000:.1f} ms")
+    else:
+        lines.append("monitor: has not written a heartbeat yet")
+    if ctl["pid"]:
+        flags = "".join([" FROZEN (fail static)" if ctl["frozen"] else "", " dry-run" if ctl["dry_run"] else ""])
+        state = "alive" if ctl["alive"] else "NOT RESPONDING"
+        lines.append(f"controller: pid {ctl['pid']} {state}, heartbeat {_fmt_age(ctl['heartbeat_age_s'])} ago, "
+                     f"policy {ctl['policy'] or '?'}; desired {ctl['desired']}, in service {ctl['in_service']}, "
+                     f"pending {ctl['pending']}{flags}")
+        if ctl["last_action"] or ctl["last_reason"]:
+            lines.append(f"  last decision {_fmt_age(ctl['last_decision_age_s'])} ago: "
+                         f"{ctl['last_action'] or '-'}: {ctl['last_reason']}")
+    else:
+        lines.append("controller: not running (no heartbeat)")
+    header = f"{'INSTANCE':<22} {'ADDRESS':<22} {'ZONE':<12} {'STATE':<12} {'CPU%':>6} {'MEM%':>6} {'SEEN':>7} {'FAIL':>4}  APP"
+    lines.append(header)
+    for r in rows:
+        app = "live" if r["app_live"] else "down"
+        if r["app_detail"]:
+            app += f" ({r['app_detail']})"
+        lines.append(f"{r['instance_id']:<22} {r['address']:<22} {r['zone']:<12} {r['state']:<12} "
+                     f"{r['cpu'] * 100:6.1f} {r['mem'] * 100:6.1f} {_fmt_age(r['last_seen_age_s']):>7} "
+                     f"{r['failures']:>4}  {app}")
+    return "\n".join(lines)
+
+
+def read_once(name: str) -> dict[str, Any]:
+    table = MetricsTable.attach(name)
+    try:
+        snap = table.snapshot()
+    finally:
+        table.close()
+    return snapshot_dict(snap, time.time())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m shared.inspect", description=__doc__.splitlines()[0])
+    parser.add_argument("--name", help="segment name (default: HELIX_SHM_NAME)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--watch", type=float, metavar="SECONDS", help="redraw every SECONDS until Ctrl-C")
+    args = parser.parse_args(argv)
+    if args.watch is not None and not args.watch > 0:
+        parser.error(f"--watch={args.watch}: expected a number of seconds greater than 0")
+    name = args.name or load_or_exit(prog="inspect").shm_name
+
+    try:
+        while True:
+            try:
+                data = read_once(name)
+            except TableError as exc:
+                print(f"inspect: {exc}", file=sys.stderr)
+                return EXIT_NO_TABLE
+            if args.json:
+                print(json.dumps(data), flush=True)
+            else:
+                if args.watch is not None and sys.stdout.isatty():
+                    print("\033[2J\033[H", end="")
+                print(render_text(name, data), flush=True)
+            if args.watch is None:
+                return 0
+            time.sleep(args.watch)
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
