@@ -1,0 +1,115 @@
+"""The demo's app: a small threaded HTTP service whose CPU tracks its request rate.
+
+    python -m deploy.local.sample_app --port 8080 [--host 127.0.0.1] [--work-ms 10]
+
+`GET /health` answers 200 at once. `GET /work` burns `--work-ms` milliseconds of CPU time (of the
+handling thread, so the cost per request stays fixed however many requests run at once) and
+answers 200; `/work?ms=N` burns N instead (0..1000). Anything else is a 404. The app prints one
+line when it listens and exits 0 on SIGTERM or SIGINT. Stdlib only, so it starts in well under a
+second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+MAX_WORK_MS = 1000.0
+
+
+def burn(ms: float) -> None:
+    """Spin until this thread has used `ms` milliseconds of CPU time."""
+    end = time.thread_time() + ms / 1000.0
+    x = 0
+    while time.thread_time() < end:
+        for _ in range(200):  # a little work between clock reads
+            x += 1
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "helix-sample-app/1"
+    protocol_version = "HTTP/1.1"  # keep-alive, so a load balancer may reuse connections
+
+    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        url = urlsplit(self.path)
+        if url.path == "/health":
+            self._reply(200, b"ok\n")
+        elif url.path == "/work":
+            ms = self.server.work_ms  # type: ignore[attr-defined]
+            raw = parse_qs(url.query).get("ms")
+            if raw:
+                try:
+                    ms = float(raw[0])
+                except ValueError:
+                    ms = -1.0
+                if not 0 <= ms <= MAX_WORK_MS:
+                    self._reply(400, f"ms={raw[0]}: expected a number from 0 to {MAX_WORK_MS:g}\n".encode())
+                    return
+            burn(ms)
+            self._reply(200, b"done\n")
+        else:
+            self._reply(404, b"not found\n")
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # one line per request would drown the demo's logs
+
+
+class App(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, host: str, port: int, work_ms: float):
+        super().__init__((host, port), Handler)
+        self.work_ms = work_ms
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m deploy.local.sample_app", description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True, help="port to listen on")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--work-ms", type=float, default=10.0, help="CPU milliseconds each /work request burns (default 10)")
+    args = parser.parse_args(argv)
+    if not 0 < args.port < 65536:
+        parser.error(f"--port={args.port}: expected a port from 1 to 65535")
+    if not 0 <= args.work_ms <= MAX_WORK_MS:
+        parser.error(f"--work-ms={args.work_ms:g}: expected a number from 0 to {MAX_WORK_MS:g}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        app = App(args.host, args.port, args.work_ms)
+    except OSError as exc:
+        print(f"sample_app: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        return 1
+
+    def stop(signum: int, frame: object) -> None:
+        # shutdown() waits for serve_forever to return, so it must run on another thread.
+        threading.Thread(target=app.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    print(f"sample_app: listening on {args.host}:{args.port}, {args.work_ms:g} ms of CPU per /work", flush=True)
+    try:
+        app.serve_forever(poll_interval=0.2)
+    finally:
+        app.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The demo's sample app, as a real process: health, CPU per request, bad input, clean exit."""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import sys
+
+import psutil
+import pytest
+
+from tests.procs import base_env, free_port, wait_for
+
+
+def get(port: int, path: str) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def start_app(procs, work_ms: float = 10.0):
+    port = free_port()
+    proc = procs.python("sample-app", ["-m", "deploy.local.sample_app", "--port", str(port), "--work-ms", str(work_ms)],
+                        base_env())
+    wait_for(lambda: get(port, "/health")[0] == 200, 30, "the sample app's /health")
+    return proc, port
+
+
+def test_health_work_and_errors(procs):
+    _, port = start_app(procs)
+    assert get(port, "/health") == (200, b"ok\n")
+    assert get(port, "/work") == (200, b"done\n")
+    assert get(port, "/work?ms=0") == (200, b"done\n")
+    status, body = get(port, "/work?ms=abc")
+    assert status == 400 and b"ms=abc" in body and b"expected" in body
+    assert get(port, "/work?ms=5000")[0] == 400
+    assert get(port, "/nowhere")[0] == 404
+
+
+def test_each_request_burns_its_cpu(procs):
+    """CPU tracks the request rate: n requests cost about n x work-ms of the app's CPU time."""
+    proc, port = start_app(procs, work_ms=20)
+    app = psutil.Process(proc.pid)
+    before = sum(app.cpu_times()[:2])
+    n = 25
+    for _ in range(n):
+        assert get(port, "/work")[0] == 200
+    used = sum(app.cpu_times()[:2]) - before
+    assert used >= 0.9 * n * 0.020, f"{n} requests of 20 ms used only {used:.3f} s of CPU"
+    assert used < 3 * n * 0.020 + 0.5, f"{n} requests of 20 ms used {used:.3f} s of CPU"
+
+
+def test_sigterm_exits_zero(procs):
+    proc, _ = start_app(procs)
+    proc.signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+
+
+@pytest.mark.parametrize("args, field", [(["--port", "0"], "--port=0"), (["--port", "80", "--work-ms", "-1"], "--work-ms=-1")])
+def test_bad_arguments_exit_2_naming_the_field(procs, args, field):
+    proc = procs.python("sample-app", ["-m", "deploy.local.sample_app", *args], base_env())
+    assert proc.wait(timeout=30) == 2
+    assert field in proc.output()
+
+
+def test_port_in_use_is_one_clear_line(procs):
+    _, port = start_app(procs)
+    proc = procs.python("sample-app-2", ["-m", "deploy.local.sample_app", "--port", str(port)], base_env())
+    assert proc.wait(timeout=30) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.output()
