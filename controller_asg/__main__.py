@@ -1,0 +1,77 @@
+"""`python -m controller_asg [--dry-run]`: the ControllerASG process on the manager VM."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from shared.config import EXIT_BAD_CONFIG, load_or_exit
+from shared.logs import setup_logging
+from shared.table import MetricsTable, TableNotFound
+
+
+def wait_for_table(name: str, stop: threading.Event, log: logging.Logger) -> MetricsTable | None:
+    """Attach to MonitorS's table, waiting (one log line, not one a second) while it is not there."""
+    said = False
+    while not stop.is_set():
+        try:
+            return MetricsTable.attach(name)
+        except TableNotFound as exc:
+            if not said:
+                log.info("waiting for the metrics table: %s", exc)
+                said = True
+        stop.wait(1.0)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controller_asg", description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true", help="decide and log as usual, act on nothing")
+    args = parser.parse_args(argv)
+    cfg = load_or_exit(prog="controller_asg")
+    log = setup_logging(cfg.log_level, "controller_asg")
+    if not cfg.resolved_token():
+        if not cfg.insecure:
+            print("controller_asg: bad configuration: HELIX_TOKEN=: expected a token (or HELIX_TOKEN_FILE); "
+                  "set HELIX_INSECURE=1 to run without one", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        log.warning("INSECURE: no token; instances this controller launches accept RPCs from anyone")
+
+    # Imported after the configuration is known good: the ec2 provider pulls in boto3.
+    from controller_asg.controller import Controller
+    from controller_asg.policy import make_policy
+    from controller_asg.providers import make_provider
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        log.info("received %s: stopping after this step", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    table = wait_for_table(cfg.shm_name, stop, log)
+    if table is None:
+        return 0
+    provider = make_provider(cfg)
+    try:
+        policy = make_policy(cfg)
+        controller = Controller(cfg, table, provider, policy, dry_run=args.dry_run)
+        log.info("starting: provider %s, policy %s, min %d, max %d, every %gs%s", provider.name, cfg.policy,
+                 cfg.min_instances, cfg.max_instances, cfg.effective_control_interval,
+                 " (DRY RUN: acting on nothing)" if args.dry_run else "")
+        controller.start()
+        controller.run(stop)
+    finally:
+        provider.close()
+        table.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Joining what the provider owns with what MonitorS sees: one record per owned instance.
+
+Pure: a table snapshot, the provider's list and the time go in; a FleetView comes out. The
+conservative rules of what counts as capacity and whose CPU counts are written down here, where
+they act.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from controller_asg.policy.base import Observation
+from controller_asg.providers.base import ProviderInstance
+from shared.table import InstanceRow, Snapshot, State
+
+# Metrics older than this many poll intervals are "missing" (the agent answered once, then not).
+STALE_METRICS_INTERVALS = 3.0
+
+
+@dataclass(frozen=True)
+class FleetMember:
+    instance: ProviderInstance
+    row: InstanceRow | None  # None: not registered with MonitorS (yet, or any more)
+
+    @property
+    def instance_id(self) -> str:
+        return self.instance.instance_id
+
+    @property
+    def in_service(self) -> bool:
+        # Registered and polled at least once. A REGISTERING row has not answered a poll yet: it is
+        # still pending, like an instance that has not registered at all.
+        return self.row is not None and self.row.state in (State.HEALTHY, State.UNHEALTHY, State.APP_DOWN)
+
+    @property
+    def cpu(self) -> float | None:
+        return self.row.cpu if self.row is not None and self.row.last_metrics > 0 else None
+
+
+@dataclass(frozen=True)
+class FleetView:
+    now: float
+    members: tuple[FleetMember, ...]  # every owned instance that is not being terminated
+    terminating: tuple[ProviderInstance, ...]
+    unowned_rows: tuple[InstanceRow, ...]  # registered with MonitorS, not owned by this provider
+
+    @property
+    def in_service(self) -> list[FleetMember]:
+        return [m for m in self.members if m.in_service]
+
+    @property
+    def pending(self) -> list[FleetMember]:
+        return [m for m in self.members if not m.in_service]
+
+    @property
+    def capacity(self) -> int:
+        return len(self.members)
+
+    def observation(self, warmup: float, poll_interval: float) -> Observation:
+        """Reduce to what a policy sees. The rules, as Kubernetes' HPA states them for pods:
+        - only in-service, HEALTHY instances past HELIX_WARMUP with fresh metrics give CPU samples;
+        - instances inside the warm-up count as capacity, their CPU is left out (a booting app's
+          CPU says nothing about steady load);
+        - in-service instances with no usable metrics (unhealthy, app down, stale) are `missing`:
+          the policy treats them as at target when scaling in and as 0 when scaling out.
+        """
+        samples: list[float] = []
+        missing = warming = 0
+        stale_after = STALE_METRICS_INTERVALS * poll_interval
+        for member in self.in_service:
+            row = member.row
+            assert row is not None
+            fresh = row.last_metrics > 0 and self.now - row.last_metrics <= stale_after
+            if row.state != State.HEALTHY or not fresh:
+                missing += 1
+            elif self.now - row.registered_at < warmup:
+                warming += 1
+            else:
+                samples.append(min(1.0, max(0.0, float(row.cpu))))
+        in_service = len(self.in_service)
+        return Observation(now=self.now, capacity=self.capacity, in_service=in_service,
+                           pending=self.capacity - in_service, cpu_samples=tuple(samples), missing=missing,
+                           warming=warming)
+
+
+def build_fleet(snapshot: Snapshot, instances: list[ProviderInstance], now: float) -> FleetView:
+    rows = {row.instance_id: row for row in snapshot.instances()}
+    members, terminating = [], []
+    for inst in sorted(instances, key=lambda i: (i.launched_at, i.instance_id)):
+        if inst.state == "terminating":
+            terminating.append(inst)
+        else:
+            members.append(FleetMember(inst, rows.get(inst.instance_id)))
+    owned = {i.instance_id for i in instances}
+    unowned = tuple(row for row_id, row in rows.items() if row_id not in owned)
+    return FleetView(now, tuple(members), tuple(terminating), unowned)

@@ -1,0 +1,75 @@
+"""Which instances to replace, and how many at once. Pure: the fleet view and the time go in.
+
+Rules, in the order they act:
+- An instance is a candidate when its agent has not registered within HELIX_HEALTH_GRACE seconds,
+  counted from its launch or from MonitorS's start, whichever is later (a MonitorS restarted with
+  a fresh table must not make every instance look unregistered); when MonitorS marks it
+  unhealthy; or when its app has been down for HELIX_APP_DOWN_AFTER polls.
+- At most 10% of desired (at least 1) replacements are in flight at a time, so a bad image or a
+  bad release never cycles the whole fleet at once.
+- When more than HELIX_MAX_UNHEALTHY_FRACTION of in-service instances look unhealthy at once, the
+  likelier cause is the monitoring path or the network, not the instances: replace at most one
+  per interval.
+- (Fail static, in the controller: while MonitorS's heartbeat is stale nothing is replaced.)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from controller_asg.fleet import FleetMember, FleetView
+from shared.table import State
+
+
+@dataclass(frozen=True)
+class Replacement:
+    instance_id: str
+    cause: str
+
+
+@dataclass(frozen=True)
+class HealthPlan:
+    replace: tuple[Replacement, ...]
+    candidates: int  # how many looked replaceable before the limits
+    note: str = ""  # why fewer than the candidates are replaced, in plain words
+
+
+def _cause(member: FleetMember, now: float, grace: float, monitor_started_at: float, app_down_after: int) -> str:
+    row = member.row
+    if row is None:
+        since = max(member.instance.launched_at, monitor_started_at)
+        if now - since > grace:
+            return f"its agent has not registered within {grace:g}s of launch"
+        return ""
+    if row.state == State.UNHEALTHY:
+        return f"MonitorS marks it unhealthy after {row.failures} failed polls in a row"
+    if row.state == State.APP_DOWN and row.app_down_polls >= app_down_after:
+        detail = f" ({row.app_detail})" if row.app_detail else ""
+        return f"its app has been down for {row.app_down_polls} polls{detail}"
+    return ""
+
+
+def plan_replacements(fleet: FleetView, *, grace: float, app_down_after: int, desired: int, in_flight: int,
+                      max_unhealthy_fraction: float, monitor_started_at: float) -> HealthPlan:
+    found = []
+    for member in fleet.members:
+        cause = _cause(member, fleet.now, grace, monitor_started_at, app_down_after)
+        if cause:
+            found.append(Replacement(member.instance_id, cause))
+    if not found:
+        return HealthPlan((), 0)
+
+    at_once = max(1, math.floor(0.1 * desired))
+    budget = max(0, at_once - in_flight)
+    note = ""
+    if budget < len(found):
+        note = f"{len(found)} need replacing, {in_flight} replacement(s) in flight, at most {at_once} at a time"
+    in_service = fleet.in_service
+    sick = sum(1 for m in in_service if m.row is not None and m.row.state in (State.UNHEALTHY, State.APP_DOWN))
+    if in_service and sick / len(in_service) > max_unhealthy_fraction:
+        budget = min(budget, 1)
+        note = (f"{sick} of {len(in_service)} in-service instances look unhealthy at once "
+                f"(more than {max_unhealthy_fraction:.0%}): likely a monitoring or network fault, "
+                "replacing at most one per interval")
+    return HealthPlan(tuple(found[:budget]), len(found), note)
