@@ -1,0 +1,235 @@
+"""The deployment kit: systemd units (verified by systemd-analyze), the AMI bake script and its
+Packer template, deploy/sysdeps.sh.
+
+The units run binaries that exist only on a deployed machine (/opt/helix/.venv/bin/python), so they
+are verified inside a temporary root holding this machine's systemd units, the Helix units and a
+stub interpreter at exactly the path the units name: any other path, an unknown key or a bad value
+makes systemd-analyze complain, and any complaint fails the test.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from tests.procs import ROOT
+
+DEPLOY = Path(ROOT) / "deploy"
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or ("/usr/bin/systemd-analyze" if os.access("/usr/bin/systemd-analyze", os.X_OK) else None)
+SHELLCHECK = shutil.which("shellcheck")
+VENV_PYTHON = "/opt/helix/.venv/bin/python"
+MANAGER_UNITS = ["helix-monitor-s.service", "helix-controller-asg.service"]
+AGENT_UNITS = ["helix-monitor-c.service"]
+UNIT_PATHS = {name: DEPLOY / "systemd" / name for name in MANAGER_UNITS + AGENT_UNITS}
+UNIT_PATHS["helix-sample-app.service"] = DEPLOY / "ami" / "helix-sample-app.service"
+SHELL_SCRIPTS = sorted(glob.glob(str(DEPLOY / "**" / "*.sh"), recursive=True))
+
+needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None,
+                                           reason="systemd-analyze is not installed (Debian package: systemd)")
+needs_shellcheck = pytest.mark.skipif(SHELLCHECK is None,
+                                      reason="shellcheck is not installed (run deploy/sysdeps.sh as root, or apt-get install shellcheck)")
+
+
+def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
+    """A unit file as section -> key -> every value given (systemd allows a key more than once)."""
+    sections: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and current, f"not a unit file line: {raw!r}"
+        sections[current][key.strip()].append(value.strip())
+    return sections
+
+
+def unit(name: str) -> dict[str, dict[str, list[str]]]:
+    return parse_unit(UNIT_PATHS[name].read_text())
+
+
+def one(section: dict[str, list[str]], key: str) -> str:
+    values = section.get(key, [])
+    assert len(values) == 1, f"{key}: expected exactly one value, got {values}"
+    return values[0]
+
+
+def words(section: dict[str, list[str]], key: str) -> list[str]:
+    return [w for value in section.get(key, []) for w in value.split()]
+
+
+# ---------------------------------------------------------------------------------------------
+# systemd-analyze in a temporary root.
+
+
+@pytest.fixture(scope="module")
+def unit_root(tmp_path_factory) -> Path:
+    """A root with this machine's stock units, the stub interpreter and an empty /etc/systemd/system."""
+    root = tmp_path_factory.mktemp("systemd-root")
+    stock = next(d for d in ("/usr/lib/systemd/system", "/lib/systemd/system") if os.path.isdir(d))
+    shutil.copytree(stock, root / "usr/lib/systemd/system", symlinks=True)
+    stub = root / VENV_PYTHON.lstrip("/")
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    return root
+
+
+def verify(root: Path, files: dict[str, str]) -> tuple[int, str]:
+    """Install `files` (name -> text) in the root and verify them; (exit status, everything printed)."""
+    unit_dir = root / "etc/systemd/system"
+    for old in unit_dir.iterdir():
+        old.unlink()
+    for name, text_ in files.items():
+        (unit_dir / name).write_text(text_)
+    result = subprocess.run([SYSTEMD_ANALYZE, "verify", f"--root={root}", "--man=no", "--generators=no", *files],
+                            cwd=unit_dir, capture_output=True, text=True, timeout=120)
+    return result.returncode, (result.stdout + result.stderr).strip()
+
+
+@needs_systemd_analyze
+def test_units_pass_systemd_analyze_verify_without_a_single_warning(unit_root):
+    rc, output = verify(unit_root, {name: path.read_text() for name, path in UNIT_PATHS.items()})
+    assert rc == 0 and output == "", output
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("breakage, expected", [
+    (("ProtectSystem=strict", "ProtectSystem=strickt"), "protect system"),
+    (("KillSignal=SIGTERM", "KillSignal=SIGTREM"), "SIGTREM"),
+    (("NoNewPrivileges=yes", "NoNewPrivilege=yes"), "Unknown key"),
+    ((VENV_PYTHON, "/opt/helix/venv/bin/python"), "not executable"),
+    (("[Service]", "[Servic]"), "Unknown section"),
+])
+def test_a_broken_unit_fails_verification(unit_root, breakage, expected):
+    # The check above is only worth something if systemd-analyze catches these in this root.
+    old, new = breakage
+    text_ = UNIT_PATHS["helix-monitor-s.service"].read_text()
+    assert old in text_
+    rc, output = verify(unit_root, {"helix-monitor-s.service": text_.replace(old, new, 1)})
+    assert output != "" or rc != 0
+    assert expected.lower() in output.lower(), output
+
+
+EXPOSURE_THRESHOLD = 30  # systemd-analyze's 0..100 scale: 3.0, "OK"; the units score about 1.5 to 1.7
+
+
+def security(root: Path, name: str) -> subprocess.CompletedProcess:
+    result = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=yes", f"--root={root}",
+                             f"--threshold={EXPOSURE_THRESHOLD}", "--no-pager", name],
+                            cwd=root / "etc/systemd/system", capture_output=True, text=True, timeout=120)
+    if "Unknown command verb" in result.stderr or "unrecognized option" in result.stderr:
+        pytest.skip(f"this systemd-analyze cannot score units offline: {result.stderr.strip()}")
+    return result
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("name", list(UNIT_PATHS))
+def test_sandboxing_exposure_stays_low(unit_root, name):
+    verify(unit_root, {n: p.read_text() for n, p in UNIT_PATHS.items()})
+    result = security(unit_root, name)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr
+    assert "Overall exposure level" in result.stdout
+
+
+@needs_systemd_analyze
+def test_an_unsandboxed_unit_fails_the_exposure_check(unit_root):
+    plain = "\n".join(line for line in UNIT_PATHS["helix-monitor-s.service"].read_text().splitlines()
+                      if not line.startswith(("Protect", "Private", "Restrict", "SystemCall", "Capability",
+                                              "NoNewPrivileges", "LockPersonality", "DevicePolicy")))
+    verify(unit_root, {"helix-monitor-s.service": plain})
+    assert security(unit_root, "helix-monitor-s.service").returncode != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# What the units must say (what systemd-analyze cannot know).
+
+
+@pytest.mark.parametrize("name", list(UNIT_PATHS))
+def test_every_unit_runs_from_the_venv_as_helix_and_stops_gracefully(name):
+    u = unit(name)
+    svc = u["Service"]
+    assert one(svc, "ExecStart").startswith(f"{VENV_PYTHON} -m ")
+    assert one(svc, "User") == "helix" and one(svc, "Group") == "helix"
+    assert one(svc, "Restart") == "on-failure"
+    assert float(one(svc, "RestartSec")) >= 1  # never a hot loop
+    assert int(one(u["Unit"], "StartLimitBurst")) >= 1 and int(one(u["Unit"], "StartLimitIntervalSec")) > 0
+    assert one(svc, "KillSignal") == "SIGTERM"
+    assert 5 <= int(one(svc, "TimeoutStopSec")) <= 120
+    for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
+        assert one(svc, key) == "yes", key
+    assert one(svc, "ProtectSystem") == "strict"
+    assert one(svc, "Type") == "exec"
+    assert one(u["Install"], "WantedBy") == "multi-user.target"
+    assert "PYTHONPATH=/opt/helix" in words(svc, "Environment")
+
+
+@pytest.mark.parametrize("name", MANAGER_UNITS + AGENT_UNITS)
+def test_helix_units_read_the_env_file_and_nothing_else(name):
+    svc = unit(name)["Service"]
+    assert one(svc, "EnvironmentFile") == "/etc/helix/helix.env"  # no '-': a missing file is an error
+    assert "HELIX_ENV_FILE=" in words(svc, "Environment")  # the loader reads no stray ./.env
+    # Bad configuration exits 2 (shared.config.EXIT_BAD_CONFIG): restarting would only loop.
+    from shared.config import EXIT_BAD_CONFIG
+    assert one(svc, "RestartPreventExitStatus") == str(EXIT_BAD_CONFIG)
+    # Defaults the units set must be settings the loader knows (an unknown HELIX_ key is fatal).
+    from shared.config import OTHER_KEYS, settings
+    known = {s.key for s in settings()} | OTHER_KEYS
+    for word in words(svc, "Environment"):
+        key = word.split("=", 1)[0]
+        if key.startswith("HELIX_"):
+            assert key in known, key
+
+
+def test_manager_units_share_the_table():
+    units = {name: unit(name)["Service"] for name in MANAGER_UNITS}
+    users = {one(svc, "User") for svc in units.values()}
+    assert len(users) == 1, "the table and its lock are mode 0600: both must run as one user"
+    for name, svc in units.items():
+        # Each of these would give the unit its own /dev/shm, or delete the table at stop.
+        for key in ("PrivateIPC", "PrivateDevices", "TemporaryFileSystem", "InaccessiblePaths", "PrivateUsers",
+                    "RootDirectory", "RootImage", "DynamicUser"):
+            assert key not in svc, f"{name}: {key}= would hide the shared /dev/shm or its owner"
+        assert one(svc, "RemoveIPC") == "no", name
+        assert "/dev/shm" in words(svc, "ReadWritePaths"), name
+        assert one(svc, "StateDirectory") == "helix", name
+        assert one(svc, "WorkingDirectory") == "/var/lib/helix", name
+    assert {one(svc, "ExecStart").split()[-1] for svc in units.values()} == {"monitor_s", "controller_asg"}
+
+
+def test_controller_starts_after_monitor_but_does_not_restart_with_it():
+    ctl = unit("helix-controller-asg.service")["Unit"]
+    assert "helix-monitor-s.service" in words(ctl, "After")
+    assert "helix-monitor-s.service" in words(ctl, "Wants")
+    # Requires=/BindsTo=/PartOf= propagate a stop or restart of MonitorS to the controller, which
+    # must instead keep running and fail static on the stale table.
+    for key in ("Requires", "Requisite", "BindsTo", "PartOf", "PropagatesStopTo", "StopPropagatedFrom"):
+        assert "helix-monitor-s.service" not in words(ctl, key), key
+    # ... and MonitorS does not depend on the controller at all.
+    mon = unit("helix-monitor-s.service")["Unit"]
+    assert not any("controller" in w for key in mon for w in words(mon, key))
+
+
+def test_agent_unit_waits_for_cloud_init_without_deadlocking_runcmd():
+    u = unit("helix-monitor-c.service")["Unit"]
+    assert "cloud-init.service" in words(u, "After")
+    # runcmd (in cloud-final) restarts the agent: ordering after cloud-final would deadlock that job.
+    assert "cloud-final.service" not in words(u, "After")
+    assert one(u, "ConditionPathExists") == "/etc/helix/helix.env"
+
+
+def test_exec_start_modules_are_the_projects_packages():
+    for name in UNIT_PATHS:
+        module = one(unit(name)["Service"], "ExecStart").split()[2]
+        assert (Path(ROOT) / module.replace(".", "/")).is_dir() or (Path(ROOT) / (module.replace(".", "/") + ".py")).is_file(), module
