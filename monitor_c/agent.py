@@ -1,0 +1,212 @@
+"""MonitorC's process: the Agent gRPC server, the liveness probe loop and the registration loop.
+
+Re-registration design. MonitorS polls the agent, so the agent cannot be told "I don't know you"
+in an answer. Instead the agent watches its own inbox: every authenticated Heartbeat, GetMetrics
+or WatchMetrics message counts as "polled". Register is idempotent on MonitorS (same id, same row,
+`registered_at` kept), so when the agent has not been polled for SILENT_INTERVALS poll intervals
+(at least MIN_SILENCE seconds) it simply registers again. That one rule covers MonitorS restarting
+with a fresh table, MonitorS deregistering a live agent, and a lost registration, with no extra RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import time
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from monitor_c import AGENT_VERSION
+from monitor_c.identity import Identity, resolve_identity
+from monitor_c.probe import AppProbe
+from monitor_c.sampling import Sampler
+from protos import helix_pb2, helix_pb2_grpc
+from shared import rpc_security
+from shared.config import Config, parse_host_port
+
+SILENT_INTERVALS = 5
+MIN_SILENCE = 3.0
+REGISTER_TIMEOUT = 3.0
+DEREGISTER_TIMEOUT = 2.0
+BACKOFF_FIRST, BACKOFF_MAX = 0.2, 30.0
+MIN_WATCH_INTERVAL, MAX_WATCH_INTERVAL = 0.05, 3600.0
+
+
+class AgentState:
+    def __init__(self, identity: Identity, vcpus: int, sampler: Sampler, probe: AppProbe):
+        self.identity = identity
+        self.vcpus = vcpus
+        self.sampler = sampler
+        self.probe = probe
+        self.started = time.monotonic()
+        self.last_polled = time.monotonic()
+        self.app_live, self.app_detail = True, "not probed yet"
+        self.poll_interval = 1.0
+
+    def metrics(self) -> helix_pb2.Metrics:
+        s = self.sampler.sample()
+        self.last_polled = time.monotonic()
+        return helix_pb2.Metrics(
+            cpu=s.cpu, vcpus=self.vcpus, mem=s.mem, load1=s.load1, load5=s.load5, load15=s.load15,
+            net_rx_bps=s.net_rx_bps, net_tx_bps=s.net_tx_bps, disk=s.disk, app_live=self.app_live,
+            app_detail=self.app_detail[:40], sample_time=s.sample_time, instance_id=self.identity.instance_id)
+
+
+class AgentService(helix_pb2_grpc.AgentServicer):
+    def __init__(self, state: AgentState):
+        self.state = state
+
+    async def _check_id(self, wanted: str, context: grpc.aio.ServicerContext) -> None:
+        if wanted and wanted != self.state.identity.instance_id:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"instance_id: this agent is {self.state.identity.instance_id!r}, not {wanted[:64]!r}")
+
+    async def Heartbeat(self, request, context):
+        st = self.state
+        st.last_polled = time.monotonic()
+        return helix_pb2.HeartbeatResponse(agent_time=time.time(), uptime_seconds=time.monotonic() - st.started,
+                                           agent_version=AGENT_VERSION, app_live=st.app_live,
+                                           instance_id=st.identity.instance_id)
+
+    async def GetMetrics(self, request, context):
+        await self._check_id(request.instance_id, context)
+        return self.state.metrics()
+
+    async def WatchMetrics(self, request, context):
+        await self._check_id(request.instance_id, context)
+        interval = request.interval_seconds
+        if not MIN_WATCH_INTERVAL <= interval <= MAX_WATCH_INTERVAL:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"interval_seconds: {interval:g}, expected {MIN_WATCH_INTERVAL:g} to {MAX_WATCH_INTERVAL:g}")
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        while True:
+            yield self.state.metrics()
+            next_at += interval
+            delay = next_at - loop.time()
+            if delay < 0:  # fell behind (host stalled): skip, never burst
+                next_at, delay = loop.time(), 0
+            await asyncio.sleep(delay)
+
+
+class Agent:
+    def __init__(self, cfg: Config, auth: rpc_security.Auth, log: logging.Logger):
+        self.cfg = cfg
+        self.auth = auth
+        self.log = log
+        self.stop_event = asyncio.Event()
+        self.registered_once = False
+
+    async def run(self) -> int:
+        cfg, log = self.cfg, self.log
+        interceptors = [rpc_security.BearerAuthInterceptor(self.auth.token, log)] if self.auth.enabled else []
+        server = grpc.aio.server(interceptors=interceptors, options=rpc_security.SERVER_OPTIONS)
+        try:
+            port = rpc_security.add_port(server, cfg.agent_listen, cfg)
+        except RuntimeError as exc:
+            log.error("%s (HELIX_AGENT_LISTEN=%s)", exc, cfg.agent_listen)
+            return 1
+        identity = resolve_identity(cfg, port)
+        vcpus = cfg.vcpus or os.cpu_count() or 1
+        self.state = AgentState(identity, vcpus, Sampler(cfg.cpu_source, vcpus), AppProbe(cfg.app_check, cfg.app_check_timeout))
+        helix_pb2_grpc.add_AgentServicer_to_server(AgentService(self.state), server)
+        health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        await server.start()
+        await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+        log.info("agent %s (%s) serving on %s, advertising %s, cpu %s over %d vCPUs, app check %s, version %s",
+                 identity.instance_id, identity.source, cfg.agent_listen, identity.address, cfg.cpu_source, vcpus,
+                 cfg.app_check or "none", AGENT_VERSION)
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.channel = rpc_security.open_channel(cfg.monitor_addr, cfg, self.auth)
+        self.registry = helix_pb2_grpc.RegistryStub(self.channel)
+        tasks = [asyncio.create_task(self._probe_loop()), asyncio.create_task(self._registration_loop())]
+        await self.stop_event.wait()
+
+        # Shutdown: deregister first (bounded), then stop serving.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self.registered_once:
+            await self._deregister("agent stopping")
+        await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(grace=0.5)
+        await self.channel.close()
+        log.info("agent %s stopped", identity.instance_id)
+        return 0
+
+    def _on_signal(self, sig: int) -> None:
+        self.log.info("received %s: deregistering and stopping", signal.Signals(sig).name)
+        self.stop_event.set()
+
+    async def _probe_loop(self) -> None:
+        st = self.state
+        while True:
+            live, detail = await st.probe.check()
+            if live != st.app_live:
+                self.log.info("app %s (%s)", "live" if live else "NOT live", detail)
+            st.app_live, st.app_detail = live, detail
+            await asyncio.sleep(min(max(st.poll_interval, 0.2), 5.0))
+
+    def _request(self) -> helix_pb2.RegisterRequest:
+        ident = self.state.identity
+        return helix_pb2.RegisterRequest(instance_id=ident.instance_id, address=ident.address, vcpus=self.state.vcpus,
+                                         agent_version=AGENT_VERSION, labels=ident.labels)
+
+    async def _registration_loop(self) -> None:
+        st, log = self.state, self.log
+        backoff = BACKOFF_FIRST
+        reason = "start"
+        while True:
+            try:
+                resp = await self.registry.Register(self._request(), timeout=REGISTER_TIMEOUT)
+            except grpc.aio.AioRpcError as exc:
+                code = exc.code()
+                level = logging.ERROR if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
+                                                  grpc.StatusCode.UNAUTHENTICATED) else logging.WARNING
+                delay = backoff * random.uniform(0.5, 1.5)  # jitter: a fleet restarting together spreads out
+                log.log(level, "register with %s failed: %s %s; retrying in %.1fs", self.cfg.monitor_addr,
+                        code.name, exc.details(), delay)
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
+            backoff = BACKOFF_FIRST
+            self.registered_once = True
+            st.poll_interval = resp.poll_interval or 1.0
+            st.last_polled = time.monotonic()
+            log.info("registered with %s as %s at %s (slot %d, poll interval %gs, reason: %s)", self.cfg.monitor_addr,
+                     st.identity.instance_id, st.identity.address, resp.slot, st.poll_interval, reason)
+            silence = max(SILENT_INTERVALS * st.poll_interval, MIN_SILENCE)
+            while (quiet := time.monotonic() - st.last_polled) < silence:
+                await asyncio.sleep(min(silence - quiet, st.poll_interval) + 0.01)
+            reason = f"not polled for {quiet:.1f}s"
+            log.warning("%s: MonitorS may have lost this agent; registering again", reason)
+
+    async def _deregister(self, reason: str) -> None:
+        try:
+            resp = await self.registry.Deregister(
+                helix_pb2.DeregisterRequest(instance_id=self.state.identity.instance_id, reason=reason),
+                timeout=DEREGISTER_TIMEOUT)
+            self.log.info("deregistered from %s (row %s)", self.cfg.monitor_addr, "freed" if resp.found else "already gone")
+        except grpc.aio.AioRpcError as exc:
+            self.log.warning("deregister failed: %s %s", exc.code().name, exc.details())
+
+
+async def _set_health(servicer, status) -> None:
+    result = servicer.set("", status)
+    if asyncio.iscoroutine(result):
+        await result
+    result = servicer.set("helix.v1.Agent", status)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+__all__ = ["Agent", "AgentService", "AgentState", "parse_host_port"]

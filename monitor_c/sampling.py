@@ -1,0 +1,168 @@
+"""Where the agent's numbers come from: CPU (host, a process tree or a cgroup), memory, load,
+network and disk, each sampled on demand as the change since the previous sample."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import psutil
+
+CGROUP_ROOT = "/sys/fs/cgroup"
+
+
+@dataclass
+class Sample:
+    cpu: float
+    mem: float
+    load1: float
+    load5: float
+    load15: float
+    net_rx_bps: float
+    net_tx_bps: float
+    disk: float
+    sample_time: float
+
+
+class HostCpu:
+    """The whole machine (what an EC2 instance needs): busy share of all CPUs since the last call."""
+
+    def __init__(self) -> None:
+        psutil.cpu_percent(interval=None)  # prime: the first call only sets the baseline
+
+    def utilisation(self) -> float:
+        return psutil.cpu_percent(interval=None) / 100.0
+
+    def memory(self) -> float:
+        return psutil.virtual_memory().percent / 100.0
+
+
+class _CounterCpu:
+    """CPU seconds from a monotonic counter, divided by wall time and HELIX_VCPUS."""
+
+    def __init__(self, vcpus: int):
+        self.vcpus = max(vcpus, 1)
+        self._last = (time.monotonic(), self._cpu_seconds())
+
+    def _cpu_seconds(self) -> float:
+        raise NotImplementedError
+
+    def utilisation(self) -> float:
+        now, used = time.monotonic(), self._cpu_seconds()
+        then, before = self._last
+        self._last = (now, used)
+        wall = now - then
+        if wall <= 0:
+            return 0.0
+        # A counter can go backwards when a child exits unreaped; that interval counts as idle.
+        return min(max((used - before) / (wall * self.vcpus), 0.0), 1.0)
+
+
+class TreeCpu(_CounterCpu):
+    """One process and all its descendants (several local "instances" share this host)."""
+
+    def __init__(self, pid: int, vcpus: int):
+        self.pid = pid
+        self._root: psutil.Process | None = None
+        super().__init__(vcpus)
+
+    def _processes(self) -> list[psutil.Process]:
+        try:
+            if self._root is None or not self._root.is_running():
+                self._root = psutil.Process(self.pid)
+            return [self._root, *self._root.children(recursive=True)]
+        except psutil.Error:
+            self._root = None
+            return []
+
+    def _cpu_seconds(self) -> float:
+        total = 0.0
+        for proc in self._processes():
+            try:
+                t = proc.cpu_times()
+            except psutil.Error:
+                continue
+            # children_* holds reaped children only, so nothing is counted twice.
+            total += t.user + t.system + t.children_user + t.children_system
+        return total
+
+    def memory(self) -> float:
+        rss = 0
+        for proc in self._processes():
+            try:
+                rss += proc.memory_info().rss
+            except psutil.Error:
+                continue
+        return min(rss / psutil.virtual_memory().total, 1.0)
+
+
+class CgroupCpu(_CounterCpu):
+    """A cgroup v2 directory: `usage_usec` from cpu.stat, memory.current against memory.max."""
+
+    def __init__(self, path: str, vcpus: int):
+        self.path = path if os.path.isdir(path) or path.startswith(CGROUP_ROOT) else CGROUP_ROOT + path
+        super().__init__(vcpus)
+
+    def _read(self, name: str) -> str:
+        try:
+            with open(os.path.join(self.path, name), encoding="ascii") as fh:
+                return fh.read()
+        except OSError:
+            return ""
+
+    def _cpu_seconds(self) -> float:
+        for line in self._read("cpu.stat").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec":
+                return int(value) / 1e6
+        return 0.0
+
+    def memory(self) -> float:
+        current = self._read("memory.current").strip()
+        limit = self._read("memory.max").strip()
+        if not current.isdigit():
+            return 0.0
+        total = int(limit) if limit.isdigit() else psutil.virtual_memory().total
+        return min(int(current) / max(total, 1), 1.0)
+
+
+def cpu_source(spec: str, vcpus: int) -> HostCpu | TreeCpu | CgroupCpu:
+    """Build the source HELIX_CPU_SOURCE names (already validated by the config)."""
+    if spec.startswith("tree:"):
+        return TreeCpu(int(spec[5:]), vcpus)
+    if spec.startswith("cgroup:"):
+        return CgroupCpu(spec[7:], vcpus)
+    return HostCpu()
+
+
+class Sampler:
+    """Takes one Sample per call: CPU and network as rates since the previous call."""
+
+    def __init__(self, spec: str, vcpus: int, disk_path: str = "/"):
+        self.cpu = cpu_source(spec, vcpus)
+        self.disk_path = disk_path
+        self._net = (time.monotonic(), self._net_counters())
+
+    @staticmethod
+    def _net_counters() -> tuple[int, int]:
+        try:
+            c = psutil.net_io_counters()
+            return c.bytes_recv, c.bytes_sent
+        except (OSError, AttributeError):
+            return 0, 0
+
+    def sample(self) -> Sample:
+        now = time.monotonic()
+        rx, tx = self._net_counters()
+        then, (rx0, tx0) = self._net
+        self._net = (now, (rx, tx))
+        wall = max(now - then, 1e-6)
+        load1, load5, load15 = os.getloadavg()
+        try:
+            disk = psutil.disk_usage(self.disk_path).percent / 100.0
+        except OSError:
+            disk = 0.0
+        return Sample(cpu=self.cpu.utilisation(), mem=self.cpu.memory(), load1=load1, load5=load5, load15=load15,
+                      net_rx_bps=max(rx - rx0, 0) / wall, net_tx_bps=max(tx - tx0, 0) / wall, disk=disk,
+                      sample_time=time.time())

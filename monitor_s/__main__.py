@@ -1,0 +1,34 @@
+"""`python -m monitor_s`: exit 0 on SIGTERM/SIGINT, 2 on bad config (or a table it must not replace)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from shared.config import EXIT_BAD_CONFIG, load_or_exit
+from shared.logs import setup_logging
+
+
+def main() -> int:
+    cfg = load_or_exit(prog="monitor_s")
+    log = setup_logging(cfg.log_level, "monitor_s")
+    from shared import rpc_security
+
+    auth = rpc_security.auth_from_config(cfg, log, prog="monitor_s")
+    from monitor_s.server import serve
+    from shared.table import LayoutMismatch, MetricsTable
+
+    try:
+        table = MetricsTable.open_or_create(cfg.shm_name, cfg.shm_capacity, reset=cfg.shm_reset, pid=os.getpid())
+    except LayoutMismatch as exc:
+        print(f"monitor_s: bad configuration: HELIX_SHM_NAME={cfg.shm_name}: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        return asyncio.run(serve(cfg, auth, table, log))
+    finally:
+        table.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""MonitorS's in-memory registry and poll cycle, and how results land in the table.
+
+MonitorS is the only writer of rows, so its in-memory `Fleet` is authoritative once loaded from
+the table at start (a restart re-attaches the table and resumes polling every row in it). Each
+cycle polls every agent concurrently on one asyncio loop, one persistent channel per agent, with
+a per-call deadline shorter than the interval; results are written as they arrive, every
+FLUSH_EVERY seconds, in batches of at most BATCH_ROWS rows per lock hold, so a hung agent delays
+nobody else's row and readers never wait long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import grpc.aio
+import numpy as np
+
+from protos import helix_pb2, helix_pb2_grpc
+from shared import rpc_security
+from shared.config import Config
+from shared.table import DETAIL_BYTES, InstanceRow, MetricsTable, State, clip_text, encode_text
+
+FLUSH_EVERY = 0.05
+BATCH_ROWS = 512
+DEADLINE_SHARE = 0.8  # per-call deadline as a share of the poll interval
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.enable_retries", 0),
+]
+
+
+@dataclass(eq=False)
+class Entry:
+    instance_id: str
+    address: str
+    slot: int
+    registered_at: float
+    zone: str = ""
+    state: State = State.REGISTERING
+    failures: int = 0
+    app_down_polls: int = 0
+    channel: grpc.aio.Channel | None = None
+    stub: helix_pb2_grpc.AgentStub | None = None
+    request: helix_pb2.GetMetricsRequest = field(default_factory=helix_pb2.GetMetricsRequest)
+    # last values, for the Prometheus collector
+    up: bool = False
+    cpu: float = 0.0
+    mem: float = 0.0
+
+
+class Fleet:
+    def __init__(self, cfg: Config, table: MetricsTable, auth: rpc_security.Auth, log: logging.Logger):
+        self.cfg = cfg
+        self.table = table
+        self.auth = auth
+        self.log = log
+        self.entries: dict[str, Entry] = {}
+        self.metadata = auth.metadata
+        self.deadline = cfg.poll_interval * DEADLINE_SHARE
+        self.polls_ok = 0
+        self.polls_failed = 0
+        self.last_cycle = 0.0
+        self.latency_observer = None  # set by the Prometheus exporter: callable(list[float])
+
+    # -- registry --------------------------------------------------------------------------------
+
+    def connect(self, entry: Entry) -> Entry:
+        entry.channel = rpc_security.open_channel(entry.address, self.cfg, options=CHANNEL_OPTIONS)
+        entry.stub = helix_pb2_grpc.AgentStub(entry.channel)
+        entry.request = helix_pb2.GetMetricsRequest(instance_id=entry.instance_id)
+        return entry
+
+    def load(self) -> int:
+        """Resume every row the table already holds (MonitorS restarted)."""
+        for row in self.table.snapshot().instances():
+            slot_entry = Entry(row.instance_id, row.address, slot=-1, registered_at=row.registered_at, zone=row.zone,
+                               state=row.state, failures=row.failures, app_down_polls=row.app_down_polls)
+            self.entries[row.instance_id] = self.connect(slot_entry)
+        self._resolve_slots()
+        return len(self.entries)
+
+    def _resolve_slots(self) -> None:
+        snap = self.table.snapshot()
+        ids = snap.rows["instance_id"]
+        for index in np.flatnonzero(snap.rows["state"] != State.FREE):
+            entry = self.entries.get(bytes(ids[index]).decode("utf-8", "replace"))
+            if entry is not None:
+                entry.slot = int(index)
+
+    def register(self, instance_id: str, address: str, vcpus: int, agent_version: str, zone: str, app_port: int,
+                 now: float) -> tuple[Entry, bool]:
+        """Add or refresh an agent. Idempotent: the same id keeps its row and `registered_at`; a new
+        address starts a fresh REGISTERING row. Raises TableFull / ValueError (nothing changed)."""
+        old = self.entries.get(instance_id)
+        if old is not None and old.address == address:
+            with self.table.writing() as w:
+                row = w.rows[old.slot]
+                row["vcpus"] = vcpus
+                row["agent_version"] = encode_text("agent_version", agent_version, 16)
+                row["zone"] = encode_text("zone", zone, 32)
+                row["app_port"] = app_port
+            old.zone = zone
+            return old, False
+        registered_at = old.registered_at if old is not None else now
+        row = InstanceRow(instance_id=instance_id, address=address, state=State.REGISTERING, zone=zone,
+                          agent_version=agent_version, registered_at=registered_at, vcpus=vcpus, app_port=app_port)
+        slot = self.table.register(row)
+        if old is not None:
+            self._close(old)
+        entry = self.connect(Entry(instance_id, address, slot, registered_at, zone=zone))
+        self.entries[instance_id] = entry
+        return entry, old is None
+
+    def deregister(self, instance_id: str) -> Entry | None:
+        entry = self.entries.pop(instance_id, None)
+        self.table.free(instance_id)
+        if entry is not None:
+            self._close(entry)
+        return entry
+
+    def _close(self, entry: Entry) -> None:
+        if entry.channel is not None:
+            asyncio.get_running_loop().create_task(entry.channel.close())
+            entry.channel = None
+
+    async def close(self) -> None:
+        await asyncio.gather(*(e.channel.close() for e in self.entries.values() if e.channel), return_exceptions=True)
+
+    # -- polling ---------------------------------------------------------------------------------
+
+    async def _poll(self, entry: Entry, results: list) -> None:
+        started = time.perf_counter()
+        try:
+            answer = await entry.stub.GetMetrics(entry.request, timeout=self.deadline, metadata=self.metadata)
+        except grpc.aio.AioRpcError as exc:
+            answer = exc
+        except Exception as exc:  # noqa: BLE001 - a closed channel mid-cycle: a failed poll, not a crash
+            answer = exc
+        results.append((entry, answer, time.perf_counter() - started))
+
+    async def cycle(self) -> float:
+        """Poll every agent once; returns the cycle's duration in seconds."""
+        started = time.perf_counter()
+        entries = list(self.entries.values())
+        results: list = []
+        if entries:
+            gathered = asyncio.gather(*(self._poll(e, results) for e in entries))
+            while not gathered.done():
+                await asyncio.wait([gathered], timeout=FLUSH_EVERY)
+                if results:
+                    batch, results[:] = results[:], []
+                    self.write(batch)
+            if results:
+                self.write(results)
+        self.last_cycle = time.perf_counter() - started
+        return self.last_cycle
+
+    def write(self, results: list) -> None:
+        """Apply a batch of poll results to the in-memory entries and the table."""
+        now = time.time()
+        ok_rows: list[tuple[Entry, helix_pb2.Metrics, float]] = []
+        failed: list[Entry] = []
+        latencies = []
+        for entry, answer, latency in results:
+            if self.entries.get(entry.instance_id) is not entry:
+                continue  # deregistered or replaced while the call was in flight
+            if isinstance(answer, helix_pb2.Metrics):
+                ok_rows.append((entry, answer, latency))
+                latencies.append(latency)
+            else:
+                failed.append(entry)
+                if entry.failures == 0 or (entry.failures + 1) == self.cfg.unhealthy_after:
+                    self.log.warning("poll of %s at %s failed: %s", entry.instance_id, entry.address, _describe(answer))
+        unhealthy_after = self.cfg.unhealthy_after
+        for entry, m, _ in ok_rows:
+            if entry.state == State.UNHEALTHY:
+                self.log.info("%s answers again", entry.instance_id)
+            entry.failures = 0
+            entry.up = True
+            entry.cpu, entry.mem = m.cpu, m.mem
+            if m.app_live:
+                entry.state, entry.app_down_polls = State.HEALTHY, 0
+            else:
+                if entry.app_down_polls == 0:
+                    self.log.warning("%s: app not live (%s)", entry.instance_id, m.app_detail)
+                entry.state, entry.app_down_polls = State.APP_DOWN, entry.app_down_polls + 1
+        for entry in failed:
+            entry.failures += 1
+            entry.up = False
+            if entry.failures >= unhealthy_after and entry.state != State.UNHEALTHY:
+                entry.state = State.UNHEALTHY
+                self.log.warning("%s marked unhealthy after %d failed polls", entry.instance_id, entry.failures)
+        self.polls_ok += len(ok_rows)
+        self.polls_failed += len(failed)
+        if self.latency_observer is not None and latencies:
+            self.latency_observer(latencies)
+        for start in range(0, len(ok_rows), BATCH_ROWS):
+            self._write_ok(ok_rows[start:start + BATCH_ROWS], now)
+        for start in range(0, len(failed), BATCH_ROWS):
+            chunk = failed[start:start + BATCH_ROWS]
+            slots = np.fromiter((e.slot for e in chunk), dtype=np.int64, count=len(chunk))
+            with self.table.writing() as w:
+                rows = w.rows
+                rows["failures"][slots] = [e.failures for e in chunk]
+                rows["state"][slots] = [int(e.state) for e in chunk]
+
+    def _write_ok(self, chunk: list, now: float) -> None:
+        n = len(chunk)
+        slots = np.fromiter((e.slot for e, _, _ in chunk), dtype=np.int64, count=n)
+        cols = {name: np.fromiter((getattr(m, attr) for _, m, _ in chunk), dtype=np.float64, count=n)
+                for name, attr in (("cpu", "cpu"), ("mem", "mem"), ("disk", "disk"), ("load1", "load1"),
+                                   ("load5", "load5"), ("load15", "load15"), ("net_rx", "net_rx_bps"),
+                                   ("net_tx", "net_tx_bps"), ("sample_time", "sample_time"))}
+        np.clip(cols["cpu"], 0.0, 1.0, out=cols["cpu"])
+        latency = np.fromiter((lat for _, _, lat in chunk), dtype=np.float64, count=n)
+        vcpus = np.fromiter((min(m.vcpus, 65535) for _, m, _ in chunk), dtype=np.int64, count=n)
+        state = np.fromiter((int(e.state) for e, _, _ in chunk), dtype=np.int64, count=n)
+        down = np.fromiter((e.app_down_polls for e, _, _ in chunk), dtype=np.int64, count=n)
+        live = np.fromiter((m.app_live for _, m, _ in chunk), dtype=np.int64, count=n)
+        detail = [clip_text(m.app_detail, DETAIL_BYTES).encode("utf-8") for _, m, _ in chunk]
+        with self.table.writing() as w:
+            rows = w.rows
+            for name, values in cols.items():
+                rows[name][slots] = values
+            rows["last_seen"][slots] = now
+            rows["last_metrics"][slots] = now
+            rows["poll_latency"][slots] = latency
+            rows["failures"][slots] = 0
+            rows["vcpus"][slots] = vcpus
+            rows["state"][slots] = state
+            rows["app_down_polls"][slots] = down
+            rows["app_live"][slots] = live
+            rows["app_detail"][slots] = detail
+
+
+def _describe(answer: object) -> str:
+    if isinstance(answer, grpc.aio.AioRpcError):
+        return f"{answer.code().name} {answer.details()}"[:200]
+    return repr(answer)[:200]

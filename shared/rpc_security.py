@@ -1,0 +1,217 @@
+"""Bearer-token authentication and TLS for every Helix gRPC endpoint (MonitorC and MonitorS).
+
+Every RPC, in both directions, carries `authorization: Bearer <token>`. Servers install
+`BearerAuthInterceptor`, which compares the header in constant time and answers UNAUTHENTICATED
+before the handler runs, so a refused call changes nothing. Clients either install
+`BearerClientInterceptor` on their channel or, on hot paths (MonitorS polls thousands of agents
+per second), pass `Auth.metadata` to each call directly, which costs nothing extra.
+
+Without a token a process refuses to start (exit 2) unless HELIX_INSECURE=1, and then it says so
+loudly. TLS is optional: HELIX_TLS_CERT/KEY make servers serve TLS and clients present that
+certificate; HELIX_TLS_CA makes clients verify servers with it and servers require client
+certificates signed by it (mTLS).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+import grpc.aio
+
+from shared.config import EXIT_BAD_CONFIG, Config
+
+AUTH_KEY = "authorization"
+# Requests in Helix are tiny; anything bigger than this is refused by gRPC before decoding.
+MAX_MESSAGE_BYTES = 16 * 1024
+
+
+@dataclass(frozen=True)
+class Auth:
+    """The resolved token ('' when HELIX_INSECURE=1 and none is set: no header sent or checked)."""
+
+    token: str
+
+    @property
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return ((AUTH_KEY, f"Bearer {self.token}"),) if self.token else ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token)
+
+
+def _token_problem(token: str) -> str | None:
+    if not token:
+        return None
+    if len(token) < 8:
+        return "at least 8 characters"
+    if not all(33 <= ord(ch) <= 126 for ch in token):
+        return "printable ASCII without spaces (it travels in an HTTP/2 header)"
+    return None
+
+
+def auth_from_config(cfg: Config, log: logging.Logger, *, prog: str) -> Auth:
+    """The token this process uses, or exit 2 when there is none and HELIX_INSECURE is not set."""
+    try:
+        token = cfg.resolved_token()
+    except OSError as exc:  # the file vanished since the config check
+        print(f"{prog}: bad configuration: HELIX_TOKEN_FILE={cfg.token_file}: expected a readable file ({exc.strerror})",
+              file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    problem = _token_problem(token)
+    if problem:
+        key = "HELIX_TOKEN" if cfg.token else "HELIX_TOKEN_FILE"
+        shown = f"<hidden, {len(token)} characters>" if cfg.token else cfg.token_file
+        print(f"{prog}: bad configuration: {key}={shown}: expected a token of {problem}", file=sys.stderr)
+        sys.exit(EXIT_BAD_CONFIG)
+    if not token:
+        if not cfg.insecure:
+            print(f"{prog}: bad configuration: HELIX_TOKEN=: expected a bearer token (HELIX_TOKEN or HELIX_TOKEN_FILE), "
+                  "or HELIX_INSECURE=1 to run without one", file=sys.stderr)
+            sys.exit(EXIT_BAD_CONFIG)
+        log.warning("INSECURE: HELIX_INSECURE=1 and no token: every RPC is accepted unauthenticated. Never in production.")
+    return Auth(token)
+
+
+def check_bearer(metadata: Sequence[tuple[str, str | bytes]] | None, token: str) -> bool:
+    """True when `metadata` carries exactly `Bearer <token>` (constant-time comparison)."""
+    if not token:
+        return True
+    expected = f"Bearer {token}".encode()
+    for key, value in metadata or ():
+        if key == AUTH_KEY:
+            got = value if isinstance(value, bytes) else value.encode("utf-8", "replace")
+            return hmac.compare_digest(got, expected)
+    return False
+
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses every call without the right bearer token with UNAUTHENTICATED."""
+
+    def __init__(self, token: str, log: logging.Logger):
+        self._token = token
+        self._log = log
+        self._refused = 0
+        self._last_log = 0.0
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or check_bearer(handler_call_details.invocation_metadata, self._token):
+            return handler
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._last_log > 10:  # one line per 10 s, not one per refused call
+            self._last_log = now
+            self._log.warning("refused unauthenticated call to %s (%d refused so far)", handler_call_details.method,
+                              self._refused)
+        return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
+
+    @property
+    def refused(self) -> int:
+        return self._refused
+
+
+def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+
+    async def unary(request, context):
+        await context.abort(code, message)
+
+    async def stream(request, context):
+        await context.abort(code, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(unary, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
+
+
+class _ClientAuth:
+    def __init__(self, metadata: tuple[tuple[str, str], ...]):
+        self._metadata = metadata
+
+    def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        metadata = list(details.metadata or ()) + list(self._metadata)
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*metadata),
+                                          details.credentials, details.wait_for_ready)
+
+
+class BearerUnaryUnaryInterceptor(_ClientAuth, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+class BearerUnaryStreamInterceptor(_ClientAuth, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation, client_call_details, request):
+        return await continuation(self._details(client_call_details), request)
+
+
+def client_interceptors(auth: Auth) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors that add the bearer header to every call on an aio channel."""
+    if not auth.enabled:
+        return []
+    return [BearerUnaryUnaryInterceptor(auth.metadata), BearerUnaryStreamInterceptor(auth.metadata)]
+
+
+# ---------------------------------------------------------------------------------------------
+# TLS
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read()
+
+
+def server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
+    """TLS server credentials when HELIX_TLS_CERT/KEY are set; client certificates required when HELIX_TLS_CA is."""
+    if not cfg.tls_cert:
+        return None
+    ca = _read(cfg.tls_ca) if cfg.tls_ca else None
+    return grpc.ssl_server_credentials([(_read(cfg.tls_key), _read(cfg.tls_cert))], root_certificates=ca,
+                                       require_client_auth=ca is not None)
+
+
+def channel_credentials(cfg: Config) -> grpc.ChannelCredentials | None:
+    """TLS channel credentials when HELIX_TLS_CA or HELIX_TLS_CERT is set (presenting the cert for mTLS)."""
+    if not (cfg.tls_ca or cfg.tls_cert):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(cfg.tls_ca) if cfg.tls_ca else None,
+        private_key=_read(cfg.tls_key) if cfg.tls_key else None,
+        certificate_chain=_read(cfg.tls_cert) if cfg.tls_cert else None,
+    )
+
+
+SERVER_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share it
+]
+
+
+def add_port(server: grpc.aio.Server, address: str, cfg: Config) -> int:
+    """Bind `address` with TLS when configured; return the bound port (raises RuntimeError if it cannot bind)."""
+    creds = server_credentials(cfg)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if not port:
+        raise RuntimeError(f"cannot listen on {address}")
+    return port
+
+
+def open_channel(target: str, cfg: Config, auth: Auth | None = None, options: Sequence[tuple] = ()) -> grpc.aio.Channel:
+    """An aio channel to `target`, TLS when configured; with `auth`, every call carries the token."""
+    interceptors = client_interceptors(auth) if auth else []
+    creds = channel_credentials(cfg)
+    opts = [("grpc.max_receive_message_length", 1024 * 1024), *options]
+    if creds:
+        return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors or None)
+    return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors or None)
