@@ -1,0 +1,299 @@
+"""The monitoring plane end to end: real MonitorS and MonitorC processes, real gRPC on loopback,
+a real shared-memory table."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+
+import grpc
+import pytest
+
+from protos import helix_pb2, helix_pb2_grpc
+from shared.table import MetricsTable, State
+from tests.procs import base_env, free_port, wait_for
+
+TOKEN = "test-token-0123456789"
+POLL = 0.5
+UNHEALTHY_AFTER = 3
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+
+pytestmark = pytest.mark.slow
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers (imported by the other monitor/agent test files)
+
+
+def monitor_env(table_name: str, port: int, **overrides) -> dict[str, str]:
+    settings = dict(HELIX_TOKEN=TOKEN, HELIX_SHM_NAME=table_name, HELIX_SHM_CAPACITY=64,
+                    HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}", HELIX_POLL_INTERVAL=POLL,
+                    HELIX_UNHEALTHY_AFTER=UNHEALTHY_AFTER, HELIX_METRICS_PORT=0)
+    settings.update(overrides)
+    return base_env(**settings)
+
+
+def agent_env(instance_id: str, monitor_port: int, **overrides) -> dict[str, str]:
+    port = free_port()
+    settings = dict(HELIX_TOKEN=TOKEN, HELIX_INSTANCE_ID=instance_id, HELIX_AGENT_LISTEN=f"127.0.0.1:{port}",
+                    HELIX_ADVERTISE_ADDR=f"127.0.0.1:{port}", HELIX_MONITOR_ADDR=f"127.0.0.1:{monitor_port}",
+                    HELIX_IMDS_URL="", HELIX_VCPUS=1)
+    settings.update(overrides)
+    return base_env(**settings)
+
+
+def rows(table_name: str) -> dict:
+    with MetricsTable.attach(table_name) as table:
+        return {r.instance_id: r for r in table.snapshot().instances()}
+
+
+def monitor_status(table_name: str):
+    with MetricsTable.attach(table_name) as table:
+        return table.snapshot().monitor
+
+
+def start_monitor(procs, table_name: str, port: int, **overrides):
+    proc = procs.python("monitor_s", ["-m", "monitor_s"], monitor_env(table_name, port, **overrides))
+    wait_for(lambda: monitor_status(table_name).pid == proc.pid, 30, "MonitorS to write its heartbeat")
+    return proc
+
+
+def wait_state(table_name: str, instance_id: str, state: State, timeout: float = 30):
+    def check():
+        row = rows(table_name).get(instance_id)
+        return row if row is not None and row.state == state else None
+    return wait_for(check, timeout, f"{instance_id} to be {state.label}")
+
+
+def registry_stub(port: int):
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    return channel, helix_pb2_grpc.RegistryStub(channel)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_fleet_lifecycle(procs, table_name):
+    """Three agents register and turn healthy with plausible CPU; app down, SIGKILL, SIGTERM and a
+    MonitorS restart each show in the table as the controller expects."""
+    port = free_port()
+    monitor = start_monitor(procs, table_name, port)
+    app_port = free_port()
+    app = procs.python("app", ["-m", "http.server", str(app_port), "--bind", "127.0.0.1"])
+    busy = procs.python("busy", ["-c", "while True: pass"])
+    wait_for(lambda: app.alive() and "Serving HTTP" in app.output(), 30, "the app to listen")
+
+    a = procs.python("agent-a", ["-m", "monitor_c"], agent_env(
+        "i-a", port, HELIX_LABELS=f"zone=z1,app_port={app_port}", HELIX_APP_CHECK=f"http://127.0.0.1:{app_port}/"))
+    b = procs.python("agent-b", ["-m", "monitor_c"], agent_env(
+        "i-b", port, HELIX_LABELS="zone=z2", HELIX_APP_CHECK=f"tcp://127.0.0.1:{app_port}"))
+    c = procs.python("agent-c", ["-m", "monitor_c"], agent_env(
+        "i-c", port, HELIX_LABELS="zone=z1", HELIX_CPU_SOURCE=f"tree:{busy.pid}"))
+
+    for iid in ("i-a", "i-b", "i-c"):
+        wait_state(table_name, iid, State.HEALTHY)
+    # The busy loop's tree saturates one vCPU (leave room for a loaded machine).
+    table = wait_for(lambda: (t := rows(table_name))["i-c"].cpu > 0.3 and t, 30, "i-c to report its busy tree's CPU")
+    assert table["i-a"].zone == "z1" and table["i-a"].app_port == app_port and table["i-b"].zone == "z2"
+    for row in table.values():
+        assert 0.0 <= row.cpu <= 1.0 and 0.0 < row.mem <= 1.0 and row.vcpus == 1
+        assert row.registered_at <= row.last_seen and row.failures == 0 and row.agent_version
+    assert table["i-a"].app_detail == "http 200" and table["i-b"].app_detail == "tcp ok"
+
+    # The app dies: both agents probing it say so, app_down_polls counts up.
+    app.kill_group()
+    wait_for(lambda: all(rows(table_name)[i].state == State.APP_DOWN and rows(table_name)[i].app_down_polls >= 2
+                         for i in ("i-a", "i-b")), 30, "i-a and i-b to be app-down for 2 polls")
+    assert rows(table_name)["i-c"].state == State.HEALTHY
+
+    # SIGKILL: no goodbye, the row turns unhealthy after UNHEALTHY_AFTER failed polls.
+    a.signal(signal.SIGKILL)
+    row = wait_state(table_name, "i-a", State.UNHEALTHY)
+    assert row.failures >= UNHEALTHY_AFTER
+
+    # SIGTERM: the agent deregisters within a bounded time and exits 0; its row is freed.
+    b.signal(signal.SIGTERM)
+    assert b.wait(timeout=15) == 0
+    assert "i-b" not in rows(table_name)
+
+    # Restart MonitorS: the registry survives and polling resumes.
+    monitor.signal(signal.SIGTERM)
+    assert monitor.wait(timeout=15) == 0
+    before = rows(table_name)
+    assert set(before) == {"i-a", "i-c"}
+    monitor = start_monitor(procs, table_name, port)
+    wait_for(lambda: rows(table_name)["i-c"].last_seen > before["i-c"].last_seen + POLL, 30,
+             "the restarted MonitorS to poll i-c")
+    after = rows(table_name)
+    assert after["i-c"].registered_at == before["i-c"].registered_at
+    assert after["i-a"].state == State.UNHEALTHY
+    assert c.alive()
+
+
+def test_hung_agent_does_not_slow_the_others(procs, table_name):
+    port = free_port()
+    start_monitor(procs, table_name, port, HELIX_POLL_INTERVAL=1.0)
+    agents = [procs.python(f"agent-{i}", ["-m", "monitor_c"], agent_env(f"i-{i}", port, HELIX_LABELS="zone=z"))
+              for i in range(3)]
+    for i in range(3):
+        wait_state(table_name, f"i-{i}", State.HEALTHY)
+    agents[0].signal(signal.SIGSTOP)  # hung: the kernel accepts, nobody answers
+    try:
+        wait_state(table_name, "i-0", State.UNHEALTHY)
+        seen = {i: rows(table_name)[f"i-{i}"].last_seen for i in (1, 2)}
+        status = monitor_status(table_name)
+        # The others keep being polled every cycle and answered long before the hung call's deadline.
+        wait_for(lambda: all(rows(table_name)[f"i-{i}"].last_seen >= seen[i] + 2 for i in (1, 2)), 30,
+                 "the healthy agents to be polled for two more cycles")
+        table = rows(table_name)
+        for i in (1, 2):
+            assert table[f"i-{i}"].state == State.HEALTHY and table[f"i-{i}"].failures == 0
+            assert table[f"i-{i}"].poll_latency < 0.5, table[f"i-{i}"]
+        # ... and were written before the hung call timed out: their last_seen precedes the end of the cycle.
+        assert status.cycle_seconds >= 0.5  # this cycle did wait for the hung agent's deadline
+    finally:
+        agents[0].signal(signal.SIGCONT)
+
+
+def test_refusals_change_nothing(procs, table_name):
+    port = free_port()
+    start_monitor(procs, table_name, port)
+    agent = procs.python("agent", ["-m", "monitor_c"], agent_env("i-ok", port))
+    wait_state(table_name, "i-ok", State.HEALTHY)
+    agent_addr = rows(table_name)["i-ok"].address
+    channel, stub = registry_stub(port)
+    good = dict(instance_id="i-new", address="127.0.0.1:6000", vcpus=2, agent_version="0.1.0", labels={"zone": "z"})
+
+    def refused(call, request, metadata=AUTH) -> grpc.RpcError:
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, metadata=metadata, timeout=10)
+        return info.value
+
+    with channel:
+        # Wrong or missing token.
+        for md in ((("authorization", "Bearer wrong-token-xyz"),), ()):
+            err = refused(stub.Register, helix_pb2.RegisterRequest(**good), md)
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            err = refused(stub.Deregister, helix_pb2.DeregisterRequest(instance_id="i-ok"), md)
+            assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Malformed registrations: each names its field.
+        cases = [
+            ({"instance_id": "bad id!"}, "instance_id"), ({"instance_id": "x" * 65}, "instance_id"),
+            ({"instance_id": ""}, "instance_id"), ({"address": "127.0.0.1:70000"}, "address"),
+            ({"address": "no-port"}, "address"), ({"address": "127.0.0.1:" + "1" * 70}, "address"),
+            ({"vcpus": 0}, "vcpus"), ({"vcpus": 5000}, "vcpus"), ({"agent_version": "v 1"}, "agent_version"),
+            ({"labels": {f"k{i}": "v" for i in range(17)}}, "labels"), ({"labels": {"zone": "z" * 40}}, "labels[zone]"),
+            ({"labels": {"app_port": "http"}}, "labels[app_port]"), ({"labels": {"bad key": "v"}}, "labels"),
+            ({"labels": {"note": "a\nb"}}, "labels[note]"),
+        ]
+        for change, field in cases:
+            err = refused(stub.Register, helix_pb2.RegisterRequest(**{**good, **change}))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (change, err)
+            assert err.details().startswith(field), (change, err.details())
+        # Address spoofing: registering someone else's address, or a hostname.
+        for address in ("10.9.8.7:5000", "example.com:5000"):
+            err = refused(stub.Register, helix_pb2.RegisterRequest(**{**good, "address": address}))
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED and err.details().startswith("address")
+        # Oversized message: refused by gRPC before any handler.
+        err = refused(stub.Register, helix_pb2.RegisterRequest(**{**good, "agent_version": "x" * 100_000}))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The agent side refuses a wrong token too.
+    with grpc.insecure_channel(agent_addr) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            helix_pb2_grpc.AgentStub(ch).GetMetrics(helix_pb2.GetMetricsRequest(), timeout=10,
+                                                    metadata=(("authorization", "Bearer nope-nope-nope"),))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        m = helix_pb2_grpc.AgentStub(ch).GetMetrics(helix_pb2.GetMetricsRequest(instance_id="i-ok"), timeout=10,
+                                                    metadata=AUTH)
+        assert m.instance_id == "i-ok" and m.vcpus == 1
+        with pytest.raises(grpc.RpcError) as info:
+            helix_pb2_grpc.AgentStub(ch).GetMetrics(helix_pb2.GetMetricsRequest(instance_id="i-other"), timeout=10,
+                                                    metadata=AUTH)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    table = rows(table_name)
+    assert set(table) == {"i-ok"} and table["i-ok"].state == State.HEALTHY
+    assert agent.alive()
+
+
+def test_agent_registers_again_when_forgotten(procs, table_name):
+    """Deregistered while alive, or MonitorS restarted on a fresh table: the agent comes back."""
+    port = free_port()
+    monitor = start_monitor(procs, table_name, port)
+    procs.python("agent", ["-m", "monitor_c"], agent_env("i-back", port, HELIX_LABELS="zone=z,app_port=8080"))
+    first = wait_state(table_name, "i-back", State.HEALTHY)
+    channel, stub = registry_stub(port)
+    with channel:
+        resp = stub.Deregister(helix_pb2.DeregisterRequest(instance_id="i-back", reason="test"), metadata=AUTH, timeout=10)
+    assert resp.found and "i-back" not in rows(table_name)
+    again = wait_state(table_name, "i-back", State.HEALTHY, timeout=40)
+    assert again.registered_at > first.registered_at and again.app_port == 8080
+
+    monitor.signal(signal.SIGTERM)
+    assert monitor.wait(timeout=15) == 0
+    MetricsTable.remove(table_name)
+    start_monitor(procs, table_name, port)
+    row = wait_state(table_name, "i-back", State.HEALTHY, timeout=40)
+    assert row.zone == "z"
+
+
+def test_prometheus_exposition(procs, table_name):
+    from prometheus_client.parser import text_string_to_metric_families
+    import urllib.request
+
+    port, metrics_port = free_port(), free_port()
+    start_monitor(procs, table_name, port, HELIX_METRICS_PORT=metrics_port)
+    procs.python("agent", ["-m", "monitor_c"], agent_env("i-prom", port, HELIX_LABELS="zone=z9"))
+    wait_state(table_name, "i-prom", State.HEALTHY)
+
+    def scrape():
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+            return resp.read().decode()
+
+    text = wait_for(lambda: (t := scrape()) and "helix_poll_latency_seconds_count" in t and t, 30, "a latency sample")
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    key = (("instance_id", "i-prom"), ("zone", "z9"))
+    assert samples[("helix_instance_up", key)] == 1.0
+    assert samples[("helix_instance_healthy", key)] == 1.0
+    assert 0.0 <= samples[("helix_instance_cpu_ratio", key)] <= 1.0
+    assert samples[("helix_registered_instances", ())] == 1.0
+    assert families["helix_poll_latency_seconds"].type == "histogram"
+    assert samples[("helix_poll_latency_seconds_count", ())] >= 1
+    import shutil
+    import subprocess
+    if shutil.which("promtool"):
+        check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+        assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("module", ["monitor_s", "monitor_c"])
+def test_bad_config_and_missing_token_exit_2(procs, table_name, module):
+    port = free_port()
+    env = monitor_env(table_name, port) if module == "monitor_s" else agent_env("i-x", port)
+    for change in ({"HELIX_POLL_INTERVAL": "fast"}, {"HELIX_TOKEN": ""}, {"HELIX_TOKEN": "short"}):
+        proc = procs.python(module, ["-m", module], {**env, **change})
+        assert proc.wait(timeout=30) == 2, proc.output()
+        key = next(iter(change))
+        assert key in proc.output() and proc.output().count("\n") <= 2, proc.output()
+    with pytest.raises(Exception):
+        MetricsTable.attach(table_name)  # nothing was created
+
+
+def test_insecure_mode_is_loud_and_sigint_exits_0(procs, table_name):
+    port = free_port()
+    env = monitor_env(table_name, port, HELIX_TOKEN="", HELIX_INSECURE=1)
+    monitor = procs.python("monitor_s", ["-m", "monitor_s"], env)
+    wait_for(lambda: monitor_status(table_name).pid == monitor.pid, 30, "MonitorS heartbeat")
+    agent = procs.python("agent", ["-m", "monitor_c"], agent_env("i-ins", port, HELIX_TOKEN="", HELIX_INSECURE=1))
+    wait_state(table_name, "i-ins", State.HEALTHY)
+    assert "INSECURE" in monitor.output() and "INSECURE" in agent.output()
+    agent.signal(signal.SIGINT)
+    assert agent.wait(timeout=15) == 0
+    assert "i-ins" not in rows(table_name)
+    monitor.signal(signal.SIGINT)
+    assert monitor.wait(timeout=15) == 0
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
