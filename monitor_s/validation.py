@@ -63,8 +63,8 @@ def check_register(req) -> Registration:
     """Validate a RegisterRequest; raise Refusal(INVALID_ARGUMENT) naming the first bad field."""
     instance_id = check_instance_id(req.instance_id)
     address = req.address
-    if len(address.encode()) > MAX_ADDRESS_BYTES:
-        raise _bad("address", address, f"host:port of at most {MAX_ADDRESS_BYTES} bytes")
+    if len(address.encode()) > MAX_ADDRESS_BYTES or not address.isascii():
+        raise _bad("address", address, f"ASCII host:port of at most {MAX_ADDRESS_BYTES} bytes")
     try:
         host, port = parse_host_port(address)
     except Invalid as exc:
@@ -89,7 +89,7 @@ def check_register(req) -> Registration:
     app_port = 0
     if "app_port" in labels:
         raw = labels["app_port"]
-        if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
             raise _bad("labels[app_port]", raw, "an integer from 1 to 65535")
         app_port = int(raw)
     return Registration(instance_id, address, host.strip("[]"), port, req.vcpus, req.agent_version, zone, app_port, labels)
