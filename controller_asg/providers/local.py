@@ -1,0 +1,456 @@
+"""The `local` provider: each instance is a real process group on this machine.
+
+An instance is the app (`HELIX_LOCAL_APP_CMD`, optional) and a MonitorC agent in one process group,
+started in its own session so it outlives the controller. Everything needed to find it again is
+recorded under `HELIX_STATE_DIR`:
+
+  instances/<id>.json   one record per instance (pids, pgid, ports, zone, launch token, start times
+                        of the pids so a reused pid is never mistaken for ours), written atomically
+  launches/<token>.json ids launched under a launch token (a retried launch launches nothing new)
+  protected/<id>        scale-in protection: create this (empty) file to keep an instance out of
+                        scale-in; remove it to lift the protection
+  logs/<id>.log         the app's and the agent's output
+
+`list_instances` reads those files and checks the pids (no subprocess calls), so it is cheap
+enough for a 1 s loop; dead instances are forgotten there. `terminate` sends SIGTERM to the group
+and returns at once; a reaper thread (or, after a controller restart, the next `list_instances`)
+sends SIGKILL when the grace period has passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import psutil
+
+from controller_asg.providers.base import LaunchError, ProviderInstance
+from shared.config import Config
+
+log = logging.getLogger("controller_asg.providers.local")
+
+AGENT_ARGV = (sys.executable, "-m", "monitor_c")
+_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A pid-less record means a launch died between writing it and starting the process.
+_ORPHAN_RECORD_AGE = 30.0
+_LEDGER_MAX_AGE = 24 * 3600.0
+# Keys the agent and the app must never inherit from the controller (secrets, its own settings).
+_PRIVATE_PREFIXES = ("HELIX_", "AWS_")
+_PRIVATE_KEYS = {"ACCESS_KEY", "SECRET_KEY", "SESSION_TOKEN", "AWS_ACCESS_KEY", "AWS_SECRET_KEY", "REGION"}
+
+
+@dataclass
+class Member:
+    """One process of an instance; `started` is psutil's create_time, to tell a reused pid apart."""
+    role: str  # "app" | "agent"
+    pid: int
+    started: float
+
+
+@dataclass
+class Record:
+    instance_id: str
+    group: str
+    zone: str
+    token: str
+    launched_at: float
+    host: str
+    agent_port: int
+    app_port: int = 0
+    pgid: int = 0
+    members: list[Member] = field(default_factory=list)
+    terminate_at: float = 0.0  # when SIGTERM was sent; 0 = not terminating
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Record":
+        data = dict(data)
+        data["members"] = [Member(**m) for m in data.get("members", [])]
+        return cls(**data)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _member_alive(member: Member) -> bool:
+    try:
+        proc = psutil.Process(member.pid)
+        # create_time is rounded differently across reads; a reused pid differs by far more.
+        return abs(proc.create_time() - member.started) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+
+
+def _pid_reused(rec: "Record", pid: int) -> bool:
+    """True when `pid` now belongs to a process other than the member recorded with it."""
+    member = next((m for m in rec.members if m.pid == pid), None)
+    if member is None:
+        return True  # never recorded: not ours to signal
+    try:
+        return abs(psutil.Process(pid).create_time() - member.started) >= 1.0
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _start_time(pid: int) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return 0.0
+
+
+class LocalProvider:
+    name = "local"
+
+    def __init__(self, cfg: Config, *, agent_argv: Sequence[str] | None = None, grace: float = 5.0,
+                 clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.group = cfg.group_name
+        self.agent_argv = list(agent_argv or AGENT_ARGV)
+        self.grace = grace
+        self.clock = clock
+        self.state_dir = os.path.abspath(cfg.state_dir)
+        self.dirs = {d: os.path.join(self.state_dir, d) for d in ("instances", "launches", "protected", "logs")}
+        for path in self.dirs.values():
+            os.makedirs(path, exist_ok=True)
+        self._lock = threading.RLock()
+        self._children: dict[int, subprocess.Popen] = {}  # ours to reap (zombies otherwise)
+        self._reapers: list[threading.Thread] = []
+        self._closed = threading.Event()
+        self._id_prefix = "local-" + re.sub(r"[^A-Za-z0-9-]", "-", self.group)[:40]
+
+    # --- records -----------------------------------------------------------------------------
+
+    def _record_path(self, instance_id: str) -> str:
+        return os.path.join(self.dirs["instances"], f"{instance_id}.json")
+
+    def _write(self, rec: Record) -> None:
+        _atomic_write(self._record_path(rec.instance_id), json.dumps(asdict(rec), sort_keys=True))
+
+    def _read(self, instance_id: str) -> Record | None:
+        try:
+            with open(self._record_path(instance_id), encoding="utf-8") as fh:
+                return Record.from_json(json.load(fh))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("instance record %s unreadable, ignored: %s", instance_id, exc)
+            return None
+
+    def _records(self) -> list[Record]:
+        out = []
+        for name in sorted(os.listdir(self.dirs["instances"])):
+            if name.endswith(".json"):
+                rec = self._read(name[:-5])
+                if rec is not None and rec.group == self.group:
+                    out.append(rec)
+        return out
+
+    def _forget(self, rec: Record, why: str) -> None:
+        for path in (self._record_path(rec.instance_id), os.path.join(self.dirs["protected"], rec.instance_id)):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        log.info("instance %s forgotten: %s", rec.instance_id, why)
+
+    def _reap_children(self) -> None:
+        for pid, popen in list(self._children.items()):
+            if popen.poll() is not None:
+                del self._children[pid]
+
+    def _alive(self, rec: Record) -> bool:
+        """An instance lives while its agent or its app does. When both are gone, whatever they left
+        in the group is killed (the group id is safe to signal: a pid stays reserved while its
+        group exists), so a forgotten instance leaves nothing behind."""
+        if any(_member_alive(m) for m in rec.members):
+            return True
+        self._kill(rec, signal.SIGKILL)
+        return False
+
+    def _to_instance(self, rec: Record) -> ProviderInstance:
+        return ProviderInstance(
+            instance_id=rec.instance_id,
+            zone=rec.zone,
+            launched_at=rec.launched_at,
+            state="terminating" if rec.terminate_at else ("running" if rec.members else "pending"),
+            protected=os.path.exists(os.path.join(self.dirs["protected"], rec.instance_id)),
+            address=f"{rec.host}:{rec.agent_port}",
+        )
+
+    # --- the contract ------------------------------------------------------------------------
+
+    def list_instances(self) -> list[ProviderInstance]:
+        with self._lock:
+            self._reap_children()
+            now = self.clock()
+            out = []
+            for rec in self._records():
+                if not rec.members:
+                    if now - rec.launched_at > _ORPHAN_RECORD_AGE:
+                        self._forget(rec, "its launch never started a process")
+                        continue
+                    out.append(self._to_instance(rec))
+                    continue
+                if not self._alive(rec):
+                    self._forget(rec, "its processes have exited")
+                    continue
+                if rec.terminate_at and now - rec.terminate_at > self.grace:
+                    # A restarted controller finishes what the previous one's reaper started.
+                    self._kill(rec, signal.SIGKILL)
+                out.append(self._to_instance(rec))
+            return out
+
+    def launch(self, count: int, token: str) -> list[ProviderInstance]:
+        if count < 0:
+            raise ValueError(f"count={count}: expected 0 or more")
+        if not _SAFE_ID.match(token):
+            raise ValueError(f"token={token!r}: expected letters, digits, '.', '_' or '-'")
+        with self._lock:
+            live = self.list_instances()
+            ledger_path = os.path.join(self.dirs["launches"], f"{token}.json")
+            launched = self._read_ledger(ledger_path)
+            by_id = {i.instance_id: i for i in live}
+            out = [by_id[i] for i in launched if i in by_id]
+            missing = count - len(launched)
+            if missing <= 0:
+                if launched:
+                    log.info("launch %s already done (%s); nothing new launched", token, ", ".join(launched))
+                return out
+            self._prune_ledgers()
+            zones_used = {z: 0 for z in self.cfg.local_zones}
+            for inst in live:
+                if inst.state != "terminating" and inst.zone in zones_used:
+                    zones_used[inst.zone] += 1
+            errors = []
+            for _ in range(missing):
+                zone = min(self.cfg.local_zones, key=lambda z: zones_used[z])  # ties: first in config order
+                instance_id = f"{self._id_prefix}-{secrets.token_hex(3)}"
+                # Ledger first: a controller that dies right after the spawn never launches it twice.
+                launched.append(instance_id)
+                _atomic_write(ledger_path, json.dumps({"token": token, "ids": launched, "at": self.clock()}))
+                try:
+                    rec = self._spawn(instance_id, zone, token)
+                except (OSError, ValueError, LaunchError) as exc:
+                    errors.append(str(exc))
+                    log.error("launch of %s in %s failed: %s", instance_id, zone, exc)
+                    continue
+                zones_used[zone] += 1
+                out.append(self._to_instance(rec))
+                log.info("launched %s in %s (agent %s:%d, app port %s, pgid %d, launch %s)", instance_id, zone,
+                         rec.host, rec.agent_port, rec.app_port or "-", rec.pgid, token)
+            if errors and len(out) == 0:
+                raise LaunchError(f"local launch {token}: every start failed: {errors[0]}")
+            return out
+
+    def terminate(self, instance_ids: Sequence[str]) -> None:
+        with self._lock:
+            self._reap_children()
+            targets = []
+            for instance_id in instance_ids:
+                rec = self._read(instance_id) if _SAFE_ID.match(instance_id) else None
+                if rec is None or rec.group != self.group:
+                    log.warning("terminate %s refused: not an instance of group %s", instance_id, self.group)
+                    continue
+                if not rec.terminate_at:
+                    rec.terminate_at = self.clock()
+                    self._write(rec)
+                self._kill(rec, signal.SIGTERM)
+                log.info("terminating %s (SIGTERM to group %d, SIGKILL after %.0fs)", instance_id, rec.pgid, self.grace)
+                targets.append(rec)
+            if targets:
+                reaper = threading.Thread(target=self._reap, args=(targets,), name="helix-local-reaper", daemon=True)
+                reaper.start()
+                self._reapers = [t for t in self._reapers if t.is_alive()] + [reaper]
+
+    def close(self) -> None:
+        """Stop the reapers (the instances live on; a terminating one gets SIGKILL now if overdue)."""
+        self._closed.set()
+        for t in self._reapers:
+            t.join(timeout=2)
+
+    # --- processes ---------------------------------------------------------------------------
+
+    def _kill(self, rec: Record, sig: int) -> None:
+        if not rec.pgid:
+            return
+        # Never signal a group whose leader pid now belongs to some other process.
+        if _pid_reused(rec, rec.pgid):
+            return
+        try:
+            os.killpg(rec.pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def _reap(self, recs: list[Record]) -> None:
+        deadline = time.monotonic() + self.grace
+        pending = list(recs)
+        while pending and not self._closed.is_set():
+            with self._lock:
+                self._reap_children()
+                pending = [r for r in pending if self._alive(r)]
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                for rec in pending:
+                    log.warning("instance %s still running %.0fs after SIGTERM: SIGKILL", rec.instance_id, self.grace)
+                    self._kill(rec, signal.SIGKILL)
+                deadline = float("inf")
+            self._closed.wait(0.05)
+        with self._lock:
+            self._reap_children()
+
+    def _child_env(self) -> dict[str, str]:
+        return {k: v for k, v in os.environ.items()
+                if not k.startswith(_PRIVATE_PREFIXES) and k not in _PRIVATE_KEYS}
+
+    def _spawn(self, instance_id: str, zone: str, token: str) -> Record:
+        cfg = self.cfg
+        host = cfg.local_host
+        rec = Record(instance_id=instance_id, group=self.group, zone=zone, token=token, launched_at=self.clock(),
+                     host=host, agent_port=_free_port(host))
+        app_argv: list[str] = []
+        if cfg.local_app_cmd:
+            rec.app_port = _free_port(host)
+            app_argv = [w.replace("{port}", str(rec.app_port)) for w in shlex.split(cfg.local_app_cmd)]
+            if not app_argv:
+                raise ValueError(f"HELIX_LOCAL_APP_CMD={cfg.local_app_cmd!r}: expected a command")
+        self._write(rec)  # pid-less: a crash from here on is found and forgotten by list_instances
+
+        log_path = os.path.join(self.dirs["logs"], f"{instance_id}.log")
+        base = self._child_env()
+        base["PYTHONPATH"] = _ROOT + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
+        agent_env = dict(base, **self._agent_env(rec, zone, with_app=bool(app_argv)))
+        try:
+            if app_argv:
+                app_pid = self._start_pair(app_argv, agent_env, log_path, rec)  # records the agent
+                rec.members.append(Member("app", app_pid, _start_time(app_pid)))
+            else:
+                with open(log_path, "ab") as out:
+                    agent = subprocess.Popen(self.agent_argv, env=agent_env, stdin=subprocess.DEVNULL, stdout=out,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+                self._children[agent.pid] = agent
+                rec.pgid = agent.pid
+                rec.members.append(Member("agent", agent.pid, _start_time(agent.pid)))
+            self._write(rec)
+        except (OSError, ValueError):
+            # Leave nothing half-started behind.
+            self._kill(rec, signal.SIGKILL)
+            self._forget(rec, "its start failed")
+            raise
+        return rec
+
+    def _start_pair(self, app_argv: list[str], agent_env: dict[str, str], log_path: str,
+                    rec: Record) -> int:
+        """App, then agent, in one new session and process group; records the agent, returns the app's pid.
+
+        A process can only join a group of its own session, so one `sh` becomes the session
+        leader: it starts the app in the background (without the agent's HELIX_ settings, the token
+        among them), reports the app's pid, and execs into the agent, which keeps its pid. The
+        agent leads the group and is the app's parent; `tree:<app pid>` leaves it out.
+        """
+        if shutil.which(app_argv[0]) is None:
+            raise ValueError(f"HELIX_LOCAL_APP_CMD={self.cfg.local_app_cmd!r}: expected a command found on PATH, "
+                             f"not {app_argv[0]!r}")
+        unset = " ".join(f"-u {k}" for k in sorted(agent_env) if k.startswith("HELIX_"))
+        script = (
+            'log=$1; shift\n'
+            f'env {unset} PORT={rec.app_port} {shlex.join(app_argv)} </dev/null >>"$log" 2>&1 &\n'
+            'echo "$!"\n'
+            'exec >>"$log" 2>&1\n'
+            'export HELIX_CPU_SOURCE="tree:$!"\n'
+            'exec "$@"\n'
+        )
+        with open(log_path, "ab") as out:
+            leader = subprocess.Popen(["/bin/sh", "-c", script, "helix-instance", log_path, *self.agent_argv],
+                                      env=agent_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=out,
+                                      start_new_session=True)
+        self._children[leader.pid] = leader
+        rec.pgid = leader.pid
+        rec.members.append(Member("agent", leader.pid, _start_time(leader.pid)))
+        try:
+            # sh answers within milliseconds; the deadline only guards against a wedged machine.
+            ready, _, _ = select.select([leader.stdout], [], [], 10.0)
+            line = leader.stdout.readline() if ready else b""
+        finally:
+            leader.stdout.close()
+        if not line.strip().isdigit():
+            raise OSError(f"instance {rec.instance_id}: the launcher did not report the app's pid")
+        return int(line)
+
+    def _agent_env(self, rec: Record, zone: str, with_app: bool) -> dict[str, str]:
+        cfg = self.cfg
+        addr = f"[{rec.host}]:{rec.agent_port}" if ":" in rec.host else f"{rec.host}:{rec.agent_port}"
+        labels = f"zone={zone}" + (f",app_port={rec.app_port}" if with_app else "")
+        env = {
+            "HELIX_INSTANCE_ID": rec.instance_id,
+            "HELIX_AGENT_LISTEN": addr,
+            "HELIX_ADVERTISE_ADDR": addr,
+            "HELIX_MONITOR_ADDR": cfg.monitor_addr,
+            "HELIX_LABELS": labels,
+            # With an app, the launcher sets `tree:<app pid>` once the app has a pid.
+            "HELIX_CPU_SOURCE": "host",
+            "HELIX_VCPUS": str(cfg.local_vcpus),
+            "HELIX_ENV_FILE": "",
+            "HELIX_LOG_LEVEL": cfg.log_level,
+        }
+        if with_app:
+            env["HELIX_APP_CHECK"] = f"tcp://{rec.host}:{rec.app_port}"
+        token = cfg.resolved_token()
+        if token:
+            env["HELIX_TOKEN"] = token
+        else:
+            env["HELIX_INSECURE"] = "1"
+        # The agent speaks to MonitorS with the same TLS material as the rest of the manager.
+        for key, value in (("HELIX_TLS_CA", cfg.tls_ca), ("HELIX_TLS_CERT", cfg.tls_cert), ("HELIX_TLS_KEY", cfg.tls_key)):
+            if value:
+                env[key] = os.path.abspath(value)
+        return env
+
+    # --- launch ledger -----------------------------------------------------------------------
+
+    @staticmethod
+    def _read_ledger(path: str) -> list[str]:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return list(json.load(fh)["ids"])
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LaunchError(f"launch ledger {path}: unreadable ({exc}); remove it to launch again") from None
+
+    def _prune_ledgers(self) -> None:
+        cutoff = time.time() - _LEDGER_MAX_AGE
+        for name in os.listdir(self.dirs["launches"]):
+            path = os.path.join(self.dirs["launches"], name)
+            try:
+                if os.stat(path).st_mtime < cutoff:
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass

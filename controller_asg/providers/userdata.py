@@ -1,0 +1,62 @@
+"""The user data an EC2 instance boots with: how the baked agent learns where MonitorS is.
+
+The AMI runs the agent as `helix-monitor-c.service` with `EnvironmentFile=/etc/helix/helix.env`.
+cloud-init writes that file (root only: it holds the bearer token) and restarts the unit, which
+may already have started (and failed) before the file existed.
+
+PyYAML is a test dependency only, so the document is written by hand: every scalar is a JSON
+string, which is also a valid YAML double-quoted scalar.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+
+from shared.config import Config
+
+ENV_PATH = "/etc/helix/helix.env"
+AGENT_UNIT = "helix-monitor-c.service"
+MAX_USER_DATA = 16 * 1024  # EC2's limit on user data, before base64
+
+
+def _env_value(key: str, value: str) -> str:
+    """One systemd EnvironmentFile line; the value double-quoted with `\\` and `"` escaped."""
+    if any(ch in value for ch in "\n\r\0"):
+        raise ValueError(f"{key}: expected a value without newlines or NUL for {ENV_PATH}")
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'{key}="{escaped}"'
+
+
+def render_env_file(cfg: Config, token: str, labels: Mapping[str, str]) -> str:
+    label_text = ",".join(f"{k}={v}" for k, v in labels.items())
+    lines = [_env_value("HELIX_MONITOR_ADDR", cfg.monitor_addr)]
+    if token:
+        lines.append(_env_value("HELIX_TOKEN", token))
+    else:
+        # The controller runs without a token (HELIX_INSECURE); the agent must be told so too.
+        lines.append(_env_value("HELIX_INSECURE", "1"))
+    lines.append(_env_value("HELIX_LABELS", label_text))
+    lines.append(_env_value("HELIX_LOG_LEVEL", cfg.log_level))
+    return "\n".join(lines) + "\n"
+
+
+def render_user_data(cfg: Config, token: str, labels: Mapping[str, str]) -> str:
+    """A `#cloud-config` document writing /etc/helix/helix.env (0600 root) and restarting the agent."""
+    content = render_env_file(cfg, token, labels)
+    q = json.dumps
+    doc = "\n".join([
+        "#cloud-config",
+        "write_files:",
+        f"  - path: {q(ENV_PATH)}",
+        f"    permissions: {q('0600')}",
+        f"    owner: {q('root:root')}",
+        f"    content: {q(content)}",
+        "runcmd:",
+        f"  - [{q('systemctl')}, {q('daemon-reload')}]",
+        f"  - [{q('systemctl')}, {q('restart')}, {q(AGENT_UNIT)}]",
+        "",
+    ])
+    if len(doc.encode()) > MAX_USER_DATA:
+        raise ValueError(f"user data: expected at most {MAX_USER_DATA} bytes, got {len(doc.encode())}")
+    return doc
