@@ -233,3 +233,64 @@ def test_exec_start_modules_are_the_projects_packages():
     for name in UNIT_PATHS:
         module = one(unit(name)["Service"], "ExecStart").split()[2]
         assert (Path(ROOT) / module.replace(".", "/")).is_dir() or (Path(ROOT) / (module.replace(".", "/") + ".py")).is_file(), module
+
+
+# ---------------------------------------------------------------------------------------------
+# Shell scripts: bash -n and shellcheck on every one of them; deploy/sysdeps.sh's behaviour.
+
+
+def test_there_are_shell_scripts_to_check():
+    names = {os.path.relpath(p, DEPLOY) for p in SHELL_SCRIPTS}
+    assert {"sysdeps.sh", "ami/bake.sh"} <= names, names
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: os.path.relpath(p, DEPLOY))
+def test_shell_script_parses(script):
+    result = subprocess.run(["bash", "-n", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@needs_shellcheck
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: os.path.relpath(p, DEPLOY))
+def test_shellcheck_is_clean(script):
+    result = subprocess.run([SHELLCHECK, "--shell=bash", "--severity=style", "--external-sources", script],
+                            cwd=os.path.dirname(script), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@needs_shellcheck
+def test_shellcheck_catches_an_unquoted_variable(tmp_path):
+    bad = tmp_path / "bad.sh"
+    bad.write_text('#!/usr/bin/env bash\ndir=$1\nrm -rf $dir/cache\n')
+    result = subprocess.run([SHELLCHECK, str(bad)], capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "SC2086" in result.stdout
+
+
+def sysdeps(path: str, *args: str) -> subprocess.CompletedProcess:
+    env = {"PATH": path, "HOME": "/nonexistent", "LANG": "C.UTF-8"}
+    return subprocess.run(["/bin/bash", str(DEPLOY / "sysdeps.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_sysdeps_reports_what_is_missing_on_one_line_and_never_fails(tmp_path):
+    # An empty PATH: no tool, and no apt-get either, so nothing can be installed (nothing is tried).
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for args in ((), ("--check",)):
+        result = sysdeps(str(empty), *args)
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.strip().splitlines()
+        assert len(lines) == 1 and result.stderr == "", result.stdout + result.stderr
+        for tool in ("shellcheck", "promtool", "systemd-analyze"):
+            assert f"{tool} missing" in lines[0]
+        assert "skip" in lines[0] and "sudo bash deploy/sysdeps.sh" in lines[0]
+
+
+def test_sysdeps_is_silent_when_every_tool_is_present(tmp_path):
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    for tool in ("shellcheck", "promtool", "systemd-analyze"):
+        (tools / tool).write_text("#!/bin/sh\nexit 0\n")
+        (tools / tool).chmod(0o755)
+    result = sysdeps(str(tools))
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
