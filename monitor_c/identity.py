@@ -10,7 +10,6 @@ IMDS is asked only when something is missing, at most once.
 
 from __future__ import annotations
 
-import http.client
 import socket
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -23,6 +22,8 @@ TOKEN_TTL = "21600"
 
 def imds_lookup(base_url: str, timeout: float = IMDS_TIMEOUT) -> dict[str, str]:
     """instance-id, local-ipv4 and availability-zone from IMDSv2; {} when it does not answer."""
+    import http.client  # only when IMDS is needed: it drags in the email package
+
     url = urlsplit(base_url)
     if not url.hostname:
         return {}
