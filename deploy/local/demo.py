@@ -168,6 +168,7 @@ class Demo:
         self._last: dict = {}
         self.cpu_target = self.tuning.cpu_target
         self.logs_dir = ""
+        self.ended = 0.0
 
     # -- paths ----------------------------------------------------------------------------------
 
@@ -357,11 +358,13 @@ class Demo:
 
     def shutdown(self, log: Callable[[str], None]) -> None:
         """Stop everything in order: controller, load, instances, MonitorS; then sweep and remove."""
+        self.ended = time.time()
         if self.record is None:
             return
         rec = self.record
         self.track_instances()
         log("stopping: controller first (so it replaces nothing), then the load, the instances, MonitorS")
+        started = time.monotonic()
         if self.table is not None:
             self.table.close()
             self.table = None
@@ -371,6 +374,7 @@ class Demo:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self.popen.clear()
+        log(f"stopped every process and removed the segment and state in {time.monotonic() - started:.1f}s")
 
     def copy_logs(self) -> None:
         """Keep the run's logs beside the plot (the run dir itself is removed)."""
@@ -438,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     console = Console(highlight=False)
     live = console.is_terminal and not args.plain
+    console.soft_wrap = not live  # plain lines stay one line each in a log
     for run_dir in cleanup.clean_stale_runs():
         console.print(f"cleaned up a run left behind: {run_dir}")
     os.makedirs(args.out, exist_ok=True)
@@ -496,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
                     console.print(fh.read()[-3000:], markup=False)
     elif demo.stop_reason:
         console.print(f"demo ended: {demo.stop_reason}")
-    summary = summarize(demo.samples, demo.actions, demo.served, demo.failed, time.time() - demo.t0)
+    summary = summarize(demo.samples, demo.actions, demo.served, demo.failed, demo.ended - demo.t0)
     if demo.samples:
         plot = os.path.join(args.out, f"helix-demo-{demo.stamp}.png")
         title = (f"Helix demo: {args.trace or args.curve} curve, peak {t.peak_rps:g} req/s, "
@@ -514,6 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.summary_json, "w", encoding="utf-8") as fh:
             json.dump(summary.as_dict() | {"run_id": demo.run_id, "shm_name": demo.shm_name, "run_dir": run_dir,
                                            "error": error, "stop_reason": demo.stop_reason,
+                                           "procs": [p.__dict__ for p in demo.record.procs],
                                            "samples": [s.__dict__ for s in demo.samples],
                                            "actions": [a.__dict__ for a in demo.actions]}, fh)
     return status
