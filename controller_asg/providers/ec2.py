@@ -1,0 +1,315 @@
+"""The `ec2` provider: instances on AWS EC2, through boto3.
+
+Ownership: every instance Helix launches carries the tags `helix:group=<HELIX_GROUP>`, `Name` and
+`helix:launch-token=<token>`. Helix lists, counts and terminates only instances with its group
+tag; an instance without it, or of another group, is never touched (the seed terminated every
+instance in the account at start-up).
+
+Launches:
+  * from HELIX_EC2_LAUNCH_TEMPLATE (id `lt-…` or name), or HELIX_EC2_AMI + type + subnets +
+    security groups (+ optional key pair and instance profile);
+  * spread over HELIX_EC2_SUBNETS (the least-used subnet first); a subnet that answers with a
+    capacity error (InsufficientInstanceCapacity and kin) is skipped for the next one;
+  * idempotent: AWS deduplicates on `ClientToken`; moto (and a controller that restarted
+    mid-launch) does not, so `launch` first looks up instances tagged with the launch token and
+    launches only what is missing. RunInstances goes through a client with no automatic retry:
+    after a lost reply, the token lookup decides whether to send it again;
+  * never waits for `instance_running`: a fresh instance is reported `pending`.
+
+Scale-in protection: tag an instance `helix:protected=true`.
+Credentials: HELIX_AWS_ACCESS_KEY/SECRET_KEY/SESSION_TOKEN (the seed's .env keys) when set, else
+boto3's default chain (an instance profile on the manager VM). Region: HELIX_AWS_REGION
+(AWS_REGION, REGION) or boto3's default. Throttling: botocore's adaptive retry mode.
+
+The least-privilege IAM policy for this module is deploy/iam-policy.json; every operation it calls
+is in OPERATIONS, and a test checks the policy allows each of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from controller_asg.providers.base import LaunchError, ProviderInstance
+from controller_asg.providers.userdata import render_user_data
+from shared.config import Config
+
+log = logging.getLogger("controller_asg.providers.ec2")
+
+GROUP_TAG = "helix:group"
+TOKEN_TAG = "helix:launch-token"
+PROTECTED_TAG = "helix:protected"
+# Every EC2 API operation this module calls; deploy/iam-policy.json must allow each (tested).
+# CreateTags is not called directly: RunInstances' TagSpecifications need it (tag-on-create).
+OPERATIONS = ("DescribeInstances", "RunInstances", "TerminateInstances", "CreateTags")
+LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
+# Errors that concern one subnet/zone: try the next subnet.
+ZONE_ERRORS = frozenset({
+    "InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
+    "InsufficientFreeAddressesInSubnet", "InsufficientCapacityOnHost", "Unsupported",
+    "InvalidSubnetID.NotFound", "InvalidSubnet",
+})
+# A RunInstances whose reply may have been lost: the instances may exist; look before resending.
+_LAUNCH_ATTEMPTS = 3
+
+
+def _state(ec2_state: str) -> str:
+    if ec2_state == "pending":
+        return "pending"
+    if ec2_state == "shutting-down":
+        return "terminating"
+    # stopping/stopped instances still count as owned; they never report healthy, so the
+    # controller replaces them after the health grace period.
+    return "running"
+
+
+def _tags(instance: dict) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+
+
+def _client_token(token: str, subnet: str, count: int, done: int) -> str:
+    """AWS's ClientToken (≤ 64 ASCII): the same request (token, subnet, size, progress) gets the
+    same one, a different request a different one (AWS rejects a reused token with new params)."""
+    digest = hashlib.sha256(f"{token}|{subnet}|{count}|{done}".encode()).hexdigest()[:24]
+    return f"helix-{token[:32]}-{digest}"
+
+
+class Ec2Provider:
+    name = "ec2"
+
+    def __init__(self, cfg: Config, *, client: Any = None, launch_client: Any = None,
+                 sleep: Callable[[float], None] = time.sleep):
+        self.cfg = cfg
+        self.group = cfg.group_name
+        self.sleep = sleep
+        if client is None or launch_client is None:
+            made, made_launch = self._make_clients(cfg)
+            client = client or made
+            launch_client = launch_client or made_launch
+        self.client = client
+        self.launch_client = launch_client
+        self._bearer = cfg.resolved_token()
+        # Operation names actually sent (what the IAM policy test compares against OPERATIONS).
+        self.operations_called: set[str] = set()
+        for c in {id(client): client, id(launch_client): launch_client}.values():
+            c.meta.events.register("before-parameter-build.ec2", self._record_operation)
+
+    @staticmethod
+    def _make_clients(cfg: Config) -> tuple[Any, Any]:
+        import boto3  # only the ec2 provider needs boto3
+        from botocore.config import Config as BotoConfig
+
+        session = boto3.session.Session(
+            aws_access_key_id=cfg.aws_access_key or None,
+            aws_secret_access_key=cfg.aws_secret_key or None,
+            aws_session_token=cfg.aws_session_token or None,
+            region_name=cfg.aws_region or None,
+        )
+        common = dict(connect_timeout=5, read_timeout=20, user_agent_extra="helix-controller")
+        endpoint = cfg.ec2_endpoint_url or None
+        client = session.client("ec2", endpoint_url=endpoint,
+                                config=BotoConfig(retries={"mode": "adaptive", "max_attempts": 5}, **common))
+        # RunInstances is not idempotent on every endpoint: no blind retries, the token lookup
+        # decides (adaptive mode still rate-limits it client-side).
+        launch_client = session.client("ec2", endpoint_url=endpoint,
+                                       config=BotoConfig(retries={"mode": "adaptive", "total_max_attempts": 1},
+                                                         **common))
+        return client, launch_client
+
+    def _record_operation(self, model: Any = None, **_: Any) -> None:
+        if model is not None:
+            self.operations_called.add(model.name)
+
+    # --- listing -----------------------------------------------------------------------------
+
+    def _describe(self, filters: list[dict]) -> list[dict]:
+        out = []
+        paginator = self.client.get_paginator("describe_instances")
+        for page in paginator.paginate(Filters=[{"Name": f"tag:{GROUP_TAG}", "Values": [self.group]}, *filters]):
+            for reservation in page.get("Reservations", []):
+                for inst in reservation.get("Instances", []):
+                    # Belt and braces: never trust a filter alone with ownership.
+                    if _tags(inst).get(GROUP_TAG) == self.group:
+                        out.append(inst)
+        return out
+
+    @staticmethod
+    def _to_instance(inst: dict) -> ProviderInstance:
+        launched = inst.get("LaunchTime")
+        return ProviderInstance(
+            instance_id=inst["InstanceId"],
+            zone=inst.get("Placement", {}).get("AvailabilityZone", ""),
+            launched_at=launched.timestamp() if hasattr(launched, "timestamp") else time.time(),
+            state=_state(inst.get("State", {}).get("Name", "pending")),
+            protected=_tags(inst).get(PROTECTED_TAG, "").lower() == "true",
+            address=inst.get("PrivateIpAddress", "") or "",
+        )
+
+    def list_instances(self) -> list[ProviderInstance]:
+        """One paginated DescribeInstances: this group's tag, non-terminated states."""
+        insts = self._describe([{"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
+        return [self._to_instance(i) for i in insts]
+
+    # --- launching ---------------------------------------------------------------------------
+
+    def launch(self, count: int, token: str) -> list[ProviderInstance]:
+        if count < 0:
+            raise ValueError(f"count={count}: expected 0 or more")
+        if not token or len(token) > 128:
+            raise ValueError(f"token={token!r}: expected 1 to 128 characters")
+        # One call sees both: instances already launched under this token (in any state, so a
+        # launch whose instances died meanwhile is not redone) and the live ones (for the spread).
+        everything = self._describe([])
+        mine = [i for i in everything if _tags(i).get(TOKEN_TAG) == token]
+        live = [i for i in everything if i.get("State", {}).get("Name") in LIVE_STATES]
+        out = [self._to_instance(i) for i in mine if i.get("State", {}).get("Name") in LIVE_STATES]
+        missing = count - len(mine)
+        if missing <= 0:
+            if mine:
+                log.info("launch %s already done (%s); nothing new launched", token,
+                         ", ".join(i["InstanceId"] for i in mine))
+            return out
+
+        known = {i["InstanceId"] for i in mine}
+        subnets = list(self.cfg.ec2_subnets)
+        if not subnets:  # the launch template places the instances
+            try:
+                return out + self._run(None, missing, token, known)
+            except _ZoneError as exc:
+                raise LaunchError(f"launch {token}: RunInstances refused: {exc}") from None
+
+        used = {s: 0 for s in subnets}
+        for inst in live:
+            if inst.get("SubnetId") in used:
+                used[inst["SubnetId"]] += 1
+        plan: dict[str, int] = {}
+        for _ in range(missing):
+            best = min(subnets, key=lambda s: used[s] + plan.get(s, 0))  # ties: first in config order
+            plan[best] = plan.get(best, 0) + 1
+
+        failed: dict[str, str] = {}
+        unplaced = 0
+        while plan:
+            subnet = next(iter(plan))
+            n = plan.pop(subnet)
+            try:
+                got = self._run(subnet, n, token, known)
+            except _ZoneError as exc:
+                failed[subnet] = str(exc)
+                others = sorted((s for s in subnets if s not in failed), key=lambda s: used[s] + plan.get(s, 0))
+                log.warning("launch %s: subnet %s refused %d instance(s) (%s); %s", token, subnet, n, exc,
+                            f"trying {others[0]}" if others else "no subnet left")
+                if others:
+                    plan[others[0]] = plan.get(others[0], 0) + n
+                else:
+                    unplaced += n
+                continue
+            known.update(i.instance_id for i in got)
+            used[subnet] += len(got)
+            out += got
+        if unplaced:
+            why = "; ".join(f"{s}: {e}" for s, e in failed.items())
+            if len(known) == len(mine):
+                raise LaunchError(f"launch {token}: every subnet refused the {unplaced} instance(s): {why}")
+            log.error("launch %s: %d instance(s) could not be placed in any subnet: %s", token, unplaced, why)
+        return out
+
+    def _run(self, subnet: str | None, n: int, token: str, known: set[str]) -> list[ProviderInstance]:
+        """RunInstances for `n` in `subnet`; after a lost reply, looks for the token's instances first.
+
+        `known`: the token's instances from before this call (a new one is from this call, since
+        RunInstances launches all `n` or none)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        params = self._run_params(subnet, n, token, len(known))
+        last: Exception | None = None
+        for attempt in range(_LAUNCH_ATTEMPTS):
+            if attempt:
+                self.sleep(min(2.0, 0.25 * 2 ** attempt))
+                found = self._describe([{"Name": f"tag:{TOKEN_TAG}", "Values": [token]}])
+                new = [i for i in found if i["InstanceId"] not in known]
+                if new:
+                    log.info("launch %s: the RunInstances whose reply was lost had launched %s; not resent", token,
+                             ", ".join(i["InstanceId"] for i in new))
+                    return [self._to_instance(i) for i in new]
+            try:
+                reply = self.launch_client.run_instances(**params)
+            except ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                message = exc.response.get("Error", {}).get("Message", "")
+                if code in ZONE_ERRORS:
+                    raise _ZoneError(f"{code}: {message}") from None
+                if code in ("RequestLimitExceeded", "Throttling", "InternalError", "ServiceUnavailable"):
+                    last = exc
+                    continue
+                raise LaunchError(f"launch {token}: RunInstances failed: {code}: {message}") from None
+            except BotoCoreError as exc:  # connection lost, read timeout: the reply is unknown
+                last = exc
+                log.warning("launch %s: RunInstances reply lost (%s); looking before resending", token, exc)
+                continue
+            got = [self._to_instance(i) for i in reply.get("Instances", [])]
+            log.info("launched %s in %s (launch %s)", ", ".join(i.instance_id for i in got),
+                     subnet or "the template's placement", token)
+            return got
+        raise LaunchError(f"launch {token}: RunInstances failed {_LAUNCH_ATTEMPTS} times: {last}")
+
+    def _run_params(self, subnet: str | None, n: int, token: str, done: int) -> dict:
+        cfg = self.cfg
+        tags = [{"Key": GROUP_TAG, "Value": self.group}, {"Key": "Name", "Value": f"helix-{self.group}"},
+                {"Key": TOKEN_TAG, "Value": token}]
+        params: dict[str, Any] = {
+            "MinCount": n,
+            "MaxCount": n,
+            "ClientToken": _client_token(token, subnet or "", n, done),
+            "UserData": render_user_data(cfg, self._bearer, {"group": self.group}),
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
+                                  {"ResourceType": "volume", "Tags": tags[:2]}],
+        }
+        if cfg.ec2_launch_template:
+            key = "LaunchTemplateId" if cfg.ec2_launch_template.startswith("lt-") else "LaunchTemplateName"
+            params["LaunchTemplate"] = {key: cfg.ec2_launch_template}
+            # The template's type and image win unless set here explicitly.
+            if cfg.ec2_ami:
+                params["ImageId"] = cfg.ec2_ami
+        else:
+            params["ImageId"] = cfg.ec2_ami
+            params["InstanceType"] = cfg.ec2_instance_type
+        if subnet:
+            params["SubnetId"] = subnet
+        if cfg.ec2_security_groups:
+            params["SecurityGroupIds"] = list(cfg.ec2_security_groups)
+        if cfg.ec2_key_name:
+            params["KeyName"] = cfg.ec2_key_name
+        if cfg.ec2_instance_profile:
+            key = "Arn" if cfg.ec2_instance_profile.startswith("arn:") else "Name"
+            params["IamInstanceProfile"] = {key: cfg.ec2_instance_profile}
+        return params
+
+    # --- terminating -------------------------------------------------------------------------
+
+    def terminate(self, instance_ids: Sequence[str]) -> None:
+        """Terminate exactly the ids asked for that carry this group's tag; refuse (log) the rest."""
+        asked = list(dict.fromkeys(instance_ids))
+        if not asked:
+            return
+        owned = {i["InstanceId"] for i in self._describe([{"Name": "instance-id", "Values": asked}])}
+        refused = [i for i in asked if i not in owned]
+        if refused:
+            log.warning("terminate refused for %s: not instances of group %s", ", ".join(refused), self.group)
+        targets = [i for i in asked if i in owned]
+        if targets:
+            self.client.terminate_instances(InstanceIds=targets)
+            log.info("terminating %s", ", ".join(targets))
+
+    def close(self) -> None:
+        for c in {id(self.client): self.client, id(self.launch_client): self.launch_client}.values():
+            close = getattr(c, "close", None)
+            if close:
+                close()
+
+
+class _ZoneError(Exception):
+    """RunInstances refused for a reason tied to one subnet/zone."""

@@ -1,0 +1,146 @@
+"""moto's EC2 server as a real HTTP endpoint for tests, and a fault-injecting proxy in front of it.
+
+`moto_endpoint` (module-scoped fixture): starts `python -m moto.server` on a free loopback port in a
+subprocess (tests/procs.py), waits until it answers, yields its URL, kills it at the end. Tests call
+`reset_moto(url)` to start from an empty account.
+
+`FaultProxy`: an HTTP proxy (a thread in the test process) that forwards every request to moto, but
+can answer chosen EC2 actions with an error of its own (e.g. InsufficientInstanceCapacity for one
+subnet, which moto never produces) or forward a request and then drop the reply (a lost reply).
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.procs import ProcessPool, base_env, free_port, wait_for
+
+REGION = "us-east-1"
+CREDENTIALS = {"HELIX_AWS_ACCESS_KEY": "testing", "HELIX_AWS_SECRET_KEY": "testing", "HELIX_AWS_REGION": REGION}
+
+
+def start_moto(pool: ProcessPool) -> str:
+    port = free_port()
+    proc = pool.python("moto-server", ["-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=base_env())
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        assert proc.alive(), "moto server exited:\n" + proc.output()[-2000:]
+        with urllib.request.urlopen(f"{url}/moto-api/", timeout=2) as resp:
+            return resp.status == 200
+    wait_for(answers, 60, "moto's server to answer")
+    return url
+
+
+def reset_moto(url: str) -> None:
+    req = urllib.request.Request(f"{url}/moto-api/reset", method="POST", data=b"")
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        assert resp.status == 200
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    pool = ProcessPool()
+    try:
+        yield start_moto(pool)
+    finally:
+        pool.stop_all()
+
+
+# A rule sees (action, form params) and returns None (forward), "drop" (forward, lose the reply) or
+# (status, error code, message) to answer with that EC2 error without forwarding.
+Rule = Callable[[str, dict[str, str]], object]
+
+
+def ec2_error_xml(code: str, message: str) -> bytes:
+    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
+            f'<Message>{message}</Message></Error></Errors><RequestID>helix-test</RequestID></Response>').encode()
+
+
+class FaultProxy:
+    def __init__(self, upstream: str):
+        self.upstream = urllib.parse.urlparse(upstream)
+        self.rules: list[Rule] = []
+        self.seen: list[tuple[str, str]] = []  # (action, what happened)
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                params = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode()).items()}
+                action = params.get("Action", "")
+                verdict = proxy._verdict(action, params)
+                if isinstance(verdict, tuple):
+                    status, code, message = verdict
+                    payload = ec2_error_xml(code, message)
+                    self.send_response(status)
+                    self.send_header("Content-Type", "text/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    proxy._note(action, code)
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                    conn.request("POST", self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    payload = resp.read()
+                finally:
+                    conn.close()
+                if verdict == "drop":
+                    proxy._note(action, "dropped")
+                    self.close_connection = True  # the request was served; its reply never arrives
+                    return
+                self.send_response(resp.status)
+                for key, value in resp.getheaders():
+                    if key.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+                proxy._note(action, "forwarded")
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="fault-proxy", daemon=True)
+        self.thread.start()
+
+    def _verdict(self, action: str, params: dict[str, str]) -> object:
+        with self._lock:
+            for rule in self.rules:
+                verdict = rule(action, params)
+                if verdict is not None:
+                    return verdict
+        return None
+
+    def _note(self, action: str, what: str) -> None:
+        with self._lock:
+            self.seen.append((action, what))
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fault_proxy(moto_endpoint) -> Iterator[FaultProxy]:
+    proxy = FaultProxy(moto_endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
