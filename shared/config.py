@@ -286,6 +286,9 @@ class Config:
                                    integer(1, 1000), group="monitor")
     metrics_port: int = setting("HELIX_METRICS_PORT", "9464", "Prometheus metrics port of MonitorS; 0 turns it off.",
                                 integer(0, 65535), group="monitor")
+    poll_mode: str = setting("HELIX_POLL_MODE", "poll",
+                             "How MonitorS collects: `poll` (GetMetrics each interval) or `stream` (agents push over one WatchMetrics stream each).",
+                             choice("poll", "stream"), group="monitor")
     trust_advertised: bool = setting("HELIX_TRUST_ADVERTISED", "0",
                                      "Accept an advertised host that is not the caller's own IP (behind NAT or a proxy).",
                                      flag, group="monitor")
