@@ -33,8 +33,8 @@ USE_APT=1
 say() { echo "helix bake: $*"; }
 die() { echo "helix bake: error: $*" >&2; exit 1; }
 
-usage() {
-    sed -n '3,4p' "$0" | sed 's/^# *//'
+usage() {  # the comment block at the top of this file
+    awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"
     exit "${1:-0}"
 }
 
@@ -95,8 +95,11 @@ if [ "$USE_APT" -eq 1 ]; then
         apt-get install -y -q --no-install-recommends python3.11 python3.11-venv
     fi
 fi
+# The distribution's interpreter first: a venv made from one under /root (pyenv, say) would not
+# run as the helix user.
 PYTHON=""
-for candidate in python3 python3.13 python3.12 python3.11; do
+for candidate in /usr/bin/python3 /usr/bin/python3.13 /usr/bin/python3.12 /usr/bin/python3.11 \
+                 python3 python3.13 python3.12 python3.11; do
     if command -v "$candidate" >/dev/null && python_ok "$candidate"; then PYTHON=$(command -v "$candidate"); break; fi
 done
 command -v systemctl >/dev/null || die "systemctl not found: expected a systemd-based Debian or Ubuntu"
@@ -137,7 +140,9 @@ build_venv() {
         -r "$PREFIX/requirements.txt" &&
     # The units' sandbox makes /opt/helix read-only: compile now so imports never try to write.
     "$PREFIX/.venv/bin/python" -m compileall -q -j 0 -x '/\.venv/' "$PREFIX" >/dev/null &&
-    "$PREFIX/.venv/bin/python" -c 'import grpc, psutil, numpy, dotenv, monitor_c, shared.config'
+    # As the units will run it: the helix user must be able to start the venv's interpreter.
+    runuser -u "$HELIX_USER" -- env PYTHONPATH="$PREFIX" PYTHONDONTWRITEBYTECODE=1 \
+        "$PREFIX/.venv/bin/python" -c 'import grpc, psutil, numpy, dotenv, monitor_c, monitor_s, controller_asg, shared.config'
 }
 say "building $PREFIX/.venv from requirements.txt"
 if ! (cd "$PREFIX" && build_venv); then
