@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -74,7 +75,7 @@ def _client_token(token: str, subnet: str, count: int, done: int) -> str:
     """AWS's ClientToken (≤ 64 ASCII): the same request (token, subnet, size, progress) gets the
     same one, a different request a different one (AWS rejects a reused token with new params)."""
     digest = hashlib.sha256(f"{token}|{subnet}|{count}|{done}".encode()).hexdigest()[:24]
-    return f"helix-{token[:32]}-{digest}"
+    return "helix-" + re.sub(r"[^A-Za-z0-9-]", "-", token[:32]) + "-" + digest
 
 
 class Ec2Provider:
