@@ -294,3 +294,103 @@ def test_sysdeps_is_silent_when_every_tool_is_present(tmp_path):
         (tools / tool).chmod(0o755)
     result = sysdeps(str(tools))
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The AMI: bake.sh's command line, the Packer template that runs it, and the user data contract.
+
+BAKE = DEPLOY / "ami" / "bake.sh"
+PACKER = DEPLOY / "ami" / "helix-app.pkr.hcl"
+
+
+def bake(*args: str, as_nobody: bool = False) -> subprocess.CompletedProcess:
+    argv = ["bash", str(BAKE), *args]
+    if as_nobody:
+        argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/")
+
+
+def test_bake_help_describes_the_roles():
+    result = bake("--help")
+    assert result.returncode == 0
+    assert "--role app|manager" in result.stdout and "cloud-init" in result.stdout
+
+
+@pytest.mark.parametrize("args, names", [
+    (("--role", "db"), "--role=db"),
+    (("--frobnicate",), "--frobnicate"),
+    (("--source",), "--source"),
+])
+def test_bake_rejects_bad_arguments_in_one_line_before_touching_anything(args, names):
+    result = bake(*args)
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1 and names in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to drop to nobody")
+def test_bake_refuses_to_run_without_root():
+    result = bake("--role", "app", as_nobody=True)
+    assert result.returncode == 1 and "run as root" in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the source check runs after the root check")
+def test_bake_checks_its_source_is_a_helix_project(tmp_path):
+    result = bake("--no-apt", "--source", str(tmp_path))
+    assert result.returncode == 1 and "expected a Helix project" in result.stderr
+    assert not os.path.exists("/opt/helix.new")
+
+
+def test_packer_template_runs_bake_with_arguments_it_accepts():
+    text_ = PACKER.read_text()
+    assert text_.count("{") == text_.count("}")
+    assert re.search(r'source\s+"amazon-ebs"\s+"helix_app"', text_)
+    assert 'script          = "${path.root}/bake.sh"' in text_
+    assert "sudo env {{ .Vars }} bash {{ .Path }}" in text_
+    assert 'imds_support = "v2.0"' in text_  # the agent reads instance metadata with IMDSv2 only
+    # Every argument list the template can pass must parse (checked with --help, which exits 0
+    # once the options parsed; an unknown option exits 1 before).
+    arg_lists = re.findall(r'"(--role app[^"]*)"', text_)
+    assert len(arg_lists) == 2, arg_lists
+    uploaded = re.search(r'destination = "([^"]+)"', text_).group(1)
+    for args in arg_lists:
+        assert f"--source {uploaded}" in args
+        result = bake(*args.split(), "--help")
+        assert result.returncode == 0, result.stderr
+
+
+def test_user_data_the_ec2_provider_renders_feeds_the_baked_agent(tmp_path):
+    """The contract between the EC2 provider and this image: the #cloud-config parses, writes the
+    file helix-monitor-c.service reads, restarts that unit, and the agent's loader accepts it."""
+    yaml = pytest.importorskip("yaml")
+    from dotenv import dotenv_values
+
+    from controller_asg.providers import userdata
+    from shared.config import Config, load_config
+
+    cfg = Config().replace(monitor_addr="10.0.0.5:50052", log_level="debug")
+    token = 'tok "with" \\ quotes'
+    text_ = userdata.render_user_data(cfg, token, {"zone": "us-east-1a", "group": "helix"})
+    assert text_.startswith("#cloud-config\n")
+    doc = yaml.safe_load(text_)
+
+    agent_unit = unit("helix-monitor-c.service")
+    env_path = one(agent_unit["Service"], "EnvironmentFile")
+    files = [f for f in doc["write_files"] if f["path"] == env_path]
+    assert len(files) == 1, doc["write_files"]
+    assert int(files[0]["permissions"], 8) & 0o077 == 0, "the env file holds the token: root only"
+
+    restarts = [cmd for cmd in doc["runcmd"] if list(cmd[:2]) == ["systemctl", "restart"]]
+    assert restarts and all(cmd[2] == "helix-monitor-c.service" for cmd in restarts)
+    assert (DEPLOY / "systemd" / restarts[0][2]).is_file()
+
+    # The unit hands the file to the agent's environment (systemd's quoting rules match dotenv's
+    # for these double-quoted values); the loader must accept all of it.
+    env_file = tmp_path / "helix.env"
+    env_file.write_text(files[0]["content"])
+    environ = {k: v or "" for k, v in dotenv_values(env_file).items()}
+    environ["HELIX_ENV_FILE"] = ""
+    agent_cfg = load_config(environ)
+    assert agent_cfg.monitor_addr == "10.0.0.5:50052"
+    assert agent_cfg.resolved_token() == token
+    assert agent_cfg.labels == {"zone": "us-east-1a", "group": "helix"}
