@@ -153,13 +153,13 @@ def test_restarted_controller_adopts_survivors_and_forgets_the_dead(state_dir, e
 
 def test_terminate_only_what_was_asked_and_escalates_to_sigkill(state_dir, env_dir):
     prov = LocalProvider(make_cfg(state_dir, HELIX_LOCAL_APP_CMD=APP_CMD), agent_argv=fake_agent(env_dir, "ignore-term"),
-                         grace=1.0)
+                         grace=3.0)
     try:
         a, b, c = prov.launch(3, "t")
         pids = {i.instance_id: int(agent_env(env_dir, i.instance_id)["PID"]) for i in (a, b, c)}
-        started = time.monotonic()
         prov.terminate([a.instance_id, "local-tg-nope", "../instances/x", "local-other-1"])
-        assert time.monotonic() - started < 1.0  # never waits out the grace period
+        # terminate returned without waiting out the grace period: the SIGTERM-proof agent still runs
+        assert psutil.Process(pids[a.instance_id]).status() != psutil.STATUS_ZOMBIE
         states = {i.instance_id: i.state for i in prov.list_instances()}
         assert states.get(a.instance_id) in ("terminating", None)
         # The agent ignores SIGTERM: only SIGKILL after the grace period ends it.

@@ -244,13 +244,14 @@ class LocalProvider:
                     log.info("launch %s already done (%s); nothing new launched", token, ", ".join(launched))
                 return out
             self._prune_ledgers()
-            zones_used = {z: 0 for z in self.cfg.local_zones}
+            zones = self.cfg.local_zones or ("local",)
+            zones_used = {z: 0 for z in zones}
             for inst in live:
                 if inst.state != "terminating" and inst.zone in zones_used:
                     zones_used[inst.zone] += 1
             errors = []
             for _ in range(missing):
-                zone = min(self.cfg.local_zones, key=lambda z: zones_used[z])  # ties: first in config order
+                zone = min(zones, key=lambda z: zones_used[z])  # ties: first in config order
                 instance_id = f"{self._id_prefix}-{secrets.token_hex(3)}"
                 # Ledger first: a controller that dies right after the spawn never launches it twice.
                 launched.append(instance_id)
@@ -290,7 +291,8 @@ class LocalProvider:
                 self._reapers = [t for t in self._reapers if t.is_alive()] + [reaper]
 
     def close(self) -> None:
-        """Stop the reapers (the instances live on; a terminating one gets SIGKILL now if overdue)."""
+        """Stop the reapers. The instances live on; an overdue SIGKILL is sent by the next
+        `list_instances`, from this controller or a restarted one."""
         self._closed.set()
         for t in self._reapers:
             t.join(timeout=2)
