@@ -132,15 +132,33 @@ def signal_group_or_process(proc: psutil.Process, sig: int) -> None:
             os.kill(proc.pid, sig)
 
 
+def _running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (a zombie has exited; only its parent's wait is missing)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def wait_gone(procs: Iterable[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait up to `timeout` seconds for every process to exit; those still running."""
+    deadline = time.monotonic() + timeout
+    left = [p for p in procs if _running(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if _running(p)]
+    return left
+
+
 def terminate(procs: Iterable[psutil.Process], grace: float) -> None:
     """SIGTERM each (and its group), wait up to `grace` seconds, then SIGKILL what is left."""
-    procs = [p for p in procs if p.is_running()]
+    procs = [p for p in procs if _running(p)]
     for p in procs:
         signal_group_or_process(p, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=grace)
+    alive = wait_gone(procs, grace)
     for p in alive:
         signal_group_or_process(p, signal.SIGKILL)
-    psutil.wait_procs(alive, timeout=5)
+    wait_gone(alive, 5)
 
 
 def live_recorded(record: RunRecord, names: set[str] | None = None) -> list[psutil.Process]:
@@ -161,7 +179,7 @@ def sweep(record: RunRecord) -> int:
     procs.pop(record.demo_pid, None)  # the demo cleans up itself; the watchdog waits for it to die
     for p in procs.values():
         signal_group_or_process(p, signal.SIGKILL)
-    psutil.wait_procs(list(procs.values()), timeout=5)
+    wait_gone(procs.values(), 5)
     return len(procs)
 
 
@@ -174,11 +192,17 @@ def clean_run(record: RunRecord, grace: float = 3.0) -> None:
     """Stop everything a run started, in the order the demo uses, then sweep and remove. Idempotent."""
     terminate(live_recorded(record, {"controller"}), grace)  # first, so it does not replace instances
     terminate(live_recorded(record, {"loadgen"}), grace)
-    monitor = {s.pid for s in record.procs if s.name == "monitor"}
+    # Everything else of the run but MonitorS and its helpers (its resource tracker ignores
+    # SIGTERM and leaves with MonitorS): the instances, and anything they started.
+    monitor = live_recorded(record, {"monitor"})
+    spare = {record.demo_pid} | {p.pid for p in monitor}
+    for p in monitor:
+        with contextlib.suppress(psutil.Error):
+            spare |= {c.pid for c in p.children(recursive=True)}
     instances = {p.pid: p for p in live_recorded(record, {"instance"}) + marked_processes(record.run_id)
-                 if p.pid not in monitor | {record.demo_pid}}
+                 if p.pid not in spare}
     terminate(instances.values(), grace)
-    terminate(live_recorded(record, {"monitor"}), grace)
+    terminate(monitor, grace)
     sweep(record)
     remove_run(record)
 
