@@ -205,6 +205,7 @@ def test_manager_units_share_the_table():
         assert "/dev/shm" in words(svc, "ReadWritePaths"), name
         assert one(svc, "StateDirectory") == "helix", name
         assert one(svc, "WorkingDirectory") == "/var/lib/helix", name
+        assert "HELIX_STATE_DIR=/var/lib/helix" in words(svc, "Environment"), name  # as helix.env.example says
     assert {one(svc, "ExecStart").split()[-1] for svc in units.values()} == {"monitor_s", "controller_asg"}
 
 
