@@ -54,8 +54,8 @@ def moto_endpoint() -> Iterator[str]:
         pool.stop_all()
 
 
-# A rule sees (action, form params) and returns None (forward), "drop" (forward, lose the reply) or
-# (status, error code, message) to answer with that EC2 error without forwarding.
+# A rule sees (action, form params) and returns None (forward), "drop" (forward, lose the reply),
+# "lose" (lose the request) or (status, error code, message) to answer with that EC2 error.
 Rule = Callable[[str, dict[str, str]], object]
 
 
@@ -92,6 +92,10 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     proxy._note(action, code)
+                    return
+                if verdict == "lose":
+                    proxy._note(action, "lost")
+                    self.close_connection = True  # the request never reaches the server
                     return
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=30)
                 try:

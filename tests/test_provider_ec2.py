@@ -11,7 +11,7 @@ import yaml
 
 from controller_asg.providers import make_provider
 from controller_asg.providers.base import LaunchError
-from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, PROTECTED_TAG, TOKEN_TAG, Ec2Provider
+from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, PROTECTED_TAG, TOKEN_TAG, Ec2Provider, LaunchInDoubt
 from shared.config import load_config
 from tests.moto_server import CREDENTIALS, REGION, fault_proxy, moto_endpoint, reset_moto  # noqa: F401 (fixtures)
 
@@ -162,13 +162,26 @@ def test_launch_lost_twice_then_retried_by_a_restarted_controller(world, provide
         return "drop" if cut else None
     fault_proxy.rules.append(cut_off)
     prov = providers(world, endpoint=fault_proxy.url, HELIX_EC2_SUBNETS=world["subnets"][0])
-    with pytest.raises(Exception):
+    with pytest.raises(Exception) as err:
         prov.launch(1, "crash")
+    assert not isinstance(err.value, LaunchError)  # in doubt: the controller must retry with this token
     first = all_instances(world["ec2"])
     assert len(first) == 1  # the lost RunInstances did launch one
     later = providers(world)  # restarted, the network is back
     assert [i.instance_id for i in later.launch(1, "crash")] == [first[0]["InstanceId"]]
     assert len(all_instances(world["ec2"])) == 1
+
+
+def test_lost_requests_leave_the_launch_in_doubt_for_a_retry(world, providers, fault_proxy):
+    lose = [True]
+    fault_proxy.rules.append(lambda action, params: "lose" if action == "RunInstances" and lose[0] else None)
+    prov = providers(world, endpoint=fault_proxy.url)
+    with pytest.raises(LaunchInDoubt, match="doubt-1"):
+        prov.launch(1, "doubt-1")
+    assert fault_proxy.seen.count(("RunInstances", "lost")) == 3 and all_instances(world["ec2"]) == []
+    lose[0] = False
+    [inst] = prov.launch(1, "doubt-1")  # the controller retries with the same token
+    assert [i["InstanceId"] for i in all_instances(world["ec2"])] == [inst.instance_id]
 
 
 def test_failing_subnet_falls_back_to_another(world, providers, fault_proxy, caplog):

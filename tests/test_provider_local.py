@@ -117,7 +117,8 @@ def test_agent_only_instance_and_insecure_mode(state_dir, env_dir):
     prov = make_provider(cfg)
     assert isinstance(prov, LocalProvider)
     prov.agent_argv = fake_agent(env_dir)
-    [inst] = prov.launch(1, "tok-a")
+    [inst] = prov.launch(1, "my group/../tok a")  # any token (it names no file)
+    assert [i.instance_id for i in prov.launch(1, "my group/../tok a")] == [inst.instance_id]
     env = agent_env(env_dir, inst.instance_id)
     assert env["HELIX_INSECURE"] == "1" and "HELIX_TOKEN" not in env
     assert env["HELIX_CPU_SOURCE"] == "host" and "HELIX_APP_CHECK" not in env

@@ -227,6 +227,7 @@ class Ec2Provider:
 
         params = self._run_params(subnet, n, token, len(known))
         last: Exception | None = None
+        in_doubt = False
         for attempt in range(_LAUNCH_ATTEMPTS):
             if attempt:
                 self.sleep(min(2.0, 0.25 * 2 ** attempt))
@@ -248,13 +249,17 @@ class Ec2Provider:
                     continue
                 raise LaunchError(f"launch {token}: RunInstances failed: {code}: {message}") from None
             except BotoCoreError as exc:  # connection lost, read timeout: the reply is unknown
-                last = exc
+                last, in_doubt = exc, True
                 log.warning("launch %s: RunInstances reply lost (%s); looking before resending", token, exc)
                 continue
             got = [self._to_instance(i) for i in reply.get("Instances", [])]
             log.info("launched %s in %s (launch %s)", ", ".join(i.instance_id for i in got),
                      subnet or "the template's placement", token)
             return got
+        if in_doubt:
+            # Not a LaunchError: the instances may exist, so the caller must retry with this token.
+            raise LaunchInDoubt(f"launch {token}: RunInstances replies lost {_LAUNCH_ATTEMPTS} times and no instance "
+                                f"found yet: {last}")
         raise LaunchError(f"launch {token}: RunInstances failed {_LAUNCH_ATTEMPTS} times: {last}")
 
     def _run_params(self, subnet: str | None, n: int, token: str, done: int) -> dict:
@@ -310,6 +315,12 @@ class Ec2Provider:
             close = getattr(c, "close", None)
             if close:
                 close()
+
+
+class LaunchInDoubt(Exception):
+    """RunInstances may or may not have launched: retry `launch` with the same token (which finds
+    them, or lets AWS deduplicate on the ClientToken). Deliberately not a LaunchError, which tells
+    the controller to give the launch up."""
 
 
 class _ZoneError(Exception):
