@@ -117,8 +117,7 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
     env = base_env(HELIX_TOKEN=TOKEN, HELIX_SHM_NAME=name, HELIX_SHM_CAPACITY=max(steps) + 16,
                    HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}", HELIX_POLL_INTERVAL=interval,
                    HELIX_METRICS_PORT=metrics_port, HELIX_LOG_LEVEL="error")
-    if mode != "poll":
-        env["HELIX_POLL_MODE"] = mode
+    env["HELIX_POLL_MODE"] = mode
     table = None
     try:
         monitor = pool.python("monitor_s", ["-m", "monitor_s"], env)
@@ -155,8 +154,10 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
               f"{interval:g} s ({window:.0f} s window)", flush=True)
 
         # -- the sweep ---------------------------------------------------------------------------
+        print(f"MonitorS mode: {mode}, interval {interval:g} s, {os.cpu_count()} CPUs, load average now "
+              f"{os.getloadavg()[0]:.1f}", flush=True)
         print(f"{'agents':>7} {'cycle p50':>10} {'cycle p99':>10} {'max':>7} {'CPU-s/1k polls':>15} "
-              f"{'MonitorS CPU':>13} {'failed':>7}", flush=True)
+              f"{'MonitorS CPU':>13} {'failed':>7} {'load1':>6}", flush=True)
         have = 0
         for n in steps:
             while have < n:
@@ -188,7 +189,7 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
             per_k = (c1 - c0) / max(ok + failed, 1) * 1000
             share = (c1 - c0) / (len(values) * interval)
             print(f"{n + 1:>7} {p50:>9.3f}s {p99:>9.3f}s {max(values):>6.3f}s {per_k:>15.3f} {share:>12.0%} "
-                  f"{int(failed):>7}", flush=True)
+                  f"{int(failed):>7} {os.getloadavg()[0]:>6.1f}", flush=True)
             if p99 >= interval or failed > 0.01 * (ok + failed):
                 print(f"stop: at {n + 1} agents a cycle no longer fits in the {interval:g} s interval", flush=True)
                 break
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="fleet sizes (simulated agents), comma-separated, increasing")
     parser.add_argument("--cycles", type=int, default=10, help="cycles measured per size")
     parser.add_argument("--interval", type=float, default=1.0, help="HELIX_POLL_INTERVAL")
-    parser.add_argument("--mode", default="poll", help="HELIX_POLL_MODE, if MonitorS has one")
+    parser.add_argument("--mode", default="poll", choices=("poll", "stream"), help="HELIX_POLL_MODE")
     parser.add_argument("--sim", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--monitor", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="sim", help=argparse.SUPPRESS)

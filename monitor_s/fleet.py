@@ -6,6 +6,12 @@ cycle polls every agent concurrently on one asyncio loop, one persistent channel
 a per-call deadline shorter than the interval; results are written as they arrive, every
 FLUSH_EVERY seconds, in batches of at most BATCH_ROWS rows per lock hold, so a hung agent delays
 nobody else's row and readers never wait long.
+
+Stream mode (HELIX_POLL_MODE=stream): instead of one GetMetrics per agent per interval, MonitorS
+opens one WatchMetrics stream per agent and the agent pushes a sample every interval (cheaper per
+sample: no call set-up). Each cycle then takes, for every agent, the sample that arrived since the
+last cycle; an agent whose stream broke or stayed silent for STREAM_SILENCE intervals counts as a
+failed poll, exactly as a failed GetMetrics would, so the row semantics are the same in both modes.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from shared.table import DETAIL_BYTES, InstanceRow, MetricsTable, State, clip_te
 FLUSH_EVERY = 0.05
 BATCH_ROWS = 512
 DEADLINE_SHARE = 0.8  # per-call deadline as a share of the poll interval
+STREAM_SILENCE = 1.5  # intervals without a pushed sample before a cycle counts a failure
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
@@ -48,6 +55,12 @@ class Entry:
     channel: grpc.aio.Channel | None = None
     stub: helix_pb2_grpc.AgentStub | None = None
     request: helix_pb2.GetMetricsRequest = field(default_factory=helix_pb2.GetMetricsRequest)
+    # stream mode: the watching task and the newest pushed sample (loop time of arrival)
+    watch: asyncio.Task | None = None
+    latest: helix_pb2.Metrics | None = None
+    latest_at: float = 0.0
+    consumed_at: float = 0.0
+    stream_error: str = "no sample yet"
     # last values, for the Prometheus collector
     up: bool = False
     cpu: float = 0.0
@@ -74,6 +87,11 @@ class Fleet:
         entry.channel = rpc_security.open_channel(entry.address, self.cfg, options=CHANNEL_OPTIONS)
         entry.stub = helix_pb2_grpc.AgentStub(entry.channel)
         entry.request = helix_pb2.GetMetricsRequest(instance_id=entry.instance_id)
+        if self.cfg.poll_mode == "stream":
+            loop = asyncio.get_running_loop()
+            entry.latest_at = loop.time()  # grace: a new stream has STREAM_SILENCE intervals to deliver
+            entry.consumed_at = entry.latest_at
+            entry.watch = loop.create_task(self._watch(entry))
         return entry
 
     def load(self) -> int:
@@ -125,11 +143,17 @@ class Fleet:
         return entry
 
     def _close(self, entry: Entry) -> None:
+        if entry.watch is not None:
+            entry.watch.cancel()
+            entry.watch = None
         if entry.channel is not None:
             asyncio.get_running_loop().create_task(entry.channel.close())
             entry.channel = None
 
     async def close(self) -> None:
+        for entry in self.entries.values():
+            if entry.watch is not None:
+                entry.watch.cancel()
         await asyncio.gather(*(e.channel.close() for e in self.entries.values() if e.channel), return_exceptions=True)
 
     # -- polling ---------------------------------------------------------------------------------
@@ -144,9 +168,45 @@ class Fleet:
             answer = exc
         results.append((entry, answer, time.perf_counter() - started))
 
+    async def _watch(self, entry: Entry) -> None:
+        """Stream mode: keep one WatchMetrics stream open to the agent, reopening it after a break."""
+        request = helix_pb2.WatchMetricsRequest(instance_id=entry.instance_id, interval_seconds=self.cfg.poll_interval)
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                async for sample in entry.stub.WatchMetrics(request, metadata=self.metadata):
+                    entry.latest, entry.latest_at = sample, loop.time()
+                entry.stream_error = "stream ended"
+            except grpc.aio.AioRpcError as exc:
+                entry.stream_error = _describe(exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a closed channel: retry, counted as failures meanwhile
+                entry.stream_error = repr(exc)[:200]
+            await asyncio.sleep(self.cfg.poll_interval)
+
+    def _stream_cycle(self) -> None:
+        loop_now = asyncio.get_running_loop().time()
+        stale_before = loop_now - STREAM_SILENCE * self.cfg.poll_interval
+        wall = time.time()
+        results = []
+        for entry in self.entries.values():
+            if entry.latest_at > entry.consumed_at:
+                entry.consumed_at = entry.latest_at
+                sample = entry.latest
+                results.append((entry, sample, max(wall - sample.sample_time, 0.0)))
+            elif entry.latest_at < stale_before:
+                results.append((entry, entry.stream_error, 0.0))
+            # else: a sample arrived within the grace window and was used last cycle; nothing new yet
+        self.write(results)
+
     async def cycle(self) -> float:
         """Poll every agent once; returns the cycle's duration in seconds."""
         started = time.perf_counter()
+        if self.cfg.poll_mode == "stream":
+            self._stream_cycle()
+            self.last_cycle = time.perf_counter() - started
+            return self.last_cycle
         entries = list(self.entries.values())
         results: list = []
         if entries:
@@ -240,6 +300,8 @@ class Fleet:
 
 
 def _describe(answer: object) -> str:
+    if isinstance(answer, str):
+        return answer
     if isinstance(answer, grpc.aio.AioRpcError):
         return f"{answer.code().name} {answer.details()}"[:200]
     return repr(answer)[:200]

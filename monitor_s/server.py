@@ -96,9 +96,10 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
     await server.start()
     for name in ("", "helix.v1.Registry"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("MonitorS serving Registry on %s, table '%s' (%d rows, %d resumed), polling every %gs, "
+    log.info("MonitorS serving Registry on %s, table '%s' (%d rows, %d resumed), %s every %gs, "
              "unhealthy after %d failures, metrics port %s", cfg.monitor_listen, table.name, table.capacity, resumed,
-             cfg.poll_interval, cfg.unhealthy_after, cfg.metrics_port or "off")
+             "polling" if cfg.poll_mode == "poll" else "streaming", cfg.poll_interval,
+             cfg.unhealthy_after, cfg.metrics_port or "off")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -295,5 +295,31 @@ def test_insecure_mode_is_loud_and_sigint_exits_0(procs, table_name):
     assert monitor.wait(timeout=15) == 0
 
 
+def test_stream_mode(procs, table_name):
+    """HELIX_POLL_MODE=stream: agents push over WatchMetrics; the rows mean the same as when polled."""
+    port = free_port()
+    start_monitor(procs, table_name, port, HELIX_POLL_MODE="stream")
+    agents = {iid: procs.python(iid, ["-m", "monitor_c"], agent_env(iid, port, HELIX_LABELS="zone=s"))
+              for iid in ("i-s1", "i-s2", "i-s3")}
+    for iid in agents:
+        wait_state(table_name, iid, State.HEALTHY)
+    first = rows(table_name)
+    wait_for(lambda: all(rows(table_name)[i].last_seen >= first[i].last_seen + 3 * POLL for i in agents), 30,
+             "pushed samples to keep arriving")
+    agents["i-s1"].signal(signal.SIGKILL)
+    agents["i-s2"].signal(signal.SIGSTOP)
+    try:
+        wait_state(table_name, "i-s1", State.UNHEALTHY)
+        wait_state(table_name, "i-s2", State.UNHEALTHY)
+        seen = rows(table_name)["i-s3"].last_seen
+        wait_for(lambda: rows(table_name)["i-s3"].last_seen > seen + 2 * POLL, 30, "i-s3 to keep pushing")
+        assert rows(table_name)["i-s3"].state == State.HEALTHY
+    finally:
+        agents["i-s2"].signal(signal.SIGCONT)
+    wait_state(table_name, "i-s2", State.HEALTHY)  # the stalled stream resumes
+    # Pushing counts as being polled: no agent thought it was forgotten.
+    assert "registering again" not in agents["i-s3"].output()
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
