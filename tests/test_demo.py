@@ -151,3 +151,17 @@ def test_next_run_cleans_a_run_whose_demo_and_watchdog_died(procs, table_name, t
     fake_demo.kill_group()
     assert cleanup.clean_stale_runs(root) == [record.run_dir]
     assert_nothing_left(run_id, table_name, record.run_dir)
+
+
+@pytest.mark.parametrize("part, module", [("monitor", "monitor_s"), ("controller", "controller_asg")])
+def test_a_crashed_part_ends_the_demo_and_leaves_nothing(procs, tmp_path, part, module):
+    demo = procs.python("demo", demo_argv(tmp_path, 120), base_env())
+    wait_for(lambda: "load: " in demo.output(), 90, "the demo to start its load", interval=0.2)
+    run_id, shm_name, run_dir = run_id_of(demo.output())
+    victim = next(c for c in psutil.Process(demo.pid).children() if c.cmdline()[1:3] == ["-m", module])
+    victim.kill()
+    assert demo.wait(timeout=60) == 1, demo.output()[-4000:]
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["error"].startswith(f"{part} exited with status -9"), s["error"]
+    assert f"demo stopped: {part} exited" in demo.output()
+    assert_nothing_left(run_id, shm_name, run_dir, s["procs"])

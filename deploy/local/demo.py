@@ -316,7 +316,7 @@ class Demo:
         if controller is not None:
             frame.controller = controller
         view.update(frame)
-        if phase == "running":
+        if phase == "running":  # the timeline covers the load only
             self.samples.append(Sample(t=round(elapsed, 2), demand=frame.demand, served=frame.served,
                                        failed=frame.failed, healthy=len(healthy), registered=len(instances),
                                        desired=frame.controller.desired, mean_cpu=mean_cpu))
@@ -346,7 +346,7 @@ class Demo:
         while not self.stop_reason:
             self.check_parts()
             if self.popen["loadgen"].poll() is not None:
-                self.tick(view)
+                self.tick(view, phase="finishing")  # its last stats; the instances are idle now
                 self.stop_reason = "the demand curve has been replayed"
                 break
             if time.time() - self.t0 >= args.duration + 5:

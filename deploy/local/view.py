@@ -74,7 +74,8 @@ def _bar(value: float, width: int = 20) -> Text:
 
 def render(f: Frame, actions: list[Action], settings: list[str]) -> Group:
     left = max(0.0, f.duration - f.elapsed)
-    head = Text.assemble(("Helix demo", "bold"), f"  {f.phase}, t={f.elapsed:.0f}s of {f.duration:.0f}s ({left:.0f}s left)   ",
+    head = Text.assemble(("Helix demo", "bold"), f"  {f.phase}, t={f.elapsed:.0f}s of {f.duration:.0f}s ({left:.0f}s left, "
+                         "Ctrl-C stops it)\n",
                          ("demand ", "bold"), f"{f.demand:.1f} req/s   ",
                          ("served ", "bold"), f"{f.served}/s ({f.served_total} total)   ",
                          ("failed ", "bold"), (f"{f.failed}/s ({f.failed_total} total)", "red" if f.failed else ""))
