@@ -22,7 +22,9 @@ boto3's default chain (an instance profile on the manager VM). Region: HELIX_AWS
 (AWS_REGION, REGION) or boto3's default. Throttling: botocore's adaptive retry mode.
 
 The least-privilege IAM policy for this module is deploy/iam-policy.json; every operation it calls
-is in OPERATIONS, and a test checks the policy allows each of them.
+is in OPERATIONS, and a test checks the policy allows each of them. The policy names the default
+group, `helix`, in its two tag conditions (launch only instances tagged with it, terminate only
+those): with another HELIX_GROUP, put that name there.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ ZONE_ERRORS = frozenset({
 })
 # A RunInstances whose reply may have been lost: the instances may exist; look before resending.
 _LAUNCH_ATTEMPTS = 3
+_IDS_PER_CALL = 100
 
 
 def _state(ec2_state: str) -> str:
@@ -301,14 +304,18 @@ class Ec2Provider:
         asked = list(dict.fromkeys(instance_ids))
         if not asked:
             return
-        owned = {i["InstanceId"] for i in self._describe([{"Name": "instance-id", "Values": asked}])}
+        owned: set[str] = set()
+        for start in range(0, len(asked), _IDS_PER_CALL):  # EC2 caps the values of one filter
+            chunk = asked[start:start + _IDS_PER_CALL]
+            owned.update(i["InstanceId"] for i in self._describe([{"Name": "instance-id", "Values": chunk}]))
         refused = [i for i in asked if i not in owned]
         if refused:
             log.warning("terminate refused for %s: not instances of group %s", ", ".join(refused), self.group)
         targets = [i for i in asked if i in owned]
-        if targets:
-            self.client.terminate_instances(InstanceIds=targets)
-            log.info("terminating %s", ", ".join(targets))
+        for start in range(0, len(targets), _IDS_PER_CALL):
+            chunk = targets[start:start + _IDS_PER_CALL]
+            self.client.terminate_instances(InstanceIds=chunk)
+            log.info("terminating %s", ", ".join(chunk))
 
     def close(self) -> None:
         for c in {id(self.client): self.client, id(self.launch_client): self.launch_client}.values():
