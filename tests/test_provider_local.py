@@ -27,12 +27,11 @@ FAKE_AGENT = textwrap.dedent("""
     with open(path + ".tmp", "w") as fh:
         json.dump(dict(os.environ, PID=str(os.getpid()), PGID=str(os.getpgid(0))), fh)
     os.replace(path + ".tmp", path)
-    while True:
-        time.sleep(1)
+    time.sleep(300)  # outlives any test; ends by itself should a test run die without cleanup
 """)
 # A stand-in app: listens on its port so a tcp:// liveness probe finds it.
 APP_CMD = (f"{sys.executable} -c \"import socket,sys,time; s=socket.socket(); "
-           f"s.bind(('127.0.0.1',int(sys.argv[1]))); s.listen(); time.sleep(600)\" {{port}}")
+           f"s.bind(('127.0.0.1',int(sys.argv[1]))); s.listen(); time.sleep(300)\" {{port}}")
 
 
 def _kill_recorded(state_dir: str) -> None:
