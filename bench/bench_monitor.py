@@ -148,16 +148,17 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
         window = max(10.0, 10 * interval)
         time.sleep(window)
         cpu1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
-        rss = proc.memory_info().rss / 2**20
+        mem = proc.memory_full_info()
+        rss, uss, pss = mem.rss / 2**20, mem.uss / 2**20, mem.pss / 2**20
         print(f"agent: time-to-registered {min(reg_times):.2f} s (best of 3; all {', '.join(f'{t:.2f}' for t in reg_times)}); "
-              f"RSS {rss:.1f} MB; CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}% of one core while polled every "
+              f"RSS {rss:.1f} MB (private {uss:.1f} MB, PSS {pss:.1f} MB: the rest is shared library code); CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}% of one core while polled every "
               f"{interval:g} s ({window:.0f} s window)", flush=True)
 
         # -- the sweep ---------------------------------------------------------------------------
         print(f"MonitorS mode: {mode}, interval {interval:g} s, {os.cpu_count()} CPUs, load average now "
               f"{os.getloadavg()[0]:.1f}", flush=True)
         print(f"{'agents':>7} {'cycle p50':>10} {'cycle p99':>10} {'max':>7} {'CPU-s/1k polls':>15} "
-              f"{'MonitorS CPU':>13} {'failed':>7} {'load1':>6}", flush=True)
+              f"{'MonitorS CPU':>13} {'failed':>7} {'oldest row':>11} {'load1':>6}", flush=True)
         have = 0
         for n in steps:
             while have < n:
@@ -174,11 +175,19 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
             c0 = sum(mon.cpu_times()[:2])
             samples: dict[float, float] = {}
             last = 0.0
+            staleness: list[float] = []
+            unpolled = 0  # rows never polled successfully yet (registered during the window)
             while len(samples) < cycles:
-                status = table.snapshot().monitor
+                snap = table.snapshot()
+                status = snap.monitor
                 if status.heartbeat != last:
                     last = status.heartbeat
                     samples[last] = status.cycle_seconds
+                    # Freshness, comparable across modes: the oldest row at the end of this cycle.
+                    live = snap.live
+                    polled = live[live["last_seen"] > 0]
+                    unpolled = max(unpolled, len(live) - len(polled))
+                    staleness.append(float((status.heartbeat - polled["last_seen"]).max()) if len(polled) else 0.0)
                 time.sleep(min(0.05, interval / 10))
             c1 = sum(mon.cpu_times()[:2])
             after = _scrape(metrics_port)
@@ -189,9 +198,11 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
             per_k = (c1 - c0) / max(ok + failed, 1) * 1000
             share = (c1 - c0) / (len(values) * interval)
             print(f"{n + 1:>7} {p50:>9.3f}s {p99:>9.3f}s {max(values):>6.3f}s {per_k:>15.3f} {share:>12.0%} "
-                  f"{int(failed):>7} {os.getloadavg()[0]:>6.1f}", flush=True)
-            if p99 >= interval or failed > 0.01 * (ok + failed):
-                print(f"stop: at {n + 1} agents a cycle no longer fits in the {interval:g} s interval", flush=True)
+                  f"{int(failed):>7} {max(staleness):>10.3f}s {os.getloadavg()[0]:>6.1f}"
+                  + (f"  ({unpolled} rows not polled yet)" if unpolled else ""), flush=True)
+            if p99 >= interval or failed > 0.01 * (ok + failed) or max(staleness) > 2 * interval:
+                print(f"stop: at {n + 1} agents a cycle no longer fits in the {interval:g} s interval "
+                      "(slow cycles, failed polls or stale rows)", flush=True)
                 break
     finally:
         pool.stop_all()
@@ -206,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="fleet sizes (simulated agents), comma-separated, increasing")
     parser.add_argument("--cycles", type=int, default=10, help="cycles measured per size")
     parser.add_argument("--interval", type=float, default=1.0, help="HELIX_POLL_INTERVAL")
-    parser.add_argument("--mode", default="poll", choices=("poll", "stream"), help="HELIX_POLL_MODE")
+    parser.add_argument("--mode", default="both", choices=("poll", "stream", "both"), help="HELIX_POLL_MODE")
     parser.add_argument("--sim", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--monitor", help=argparse.SUPPRESS)
     parser.add_argument("--prefix", default="sim", help=argparse.SUPPRESS)
@@ -215,7 +226,8 @@ def main(argv: list[str] | None = None) -> None:
         _raise_fd_limit()
         asyncio.run(_sim(args.sim, args.monitor, args.prefix))
         return
-    run([int(s) for s in args.steps.split(",")], args.cycles, args.interval, args.mode)
+    for mode in ("poll", "stream") if args.mode == "both" else (args.mode,):
+        run([int(s) for s in args.steps.split(",")], args.cycles, args.interval, mode)
 
 
 if __name__ == "__main__":
