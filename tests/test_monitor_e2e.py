@@ -3,9 +3,10 @@ a real shared-memory table."""
 
 from __future__ import annotations
 
+import json
 import signal
+import subprocess
 import sys
-import time
 
 import grpc
 import pytest
@@ -66,6 +67,13 @@ def wait_state(table_name: str, instance_id: str, state: State, timeout: float =
     return wait_for(check, timeout, f"{instance_id} to be {state.label}")
 
 
+def inspect_json(table_name: str) -> dict:
+    """The table as an operator sees it: `python -m shared.inspect --json` in a real process."""
+    out = subprocess.run([sys.executable, "-m", "shared.inspect", "--name", table_name, "--json"], env=base_env(),
+                         capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
 def registry_stub(port: int):
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     return channel, helix_pb2_grpc.RegistryStub(channel)
@@ -93,13 +101,19 @@ def test_fleet_lifecycle(procs, table_name):
 
     for iid in ("i-a", "i-b", "i-c"):
         wait_state(table_name, iid, State.HEALTHY)
-    # The busy loop's tree saturates one vCPU (leave room for a loaded machine).
-    table = wait_for(lambda: (t := rows(table_name))["i-c"].cpu > 0.3 and t, 30, "i-c to report its busy tree's CPU")
+    # The busy loop saturates its one vCPU when it gets a core; a loaded machine gives it less.
+    table = wait_for(lambda: (t := rows(table_name))["i-c"].cpu > 0.2 and t, 30, "i-c to report its busy tree's CPU")
     assert table["i-a"].zone == "z1" and table["i-a"].app_port == app_port and table["i-b"].zone == "z2"
     for row in table.values():
         assert 0.0 <= row.cpu <= 1.0 and 0.0 < row.mem <= 1.0 and row.vcpus == 1
         assert row.registered_at <= row.last_seen and row.failures == 0 and row.agent_version
     assert table["i-a"].app_detail == "http 200" and table["i-b"].app_detail == "tcp ok"
+    shown = inspect_json(table_name)
+    assert shown["monitor"]["alive"] and shown["monitor"]["registered"] == 3
+    by_id = {r["instance_id"]: r for r in shown["instances"]}
+    assert set(by_id) == {"i-a", "i-b", "i-c"}
+    assert all(r["state"] == "healthy" and 0 <= r["cpu"] <= 1 for r in by_id.values())
+    assert by_id["i-c"]["cpu"] > 0.1 and by_id["i-a"]["app_port"] == app_port
 
     # The app dies: both agents probing it say so, app_down_polls counts up.
     app.kill_group()
