@@ -95,7 +95,8 @@ class AgentService(helix_pb2_grpc.AgentServicer):
 
 
 class Agent:
-    def __init__(self, cfg: Config, auth: rpc_security.Auth, log: logging.Logger):
+    def __init__(self, cfg: Config, auth: rpc_security.Auth, log: logging.Logger, early_signals: list[int] | None = None):
+        self.early_signals = early_signals if early_signals is not None else []
         self.cfg = cfg
         self.auth = auth
         self.log = log
@@ -126,6 +127,8 @@ class Agent:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        if self.early_signals:
+            self._on_signal(self.early_signals[0])
         self.channel = rpc_security.open_channel(cfg.monitor_addr, cfg, self.auth)
         self.registry = helix_pb2_grpc.RegistryStub(self.channel)
         tasks = [asyncio.create_task(self._probe_loop()), asyncio.create_task(self._registration_loop())]

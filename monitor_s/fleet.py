@@ -32,7 +32,8 @@ from shared.table import DETAIL_BYTES, InstanceRow, MetricsTable, State, clip_te
 
 FLUSH_EVERY = 0.05
 BATCH_ROWS = 512
-DEADLINE_SHARE = 0.8  # per-call deadline as a share of the poll interval
+DEADLINE_SHARE = 0.8  # per-call deadline as a share of the poll interval ...
+MAX_DEADLINE = 10.0  # ... but never longer: an agent that needs more is not healthy
 STREAM_SILENCE = 1.5  # intervals without a pushed sample before a cycle counts a failure
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -75,7 +76,7 @@ class Fleet:
         self.log = log
         self.entries: dict[str, Entry] = {}
         self.metadata = auth.metadata
-        self.deadline = cfg.poll_interval * DEADLINE_SHARE
+        self.deadline = min(cfg.poll_interval * DEADLINE_SHARE, MAX_DEADLINE)
         self.polls_ok = 0
         self.polls_failed = 0
         self.last_cycle = 0.0

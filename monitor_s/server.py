@@ -112,8 +112,15 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
         loop.add_signal_handler(sig, on_signal, sig)
 
     next_tick = loop.time()
+    stopping = asyncio.ensure_future(stop.wait())
     while not stop.is_set():
-        cycle_seconds = await fleet.cycle()
+        cycle = asyncio.ensure_future(fleet.cycle())
+        await asyncio.wait([cycle, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if not cycle.done():  # stop mid-cycle: in-flight polls are abandoned, the rows keep their last values
+            cycle.cancel()
+            await asyncio.gather(cycle, return_exceptions=True)
+            break
+        cycle_seconds = cycle.result()
         table.monitor_heartbeat(time.time(), pid, cfg.poll_interval, cycle_seconds)
         if cycle_seconds > cfg.poll_interval:
             log.warning("poll cycle took %.3fs, longer than HELIX_POLL_INTERVAL=%g", cycle_seconds, cfg.poll_interval)
@@ -121,10 +128,7 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
         now = loop.time()
         if next_tick < now:  # overran: start the next cycle now, don't try to catch up
             next_tick = now
-        try:
-            await asyncio.wait_for(stop.wait(), timeout=next_tick - now)
-        except asyncio.TimeoutError:
-            pass
+        await asyncio.wait([stopping], timeout=next_tick - now)
 
     for name in ("", "helix.v1.Registry"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -285,7 +285,10 @@ def test_prometheus_exposition(procs, table_name):
 def test_bad_config_and_missing_token_exit_2(procs, table_name, module):
     port = free_port()
     env = monitor_env(table_name, port) if module == "monitor_s" else agent_env("i-x", port)
-    for change in ({"HELIX_POLL_INTERVAL": "fast"}, {"HELIX_TOKEN": ""}, {"HELIX_TOKEN": "short"}):
+    changes = [{"HELIX_POLL_INTERVAL": "fast"}, {"HELIX_TOKEN": ""}, {"HELIX_TOKEN": "short"}]
+    if module == "monitor_c":  # what MonitorS would refuse at registration stops the agent at start
+        changes += [{"HELIX_LABELS": "zone=z,app_port=http"}, {"HELIX_INSTANCE_ID": "two words"}]
+    for change in changes:
         proc = procs.python(module, ["-m", module], {**env, **change})
         assert proc.wait(timeout=30) == 2, proc.output()
         key = next(iter(change))
