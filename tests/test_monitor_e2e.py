@@ -212,6 +212,18 @@ def test_refusals_change_nothing(procs, table_name):
         # Oversized message: refused by gRPC before any handler.
         err = refused(stub.Register, helix_pb2.RegisterRequest(**{**good, "agent_version": "x" * 100_000}))
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The standard health service answers, behind the same token.
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        health = health_pb2_grpc.HealthStub(ch)
+        assert health.Check(health_pb2.HealthCheckRequest(service="helix.v1.Registry"), metadata=AUTH,
+                            timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with grpc.insecure_channel(agent_addr) as ch:
+        assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="helix.v1.Agent"), metadata=AUTH,
+                                                    timeout=10).status == health_pb2.HealthCheckResponse.SERVING
     # The agent side refuses a wrong token too.
     with grpc.insecure_channel(agent_addr) as ch:
         with pytest.raises(grpc.RpcError) as info:
