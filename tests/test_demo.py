@@ -92,6 +92,10 @@ def test_bad_arguments_exit_2_and_start_nothing(procs, tmp_path):
     demo = procs.python("demo", ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)],
                         base_env(DEMO_DURATION="abc"))
     assert demo.wait(timeout=60) == 2 and "DEMO_DURATION=abc: expected a whole number" in demo.output()
+    demo = procs.python("demo", ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)],
+                        base_env(HELIX_CPU_TARGET="2", HELIX_SHM_NAME="ignored-the-demo-uses-its-own"))
+    assert demo.wait(timeout=60) == 2
+    assert demo.output().strip() == "demo: bad configuration: HELIX_CPU_TARGET=2: expected a number greater than 0 to 1"
     after = set(os.listdir(cleanup.RUNS_ROOT)) if os.path.isdir(cleanup.RUNS_ROOT) else set()
     assert after <= before
 

@@ -43,14 +43,16 @@ from deploy.local.cleanup import MARKER_KEY, RUNS_ROOT, RunRecord
 from deploy.local.loadgen import BUILTIN_CURVES, CurveError, builtin_curve, per_second, read_curve
 from deploy.local.plot import Sample, Summary, summarize, write_plot
 from deploy.local.view import Action, Frame, View
-from shared.config import ConfigError, Invalid, load_config, settings
+from shared.config import EXIT_BAD_CONFIG, ConfigError, Invalid, load_config, settings
 from shared.table import MetricsTable, State, TableError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_DURATION = 180
 WORK_MS = 10.0
 ALLOTMENT_CORES = 0.25  # the CPU each instance is sized for: 4 at their target fit this 2-core machine
-PEAK_INSTANCES = 3.6  # the curve's busiest second needs this many instances at the CPU target
+# The curve's busiest second needs this many instances at the CPU target (a request costs the app
+# about 0.6 ms of CPU on top of its work, so the true need is ~6 % higher: 3.4, i.e. 4 instances).
+PEAK_INSTANCES = 3.2
 STARTUP_TIMEOUT = 60.0
 
 
@@ -84,9 +86,12 @@ class Tuning:
     peak_rps: float
     tuned: dict[str, str]  # in the environment file; the caller's environment may override them
     own: dict[str, str] = field(default_factory=dict)  # in the process environment, always this run's
+    overridden: dict[str, str] = field(default_factory=dict)  # tuned keys the caller's environment sets
 
     def shown(self) -> list[str]:
-        return [f"{k}={v}" for k, v in self.tuned.items()] + [
+        """The tuned settings in effect: a value from the caller's environment wins, and says so."""
+        return [f"{k}={self.overridden[k]} (yours)" if k in self.overridden else f"{k}={v}"
+                for k, v in self.tuned.items()] + [
             f"work {self.work_ms:g} ms CPU/request", f"peak {self.peak_rps:.0f} req/s"]
 
 
@@ -94,14 +99,16 @@ def tune(duration: int, work_ms: float, peak_rps: float | None) -> Tuning:
     # Each instance is sized at ALLOTMENT_CORES. If the agent takes a fractional allotment, say so
     # and keep the usual target; if it takes whole vCPUs only, an allotment of 1 with the target
     # scaled down is the same load in cores (target x vcpus = cores per instance at target).
-    if _parses("HELIX_LOCAL_VCPUS", str(ALLOTMENT_CORES)):
+    if _parses("HELIX_LOCAL_VCPUS", str(ALLOTMENT_CORES)) and _parses("HELIX_VCPUS", str(ALLOTMENT_CORES)):
         vcpus, target = str(ALLOTMENT_CORES), 0.5
     else:
         vcpus, target = "1", 0.5 * ALLOTMENT_CORES
     rps_per_instance = target * float(vcpus) / (work_ms / 1000.0)
     peak = peak_rps if peak_rps else round(PEAK_INSTANCES * rps_per_instance, 1)
     tuned = {
-        "HELIX_POLL_INTERVAL": "0.5",  # fresh CPU twice a second
+        # The agent's CPU is measured between two polls: a 1 s window holds enough requests to
+        # keep the sampling noise well inside the tolerance (0.5 s made single samples jump 30 %).
+        "HELIX_POLL_INTERVAL": "1",
         "HELIX_CONTROL_INTERVAL": "1",
         "HELIX_UNHEALTHY_AFTER": "3",
         "HELIX_MIN_INSTANCES": "1",
@@ -120,6 +127,22 @@ def tune(duration: int, work_ms: float, peak_rps: float | None) -> Tuning:
     declared = {s.key for s in settings()}
     tuned = {k: v for k, v in tuned.items() if k in declared}
     return Tuning(duration, work_ms, vcpus, target, peak, tuned)
+
+
+OWN_KEYS = ("HELIX_ENV_FILE", "HELIX_TOKEN", "HELIX_TOKEN_FILE", "HELIX_SHM_NAME", "HELIX_STATE_DIR", "HELIX_GROUP",
+            "HELIX_MONITOR_LISTEN", "HELIX_MONITOR_ADDR", "HELIX_PROVIDER", "HELIX_LOCAL_APP_CMD", "HELIX_ACTIVITY_LOG")
+
+
+def check_environment(tuning: Tuning, environ: dict[str, str]) -> list[str]:
+    """What the caller's environment gets wrong, before anything is created: the demo's own keys
+    are replaced by this run's, every other setting is checked as the processes will read it."""
+    env = {k: v for k, v in environ.items() if k not in OWN_KEYS}
+    env = tuning.tuned | env | {"HELIX_ENV_FILE": "", "HELIX_INSECURE": "1"}
+    try:
+        load_config(env)
+    except ConfigError as exc:
+        return exc.errors
+    return []
 
 
 def free_port() -> int:
@@ -167,6 +190,7 @@ class Demo:
         self._offsets = {"stats": 0, "activity": 0}
         self._last: dict = {}
         self.cpu_target = self.tuning.cpu_target
+        self.env: dict[str, str] = {}
         self.logs_dir = ""
         self.ended = 0.0
 
@@ -196,7 +220,6 @@ class Demo:
             "HELIX_ENV_FILE": self.path("helix.env"),
             "HELIX_TOKEN_FILE": token_file,
             "HELIX_SHM_NAME": self.shm_name,
-            "HELIX_SHM_RESET": "1",
             "HELIX_STATE_DIR": self.path("state"),
             "HELIX_GROUP": f"demo-{self.run_id}",
             "HELIX_MONITOR_LISTEN": f"127.0.0.1:{port}",
@@ -206,7 +229,8 @@ class Demo:
             "HELIX_ACTIVITY_LOG": self.path("activity.jsonl"),
         }
         self.tuning.own = own
-        env = {k: v for k, v in os.environ.items() if k not in ("HELIX_TOKEN",)}
+        self.tuning.overridden = {k: os.environ[k] for k in self.tuning.tuned if k in os.environ}
+        env = {k: v for k, v in os.environ.items() if k not in OWN_KEYS}
         env.update(own)
         env[MARKER_KEY] = self.run_id
         env["PYTHONUNBUFFERED"] = "1"
@@ -325,7 +349,7 @@ class Demo:
 
     def run(self, view: View) -> None:
         args = self.args
-        env = self.build_env()
+        env = self.env
         py = sys.executable
         self.start("monitor", [py, "-m", "monitor_s"], env)
         self.wait(self.attach, 30, "MonitorS's table", view)
@@ -407,7 +431,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     source.add_argument("--curve", choices=BUILTIN_CURVES, default="nasa", help="built-in demand curve (default nasa)")
     source.add_argument("--trace", metavar="FILE", help="your own demand curve: one number per line, stretched over the run")
     parser.add_argument("--peak-rps", type=float, default=None, help="requests per second at the curve's peak "
-                        "(default: what about 3.6 instances serve at the CPU target)")
+                        "(default: what about 3.2 instances serve at the CPU target)")
     parser.add_argument("--work-ms", type=float, default=WORK_MS, help=f"CPU ms per request (default {WORK_MS:g})")
     parser.add_argument("--out", default="demo-out", help="directory for the plot and the logs (default demo-out)")
     parser.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
@@ -443,12 +467,16 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False)
     live = console.is_terminal and not args.plain
     console.soft_wrap = not live  # plain lines stay one line each in a log
+    demo = Demo(args, console)
+    errors = check_environment(demo.tuning, dict(os.environ))
+    if errors:
+        for line in errors:
+            print(f"demo: bad configuration: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
     for run_dir in cleanup.clean_stale_runs():
         console.print(f"cleaned up a run left behind: {run_dir}")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(RUNS_ROOT, exist_ok=True)
-
-    demo = Demo(args, console)
 
     def on_signal(signum: int, frame: object) -> None:
         if not demo.stop_reason:
@@ -469,17 +497,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.record.add("watchdog", watchdog.pid)
 
     t = demo.tuning
-    console.print(f"[bold]Helix demo[/bold]: {args.duration}s, {args.trace or args.curve} demand curve, peak "
-                  f"{t.peak_rps:g} req/s, {t.work_ms:g} ms CPU per request, {t.vcpus} vCPU per instance "
-                  f"(target {t.cpu_target:g} of it)")
-    console.print(f"run {demo.run_id}: segment /dev/shm/{demo.shm_name}, state {run_dir}")
-    console.print("settings tuned for a short demo: " + " ".join(t.shown()))
-    console.print("Ctrl-C stops it at any time and cleans up.")
     status = 0
     error = ""
-    view = View(console, live, t.shown())
     try:
-        with view:
+        demo.env = demo.build_env()
+        console.print(f"[bold]Helix demo[/bold]: {args.duration}s, {args.trace or args.curve} demand curve, peak "
+                      f"{t.peak_rps:g} req/s, {t.work_ms:g} ms CPU per request, {t.vcpus} vCPU per instance "
+                      f"(target {demo.cpu_target:g} of it)")
+        console.print(f"run {demo.run_id}: segment /dev/shm/{demo.shm_name}, state {run_dir}")
+        console.print("settings tuned for a short demo: " + " ".join(t.shown()))
+        console.print("Ctrl-C stops it at any time and cleans up.")
+        with View(console, live, t.shown()) as view:
             demo.run(view)
     except DemoError as exc:
         error = str(exc)
