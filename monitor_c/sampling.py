@@ -60,21 +60,35 @@ class _CounterCpu:
 
 
 class TreeCpu(_CounterCpu):
-    """One process and all its descendants (several local "instances" share this host)."""
+    """One process and all its descendants (several local "instances" share this host).
+
+    Finding descendants means reading every process on the host (psutil builds the parent map
+    from /proc), which would cost each agent milliseconds per sample on a host running many
+    instances; so the tree is rescanned every RESCAN_SECONDS (or when a member dies) and the
+    samples in between only read the known members. A child that starts and ends between two
+    scans is still counted once its parent reaps it (children_* times)."""
+
+    RESCAN_SECONDS = 5.0
 
     def __init__(self, pid: int, vcpus: int):
         self.pid = pid
-        self._root: psutil.Process | None = None
+        self._procs: list[psutil.Process] = []
+        self._scanned_at = -1e9
         super().__init__(vcpus)
 
     def _processes(self) -> list[psutil.Process]:
+        if time.monotonic() - self._scanned_at < self.RESCAN_SECONDS and self._procs:
+            return self._procs
+        self._scanned_at = time.monotonic()
         try:
-            if self._root is None or not self._root.is_running():
-                self._root = psutil.Process(self.pid)
-            return [self._root, *self._root.children(recursive=True)]
+            root = self._procs[0] if self._procs and self._procs[0].is_running() else psutil.Process(self.pid)
+            self._procs = [root, *root.children(recursive=True)]
         except psutil.Error:
-            self._root = None
-            return []
+            self._procs = []
+        return self._procs
+
+    def _rescan_soon(self) -> None:
+        self._scanned_at = -1e9
 
     def _cpu_seconds(self) -> float:
         total = 0.0
@@ -82,6 +96,7 @@ class TreeCpu(_CounterCpu):
             try:
                 t = proc.cpu_times()
             except psutil.Error:
+                self._rescan_soon()
                 continue
             # children_* holds reaped children only, so nothing is counted twice.
             total += t.user + t.system + t.children_user + t.children_system
@@ -93,6 +108,7 @@ class TreeCpu(_CounterCpu):
             try:
                 rss += proc.memory_info().rss
             except psutil.Error:
+                self._rescan_soon()
                 continue
         return min(rss / psutil.virtual_memory().total, 1.0)
 
