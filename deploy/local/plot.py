@@ -104,7 +104,7 @@ def write_plot(path: str, samples: Sequence[Sample], actions: Sequence[Action], 
     ax2.yaxis.get_major_locator().set_params(integer=True)
     ax3.plot(t, [float("nan") if s.mean_cpu is None else s.mean_cpu for s in samples], label="mean CPU (healthy)",
              color="tab:red")
-    ax3.axhline(cpu_target, color="black", linestyle=":", label=f"target {cpu_target:.2f}")
+    ax3.axhline(cpu_target, color="black", linestyle=":", label=f"target {cpu_target:g}")
     ax3.set_ylabel("CPU (of allotment)")
     ax3.set_xlabel("seconds")
     ax3.legend(loc="upper left", fontsize="small")

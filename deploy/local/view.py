@@ -62,7 +62,7 @@ def plain_line(f: Frame) -> str:
     cpu = "-" if f.mean_cpu is None else f"{f.mean_cpu:.2f}"
     c = f.controller
     return (f"t={f.elapsed:5.1f}s {f.phase}: demand {f.demand:5.1f} rps, served {f.served}/s failed {f.failed}/s, "
-            f"healthy {f.healthy}/{len(f.instances)}, mean CPU {cpu} (target {f.cpu_target:.2f}), "
+            f"healthy {f.healthy}/{len(f.instances)}, mean CPU {cpu} (target {f.cpu_target:g}), "
             f"desired {c.desired} in-service {c.in_service} pending {c.pending}")
 
 
@@ -82,7 +82,7 @@ def render(f: Frame, actions: list[Action], settings: list[str]) -> Group:
     c = f.controller
     cpu = "-" if f.mean_cpu is None else f"{f.mean_cpu:.2f}"
     ctl = Text.assemble(("desired ", "bold"), str(c.desired), ("   in service ", "bold"), str(c.in_service),
-                        ("   pending ", "bold"), str(c.pending), ("   mean CPU ", "bold"), f"{cpu} (target {f.cpu_target:.2f})",
+                        ("   pending ", "bold"), str(c.pending), ("   mean CPU ", "bold"), f"{cpu} (target {f.cpu_target:g})",
                         ("   policy ", "bold"), c.policy or "-",
                         ("\nlast decision: ", "bold"), f"{c.action or '-'}: {c.reason or '-'}")
     table = Table(expand=True, show_edge=False, pad_edge=False)
