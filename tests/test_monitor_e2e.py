@@ -147,7 +147,7 @@ def test_fleet_lifecycle(procs, table_name):
 
 def test_hung_agent_does_not_slow_the_others(procs, table_name):
     port = free_port()
-    start_monitor(procs, table_name, port, HELIX_POLL_INTERVAL=1.0)
+    monitor = start_monitor(procs, table_name, port, HELIX_POLL_INTERVAL=1.0)
     agents = [procs.python(f"agent-{i}", ["-m", "monitor_c"], agent_env(f"i-{i}", port, HELIX_LABELS="zone=z"))
               for i in range(3)]
     for i in range(3):
@@ -166,6 +166,9 @@ def test_hung_agent_does_not_slow_the_others(procs, table_name):
             assert table[f"i-{i}"].poll_latency < 0.5, table[f"i-{i}"]
         # ... and were written before the hung call timed out: their last_seen precedes the end of the cycle.
         assert status.cycle_seconds >= 0.5  # this cycle did wait for the hung agent's deadline
+        # Stopping MonitorS while an agent hangs is still prompt and clean.
+        monitor.signal(signal.SIGTERM)
+        assert monitor.wait(timeout=15) == 0
     finally:
         agents[0].signal(signal.SIGCONT)
 

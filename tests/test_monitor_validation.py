@@ -58,6 +58,9 @@ def test_caller_must_be_the_advertised_host():
             check_caller("address", host, peer, False)
         assert info.value.code == grpc.StatusCode.PERMISSION_DENIED and info.value.message.startswith("address")
     check_caller("address", "10.0.0.9", "ipv4:127.0.0.1:4000", True)  # HELIX_TRUST_ADVERTISED=1
+    check_caller("address", "127.0.0.2", "ipv4:127.0.0.1:4000", False)  # loopback to loopback: same host
+    with pytest.raises(Refusal):
+        check_caller("address", "127.0.0.2", "ipv4:10.0.0.1:4000", False)  # a remote caller never claims loopback
 
 
 def test_check_bearer():
