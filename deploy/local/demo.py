@@ -353,6 +353,8 @@ class Demo:
         py = sys.executable
         self.start("monitor", [py, "-m", "monitor_s"], env)
         self.wait(self.attach, 30, "MonitorS's table", view)
+        if self.stop_reason:
+            return
         self.start("controller", [py, "-m", "controller_asg"], env)
         self.wait(self.healthy_with_app, STARTUP_TIMEOUT, "the first healthy instance", view)
         if self.stop_reason:

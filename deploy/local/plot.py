@@ -6,12 +6,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display needed, and never one picked up by accident
-import matplotlib.pyplot as plt  # noqa: E402 (after the backend is chosen)
-
-from deploy.local.view import Action  # noqa: E402
+from deploy.local.view import Action
 
 
 @dataclass
@@ -88,6 +83,12 @@ def summarize(samples: Sequence[Sample], actions: Sequence[Action], served: int,
 
 def write_plot(path: str, samples: Sequence[Sample], actions: Sequence[Action], cpu_target: float,
                title: str) -> str:
+    # Imported here: matplotlib takes half a second to import, and only the end of a run needs it.
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed, and never one picked up by accident
+    import matplotlib.pyplot as plt
+
     t = [s.t for s in samples]
     fig, (ax1, ax2, ax3) = plt.subplots(3, 1, sharex=True, figsize=(10, 8))
     ax1.plot(t, [s.demand for s in samples], label="demand (req/s asked)", color="tab:blue")
