@@ -64,7 +64,8 @@ def test_live_view_and_plain_lines_show_the_same_facts():
         view.update(Frame(elapsed=43.0, duration=60))
         view.action(action)
     lines = out.export_text().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("scaling: t= 41.0s launch 2")
+    assert len(lines) == 2
+    assert lines[1].startswith("scaling: t= 41.0s launch 2 [local-b2, local-c3]: mean CPU 0.90")  # not eaten as markup
 
 
 def test_summary_and_plot(tmp_path):

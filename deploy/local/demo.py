@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 import psutil
 from rich.console import Console
+from rich.markup import escape
 
 from deploy.local import cleanup
 from deploy.local.cleanup import MARKER_KEY, RUNS_ROOT, RunRecord
@@ -465,7 +466,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    console = Console(highlight=False)
+    console = Console(highlight=False, markup=False)  # paths and reasons print as they are
     live = console.is_terminal and not args.plain
     console.soft_wrap = not live  # plain lines stay one line each in a log
     demo = Demo(args, console)
@@ -502,9 +503,9 @@ def main(argv: list[str] | None = None) -> int:
     error = ""
     try:
         demo.env = demo.build_env()
-        console.print(f"[bold]Helix demo[/bold]: {args.duration}s, {args.trace or args.curve} demand curve, peak "
+        console.print(f"[bold]Helix demo[/bold]: {args.duration}s, {escape(args.trace or args.curve)} demand curve, peak "
                       f"{t.peak_rps:g} req/s, {t.work_ms:g} ms CPU per request, {t.vcpus} vCPU per instance "
-                      f"(target {demo.cpu_target:g} of it)")
+                      f"(target {demo.cpu_target:g} of it)", markup=True)
         console.print(f"run {demo.run_id}: segment /dev/shm/{demo.shm_name}, state {run_dir}")
         console.print("settings tuned for a short demo: " + " ".join(t.shown()))
         console.print("Ctrl-C stops it at any time and cleans up.")
@@ -523,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(subprocess.TimeoutExpired):
             watchdog.wait(timeout=10)
     if error:
-        console.print(f"[red]demo stopped: {error}[/red]")
+        console.print(f"[red]demo stopped: {escape(error)}[/red]", markup=True)
         if demo.failed_part:
             with contextlib.suppress(OSError):
                 with open(os.path.join(demo.logs_dir, f"{demo.failed_part}.log"), encoding="utf-8", errors="replace") as fh:
@@ -536,14 +537,16 @@ def main(argv: list[str] | None = None) -> int:
         title = (f"Helix demo: {args.trace or args.curve} curve, peak {t.peak_rps:g} req/s, "
                  f"{t.work_ms:g} ms/request, target {t.cpu_target:g} of {t.vcpus} vCPU")
         summary.plot = write_plot(plot, demo.samples, demo.actions, demo.cpu_target, title)
-    console.print("[bold]summary[/bold]")
+    console.print("[bold]summary[/bold]", markup=True)
     for line in summary.lines():
         console.print("  " + line)
     console.print(f"  plot:              {summary.plot or '(no load ran, no plot)'}")
     console.print(f"  logs:              {demo.logs_dir}")
-    console.print(f"  left behind:       nothing (segment {demo.shm_name} and {run_dir} removed)"
-                  if not os.path.exists(run_dir) and not os.path.exists(f"/dev/shm/{demo.shm_name}")
-                  else f"  [red]left behind: {run_dir} or /dev/shm/{demo.shm_name}[/red]")
+    if os.path.exists(run_dir) or os.path.exists(f"/dev/shm/{demo.shm_name}"):
+        console.print(f"  LEFT BEHIND:       {run_dir} or /dev/shm/{demo.shm_name}", style="red")
+        status = status or 1
+    else:
+        console.print(f"  left behind:       nothing (segment {demo.shm_name} and {run_dir} removed)")
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as fh:
             json.dump(summary.as_dict() | {"run_id": demo.run_id, "shm_name": demo.shm_name, "run_dir": run_dir,

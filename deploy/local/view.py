@@ -131,17 +131,17 @@ class View:
     def action(self, a: Action) -> None:
         self.actions.append(a)
         if self._live is None:
-            self.console.print(f"scaling: {a.line()}", highlight=False, soft_wrap=True)
+            self.console.print(f"scaling: {a.line()}", highlight=False, markup=False, soft_wrap=True)
 
     def message(self, text: str) -> None:
         if self._live is not None:
-            self._live.console.print(text, highlight=False)
+            self._live.console.print(text, highlight=False, markup=False)
         else:
-            self.console.print(text, highlight=False, soft_wrap=True)
+            self.console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     def update(self, f: Frame) -> None:
         if self._live is not None:
             self._live.update(render(f, list(self.actions), self.settings))
         elif f.elapsed - self._last_plain >= self.every:
             self._last_plain = f.elapsed
-            self.console.print(plain_line(f), highlight=False, soft_wrap=True)
+            self.console.print(plain_line(f), highlight=False, markup=False, soft_wrap=True)
