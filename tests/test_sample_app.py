@@ -72,3 +72,20 @@ def test_port_in_use_is_one_clear_line(procs):
     proc = procs.python("sample-app-2", ["-m", "deploy.local.sample_app", "--port", str(port)], base_env())
     assert proc.wait(timeout=30) == 1
     assert f"cannot listen on 127.0.0.1:{port}" in proc.output()
+
+
+def test_sigterm_finishes_requests_in_flight(procs):
+    """Connection draining: a request being served when SIGTERM arrives still gets its answer."""
+    import threading
+
+    proc, port = start_app(procs)
+    app = psutil.Process(proc.pid)
+    result = {}
+    before = sum(app.cpu_times()[:2])
+    t = threading.Thread(target=lambda: result.update(answer=get(port, "/work?ms=800")))
+    t.start()
+    wait_for(lambda: sum(app.cpu_times()[:2]) > before + 0.1, 20, "the request to be burning CPU")
+    proc.signal(signal.SIGTERM)
+    t.join(timeout=30)
+    assert result.get("answer") == (200, b"done\n")
+    assert proc.wait(timeout=20) == 0

@@ -5,7 +5,8 @@
 `GET /health` answers 200 at once. `GET /work` burns `--work-ms` milliseconds of CPU time (of the
 handling thread, so the cost per request stays fixed however many requests run at once) and
 answers 200; `/work?ms=N` burns N instead (0..1000). Anything else is a 404. The app prints one
-line when it listens and exits 0 on SIGTERM or SIGINT. Stdlib only, so it starts in well under a
+line when it listens; on SIGTERM or SIGINT it stops accepting, finishes the requests it has, and
+exits 0. Stdlib only, so it starts in well under a
 second.
 """
 
@@ -67,7 +68,10 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class App(ThreadingHTTPServer):
-    daemon_threads = True
+    # On SIGTERM, requests already accepted are finished before the process exits (server_close
+    # joins their threads), as a load balancer's connection draining expects.
+    daemon_threads = False
+    block_on_close = True
     allow_reuse_address = True
     request_queue_size = 128
 
