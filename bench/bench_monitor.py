@@ -142,6 +142,8 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
             if attempt < 2:
                 agent.signal(signal.SIGTERM)
                 agent.wait(30)
+                wait_for(lambda: not any(r.instance_id == "real-agent" for r in table.snapshot().instances()), 30,
+                         "the stopped agent's row to be freed")
         proc = psutil.Process(agent.pid)
         time.sleep(2 * interval)  # let start-up CPU settle before the measured window
         cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()

@@ -101,7 +101,7 @@ class Agent:
         self.auth = auth
         self.log = log
         self.stop_event = asyncio.Event()
-        self.registered_once = False
+        self.register_sent = False
 
     async def run(self) -> int:
         cfg, log = self.cfg, self.log
@@ -138,7 +138,7 @@ class Agent:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self.registered_once:
+        if self.register_sent:
             await self._deregister("agent stopping")
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(grace=0.5)
@@ -170,6 +170,9 @@ class Agent:
         reason = "start"
         while True:
             try:
+                # Set before the call: a stop while Register is in flight must still deregister,
+                # since MonitorS may have written the row already (Deregister of an unknown id is harmless).
+                self.register_sent = True
                 resp = await self.registry.Register(self._request(), timeout=REGISTER_TIMEOUT)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
@@ -182,7 +185,6 @@ class Agent:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_FIRST
-            self.registered_once = True
             st.poll_interval = resp.poll_interval or 1.0
             st.last_polled = time.monotonic()
             log.info("registered with %s as %s at %s (slot %d, poll interval %gs, reason: %s)", self.cfg.monitor_addr,

@@ -245,6 +245,19 @@ def test_refusals_change_nothing(procs, table_name):
     assert agent.alive()
 
 
+def test_stop_right_after_registering_frees_the_row(procs, table_name):
+    """SIGTERM the moment the row appears (the Register answer may still be in flight)."""
+    port = free_port()
+    start_monitor(procs, table_name, port)
+    env = agent_env("i-quick", port)
+    for attempt in range(3):
+        agent = procs.python(f"agent-{attempt}", ["-m", "monitor_c"], env)
+        wait_for(lambda: "i-quick" in rows(table_name), 30, "the row to appear", interval=0.002)
+        agent.signal(signal.SIGTERM)
+        assert agent.wait(timeout=15) == 0
+        assert "i-quick" not in rows(table_name), agent.output()
+
+
 def test_agent_registers_again_when_forgotten(procs, table_name):
     """Deregistered while alive, or MonitorS restarted on a fresh table: the agent comes back."""
     port = free_port()
