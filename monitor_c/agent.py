@@ -27,7 +27,7 @@ from monitor_c.probe import AppProbe
 from monitor_c.sampling import Sampler
 from protos import helix_pb2, helix_pb2_grpc
 from shared import rpc_security
-from shared.config import Config, parse_host_port
+from shared.config import Config
 
 SILENT_INTERVALS = 5
 MIN_SILENCE = 3.0
@@ -116,7 +116,7 @@ class Agent:
         vcpus = cfg.vcpus or os.cpu_count() or 1
         self.state = AgentState(identity, vcpus, Sampler(cfg.cpu_source, vcpus), AppProbe(cfg.app_check, cfg.app_check_timeout))
         helix_pb2_grpc.add_AgentServicer_to_server(AgentService(self.state), server)
-        health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         await server.start()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
@@ -214,4 +214,4 @@ async def _set_health(servicer, status) -> None:
         await result
 
 
-__all__ = ["Agent", "AgentService", "AgentState", "parse_host_port"]
+__all__ = ["Agent", "AgentService", "AgentState"]
