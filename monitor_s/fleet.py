@@ -28,7 +28,8 @@ import numpy as np
 from protos import helix_pb2, helix_pb2_grpc
 from shared import rpc_security
 from shared.config import Config
-from shared.table import DETAIL_BYTES, InstanceRow, MetricsTable, State, clip_text, encode_text
+from shared.table import (DETAIL_BYTES, VERSION_BYTES, ZONE_BYTES, InstanceRow, MetricsTable, State, clip_text,
+                          encode_text)
 
 FLUSH_EVERY = 0.05
 BATCH_ROWS = 512
@@ -118,11 +119,13 @@ class Fleet:
         address starts a fresh REGISTERING row. Raises TableFull / ValueError (nothing changed)."""
         old = self.entries.get(instance_id)
         if old is not None and old.address == address:
+            version_bytes = encode_text("agent_version", agent_version, VERSION_BYTES)
+            zone_bytes = encode_text("zone", zone, ZONE_BYTES)
             with self.table.writing() as w:
-                row = w.rows[old.slot]
+                row = w.rows[old.slot]  # a view: the assignments write the segment
                 row["vcpus"] = vcpus
-                row["agent_version"] = encode_text("agent_version", agent_version, 16)
-                row["zone"] = encode_text("zone", zone, 32)
+                row["agent_version"] = version_bytes
+                row["zone"] = zone_bytes
                 row["app_port"] = app_port
             old.zone = zone
             return old, False

@@ -266,10 +266,17 @@ def test_agent_registers_again_when_forgotten(procs, table_name):
     first = wait_state(table_name, "i-back", State.HEALTHY)
     channel, stub = registry_stub(port)
     with channel:
+        # Register is idempotent: the same id and address keep the row, its state and registered_at.
+        again = helix_pb2.RegisterRequest(instance_id="i-back", address=first.address, vcpus=3, agent_version="0.2.0",
+                                          labels={"zone": "z2", "app_port": "8081"})
+        stub.Register(again, metadata=AUTH, timeout=10)
+        row = rows(table_name)["i-back"]
+        assert (row.zone, row.app_port, row.agent_version) == ("z2", 8081, "0.2.0")  # (polls rewrite vcpus)
+        assert row.registered_at == first.registered_at and row.state == State.HEALTHY
         resp = stub.Deregister(helix_pb2.DeregisterRequest(instance_id="i-back", reason="test"), metadata=AUTH, timeout=10)
     assert resp.found and "i-back" not in rows(table_name)
     again = wait_state(table_name, "i-back", State.HEALTHY, timeout=40)
-    assert again.registered_at > first.registered_at and again.app_port == 8080
+    assert again.registered_at > first.registered_at and again.app_port == 8080 and again.zone == "z"
 
     monitor.signal(signal.SIGTERM)
     assert monitor.wait(timeout=15) == 0
