@@ -26,9 +26,7 @@ def build_policy(name: str, cfg) -> Policy:
     if name == "threshold":
         return Threshold(ThresholdSettings(lo, hi, cfg.cpu_upper, cfg.cpu_lower, cfg.step, cfg.cooldown))
     if name == "predictive":
-        return Predictive(PredictiveSettings(
-            min_instances=lo, max_instances=hi, cpu_target=cfg.cpu_target, tolerance=cfg.tolerance,
-            scale_in_window=cfg.scale_in_window, lead=getattr(cfg, "launch_lead", 90.0)))
+        return Predictive(predictive_settings(cfg))
     if name == "seed":
         return SeedLoop(Limits(lo, hi))
     if name == "aws-target-tracking":
@@ -36,6 +34,17 @@ def build_policy(name: str, cfg) -> Policy:
     if name == "k8s-hpa":
         return K8sHpa(Limits(lo, hi), target=cfg.cpu_target, tolerance=cfg.tolerance)
     raise ValueError(f"policy={name}: expected one of {', '.join(LIVE_POLICIES + BASELINES)}")
+
+
+def predictive_settings(cfg) -> PredictiveSettings:
+    """The default policy's settings. Its smoothing scales with HELIX_SCALE_IN_WINDOW (tuned at the
+    default 300 s: 60 s for the scale-out need, 90 s for the scale-in need), so a short window in a
+    demo still brings the fleet back to min within about the window."""
+    w = cfg.scale_in_window
+    return PredictiveSettings(
+        min_instances=cfg.min_instances, max_instances=cfg.max_instances, cpu_target=cfg.cpu_target,
+        tolerance=cfg.tolerance, scale_in_window=w, lead=cfg.launch_lead,
+        up_smooth=0.2 * w, in_smooth=0.3 * w)
 
 
 def make_policy(cfg) -> Policy:

@@ -1,7 +1,38 @@
-"""placeholder, replaced below"""
+"""`predictive` (the default): target tracking that looks a launch time ahead.
+
+A launch serves only after it boots, so a purely reactive policy is always one boot time late.
+This one plans for the load expected over the next `lead` seconds, from three estimates, and takes
+the highest:
+
+1. now: the fleet's required size, R = in_service × mean CPU / target (the `target` formula);
+2. trend: R extrapolated `lead` seconds along its recent slope (a fast and a slow moving average:
+   for a steady ramp of slope a their gap is a × (τ_slow − τ_fast), so no regression is needed);
+3. season: R times the rise the recent days showed over the same `lead` at this time of day
+   (per-minute peaks of R, remembered for `history_days` and exported so they survive a restart).
+
+It scales out at once when the plan exceeds capacity beyond the tolerance band, as far as the plan
+says. It scales in patiently: only to the highest plan of the last `scale_in_window` seconds, and
+never below `floor_fraction` of what the recent days needed at this minute, so a sudden silence
+(a monitoring gap, an upstream outage) does not throw away the capacity that comes back with it.
+
+Conservative rules, as in `target`: missing metrics count as 0 when scaling out and at target when
+scaling in; warming instances count as capacity with their CPU left out; pending launches count
+as capacity so a spike never launches twice. With no history it is `target` plus the trend term.
+"""
+
 from __future__ import annotations
+
+import math
 from dataclasses import dataclass
-from controller_asg.policy.target import TargetTracking, TargetSettings
+from typing import Any
+
+from controller_asg.policy.base import Decision, Observation
+from controller_asg.policy.common import WindowMax, ceil_units, clamp
+
+DAY = 86400
+SLOTS = 1440  # one-minute slots per day
+STATE_VERSION = 1
+
 
 @dataclass
 class PredictiveSettings:
@@ -10,9 +41,191 @@ class PredictiveSettings:
     cpu_target: float = 0.5
     tolerance: float = 0.1
     scale_in_window: float = 300.0
-    lead: float = 90.0
+    lead: float = 90.0  # seconds to plan ahead: about the launch-to-in-service time
+    trend_fast: float = 30.0
+    trend_slow: float = 120.0
+    history_days: int = 8
+    floor_fraction: float = 0.6
+    max_season_rise: float = 1.0
+    trend_gain: float = 0.0  # 0 turns the trend estimate off
+    up_smooth: float = 60.0  # seconds: moving average of the scale-out need (0: none)
+    hot_ratio: float = 1.4  # mean CPU / target from which the raw need is used, not the smoothed one
+    out_margin: float = 0.0  # scale out to ceil(plan × (1 + this))
+    hot_margin: float = 0.0  # when hot: ceil(plan × (1 + this)); bursts keep rising while launches boot
+    in_smooth: float = 90.0  # seconds: moving average of the scale-in need (0: none)
+    saturated_cpu: float = 0.97  # mean CPU taken as saturated: the real demand may be far higher
+    saturation_boost: float = 1.0
+    noise_z: float = 0.0  # scale-in keeps this many standard deviations of the need's wander as headroom
+    noise_window: float = 600.0  # seconds over which that wander is measured
+    in_margin: float = 0.08  # scale in to ceil(need × (1 + this))  # scale in to ceil(plan / (1 + in_band)): 0 plans at target exactly
 
-class Predictive(TargetTracking):
+
+class Predictive:
     name = "predictive"
-    def __init__(self, s):
-        super().__init__(TargetSettings(s.min_instances, s.max_instances, s.cpu_target, s.tolerance, s.scale_in_window))
+
+    def __init__(self, settings: PredictiveSettings):
+        self.s = settings
+        self._window = WindowMax(settings.scale_in_window)
+        self._last: float | None = None
+        self._fast = self._slow = 0.0
+        self._in_avg = self._up_avg = 0.0
+        self._dt = -1.0
+        self._var = 0.0
+        self._a: tuple[float, ...] = ()
+        # day number -> list of SLOTS per-minute peaks of R (-1: not seen)
+        self._days: dict[int, list[float]] = {}
+        self._cache_minute = -1
+        self._cache: tuple[float, float] = (-1.0, -1.0)
+
+    # --- history ---------------------------------------------------------------------------
+    def _remember(self, now: float, r: float) -> None:
+        day, slot = int(now // DAY), int(now % DAY // 60)
+        row = self._days.get(day)
+        if row is None:
+            row = self._days[day] = [-1.0] * SLOTS
+            for old in [d for d in self._days if d <= day - self.s.history_days]:
+                del self._days[old]
+        if r > row[slot]:
+            row[slot] = r
+
+    def _usual(self, day: int, slot: int) -> float:
+        """What recent days needed at this minute: the lower of yesterday's and last week's same
+        weekday peaks when both are known (weekends are quieter than weekdays), else what is known;
+        -1 when there is no history."""
+        vals = []
+        for back in (1, 7):
+            row = self._days.get(day - back)
+            if row is not None and row[slot % SLOTS] >= 0:
+                # a 3-minute neighbourhood smooths the per-minute noise
+                vals.append(max(row[(slot - 1) % SLOTS], row[slot % SLOTS], row[(slot + 1) % SLOTS]))
+        return min(vals) if vals else -1.0
+
+    def _season(self, now: float) -> tuple[float, float]:
+        """(usual need now, usual peak over the next lead), cached per minute."""
+        minute = int(now // 60)
+        if minute != self._cache_minute:
+            day, slot = int(now // DAY), int(now % DAY // 60)
+            cur = self._usual(day, slot)
+            ahead = cur
+            for k in range(1, int(self.s.lead // 60) + 2):
+                s2 = slot + k
+                u = self._usual(day + s2 // SLOTS, s2 % SLOTS)
+                ahead = max(ahead, u)
+            self._cache_minute, self._cache = minute, (cur, ahead)
+        return self._cache
+
+    # --- the decision ----------------------------------------------------------------------
+    def _alphas(self, dt: float) -> tuple[float, ...]:
+        """Moving-average weights for a step of dt seconds (cached: dt is nearly always the interval)."""
+        if dt != self._dt:
+            s = self.s
+            self._dt = dt
+            self._a = tuple(1.0 if tau <= 0 else 1 - math.exp(-dt / tau)
+                            for tau in (s.trend_fast, s.trend_slow, s.up_smooth, s.in_smooth, s.noise_window))
+        return self._a
+
+    def decide(self, obs: Observation) -> Decision:
+        s = self.s
+        lo, hi = s.min_instances, s.max_instances
+        cap = obs.capacity
+        known = len(obs.cpu_samples)
+        if known + obs.missing == 0:
+            return Decision(clamp(cap, lo, hi), f"no CPU metrics yet ({obs.in_service} in service, {obs.warming} warming, {obs.pending} pending)")
+        total = sum(obs.cpu_samples)
+        n = obs.in_service
+        # Missing metrics: 0 when scaling out, at target when scaling in (see module docstring).
+        mean_up = total / (known + obs.missing)
+        r_up = n * mean_up / s.cpu_target
+        r_in = n * (total + s.cpu_target * obs.missing) / (known + obs.missing) / s.cpu_target
+        now = obs.now
+        if self._last is None or now - self._last > 10 * s.trend_slow or now < self._last:
+            self._fast = self._slow = self._up_avg = r_up
+            self._in_avg = r_in
+            self._var = 0.0
+        else:
+            af, asl, au, ai, av = self._alphas(now - self._last)
+            self._fast += (r_up - self._fast) * af
+            self._slow += (r_up - self._slow) * asl
+            self._up_avg += (r_up - self._up_avg) * au
+            self._in_avg += (r_in - self._in_avg) * ai
+            dev = r_in - self._in_avg
+            self._var += (dev * dev - self._var) * av
+        self._last = now
+        if known:
+            self._remember(now, self._in_avg)  # the smoothed need: raw peaks are mostly noise
+        # Hot instances take the fast path: their raw need, not the smoothed one. Saturated ones
+        # hide how much demand there really is (CPU cannot show more than 100%): plan for more.
+        margin = s.hot_margin
+        if mean_up >= s.saturated_cpu:
+            need = r_up * s.saturation_boost
+        elif mean_up >= min(0.95, s.hot_ratio * s.cpu_target):
+            need = r_up
+        else:
+            need, margin = self._up_avg, s.out_margin
+        plan_up = need
+        if s.trend_gain:
+            slope = (self._fast - self._slow) / (s.trend_slow - s.trend_fast)
+            if slope > 0:
+                plan_up += s.trend_gain * slope * s.lead
+        usual_now, usual_ahead = self._season(now)
+        if usual_now > 0 and usual_ahead > usual_now and s.max_season_rise > 1:
+            plan_up = max(plan_up, need * min(s.max_season_rise, usual_ahead / usual_now))
+        # What recent days needed over the next lead: launch a boot time ahead of a recurring rise.
+        expected = s.floor_fraction * usual_ahead if usual_ahead > 0 else 0.0
+        if expected > plan_up:
+            plan_up = expected
+        if known and plan_up > cap * (1 + s.tolerance):
+            want = clamp(ceil_units(plan_up * (1 + margin)), lo, hi)
+            self._window.push(now, want)
+            if want > cap:
+                return Decision(want, self._why(obs, total, known, f"; planning for {plan_up:.1f} instances at target"
+                                                + (f" (recent days needed {usual_ahead:.1f} within {s.lead:g} s)" if plan_up == expected else "")))
+            return Decision(clamp(cap, lo, hi), "at the maximum")
+        plan_in = self._in_avg + (plan_up - need if plan_up > need else 0.0)
+        rec = ceil_units(plan_in * (1 + s.in_margin) + s.noise_z * math.sqrt(self._var))
+        floor = ceil_units(s.floor_fraction * usual_now) if usual_now > 0 else 0
+        if floor > rec:
+            rec = floor
+        rec = clamp(rec, lo, hi)
+        self._window.push(now, rec)
+        allowed = int(self._window.max(now, rec))
+        desired = clamp(min(cap, allowed), lo, hi)
+        if desired < cap and obs.pending and cap <= hi:
+            # Never scale in while launches are pending: a launch about to serve is the worst
+            # capacity to give up, and cancelling it restarts the boot clock when the load returns.
+            desired = cap
+        if desired == cap:
+            return Decision(desired, "no change")
+        if desired > cap:
+            return Decision(desired, f"keep within [{lo}, {hi}]")
+        return Decision(desired, self._why(obs, total, known, f"; the highest need of the last {s.scale_in_window:g} s is {allowed}"
+                                           + (f" (recent days needed {usual_now:.1f} now)" if allowed == floor else "")))
+
+    def _why(self, obs: Observation, total: float, known: int, tail: str) -> str:
+        mean = total / known if known else 0.0
+        return (f"mean CPU {mean:.2f} over {known} in-service instance{'s' if known != 1 else ''}"
+                + (f" ({obs.missing} without metrics)" if obs.missing else "")
+                + f", target {self.s.cpu_target:.2f}" + tail)
+
+    # --- persistence -----------------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "days": {str(d): [round(v, 3) for v in row] for d, row in self._days.items()}}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Load learned history; anything malformed is ignored and the policy starts fresh."""
+        try:
+            if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+                return
+            days: dict[int, list[float]] = {}
+            for key, row in dict(state["days"]).items():
+                if not isinstance(row, list) or len(row) != SLOTS:
+                    return
+                vals = [float(v) for v in row]
+                if any(not math.isfinite(v) or v > 1e7 for v in vals):
+                    return
+                days[int(key)] = [max(-1.0, v) for v in vals]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return
+        newest = max(days, default=0)
+        self._days = {d: r for d, r in days.items() if d > newest - self.s.history_days}
+        self._cache_minute = -1

@@ -54,8 +54,12 @@ def required(demand: np.ndarray, p: FleetParams) -> np.ndarray:
 
 
 def simulate(demand: np.ndarray, policy: Policy, p: FleetParams, initial: int | None = None,
-             keep_reasons: bool = False) -> Run:
-    """Run `policy` against `demand` (requests/s, one value per second)."""
+             keep_reasons: bool = False, measure_from: int = 0) -> Run:
+    """Run `policy` against `demand` (requests/s, one value per second).
+
+    The first `measure_from` seconds only warm the policy up (it learns history from them); the
+    returned run covers the rest.
+    """
     T = len(demand)
     dem = demand.tolist()
     cap = p.capacity
@@ -100,10 +104,12 @@ def simulate(demand: np.ndarray, policy: Policy, p: FleetParams, initial: int | 
                 if want > capacity:
                     for _ in range(want - capacity):
                         pending.append(now + boot)
-                    launches += want - capacity
+                    if t >= measure_from:
+                        launches += want - capacity
                 else:
                     drop = capacity - want
-                    terminations += drop
+                    if t >= measure_from:
+                        terminations += drop
                     while drop and pending:
                         pending.pop()
                         drop -= 1
@@ -113,6 +119,8 @@ def simulate(demand: np.ndarray, policy: Policy, p: FleetParams, initial: int | 
                 n = len(serving)
         in_service[t] = n
         billed[t] = n + len(pending)
-    return Run(demand=np.asarray(demand, dtype=float), in_service=np.frombuffer(in_service, dtype=np.int32).astype(np.int64),
-               billed=np.frombuffer(billed, dtype=np.int32).astype(np.int64), launches=launches,
+    m = measure_from
+    return Run(demand=np.asarray(demand[m:], dtype=float),
+               in_service=np.frombuffer(in_service, dtype=np.int32)[m:].astype(np.int64),
+               billed=np.frombuffer(billed, dtype=np.int32)[m:].astype(np.int64), launches=launches,
                terminations=terminations, reasons=reasons)

@@ -1,0 +1,136 @@
+"""`python -m controller_asg.simulate`: what would this policy have done to my traffic, and at what cost?
+
+Runs the very policy classes the live controller runs, fed simulated time and observations,
+against a simulated fleet (see controller_asg/sim/fleet.py for the model), and compares it with
+the oracle that knows the future.
+
+    python -m controller_asg.simulate --trace rates.txt.gz --capacity 50 --days 7 --plot run.png
+    python -m controller_asg.simulate --trace t.gz --peak-instances 20 --smooth 60 --policy k8s-hpa
+
+Settings are the live controller's (`HELIX_…` from the environment or `.env`), overridden by
+`--set HELIX_KEY=VALUE` flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from controller_asg.policy import BASELINES, LIVE_POLICIES
+from controller_asg.sim.runner import capacity_for_peak, compare, params_from
+from controller_asg.sim.trace import TraceError, load_trace, smooth
+from shared.config import ConfigError, load_config
+
+DAY = 86400
+COLUMNS = [("instance_hours", "inst-h", "{:.0f}"), ("cost_vs_oracle", "cost/oracle", "{:.3f}"),
+           ("lost_pct", "lost %", "{:.3f}"), ("hot_pct", ">90% CPU %", "{:.2f}"), ("theta_u", "θU %", "{:.2f}"),
+           ("theta_o", "θO %", "{:.1f}"), ("tau_u", "τU %", "{:.2f}"), ("tau_o", "τO %", "{:.1f}"),
+           ("actions", "actions", "{:d}")]
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    head = ["policy"] + [c[1] for c in COLUMNS]
+    body = [[name] + [fmt.format(fig[key]) for key, _, fmt in COLUMNS] for name, fig in rows]
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    for r in body:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m controller_asg.simulate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--trace", required=True, help="rates, one per line (per second or per --step s), .gz ok, or CSV timestamp,rate")
+    ap.add_argument("--step", type=float, default=1.0, help="seconds per trace line (default 1)")
+    ap.add_argument("--policy", default="", help=f"policy to run (default HELIX_POLICY); one of {', '.join(LIVE_POLICIES + BASELINES)}, oracle; comma-separated for several")
+    cap = ap.add_mutually_exclusive_group(required=True)
+    cap.add_argument("--capacity", type=float, help="requests/s one instance serves at 100%% CPU")
+    cap.add_argument("--peak-instances", type=float, help="instead of --capacity: scale so the busiest second of the (smoothed) slice needs this many instances at the target")
+    ap.add_argument("--boot-time", type=float, default=90.0, help="seconds from launch to in service (default 90)")
+    ap.add_argument("--days", type=float, default=0.0, help="days of trace to simulate (default: all)")
+    ap.add_argument("--start", type=float, default=0.0, help="day of the trace to start at (default 0)")
+    ap.add_argument("--history-days", type=float, default=0.0, help="days before --start the policy learns from first (not measured)")
+    ap.add_argument("--smooth", type=int, default=0, help="moving average of the demand over this many seconds (default: none)")
+    ap.add_argument("--set", action="append", default=[], metavar="HELIX_KEY=VALUE", help="override a setting (repeatable)")
+    ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON ('-' for stdout)")
+    ap.add_argument("--plot", metavar="FILE.png", help="plot demand, fleet and CPU")
+    ap.add_argument("--reasons", action="store_true", help="print every scaling action with its reason")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    prog = "simulate"
+    environ = dict(__import__("os").environ)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("HELIX_"):
+            print(f"{prog}: --set={item}: expected HELIX_KEY=VALUE", file=sys.stderr)
+            return 2
+        environ[key] = value
+    try:
+        cfg = load_config(environ)
+    except ConfigError as exc:
+        for line in exc.errors:
+            print(f"{prog}: bad configuration: {line}", file=sys.stderr)
+        return 2
+    names = [n.strip() for n in (args.policy or cfg.policy).split(",") if n.strip()]
+    for n in names:
+        if n not in LIVE_POLICIES + BASELINES + ("oracle",):
+            print(f"{prog}: --policy={n}: expected one of {', '.join(LIVE_POLICIES + BASELINES + ('oracle',))}", file=sys.stderr)
+            return 2
+    for flag, value in (("--boot-time", args.boot_time), ("--capacity", args.capacity), ("--peak-instances", args.peak_instances)):
+        if value is not None and not value > 0 and not (flag == "--boot-time" and value == 0):
+            print(f"{prog}: {flag}={value}: expected a positive number", file=sys.stderr)
+            return 2
+    try:
+        demand = load_trace(args.trace, args.step)
+    except TraceError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    begin = int(args.start * DAY)
+    history = min(begin, int(args.history_days * DAY))
+    end = begin + int(args.days * DAY) if args.days > 0 else len(demand)
+    if begin >= len(demand) or end <= begin:
+        print(f"{prog}: --start={args.start:g}: expected a day within the trace's {len(demand) / DAY:.2f} days", file=sys.stderr)
+        return 2
+    demand = smooth(demand[begin - history:end], args.smooth)
+    capacity = args.capacity or capacity_for_peak(demand[history:], args.peak_instances, cfg.cpu_target)
+    p = params_from(cfg, capacity, args.boot_time)
+    started = time.monotonic()
+    outcomes = compare(names, demand, p, cfg, measure_from=history, keep_reasons=args.reasons)
+    elapsed = time.monotonic() - started
+    simulated = (len(demand) - history) / DAY
+    print(f"{simulated:.2f} days from day {args.start:g} of {args.trace}"
+          + (f" (after {history / DAY:g} days of history)" if history else "")
+          + f"; capacity {capacity:.4g} req/s per instance; boot {args.boot_time:g} s; target {cfg.cpu_target:g};"
+          f" min {cfg.min_instances}, max {cfg.max_instances}; simulated in {elapsed:.1f} s")
+    print(table([(o.name, o.figures.as_dict()) for o in outcomes]))
+    if args.reasons:
+        for o in outcomes:
+            for t, a, b, why in o.run.reasons:
+                if t >= history:
+                    print(f"{o.name} t={t - history:.0f}s {a}->{b}: {why}")
+    if args.json:
+        doc = {"trace": args.trace, "start_day": args.start, "days": simulated, "capacity": capacity,
+               "boot_time": args.boot_time, "target": cfg.cpu_target, "min": cfg.min_instances, "max": cfg.max_instances,
+               "policies": {o.name: o.figures.as_dict() for o in outcomes}}
+        text = json.dumps(doc, indent=2)
+        if args.json == "-":
+            print(text)
+        else:
+            with open(args.json, "w", encoding="utf-8") as fh:
+                fh.write(text + "\n")
+    if args.plot:
+        from controller_asg.sim.plot import plot
+
+        plot(args.plot, outcomes, p, title=f"{', '.join(names)} on {args.trace}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
