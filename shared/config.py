@@ -300,8 +300,11 @@ class Config:
                                  integer(0, 100_000), aliases=("MIN_INSTANCES",), group="controller")
     max_instances: int = setting("HELIX_MAX_INSTANCES", "10", "Most instances the fleet may have.",
                                  integer(1, 100_000), aliases=("MAX_INSTANCES",), group="controller")
-    policy: str = setting("HELIX_POLICY", "target", "Scaling policy: `target` (target tracking) or `threshold` (the seed's).",
-                          choice("target", "threshold"), group="controller")
+    policy: str = setting("HELIX_POLICY", "predictive",
+                          "Scaling policy: `predictive` (target tracking that plans a launch time ahead from recent days), `target` (target tracking) or `threshold` (the seed's).",
+                          choice("predictive", "target", "threshold"), group="controller")
+    launch_lead: float = setting("HELIX_LAUNCH_LEAD", "90", "`predictive` policy: seconds it plans ahead, about the launch-to-in-service time.",
+                                 number(0, 3600, unit="seconds"), group="controller")
     cpu_target: float = setting("HELIX_CPU_TARGET", "0.5", "Target mean CPU utilisation (0..1) for the `target` policy.",
                                 number(0, 1, lo_open=True), group="controller")
     tolerance: float = setting("HELIX_TOLERANCE", "0.1", "No change while mean/target is within 1 ± this.",
