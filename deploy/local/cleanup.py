@@ -190,6 +190,12 @@ def remove_run(record: RunRecord) -> None:
 
 def clean_run(record: RunRecord, grace: float = 3.0) -> None:
     """Stop everything a run started, in the order the demo uses, then sweep and remove. Idempotent."""
+    stop_run(record, grace)
+    remove_run(record)
+
+
+def stop_run(record: RunRecord, grace: float = 3.0) -> None:
+    """Stop every process of the run: controller, load, instances, MonitorS, then a SIGKILL sweep."""
     terminate(live_recorded(record, {"controller"}), grace)  # first, so it does not replace instances
     terminate(live_recorded(record, {"loadgen"}), grace)
     # Everything else of the run but MonitorS and its helpers (its resource tracker ignores
@@ -204,7 +210,6 @@ def clean_run(record: RunRecord, grace: float = 3.0) -> None:
     terminate(instances.values(), grace)
     terminate(monitor, grace)
     sweep(record)
-    remove_run(record)
 
 
 def clean_stale_runs(root: str = RUNS_ROOT) -> list[str]:

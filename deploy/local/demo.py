@@ -394,8 +394,9 @@ class Demo:
         if self.table is not None:
             self.table.close()
             self.table = None
-        self.copy_logs()
-        cleanup.clean_run(rec, grace=5.0)
+        cleanup.stop_run(rec, grace=5.0)
+        self.copy_logs()  # with everything stopped, the logs are complete
+        cleanup.remove_run(rec)
         for proc in self.popen.values():  # reap our children (clean_run has ended them)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
