@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import signal
-import sys
 
 import psutil
 import pytest

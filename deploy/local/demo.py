@@ -43,7 +43,7 @@ from rich.markup import escape
 from deploy.local import cleanup
 from deploy.local.cleanup import MARKER_KEY, RUNS_ROOT, RunRecord
 from deploy.local.loadgen import BUILTIN_CURVES, CurveError, builtin_curve, per_second, read_curve
-from deploy.local.plot import Sample, Summary, summarize, write_plot
+from deploy.local.plot import Sample, summarize, write_plot
 from deploy.local.view import Action, Frame, View
 from shared.config import EXIT_BAD_CONFIG, ConfigError, Invalid, load_config, settings
 from shared.table import MetricsTable, State, TableError
