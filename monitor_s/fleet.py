@@ -28,13 +28,18 @@ import numpy as np
 from protos import helix_pb2, helix_pb2_grpc
 from shared import rpc_security
 from shared.config import Config
-from shared.table import (DETAIL_BYTES, VERSION_BYTES, ZONE_BYTES, InstanceRow, MetricsTable, State, clip_text,
-                          encode_text)
+from shared.table import (DETAIL_BYTES, ROW_DTYPE, VERSION_BYTES, ZONE_BYTES, InstanceRow, MetricsTable, State,
+                          clip_text, encode_text)
 
 FLUSH_EVERY = 0.05
 BATCH_ROWS = 512
 DEADLINE_SHARE = 0.8  # per-call deadline as a share of the poll interval ...
 MAX_DEADLINE = 10.0  # ... but never longer: an agent that needs more is not healthy
+# A row whose agent has not answered for this long is freed: the controller replaced that instance
+# long ago (it acts on UNHEALTHY within minutes), and an agent that is in fact alive registers
+# again by itself once it notices it is not polled. Without this, rows of instances killed
+# without a goodbye would be polled forever and fill the table.
+FORGET_AFTER = 3600.0
 STREAM_SILENCE = 1.5  # intervals without a pushed sample before a cycle counts a failure
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -51,6 +56,7 @@ class Entry:
     slot: int
     registered_at: float
     zone: str = ""
+    failing_since: float = 0.0  # wall time of the first failure of the current streak
     state: State = State.REGISTERING
     failures: int = 0
     app_down_polls: int = 0
@@ -82,6 +88,7 @@ class Fleet:
         self.polls_failed = 0
         self.last_cycle = 0.0
         self.latency_observer = None  # set by the Prometheus exporter: callable(list[float])
+        self.forget_after = FORGET_AFTER
 
     # -- registry --------------------------------------------------------------------------------
 
@@ -100,7 +107,8 @@ class Fleet:
         """Resume every row the table already holds (MonitorS restarted)."""
         for row in self.table.snapshot().instances():
             slot_entry = Entry(row.instance_id, row.address, slot=-1, registered_at=row.registered_at, zone=row.zone,
-                               state=row.state, failures=row.failures, app_down_polls=row.app_down_polls)
+                               state=row.state, failures=row.failures, app_down_polls=row.app_down_polls,
+                               failing_since=time.time() if row.failures else 0.0)
             self.entries[row.instance_id] = self.connect(slot_entry)
         self._resolve_slots()
         return len(self.entries)
@@ -138,6 +146,14 @@ class Fleet:
         entry = self.connect(Entry(instance_id, address, slot, registered_at, zone=zone))
         self.entries[instance_id] = entry
         return entry, old is None
+
+    def forget(self, entry: Entry, why: str) -> None:
+        """Drop an agent MonitorS no longer polls (the row is freed if it still holds this agent)."""
+        if self.entries.get(entry.instance_id) is entry:
+            del self.entries[entry.instance_id]
+            self.table.free(entry.instance_id)
+        self._close(entry)
+        self.log.warning("forgot %s at %s: %s", entry.instance_id, entry.address, why)
 
     def deregister(self, instance_id: str) -> Entry | None:
         entry = self.entries.pop(instance_id, None)
@@ -245,7 +261,7 @@ class Fleet:
         for entry, m, _ in ok_rows:
             if entry.state == State.UNHEALTHY:
                 self.log.info("%s answers again", entry.instance_id)
-            entry.failures = 0
+            entry.failures, entry.failing_since = 0, 0.0
             entry.up = True
             entry.cpu, entry.mem = m.cpu, m.mem
             if m.app_live:
@@ -254,9 +270,14 @@ class Fleet:
                 if entry.app_down_polls == 0:
                     self.log.warning("%s: app not live (%s)", entry.instance_id, m.app_detail)
                 entry.state, entry.app_down_polls = State.APP_DOWN, entry.app_down_polls + 1
+        forgotten = []
         for entry in failed:
+            if entry.failures == 0:
+                entry.failing_since = now
             entry.failures += 1
             entry.up = False
+            if now - entry.failing_since >= self.forget_after:
+                forgotten.append(entry)
             if entry.failures >= unhealthy_after and entry.state != State.UNHEALTHY:
                 entry.state = State.UNHEALTHY
                 self.log.warning("%s marked unhealthy after %d failed polls", entry.instance_id, entry.failures)
@@ -264,18 +285,31 @@ class Fleet:
         self.polls_failed += len(failed)
         if self.latency_observer is not None and latencies:
             self.latency_observer(latencies)
+        for entry in forgotten:
+            self.forget(entry, f"no answer for {now - entry.failing_since:.0f}s")
+        if forgotten:
+            gone = set(map(id, forgotten))
+            failed = [e for e in failed if id(e) not in gone]
+        lost: list[Entry] = []
         for start in range(0, len(ok_rows), BATCH_ROWS):
-            self._write_ok(ok_rows[start:start + BATCH_ROWS], now)
+            lost += self._write_ok(ok_rows[start:start + BATCH_ROWS], now)
         for start in range(0, len(failed), BATCH_ROWS):
             chunk = failed[start:start + BATCH_ROWS]
             slots = np.fromiter((e.slot for e in chunk), dtype=np.int64, count=len(chunk))
+            keys = np.array([e.instance_id.encode() for e in chunk], dtype=ROW_DTYPE["instance_id"])
             with self.table.writing() as w:
                 rows = w.rows
-                rows["failures"][slots] = [e.failures for e in chunk]
-                rows["state"][slots] = [int(e.state) for e in chunk]
+                mask = _owned(rows, slots, keys)
+                rows["failures"][slots[mask]] = np.array([e.failures for e in chunk])[mask]
+                rows["state"][slots[mask]] = np.array([int(e.state) for e in chunk])[mask]
+            lost += [e for e, ok in zip(chunk, mask) if not ok]
+        for entry in lost:
+            self.forget(entry, "its row was freed by someone else")
 
-    def _write_ok(self, chunk: list, now: float) -> None:
+    def _write_ok(self, chunk: list, now: float) -> list[Entry]:
+        """Write successful polls; returns the entries whose row no longer holds them."""
         n = len(chunk)
+        keys = np.array([e.instance_id.encode() for e, _, _ in chunk], dtype=ROW_DTYPE["instance_id"])
         slots = np.fromiter((e.slot for e, _, _ in chunk), dtype=np.int64, count=n)
         cols = {name: np.fromiter((getattr(m, attr) for _, m, _ in chunk), dtype=np.float64, count=n)
                 for name, attr in (("cpu", "cpu"), ("mem", "mem"), ("disk", "disk"), ("load1", "load1"),
@@ -287,9 +321,15 @@ class Fleet:
         state = np.fromiter((int(e.state) for e, _, _ in chunk), dtype=np.int64, count=n)
         down = np.fromiter((e.app_down_polls for e, _, _ in chunk), dtype=np.int64, count=n)
         live = np.fromiter((m.app_live for _, m, _ in chunk), dtype=np.int64, count=n)
-        detail = [clip_text(m.app_detail, DETAIL_BYTES).encode("utf-8") for _, m, _ in chunk]
+        detail = np.array([clip_text(m.app_detail, DETAIL_BYTES).encode("utf-8") for _, m, _ in chunk],
+                          dtype=ROW_DTYPE["app_detail"])
         with self.table.writing() as w:
             rows = w.rows
+            mask = _owned(rows, slots, keys)
+            if not mask.all():
+                slots, latency, vcpus, state, down, live, detail = (
+                    a[mask] for a in (slots, latency, vcpus, state, down, live, detail))
+                cols = {name: values[mask] for name, values in cols.items()}
             for name, values in cols.items():
                 rows[name][slots] = values
             rows["last_seen"][slots] = now
@@ -301,6 +341,14 @@ class Fleet:
             rows["app_down_polls"][slots] = down
             rows["app_live"][slots] = live
             rows["app_detail"][slots] = detail
+        return [e for (e, _, _), ok in zip(chunk, mask) if not ok]
+
+
+def _owned(rows: np.ndarray, slots: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Which slots still hold the agent MonitorS thinks they hold. MonitorS is the only writer of
+    rows, but if anyone else frees one (an operator tool), writing into it would resurrect a
+    half-empty row; such entries are dropped instead."""
+    return (rows["instance_id"][slots] == keys) & (rows["state"][slots] != State.FREE)
 
 
 def _describe(answer: object) -> str:
