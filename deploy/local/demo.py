@@ -351,6 +351,8 @@ class Demo:
         args = self.args
         env = self.env
         py = sys.executable
+        if self.stop_reason:  # Ctrl-C before anything started
+            return
         self.start("monitor", [py, "-m", "monitor_s"], env)
         self.wait(self.attach, 30, "MonitorS's table", view)
         if self.stop_reason:
