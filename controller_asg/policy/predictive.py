@@ -66,6 +66,7 @@ class Predictive:
     def __init__(self, settings: PredictiveSettings):
         self.s = settings
         self._window = WindowMax(settings.scale_in_window)
+        self._started = False
         self._last: float | None = None
         self._fast = self._slow = 0.0
         self._in_avg = self._up_avg = 0.0
@@ -114,6 +115,9 @@ class Predictive:
             self._cache_minute, self._cache = minute, (cur, ahead)
         return self._cache
 
+    def _window_seed(self, obs: Observation) -> None:
+        self._window.push(obs.now, min(max(obs.capacity, self.s.min_instances), self.s.max_instances))
+
     # --- the decision ----------------------------------------------------------------------
     def _alphas(self, dt: float) -> tuple[float, ...]:
         """Moving-average weights for a step of dt seconds (cached: dt is nearly always the interval)."""
@@ -129,6 +133,11 @@ class Predictive:
         lo, hi = s.min_instances, s.max_instances
         cap = obs.capacity
         known = len(obs.cpu_samples)
+        if not self._started and self.s.scale_in_window > 0:
+            # A (re)started policy has seen nothing yet: the fleet it finds counts as the first
+            # recommendation, so a restart never scales in before a full window has been observed.
+            self._started = True
+            self._window_seed(obs)
         if known + obs.missing == 0:
             return Decision(clamp(cap, lo, hi), f"no CPU metrics yet ({obs.in_service} in service, {obs.warming} warming, {obs.pending} pending)")
         total = sum(obs.cpu_samples)

@@ -31,6 +31,7 @@ class TargetTracking:
     def __init__(self, settings: TargetSettings):
         self.s = settings
         self._recent = WindowMax(settings.scale_in_window)
+        self._started = False
 
     def recommend(self, obs: Observation) -> tuple[int, str]:
         """The raw recommendation (before the scale-in window and clamping) and its reason."""
@@ -59,9 +60,17 @@ class TargetTracking:
             return ceil_units(n * mean_in / s.cpu_target), what
         return obs.capacity, what + f" (within ±{s.tolerance:.2f})"
 
+    def _window_seed(self, obs: Observation) -> None:
+        self._recent.push(obs.now, min(max(obs.capacity, self.s.min_instances), self.s.max_instances))
+
     def decide(self, obs: Observation) -> Decision:
         s = self.s
         rec, what = self.recommend(obs)
+        if not self._started and self.s.scale_in_window > 0:
+            # A (re)started policy has seen nothing yet: the fleet it finds counts as the first
+            # recommendation, so a restart never scales in before a full window has been observed.
+            self._started = True
+            self._window_seed(obs)
         rec = clamp(rec, s.min_instances, s.max_instances)
         self._recent.push(obs.now, rec)
         if rec > obs.capacity:

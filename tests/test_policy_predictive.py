@@ -1,0 +1,201 @@
+"""`predictive` (the default policy): live-demo behaviour, history, persistence, and the baselines'
+rules. Fake clock throughout: time is in the observation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from controller_asg.policy import build_policy, make_policy
+from controller_asg.policy.base import Observation
+from controller_asg.policy.baselines import AwsTargetTracking, K8sHpa, Limits, SeedLoop
+from controller_asg.policy.predictive import DAY, Predictive, PredictiveSettings
+from shared.config import load_config
+
+
+def obs(now, cpus, *, pending=0, missing=0, warming=0):
+    in_service = len(cpus) + missing + warming
+    return Observation(now=float(now), capacity=in_service + pending, in_service=in_service, pending=pending,
+                       cpu_samples=tuple(cpus), missing=missing, warming=warming)
+
+
+def demo_policy(window="15"):
+    cfg = load_config({"HELIX_POLL_INTERVAL": "1", "HELIX_SCALE_IN_WINDOW": window, "HELIX_WARMUP": "2",
+                       "HELIX_MIN_INSTANCES": "1", "HELIX_MAX_INSTANCES": "4"}, env_file="")
+    assert cfg.policy == "predictive"  # the default
+    return make_policy(cfg)
+
+
+class Fleet:
+    """A tiny fleet for closed-loop tests: `load` in instance-units at 100% CPU, boot `boot` s."""
+
+    def __init__(self, policy, n=1, boot=2):
+        self.p, self.serving, self.pending, self.boot = policy, n, [], boot
+
+    def step(self, t, load):
+        ready = [x for x in self.pending if x <= t]
+        self.pending = [x for x in self.pending if x > t]
+        self.serving += len(ready)
+        cpu = min(1.0, load / self.serving)
+        d = self.p.decide(obs(t, [cpu] * self.serving, pending=len(self.pending)))
+        cap = self.serving + len(self.pending)
+        if d.desired > cap:
+            self.pending += [t + self.boot] * (d.desired - cap)
+        elif d.desired < cap:
+            drop = cap - d.desired
+            while drop and self.pending:
+                self.pending.pop()
+                drop -= 1
+            self.serving -= drop
+        return d
+
+
+@pytest.mark.parametrize("cpu", [0.65, 0.9, 1.0])
+def test_cpu_step_above_target_asks_for_more_within_a_couple_of_intervals(cpu):
+    p = demo_policy()
+    for t in range(10):
+        assert p.decide(obs(t, [0.05])).desired == 1
+    asked = [p.decide(obs(10 + k, [cpu])).desired for k in range(3 if cpu >= 0.7 else 8)]
+    assert max(asked) >= 2, asked
+
+
+def test_load_stop_returns_to_min_within_about_the_window():
+    p = demo_policy(window="15")
+    fleet = Fleet(p)
+    for t in range(60):
+        fleet.step(t, 2.8)  # heavy: wants 4 (max)
+    assert fleet.serving + len(fleet.pending) == 4
+    back = None
+    for t in range(60, 200):
+        fleet.step(t, 0.02)
+        if fleet.serving == 1 and back is None:
+            back = t - 60
+    assert back is not None and back <= 15 * 2 + 10, back
+
+
+def test_with_no_history_it_tracks_like_target():
+    p = Predictive(PredictiveSettings(min_instances=1, max_instances=20, scale_in_window=300))
+    # a hot fleet: the raw need is used at once, as target tracking would
+    assert p.decide(obs(0, [0.9] * 4)).desired == 8
+    # pending launches count as capacity: no second launch
+    assert p.decide(obs(1, [0.9] * 4, pending=4)).desired == 8
+    # never scales in while launches are pending
+    assert p.decide(obs(2, [0.05] * 4, pending=4)).desired == 8
+
+
+def test_missing_metrics_never_launch_nor_terminate():
+    p = Predictive(PredictiveSettings(min_instances=1, max_instances=20, scale_in_window=0))
+    assert p.decide(obs(0, [0.6], missing=3)).desired == 4  # silent ones at 0: mean 0.15, no launch
+    q = Predictive(PredictiveSettings(min_instances=1, max_instances=20, scale_in_window=0))
+    # silent ones at target when scaling in: (0 + 3 × 0.5) / 4 → need 3 → at most 1 removed
+    assert q.decide(obs(0, [0.0], missing=3)).desired >= 3
+
+
+def test_min_max_and_no_flapping_on_noisy_constant_load():
+    import random
+
+    rnd = random.Random(3)
+    p = Predictive(PredictiveSettings(min_instances=2, max_instances=6, scale_in_window=300))
+    fleet = Fleet(p, n=6, boot=90)
+    changes, last = 0, 6
+    for t in range(2 * 3600):
+        fleet.step(t, 2.0 * (1 + rnd.uniform(-0.1, 0.1)))  # mean need 4 at target
+        cap = fleet.serving + len(fleet.pending)
+        assert 2 <= cap <= 6
+        changes += cap != last
+        last = cap
+    assert changes <= 2, changes
+
+
+def history_policy(**kw):
+    return Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=60, **kw))
+
+
+def feed_day(p, day, need_at, cpu_target=0.5, n=10):
+    """Show the policy one day of load: need_at(second of day) in instances at target."""
+    for s in range(0, DAY, 20):
+        need = need_at(s)
+        p.decide(obs(day * DAY + s, [need * cpu_target / n] * n))
+
+
+def test_history_keeps_capacity_through_a_sudden_silence():
+    p = history_policy()
+    for day in range(2):
+        feed_day(p, day, lambda s: 10.0)
+    # day 2: the usual 10 at noon, then the load vanishes (a gap in the traffic)
+    t0 = 2 * DAY + 12 * 3600
+    p.decide(obs(t0, [0.5] * 10))
+    d = None
+    for k in range(1, 600):
+        d = p.decide(obs(t0 + k, [0.0] * 10))
+    assert d.desired >= 6, d  # floor: 0.6 × the usual 10
+
+
+def test_history_launches_ahead_of_a_recurring_rise():
+    p = history_policy()
+    burst = lambda s: 30.0 if 14 * 3600 <= s < 15 * 3600 else 5.0  # noqa: E731
+    for day in range(2):
+        feed_day(p, day, burst)
+    # day 2, a minute before the usual burst, load still at the usual 5: launch ahead
+    t = 2 * DAY + 14 * 3600 - 60
+    d = p.decide(obs(t, [0.25] * 5))
+    assert d.desired >= 15 and "recent days needed" in d.reason, d
+
+
+def test_state_survives_export_import_and_garbage_is_ignored():
+    p = history_policy()
+    feed_day(p, 0, lambda s: 8.0)
+    state = json.loads(json.dumps(p.export_state()))  # through JSON, as the controller stores it
+    q = history_policy()
+    q.import_state(state)
+    assert q.export_state() == p.export_state()
+    for garbage in (None, 3, "x", [], {}, {"version": 99}, {"version": 1, "days": {"a": []}},
+                    {"version": 1, "days": {"1": [1e300] * 1440}}, {"version": 1, "days": {"1": ["x"] * 1440}},
+                    {"version": 1, "days": []}):
+        r = history_policy()
+        r.import_state(garbage)  # must not raise
+        assert r.export_state()["days"] == {}
+
+
+def test_restart_does_not_scale_in_before_a_window():
+    p = Predictive(PredictiveSettings(min_instances=1, max_instances=20, scale_in_window=300))
+    assert p.decide(obs(1000, [0.05] * 8)).desired == 8
+    assert p.decide(obs(1200, [0.05] * 8)).desired == 8
+
+
+# --- baselines' documented rules -------------------------------------------------------------
+
+def test_seed_blocks_while_a_launch_is_pending_and_acts_every_10_s():
+    p = SeedLoop(Limits(1, 10))
+    assert p.decide(obs(0, [0.9] * 2)).desired == 3
+    assert p.decide(obs(20, [0.9] * 2, pending=1)).desired == 3  # blocked
+    assert p.decide(obs(25, [0.9] * 3)).desired == 4
+    assert p.decide(obs(26, [0.9] * 4)).desired == 4  # < 10 s since the last check
+
+
+def test_hpa_limits_scale_up_and_stabilizes_scale_down():
+    p = K8sHpa(Limits(1, 100))
+    assert p.decide(obs(0, [1.0] * 2)).desired == 4  # wants 4: +100% or +4 → 4
+    q = K8sHpa(Limits(1, 100))
+    assert q.decide(obs(0, [1.0] * 10)).desired == 20  # wants 20, limit max(20, 14) → 20
+    r = K8sHpa(Limits(1, 100))
+    assert r.decide(obs(0, [1.0] * 1)).desired == 2
+    s = K8sHpa(Limits(1, 100))
+    s.decide(obs(0, [0.5] * 8))
+    assert s.decide(obs(15, [0.1] * 8)).desired == 8  # stabilization: 8 was recommended < 300 s ago
+    assert s.decide(obs(301, [0.1] * 8)).desired == 2
+    assert s.decide(obs(302, [1.0] * 2)).desired == 2  # between syncs
+
+
+def test_aws_needs_three_minutes_above_target():
+    p = AwsTargetTracking(Limits(1, 100))
+    out = [p.decide(obs(t, [0.9] * 4)).desired for t in range(0, 4 * 60 + 1)]
+    assert out[0] == 4 and out[3 * 60 - 1] == 4  # two datapoints: no alarm yet
+    assert max(out) == 8  # third minute above target: ceil(4 × 0.9 / 0.5)
+
+
+def test_build_policy_knows_every_name():
+    cfg = load_config({}, env_file="")
+    for name in ("predictive", "target", "threshold", "seed", "aws-target-tracking", "k8s-hpa"):
+        assert build_policy(name, cfg).name == name
