@@ -20,6 +20,8 @@ def load_trace(path: str, step: float = 1.0) -> np.ndarray:
             text = fh.read()
     except (OSError, UnicodeDecodeError, EOFError) as exc:
         raise TraceError(f"--trace={path}: expected a readable text file of request rates ({exc})") from None
+    if not text.strip():
+        raise TraceError(f"--trace={path}: expected one number per line, got an empty file")
     first = text.split("\n", 1)[0].strip().lower()
     try:
         if first.replace(" ", "").startswith("timestamp,"):
