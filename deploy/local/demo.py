@@ -120,6 +120,7 @@ def tune(duration: int, work_ms: float, peak_rps: float | None) -> Tuning:
         "HELIX_WARMUP": "2",  # a sample app is ready in well under a second
         "HELIX_SCALE_IN_WINDOW": str(max(5, duration // 15)),  # 12 s for 3 minutes, 5 s in CI
         "HELIX_HEALTH_GRACE": "30",
+        "HELIX_LAUNCH_LEAD": "5",  # `predictive`: a local instance is in service ~2 s after launch
         "HELIX_COOLDOWN": "5",
         "HELIX_LOCAL_VCPUS": vcpus,
         "HELIX_METRICS_PORT": "0",
