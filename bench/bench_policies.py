@@ -27,7 +27,7 @@ from controller_asg.sim.trace import load_trace, smooth
 from shared.config import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-NASA = os.path.join(HERE, "data", "nasa-1995-07-15-to-28.rate10s.gz")
+NASA = os.path.join(HERE, "data", "nasa-1995-07-15-to-28.rps.gz")
 OUT = os.path.join(HERE, "out")
 POLICIES = ["seed", "aws-target-tracking", "k8s-hpa", "target", "predictive", "oracle"]
 DAY = 86400
@@ -38,7 +38,7 @@ PEAK_INSTANCES = 20
 def scenarios() -> list[tuple[str, str, np.ndarray, int]]:
     """(key, description, demand in requests/s per second, seconds of history before measuring)."""
     out = []
-    nasa = smooth(load_trace(NASA, step=10), 60)
+    nasa = smooth(load_trace(NASA), 60)
     out.append(("nasa", "NASA-HTTP 22-28 Jul 1995 (history 15-21 Jul), 60 s moving average", nasa, 7 * DAY))
     out.append(("flash", "flash crowd: 10x within 1 min, held 20 min, 6 h", synthetic.flash_crowd(), 0))
     out.append(("recurring", "bursts recurring at about the same times daily, 3 days (history 1 day)",

@@ -57,7 +57,10 @@ class PredictiveSettings:
     saturation_boost: float = 1.0
     noise_z: float = 0.0  # scale-in keeps this many standard deviations of the need's wander as headroom
     noise_window: float = 600.0  # seconds over which that wander is measured
-    in_margin: float = 0.08  # scale in to ceil(need × (1 + this))  # scale in to ceil(plan / (1 + in_band)): 0 plans at target exactly
+    hold_launches: bool = False  # a scale-out counts as a recommendation the scale-in window remembers
+    prelaunch: bool = True  # launch ahead of what recent days needed over the next lead
+    in_slack: float = 0.1  # instances: rounding slack of the scale-in need (a tiny fleet's one-instance step is already hysteresis)
+    in_margin: float = 0.15  # scale in to ceil(need × (1 + this))  # scale in to ceil(plan / (1 + in_band)): 0 plans at target exactly
 
 
 class Predictive:
@@ -180,19 +183,21 @@ class Predictive:
         if usual_now > 0 and usual_ahead > usual_now and s.max_season_rise > 1:
             plan_up = max(plan_up, need * min(s.max_season_rise, usual_ahead / usual_now))
         # What recent days needed over the next lead: launch a boot time ahead of a recurring rise.
-        expected = s.floor_fraction * usual_ahead if usual_ahead > 0 else 0.0
+        expected = s.floor_fraction * usual_ahead if usual_ahead > 0 and s.prelaunch else 0.0
         if expected > plan_up:
             plan_up = expected
         if known and plan_up > cap * (1 + s.tolerance):
             want = clamp(ceil_units(plan_up * (1 + margin)), lo, hi)
-            self._window.push(now, want)
+            if s.hold_launches:
+                self._window.push(now, want)
             if want > cap:
                 return Decision(want, self._why(obs, total, known, f"; planning for {plan_up:.1f} instances at target"
                                                 + (f" (recent days needed {usual_ahead:.1f} within {s.lead:g} s)" if plan_up == expected else "")))
             return Decision(clamp(cap, lo, hi), "at the maximum")
         plan_in = self._in_avg + (plan_up - need if plan_up > need else 0.0)
-        rec = ceil_units(plan_in * (1 + s.in_margin) + s.noise_z * math.sqrt(self._var))
-        floor = ceil_units(s.floor_fraction * usual_now) if usual_now > 0 else 0
+        rec = ceil_units(plan_in * (1 + s.in_margin) + s.noise_z * math.sqrt(self._var) - s.in_slack)
+        # Rounded down: the floor is a guard against sudden silence, not extra headroom.
+        floor = int(s.floor_fraction * usual_now) if usual_now > 0 else 0
         if floor > rec:
             rec = floor
         rec = clamp(rec, lo, hi)
