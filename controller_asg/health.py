@@ -67,7 +67,8 @@ def plan_replacements(fleet: FleetView, *, grace: float, app_down_after: int, de
         note = f"{len(found)} need replacing, {in_flight} replacement(s) in flight, at most {at_once} at a time"
     in_service = fleet.in_service
     sick = sum(1 for m in in_service if m.row is not None and m.row.state in (State.UNHEALTHY, State.APP_DOWN))
-    if in_service and sick / len(in_service) > max_unhealthy_fraction:
+    # One sick instance is just a sick instance, whatever the fleet's size.
+    if sick >= 2 and sick / len(in_service) > max_unhealthy_fraction:
         budget = min(budget, 1)
         note = (f"{sick} of {len(in_service)} in-service instances look unhealthy at once "
                 f"(more than {max_unhealthy_fraction:.0%}): likely a monitoring or network fault, "

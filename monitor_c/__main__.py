@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import signal
 import sys
@@ -28,7 +29,7 @@ def check_identity_config(cfg: Config) -> list[str]:
     keys = {"instance_id": ("HELIX_INSTANCE_ID", cfg.instance_id), "address": ("HELIX_ADVERTISE_ADDR", cfg.advertise_addr),
             "vcpus": ("HELIX_VCPUS", cfg.vcpus), "labels": ("HELIX_LABELS", ",".join(f"{k}={v}" for k, v in cfg.labels.items()))}
     request = helix_pb2.RegisterRequest(instance_id=cfg.instance_id or "placeholder", address=cfg.advertise_addr or "127.0.0.1:1",
-                                        vcpus=cfg.vcpus or os.cpu_count() or 1, labels=cfg.labels)
+                                        vcpus=max(1, math.ceil(cfg.vcpus or os.cpu_count() or 1)), labels=cfg.labels)
     try:
         check_register(request)
     except Refusal as refusal:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import signal
@@ -113,8 +114,9 @@ class Agent:
             log.error("%s (HELIX_AGENT_LISTEN=%s)", exc, cfg.agent_listen)
             return 1
         identity = resolve_identity(cfg, port)
-        vcpus = cfg.vcpus or os.cpu_count() or 1
-        self.state = AgentState(identity, vcpus, Sampler(cfg.cpu_source, vcpus), AppProbe(cfg.app_check, cfg.app_check_timeout))
+        allotment = cfg.vcpus or os.cpu_count() or 1
+        vcpus = max(1, math.ceil(allotment))  # what registration reports: whole vCPUs
+        self.state = AgentState(identity, vcpus, Sampler(cfg.cpu_source, allotment), AppProbe(cfg.app_check, cfg.app_check_timeout))
         helix_pb2_grpc.add_AgentServicer_to_server(AgentService(self.state), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

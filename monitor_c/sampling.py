@@ -41,8 +41,9 @@ class HostCpu:
 class _CounterCpu:
     """CPU seconds from a monotonic counter, divided by wall time and HELIX_VCPUS."""
 
-    def __init__(self, vcpus: int):
-        self.vcpus = max(vcpus, 1)
+    def __init__(self, vcpus: float):
+        # A fraction is a CPU allotment (a local instance sized at 0.25 vCPU, a cgroup quota).
+        self.vcpus = vcpus if vcpus > 0 else 1.0
         self._last = (time.monotonic(), self._cpu_seconds())
 
     def _cpu_seconds(self) -> float:

@@ -261,8 +261,9 @@ class Config:
     cpu_source: str = setting("HELIX_CPU_SOURCE", "host",
                               "What CPU the agent reports: `host` (whole machine), `tree:<pid>` or `cgroup:<path>` (divided by HELIX_VCPUS).",
                               cpu_source_spec, group="agent")
-    vcpus: int = setting("HELIX_VCPUS", "0", "vCPUs this instance has; 0 means count the machine's.",
-                         integer(0, 4096), group="agent")
+    vcpus: float = setting("HELIX_VCPUS", "0",
+                           "vCPUs the agent divides CPU time by (a fraction is a CPU allotment, e.g. 0.25); 0: count the machine's.",
+                           number(0, 4096), group="agent")
     app_check: str = setting("HELIX_APP_CHECK", "",
                              "App liveness probe: `http(s)://…` (2xx), `tcp://host:port`, `process:NAME`, or empty (live when the agent is).",
                              app_check_spec, group="agent")
@@ -351,8 +352,9 @@ class Config:
                                  csv_list(text(32, allow_empty=False)), group="provider")
     local_host: str = setting("HELIX_LOCAL_HOST", "127.0.0.1", "`local`: loopback address instances listen on.",
                               text(64, allow_empty=False), group="provider")
-    local_vcpus: int = setting("HELIX_LOCAL_VCPUS", "1", "`local`: vCPUs each instance is allotted (its CPU is divided by this).",
-                               integer(1, 4096), group="provider")
+    local_vcpus: float = setting("HELIX_LOCAL_VCPUS", "1",
+                                 "`local`: vCPUs each instance is allotted, fractions allowed (its CPU is divided by this).",
+                                 number(0, 4096, lo_open=True), group="provider")
     ec2_launch_template: str = setting("HELIX_EC2_LAUNCH_TEMPLATE", "", "`ec2`: launch template id or name (else AMI + type + subnets).",
                                        text(256), group="ec2")
     ec2_ami: str = setting("HELIX_EC2_AMI", "", "`ec2`: AMI id of the app image.", text(64), group="ec2")

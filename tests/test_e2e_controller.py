@@ -114,7 +114,8 @@ def test_scale_out_in_replace_and_fail_static(procs, table_name, stack):
              "a healthy replacement")
 
     # SIGKILL MonitorS: the controller freezes and says so; nothing is terminated meanwhile.
-    before = set(owned_records(tmp / "state"))
+    before = wait_for(lambda: (lambda owned: owned if owned == healthy_ids(inspect(table_name)) else None)(
+        set(owned_records(tmp / "state"))), 60, "the replaced instance to be gone")
     stack["monitor"].signal(signal.SIGKILL)
     stack["monitor"].wait(30)
     wait_for(lambda: inspect(table_name)["controller"]["frozen"], 60, "the controller to freeze")
