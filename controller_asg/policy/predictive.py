@@ -1,23 +1,35 @@
-"""`predictive` (the default): target tracking that looks a launch time ahead.
+"""`predictive` (the default): target tracking with a memory of recent days and a patient,
+noise-aware scale-in. Tuned on NASA-HTTP 1995 and synthetic shapes with the simulator
+(`bench/bench_policies.py` prints where it stands against the baselines).
 
-A launch serves only after it boots, so a purely reactive policy is always one boot time late.
-This one plans for the load expected over the next `lead` seconds, from three estimates, and takes
-the highest:
+Need. R = in_service × mean CPU / target, the `target` formula, in instances at the target.
 
-1. now: the fleet's required size, R = in_service × mean CPU / target (the `target` formula);
-2. trend: R extrapolated `lead` seconds along its recent slope (a fast and a slow moving average:
-   for a steady ramp of slope a their gap is a × (τ_slow − τ_fast), so no regression is needed);
-3. season: R times the rise the recent days showed over the same `lead` at this time of day
-   (per-minute peaks of R, remembered for `history_days` and exported so they survive a restart).
+Scale-out (at once, as far as the plan says, when the plan exceeds capacity × (1 + tolerance)):
+- the need is a moving average over `up_smooth` seconds, because one noisy second should not buy
+  an instance; but hot instances (mean CPU ≥ `hot_ratio` × target, 0.7 at target 0.5) take the
+  fast path on their raw need;
+- prediction: what recent days needed over the next `lead` seconds at this time of day (per-minute
+  peaks of the smoothed need, the lower of yesterday's and last week's same weekday, × 
+  `floor_fraction`), so a rise that recurs daily is met by launches a boot time ahead.
 
-It scales out at once when the plan exceeds capacity beyond the tolerance band, as far as the plan
-says. It scales in patiently: only to the highest plan of the last `scale_in_window` seconds, and
-never below `floor_fraction` of what the recent days needed at this minute, so a sudden silence
-(a monitoring gap, an upstream outage) does not throw away the capacity that comes back with it.
+Scale-in (patient, and sized from the noise):
+- the need is a moving average over `in_smooth` seconds, with `in_margin` headroom
+  (the noise band a one-minute average of real traffic wanders in) less `in_slack` instances of
+  rounding slack (a small fleet's one-instance step is hysteresis enough);
+- only to the highest such recommendation of the last `scale_in_window` seconds;
+- never below `floor_fraction` of what recent days needed at this minute, so a sudden silence (a
+  logging gap, an upstream outage) does not throw away capacity that returns with the traffic;
+- never while launches are pending: a launch about to serve is the worst capacity to give up.
 
 Conservative rules, as in `target`: missing metrics count as 0 when scaling out and at target when
-scaling in; warming instances count as capacity with their CPU left out; pending launches count
-as capacity so a spike never launches twice. With no history it is `target` plus the trend term.
+scaling in; warming instances count as capacity with their CPU left out; pending launches count as
+capacity so a spike never launches twice. With no history it is smoothed target tracking with a
+hot fast path. The history (one list of 1440 per-minute values per day, `history_days` days) is
+what `export_state` returns, so it survives a controller restart.
+
+Measured and left off by default (the knobs stay for the simulator): a trend extrapolation
+(`trend_gain`), a seasonal growth ratio (`max_season_rise`), a noise-sigma headroom (`noise_z`),
+extra launch margins and a saturation boost all cost more on NASA than they saved.
 """
 
 from __future__ import annotations
@@ -59,8 +71,8 @@ class PredictiveSettings:
     noise_window: float = 600.0  # seconds over which that wander is measured
     hold_launches: bool = False  # a scale-out counts as a recommendation the scale-in window remembers
     prelaunch: bool = True  # launch ahead of what recent days needed over the next lead
-    in_slack: float = 0.1  # instances: rounding slack of the scale-in need (a tiny fleet's one-instance step is already hysteresis)
-    in_margin: float = 0.15  # scale in to ceil(need × (1 + this))  # scale in to ceil(plan / (1 + in_band)): 0 plans at target exactly
+    in_slack: float = 0.25  # instances: rounding slack of the scale-in need (a tiny fleet's one-instance step is already hysteresis)
+    in_margin: float = 0.18  # scale in to ceil(need × (1 + this) − in_slack)
 
 
 class Predictive:
