@@ -68,9 +68,15 @@ def test_stabilization_takes_the_highest_not_the_latest():
 
 
 def test_warming_instances_count_as_capacity_but_their_cpu_is_left_out():
+    # 2 warmed at 0.8, 2 warming: scaling out, the warming ones count as idle (their sample lags
+    # the load they are about to take): mean 0.4 over 4, inside the band, no second launch.
+    assert target().decide(obs(0, [0.8, 0.8], warming=2)).desired == 4
+    # 3 warmed at 1.0, 1 warming: mean 0.75 over 4 → ceil(4×0.75/0.5) = 6.
+    assert target().decide(obs(0, [1.0, 1.0, 1.0], warming=1)).desired == 6
+    # Scaling in, they count as at target: (0.2 + 2×0.5)/4 = 0.3 → ceil(4×0.3/0.5) = 3, not 1.
     p = target()
-    # 2 warmed at 0.8, 2 warming (their CPU unknown): fleet of 4 assumed at the mean → ceil(4×0.8/0.5)=7
-    assert p.decide(obs(0, [0.8, 0.8], warming=2)).desired == 7
+    p.decide(obs(0, [0.1, 0.1], warming=2))
+    assert p.decide(obs(400, [0.1, 0.1], warming=2)).desired == 3
     # only warming instances: no decision from nothing
     q = target()
     d = q.decide(obs(0, [], warming=3))

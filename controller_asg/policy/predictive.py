@@ -21,8 +21,8 @@ Scale-in (patient, and sized from the noise):
   logging gap, an upstream outage) does not throw away capacity that returns with the traffic;
 - never while launches are pending: a launch about to serve is the worst capacity to give up.
 
-Conservative rules, as in `target`: missing metrics count as 0 when scaling out and at target when
-scaling in; warming instances count as capacity with their CPU left out; pending launches count as
+Conservative rules, as in `target`: missing metrics, and warming instances (capacity, CPU left
+out), count as 0 when scaling out and at target when scaling in; pending launches count as
 capacity so a spike never launches twice. With no history it is smoothed target tracking with a
 hot fast path. The history (one list of 1440 per-minute values per day, `history_days` days) is
 what `export_state` returns, so it survives a controller restart.
@@ -158,9 +158,13 @@ class Predictive:
         total = sum(obs.cpu_samples)
         n = obs.in_service
         # Missing metrics: 0 when scaling out, at target when scaling in (see module docstring).
-        mean_up = total / (known + obs.missing)
+        # Warming instances, like Kubernetes' not-ready pods: 0 when scaling out (their CPU sample
+        # lags the load they are about to take, so counting them at the others' mean launches twice),
+        # at target when scaling in.
+        unmeasured = obs.missing + obs.warming
+        mean_up = total / (known + unmeasured)
         r_up = n * mean_up / s.cpu_target
-        r_in = n * (total + s.cpu_target * obs.missing) / (known + obs.missing) / s.cpu_target
+        r_in = n * (total + s.cpu_target * unmeasured) / (known + unmeasured) / s.cpu_target
         now = obs.now
         if self._last is None or now - self._last > 10 * s.trend_slow or now < self._last:
             self._fast = self._slow = self._up_avg = r_up

@@ -41,15 +41,17 @@ class TargetTracking:
             # Nothing measured (all warming, or none in service): hold what we have.
             return obs.capacity, f"no CPU metrics yet ({obs.in_service} in service, {obs.warming} warming, {obs.pending} pending)"
         total = sum(obs.cpu_samples)
-        # Warming instances serve traffic too, so the fleet's size is every in-service instance;
-        # their CPU is left out and assumed to be the mean of the measured ones.
+        # Warming instances serve traffic too, so the fleet's size is every in-service instance.
         n = obs.in_service
         mean_known = total / known if known else s.cpu_target
-        # Conservative rule for missing metrics, as Kubernetes' HPA: when scaling out they count
-        # as idle (0), so silence never launches; when scaling in they count as at target, so
-        # silence never terminates.
-        mean_out = total / (known + obs.missing)
-        mean_in = (total + s.cpu_target * obs.missing) / (known + obs.missing)
+        # Conservative rule for instances without a usable CPU figure (missing metrics, and those
+        # still warming up, whose CPU is left out), as Kubernetes' HPA does for missing and
+        # not-ready pods: when scaling out they count as idle (0), so silence never launches and a
+        # fresh instance's lagging sample never launches twice; when scaling in they count as at
+        # target, so silence never terminates.
+        unmeasured = obs.missing + obs.warming
+        mean_out = total / (known + unmeasured)
+        mean_in = (total + s.cpu_target * unmeasured) / (known + unmeasured)
         what = (f"mean CPU {mean_known:.2f} over {known} in-service instance{'s' if known != 1 else ''}"
                 + (f" ({obs.missing} without metrics)" if obs.missing else "")
                 + f", target {s.cpu_target:.2f}")
