@@ -366,6 +366,9 @@ class Config:
     ec2_key_name: str = setting("HELIX_EC2_KEY_NAME", "", "`ec2`: optional SSH key pair name.", text(256), group="ec2")
     ec2_instance_profile: str = setting("HELIX_EC2_INSTANCE_PROFILE", "", "`ec2`: optional IAM instance profile name or ARN.",
                                         text(2048), group="ec2")
+    ec2_app_check: str = setting("HELIX_EC2_APP_CHECK", "",
+                                 "`ec2`: the app liveness probe agents on new instances run (their HELIX_APP_CHECK), e.g. `http://127.0.0.1:8080/health`.",
+                                 app_check_spec, group="ec2")
     ec2_endpoint_url: str = setting("HELIX_EC2_ENDPOINT_URL", "", "`ec2`: a non-AWS EC2 endpoint (tests use moto's server).",
                                     text(2048), group="ec2")
     aws_region: str = setting("HELIX_AWS_REGION", "", "`ec2`: AWS region.", text(64), aliases=("AWS_REGION", "REGION"), group="ec2")

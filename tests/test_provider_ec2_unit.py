@@ -129,7 +129,10 @@ def test_user_data_is_cloud_config_writing_the_agent_env():
     assert 'HELIX_MONITOR_ADDR="10.0.0.5:50052"' in lines
     assert 'HELIX_TOKEN="to\\"k\\\\en"' in lines  # systemd EnvironmentFile quoting
     assert 'HELIX_LABELS="group=g1"' in lines
+    assert not any(line.startswith("HELIX_APP_CHECK=") for line in lines)  # none configured
     assert ["systemctl", "restart", AGENT_UNIT] in doc["runcmd"]
+    probed = yaml.safe_load(render_user_data(cfg(HELIX_EC2_APP_CHECK="http://127.0.0.1:8080/health"), "t", {}))
+    assert 'HELIX_APP_CHECK="http://127.0.0.1:8080/health"' in probed["write_files"][0]["content"].splitlines()
 
 
 def test_user_data_without_token_runs_the_agent_insecure_and_refuses_newlines():

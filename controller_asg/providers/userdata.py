@@ -37,6 +37,8 @@ def render_env_file(cfg: Config, token: str, labels: Mapping[str, str]) -> str:
         # The controller runs without a token (HELIX_INSECURE); the agent must be told so too.
         lines.append(_env_value("HELIX_INSECURE", "1"))
     lines.append(_env_value("HELIX_LABELS", label_text))
+    if cfg.ec2_app_check:
+        lines.append(_env_value("HELIX_APP_CHECK", cfg.ec2_app_check))
     lines.append(_env_value("HELIX_LOG_LEVEL", cfg.log_level))
     return "\n".join(lines) + "\n"
 
