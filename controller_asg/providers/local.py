@@ -421,7 +421,7 @@ class LocalProvider:
             "HELIX_LABELS": labels,
             # With an app, the launcher sets `tree:<app pid>` once the app has a pid.
             "HELIX_CPU_SOURCE": "host",
-            "HELIX_VCPUS": str(cfg.local_vcpus),
+            "HELIX_VCPUS": f"{cfg.local_vcpus:g}",
             "HELIX_ENV_FILE": "",
             "HELIX_LOG_LEVEL": cfg.log_level,
         }

@@ -45,7 +45,7 @@ from deploy.local.cleanup import MARKER_KEY, RUNS_ROOT, RunRecord
 from deploy.local.loadgen import BUILTIN_CURVES, CurveError, builtin_curve, per_second, read_curve
 from deploy.local.plot import Sample, summarize, write_plot
 from deploy.local.view import Action, Frame, View
-from shared.config import EXIT_BAD_CONFIG, ConfigError, Invalid, load_config, settings
+from shared.config import EXIT_BAD_CONFIG, ConfigError, load_config
 from shared.table import MetricsTable, State, TableError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -65,16 +65,6 @@ class DemoError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Settings
 
-
-def _parses(key: str, raw: str) -> bool:
-    info = next((s for s in settings() if s.key == key), None)
-    if info is None:
-        return False
-    try:
-        info.parse(raw)
-        return True
-    except Invalid:
-        return False
 
 
 @dataclass
@@ -98,13 +88,8 @@ class Tuning:
 
 
 def tune(duration: int, work_ms: float, peak_rps: float | None) -> Tuning:
-    # Each instance is sized at ALLOTMENT_CORES. If the agent takes a fractional allotment, say so
-    # and keep the usual target; if it takes whole vCPUs only, an allotment of 1 with the target
-    # scaled down is the same load in cores (target x vcpus = cores per instance at target).
-    if _parses("HELIX_LOCAL_VCPUS", str(ALLOTMENT_CORES)) and _parses("HELIX_VCPUS", str(ALLOTMENT_CORES)):
-        vcpus, target = str(ALLOTMENT_CORES), 0.5
-    else:
-        vcpus, target = "1", 0.5 * ALLOTMENT_CORES
+    # Each instance is sized at ALLOTMENT_CORES of this machine, with the usual target.
+    vcpus, target = f"{ALLOTMENT_CORES:g}", 0.5
     rps_per_instance = target * float(vcpus) / (work_ms / 1000.0)
     peak = peak_rps if peak_rps else round(PEAK_INSTANCES * rps_per_instance, 1)
     tuned = {
@@ -126,9 +111,6 @@ def tune(duration: int, work_ms: float, peak_rps: float | None) -> Tuning:
         "HELIX_METRICS_PORT": "0",
         "HELIX_LOG_LEVEL": "info",
     }
-    # Only what this checkout's config declares (a setting may not exist yet on an older tree).
-    declared = {s.key for s in settings()}
-    tuned = {k: v for k, v in tuned.items() if k in declared}
     return Tuning(duration, work_ms, vcpus, target, peak, tuned)
 
 
