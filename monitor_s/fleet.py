@@ -35,11 +35,6 @@ FLUSH_EVERY = 0.05
 BATCH_ROWS = 512
 DEADLINE_SHARE = 0.8  # per-call deadline as a share of the poll interval ...
 MAX_DEADLINE = 10.0  # ... but never longer: an agent that needs more is not healthy
-# A row whose agent has not answered for this long is freed: the controller replaced that instance
-# long ago (it acts on UNHEALTHY within minutes), and an agent that is in fact alive registers
-# again by itself once it notices it is not polled. Without this, rows of instances killed
-# without a goodbye would be polled forever and fill the table.
-FORGET_AFTER = 3600.0
 STREAM_SILENCE = 1.5  # intervals without a pushed sample before a cycle counts a failure
 CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -88,7 +83,11 @@ class Fleet:
         self.polls_failed = 0
         self.last_cycle = 0.0
         self.latency_observer = None  # set by the Prometheus exporter: callable(list[float])
-        self.forget_after = FORGET_AFTER
+        # A row whose agent has not answered for HELIX_FORGET_AFTER is freed: the controller
+        # replaced that instance long ago (it acts on UNHEALTHY within seconds), and an agent that
+        # is in fact alive registers again by itself once it notices it is not polled. Without
+        # this, rows of instances killed without a goodbye would be polled forever and fill the table.
+        self.forget_after = cfg.forget_after
 
     # -- registry --------------------------------------------------------------------------------
 

@@ -285,6 +285,9 @@ class Config:
                                    number(0.05, 3600, unit="seconds"), group="monitor")
     unhealthy_after: int = setting("HELIX_UNHEALTHY_AFTER", "3", "Consecutive failed polls before an instance is marked unhealthy.",
                                    integer(1, 1000), group="monitor")
+    forget_after: float = setting("HELIX_FORGET_AFTER", "600",
+                                  "Seconds an agent may stay silent before MonitorS frees its row (a live agent registers again by itself).",
+                                  number(10, 30 * 86400, unit="seconds"), group="monitor")
     metrics_port: int = setting("HELIX_METRICS_PORT", "9464", "Prometheus metrics port of MonitorS; 0 turns it off.",
                                 integer(0, 65535), group="monitor")
     poll_mode: str = setting("HELIX_POLL_MODE", "poll",

@@ -1,5 +1,5 @@
 """MonitorS's Fleet against a real table and real gRPC servers, in one process: rows it must stop
-writing (freed by someone else, or dead for FORGET_AFTER) are left alone."""
+writing (freed by someone else, or dead for HELIX_FORGET_AFTER) are left alone."""
 
 from __future__ import annotations
 
