@@ -86,7 +86,7 @@ def render(f: Frame, actions: list[Action], settings: list[str]) -> Group:
                         ("   policy ", "bold"), c.policy or "-",
                         ("\nlast decision: ", "bold"), f"{c.action or '-'}: {c.reason or '-'}")
     table = Table(expand=True, show_edge=False, pad_edge=False)
-    for name in ("instance", "zone", "state", "CPU", "", "app", "age"):
+    for name in ("instance", "zone", "state", "CPU", "", "app port", "age"):
         table.add_column(name, no_wrap=True)
     now = time.time()
     for r in sorted(f.instances, key=lambda r: r.registered_at):
