@@ -61,7 +61,8 @@ class Controller:
         self._replacing: set[str] = set()  # instances launched as replacements, until in service
         self._retry: _PendingLaunch | None = None
         self._last_status = ControllerStatus(pid=os.getpid(), policy=getattr(policy, "name", cfg.policy))
-        self._last_logged: tuple = ()
+        self._last_logged: tuple = ()  # the last dry-run activity said
+        self._once_key: tuple = ()  # the last repeated warning said
         self._last_error = ("", 0.0)
         self._history_saved_at = 0.0
 
@@ -278,7 +279,7 @@ class Controller:
         self._last_status = status
 
     def _log_once(self, key: tuple, level: int, message: str) -> None:
-        if key != getattr(self, "_once_key", None):
+        if key != self._once_key:
             self._once_key = key
             log.log(level, message)
 
