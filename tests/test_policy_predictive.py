@@ -108,6 +108,26 @@ def test_min_max_and_no_flapping_on_noisy_constant_load():
     assert changes <= 2, changes
 
 
+
+def test_scale_in_headroom_grows_with_the_observed_burstiness():
+    """The same mean need keeps more instances when it arrives in bursts (the headroom is sized from
+    how far the raw need wanders), and only the fixed hysteresis fraction when it is smooth."""
+
+    def settle(need_at, **kw):
+        p = Predictive(PredictiveSettings(min_instances=1, max_instances=20, scale_in_window=300, **kw))
+        d = None
+        for t in range(1800):  # a fleet of 12 that never gets hot: only the scale-in side acts
+            d = p.decide(obs(t, [need_at(t) * 0.5 / 12] * 12))
+        return d.desired
+
+    def bursts(t):
+        return 1.0 if t // 30 % 2 else 7.0  # mean 4, ±3 every 30 s
+
+    assert settle(lambda t: 4.0) == 5  # ceil(4 × 1.13 − 0.25): the hysteresis fraction alone
+    without = settle(bursts, noise_z=0.0)
+    assert without <= 6, without  # the fraction alone barely sees the bursts
+    assert settle(bursts) >= without + 2, (without, settle(bursts))
+
 def history_policy(**kw):
     return Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=60, **kw))
 
