@@ -34,9 +34,10 @@ Scale-in (patient, and sized from the noise):
 
 Sample noise a small fleet cannot absorb: the fleet at 100% CPU keeps serving the smoothed need
 plus `full_z` σ of the jitter (scale out past the tolerance, scale in no lower than the line). On
-NASA (60 s moving average) the jitter is about 0.1 instance and neither rule changes anything; on a
+NASA (60 s moving average) the jitter is about 0.1 instance: every week's loss and cost stayed
+within 0.001 of what they were, with 0.5-1.5% fewer actions; on a
 sine of 10-110 req/s with white noise of σ = 5 or 10 req/s (12 req/s per instance) they took the
-day's actions from 215 and 1119 to about 35 and 60, fewer than k8s-hpa's 74 and 235, with no loss.
+day's actions from 215 and 1119 to 33 and 64, fewer than k8s-hpa's 74 and 235, with no loss.
 
 Conservative rules, as in `target`: missing metrics, and warming instances (capacity, CPU left
 out), count as 0 when scaling out and at target when scaling in; pending launches count as
@@ -114,6 +115,7 @@ class Predictive:
         self._jit = 0.0
         self._r_prev = -1.0
         self._hot_run = 0
+        self._held = 0.0  # the raw need of the first hot sample, while unconfirmed
         self._a: tuple[float, ...] = ()
         # day number -> list of SLOTS per-minute peaks of R (-1: not seen)
         self._days: dict[int, list[float]] = {}
@@ -233,6 +235,9 @@ class Predictive:
         # second they came into service: 2 actions and 90 s of billing for nothing, 100 times a day.
         noise = s.hot_z * jitter
         confirmed = self._hot_run >= s.hot_confirm or (self._hot_run and r_up - noise >= hot_line * n / s.cpu_target)
+        if self._hot_run == 1:
+            # what a trusted first sample would have launched, held back while unconfirmed
+            self._held = 0.0 if confirmed or r_up <= cap * (1 + s.tolerance) else r_up
         if confirmed:
             need = r_up * (s.saturation_boost if mean_up >= s.saturated_cpu else 1.0)
         elif self._hot_run:
@@ -251,10 +256,12 @@ class Predictive:
         expected = s.floor_fraction * usual_ahead if usual_ahead > 0 and s.prelaunch else 0.0
         if expected > plan_up:
             plan_up = expected
-        # The sample that confirms a hot reading tops up, beyond the tolerance, what the unconfirmed
-        # ones held back.
-        topping_up = s.hot_confirm > 1 and self._hot_run == s.hot_confirm
-        if known and plan_up > cap * (1 + (0.0 if topping_up else s.tolerance)):
+        # The sample that confirms a hot reading launches, past the tolerance, what the first one held
+        # back: together they launch what one trusted sample would have.
+        topping_up = s.hot_confirm > 1 and self._hot_run == s.hot_confirm and ceil_units(self._held) > cap
+        if topping_up and self._held > plan_up:
+            plan_up = self._held
+        if known and (topping_up or plan_up > cap * (1 + s.tolerance)):
             want = clamp(ceil_units(plan_up * (1 + margin)), lo, hi)
             if s.hold_launches:
                 self._window.push(now, want)
