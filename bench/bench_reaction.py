@@ -18,7 +18,7 @@ import time
 import uuid
 
 from shared.table import MetricsTable, State
-from tests.procs import ProcessPool, base_env, free_port, wait_for
+from tests.procs import ProcessPool, base_env, free_port, kill_local_instances, wait_for
 
 RUNS = 5
 
@@ -78,13 +78,7 @@ def main() -> None:
               f"(target < 3 s), in service {statistics.median(to_service):.2f} s")
     finally:
         pool.stop_all()
-        state = os.path.join(tmp, "state", "instances")
-        for f in os.listdir(state) if os.path.isdir(state) else []:
-            try:
-                with open(os.path.join(state, f)) as fh:
-                    os.killpg(json.load(fh)["pgid"], signal.SIGKILL)
-            except (OSError, ValueError, KeyError):
-                pass
+        kill_local_instances(os.path.join(tmp, "state"))
         if table is not None:
             table.close()
         MetricsTable.remove(name)

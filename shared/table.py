@@ -161,8 +161,9 @@ def clip_text(value: str, size: int) -> str:
     return data[: size - 3].decode("utf-8", errors="ignore") + "…"
 
 
-_TEXT_FIELDS = {"instance_id": ID_BYTES, "address": ADDRESS_BYTES, "zone": ZONE_BYTES,
-                "agent_version": VERSION_BYTES, "app_detail": DETAIL_BYTES}
+# Derived from the layout, so a column added to ROW_DTYPE is encoded and checked without edits here.
+_TEXT_FIELDS = {name: ROW_DTYPE[name].itemsize for name in ROW_DTYPE.names if ROW_DTYPE[name].kind == "S"}
+_INT_FIELDS = {name for name in ROW_DTYPE.names if ROW_DTYPE[name].kind in "ui"}
 
 
 @dataclass
@@ -201,7 +202,7 @@ class InstanceRow:
             value = getattr(self, name)
             if name in _TEXT_FIELDS:
                 value = encode_text(name, value, _TEXT_FIELDS[name])
-            elif name in ("failures", "app_down_polls", "vcpus", "app_port", "state", "app_live"):
+            elif name in _INT_FIELDS:
                 value = int(value)
                 limit = np.iinfo(ROW_DTYPE[name]).max
                 if not 0 <= value <= limit:
@@ -220,7 +221,7 @@ class InstanceRow:
                 kwargs[f.name] = State(int(value))
             elif f.name == "app_live":
                 kwargs[f.name] = bool(value)
-            elif f.name in ("failures", "app_down_polls", "vcpus", "app_port"):
+            elif f.name in _INT_FIELDS:
                 kwargs[f.name] = int(value)
             else:
                 kwargs[f.name] = float(value)

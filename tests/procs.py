@@ -7,6 +7,7 @@ Output goes to a log file per process so a failing test can show it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -37,6 +38,29 @@ def wait_for(condition: Callable[[], T], timeout: float, what: str, interval: fl
             detail = f" (last error: {last_exc!r})" if last_exc else ""
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{detail}")
         time.sleep(interval)
+
+
+def local_instance_records(state_dir: str) -> dict[str, dict]:
+    """The local provider's instance records under `state_dir`, by instance id."""
+    folder = os.path.join(state_dir, "instances")
+    out = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else []:
+        if name.endswith(".json"):
+            try:
+                with open(os.path.join(folder, name), encoding="utf-8") as fh:
+                    out[name[:-5]] = json.load(fh)
+            except (OSError, ValueError):
+                pass
+    return out
+
+
+def kill_local_instances(state_dir: str) -> None:
+    """SIGKILL every process group the local provider recorded (after its controller is gone)."""
+    for rec in local_instance_records(state_dir).values():
+        try:
+            os.killpg(rec["pgid"], signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, KeyError, TypeError):
+            pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from tests.procs import ROOT, base_env, free_port, wait_for
+from tests.procs import ROOT, base_env, free_port, kill_local_instances, wait_for
+from tests.procs import local_instance_records as owned_records
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +37,6 @@ def activities(path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
-def owned_records(state_dir) -> dict[str, dict]:
-    folder = os.path.join(state_dir, "instances")
-    out = {}
-    for name in os.listdir(folder) if os.path.isdir(folder) else []:
-        if name.endswith(".json"):
-            with open(os.path.join(folder, name), encoding="utf-8") as fh:
-                out[name[:-5]] = json.load(fh)
-    return out
-
-
 @pytest.fixture
 def stack(procs, table_name, tmp_path):
     port = free_port()
@@ -65,11 +56,7 @@ def stack(procs, table_name, tmp_path):
     yield state
     # The controller goes first so it does not replace what we stop next; then every instance.
     state["controller"].kill_group()
-    for rec in owned_records(tmp_path / "state").values():
-        try:
-            os.killpg(rec["pgid"], signal.SIGKILL)
-        except (ProcessLookupError, PermissionError, KeyError):
-            pass
+    kill_local_instances(str(tmp_path / "state"))
 
 
 def start_load(procs, table_name, tmp_path, rps: float):
@@ -90,7 +77,7 @@ def test_scale_out_in_replace_and_fail_static(procs, table_name, stack):
 
     # Load well above target (about 0.3 of a core against a target of 0.1 per instance): the fleet grows.
     load = start_load(procs, table_name, tmp, rps=30)
-    grown = wait_for(lambda: (lambda h: h if len(h) >= 2 else None)(healthy_ids(inspect(table_name))), 120,
+    wait_for(lambda: (lambda h: h if len(h) >= 2 else None)(healthy_ids(inspect(table_name))), 120,
                      "the fleet to grow under load")
     launches = [a for a in activities(activity_log) if a["action"] == "launch" and "mean CPU" in a["reason"]]
     assert launches, activities(activity_log)
