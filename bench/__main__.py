@@ -1,7 +1,7 @@
 """`make bench`: run every bench/bench_*.py module's main(), or only those named on the command line.
 
-    python -m bench                 # all
-    python -m bench table monitor   # bench_table.py and bench_monitor.py
+python -m bench                 # all
+python -m bench table monitor   # bench_table.py and bench_monitor.py
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 import urllib.request
+from collections.abc import AsyncIterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "bench-token-0123456789"
@@ -44,18 +45,40 @@ async def _sim(count: int, monitor: str, prefix: str) -> None:
     from protos import helix_pb2, helix_pb2_grpc
 
     class SimAgent(helix_pb2_grpc.AgentServicer):
-        async def Heartbeat(self, request, context):
+        async def Heartbeat(
+            self, request: helix_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+        ) -> helix_pb2.HeartbeatResponse:
             return helix_pb2.HeartbeatResponse(agent_time=time.time(), agent_version="sim", app_live=True)
 
-        async def GetMetrics(self, request, context):
-            return helix_pb2.Metrics(cpu=0.42, vcpus=2, mem=0.3, load1=0.5, load5=0.4, load15=0.3, net_rx_bps=1e4,
-                                     net_tx_bps=2e4, disk=0.5, app_live=True, app_detail="sim",
-                                     sample_time=time.time(), instance_id=request.instance_id)
+        async def GetMetrics(
+            self, request: helix_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
+        ) -> helix_pb2.Metrics:
+            return self.metrics(request.instance_id)
 
-        async def WatchMetrics(self, request, context):
+        async def WatchMetrics(
+            self, request: helix_pb2.WatchMetricsRequest, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[helix_pb2.Metrics]:
             while True:
-                yield await self.GetMetrics(request, context)
+                yield self.metrics(request.instance_id)
                 await asyncio.sleep(request.interval_seconds)
+
+        @staticmethod
+        def metrics(instance_id: str) -> helix_pb2.Metrics:
+            return helix_pb2.Metrics(
+                cpu=0.42,
+                vcpus=2,
+                mem=0.3,
+                load1=0.5,
+                load5=0.4,
+                load15=0.3,
+                net_rx_bps=1e4,
+                net_tx_bps=2e4,
+                disk=0.5,
+                app_live=True,
+                app_detail="sim",
+                sample_time=time.time(),
+                instance_id=instance_id,
+            )
 
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     helix_pb2_grpc.add_AgentServicer_to_server(SimAgent(), server)
@@ -65,11 +88,22 @@ async def _sim(count: int, monitor: str, prefix: str) -> None:
     async with grpc.aio.insecure_channel(monitor) as channel:
         stub = helix_pb2_grpc.RegistryStub(channel)
         for start in range(0, count, 200):
-            await asyncio.gather(*(
-                stub.Register(helix_pb2.RegisterRequest(instance_id=f"{prefix}-{i}", address=f"127.0.0.1:{ports[i]}",
-                                                        vcpus=2, agent_version="sim", labels={"zone": "sim"}),
-                              metadata=md, timeout=30)
-                for i in range(start, min(start + 200, count))))
+            await asyncio.gather(
+                *(
+                    stub.Register(
+                        helix_pb2.RegisterRequest(
+                            instance_id=f"{prefix}-{i}",
+                            address=f"127.0.0.1:{ports[i]}",
+                            vcpus=2,
+                            agent_version="sim",
+                            labels={"zone": "sim"},
+                        ),
+                        metadata=md,
+                        timeout=30,
+                    )
+                    for i in range(start, min(start + 200, count))
+                )
+            )
     print(f"registered {count}", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -114,9 +148,15 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
     name = f"helix-bench-{os.getpid()}"
     port, metrics_port = free_port(), free_port()
     pool = ProcessPool()
-    env = base_env(HELIX_TOKEN=TOKEN, HELIX_SHM_NAME=name, HELIX_SHM_CAPACITY=max(steps) + 16,
-                   HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}", HELIX_POLL_INTERVAL=interval,
-                   HELIX_METRICS_PORT=metrics_port, HELIX_LOG_LEVEL="error")
+    env = base_env(
+        HELIX_TOKEN=TOKEN,
+        HELIX_SHM_NAME=name,
+        HELIX_SHM_CAPACITY=max(steps) + 16,
+        HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}",
+        HELIX_POLL_INTERVAL=interval,
+        HELIX_METRICS_PORT=metrics_port,
+        HELIX_LOG_LEVEL="error",
+    )
     env["HELIX_POLL_MODE"] = mode
     table = None
     try:
@@ -128,22 +168,35 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
 
         # -- the real agent's footprint first, while the fleet is small --------------------------
         agent_port = free_port()
-        agent_env = {**env, "HELIX_INSTANCE_ID": "real-agent", "HELIX_AGENT_LISTEN": f"127.0.0.1:{agent_port}",
-                     "HELIX_ADVERTISE_ADDR": f"127.0.0.1:{agent_port}", "HELIX_MONITOR_ADDR": f"127.0.0.1:{port}",
-                     "HELIX_LABELS": "zone=bench", "HELIX_APP_CHECK": f"tcp://127.0.0.1:{metrics_port}",
-                     "HELIX_LOG_LEVEL": "warning"}
+        agent_env = {
+            **env,
+            "HELIX_INSTANCE_ID": "real-agent",
+            "HELIX_AGENT_LISTEN": f"127.0.0.1:{agent_port}",
+            "HELIX_ADVERTISE_ADDR": f"127.0.0.1:{agent_port}",
+            "HELIX_MONITOR_ADDR": f"127.0.0.1:{port}",
+            "HELIX_LABELS": "zone=bench",
+            "HELIX_APP_CHECK": f"tcp://127.0.0.1:{metrics_port}",
+            "HELIX_LOG_LEVEL": "warning",
+        }
         reg_times = []
         for attempt in range(3):
             started = time.monotonic()
             agent = pool.python("agent", ["-m", "monitor_c"], agent_env)
-            wait_for(lambda: any(r.instance_id == "real-agent" for r in table.snapshot().instances()), 60,
-                     "the real agent to register", interval=0.005)
+            wait_for(
+                lambda: any(r.instance_id == "real-agent" for r in table.snapshot().instances()),
+                60,
+                "the real agent to register",
+                interval=0.005,
+            )
             reg_times.append(time.monotonic() - started)
             if attempt < 2:
                 agent.signal(signal.SIGTERM)
                 agent.wait(30)
-                wait_for(lambda: not any(r.instance_id == "real-agent" for r in table.snapshot().instances()), 30,
-                         "the stopped agent's row to be freed")
+                wait_for(
+                    lambda: not any(r.instance_id == "real-agent" for r in table.snapshot().instances()),
+                    30,
+                    "the stopped agent's row to be freed",
+                )
         proc = psutil.Process(agent.pid)
         time.sleep(2 * interval)  # let start-up CPU settle before the measured window
         cpu0, t0 = sum(proc.cpu_times()[:2]), time.monotonic()
@@ -152,27 +205,52 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
         cpu1, t1 = sum(proc.cpu_times()[:2]), time.monotonic()
         mem = proc.memory_full_info()
         rss, uss, pss = mem.rss / 2**20, mem.uss / 2**20, mem.pss / 2**20
-        print(f"agent: time-to-registered {min(reg_times):.2f} s (best of 3; all {', '.join(f'{t:.2f}' for t in reg_times)}); "
-              f"RSS {rss:.1f} MB (private {uss:.1f} MB, PSS {pss:.1f} MB: the rest is shared library code); CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}% of one core while polled every "
-              f"{interval:g} s ({window:.0f} s window)", flush=True)
+        print(
+            f"agent: time-to-registered {min(reg_times):.2f} s (best of 3; all {', '.join(f'{t:.2f}' for t in reg_times)}); "
+            f"RSS {rss:.1f} MB (private {uss:.1f} MB, PSS {pss:.1f} MB: the rest is shared library code); CPU {100 * (cpu1 - cpu0) / (t1 - t0):.2f}% of one core while polled every "
+            f"{interval:g} s ({window:.0f} s window)",
+            flush=True,
+        )
 
         # -- the sweep ---------------------------------------------------------------------------
-        print(f"MonitorS mode: {mode}, interval {interval:g} s, {os.cpu_count()} CPUs, load average now "
-              f"{os.getloadavg()[0]:.1f}", flush=True)
-        print(f"{'agents':>7} {'cycle p50':>10} {'cycle p99':>10} {'max':>7} {'CPU-s/1k polls':>15} "
-              f"{'MonitorS CPU':>13} {'failed':>7} {'oldest row':>11} {'load1':>6}", flush=True)
+        print(
+            f"MonitorS mode: {mode}, interval {interval:g} s, {os.cpu_count()} CPUs, load average now "
+            f"{os.getloadavg()[0]:.1f}",
+            flush=True,
+        )
+        print(
+            f"{'agents':>7} {'cycle p50':>10} {'cycle p99':>10} {'max':>7} {'CPU-s/1k polls':>15} "
+            f"{'MonitorS CPU':>13} {'failed':>7} {'oldest row':>11} {'load1':>6}",
+            flush=True,
+        )
         have = 0
         for n in steps:
             while have < n:
                 count = min(AGENTS_PER_SIM, n - have)
-                pool.python(f"sim-{have}", ["-m", "bench.bench_monitor", "--sim", str(count), "--monitor",
-                                            f"127.0.0.1:{port}", "--prefix", f"sim{have}"], env)
+                pool.python(
+                    f"sim-{have}",
+                    [
+                        "-m",
+                        "bench.bench_monitor",
+                        "--sim",
+                        str(count),
+                        "--monitor",
+                        f"127.0.0.1:{port}",
+                        "--prefix",
+                        f"sim{have}",
+                    ],
+                    env,
+                )
                 have += count
-            wait_for(lambda: table.snapshot().monitor.registered >= n + 1, 300, f"{n} simulated agents to register",
-                     interval=0.2)
+            wait_for(
+                lambda: table.snapshot().monitor.registered >= n + 1,  # noqa: B023 - wait_for calls it before the loop moves on
+                300,
+                f"{n} simulated agents to register",
+                interval=0.2,
+            )
             # Two full cycles after the last registration before measuring.
             hb = table.snapshot().monitor.heartbeat
-            wait_for(lambda: table.snapshot().monitor.heartbeat > hb + 2 * interval, 60, "two warm-up cycles")
+            wait_for(lambda: table.snapshot().monitor.heartbeat > hb + 2 * interval, 60, "two warm-up cycles")  # noqa: B023 - wait_for calls it before the loop moves on
             before = _scrape(metrics_port)
             c0 = sum(mon.cpu_times()[:2])
             samples: dict[float, float] = {}
@@ -199,12 +277,18 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
             p50, p99 = statistics.median(values), _pct(values, 0.99)
             per_k = (c1 - c0) / max(ok + failed, 1) * 1000
             share = (c1 - c0) / (len(values) * interval)
-            print(f"{n + 1:>7} {p50:>9.3f}s {p99:>9.3f}s {max(values):>6.3f}s {per_k:>15.3f} {share:>12.0%} "
-                  f"{int(failed):>7} {max(staleness):>10.3f}s {os.getloadavg()[0]:>6.1f}"
-                  + (f"  ({unpolled} rows not polled yet)" if unpolled else ""), flush=True)
+            print(
+                f"{n + 1:>7} {p50:>9.3f}s {p99:>9.3f}s {max(values):>6.3f}s {per_k:>15.3f} {share:>12.0%} "
+                f"{int(failed):>7} {max(staleness):>10.3f}s {os.getloadavg()[0]:>6.1f}"
+                + (f"  ({unpolled} rows not polled yet)" if unpolled else ""),
+                flush=True,
+            )
             if p99 >= interval or failed > 0.01 * (ok + failed) or max(staleness) > 2 * interval:
-                print(f"stop: at {n + 1} agents a cycle no longer fits in the {interval:g} s interval "
-                      "(slow cycles, failed polls or stale rows)", flush=True)
+                print(
+                    f"stop: at {n + 1} agents a cycle no longer fits in the {interval:g} s interval "
+                    "(slow cycles, failed polls or stale rows)",
+                    flush=True,
+                )
                 break
     finally:
         pool.stop_all()
@@ -215,8 +299,11 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="bench_monitor", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", default="100,1000,2000,3000,4000,5000,6000",
-                        help="fleet sizes (simulated agents), comma-separated, increasing")
+    parser.add_argument(
+        "--steps",
+        default="100,1000,2000,3000,4000,5000,6000",
+        help="fleet sizes (simulated agents), comma-separated, increasing",
+    )
     parser.add_argument("--cycles", type=int, default=10, help="cycles measured per size")
     parser.add_argument("--interval", type=float, default=1.0, help="HELIX_POLL_INTERVAL")
     parser.add_argument("--mode", default="both", choices=("poll", "stream", "both"), help="HELIX_POLL_MODE")

@@ -20,10 +20,10 @@ import time
 
 import numpy as np
 
-from controller_asg.simulate import table
 from controller_asg.sim import synthetic
 from controller_asg.sim.runner import capacity_for_peak, compare, params_from
 from controller_asg.sim.trace import load_trace, smooth
+from controller_asg.simulate import table
 from shared.config import load_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -41,13 +41,21 @@ def scenarios() -> list[tuple[str, str, np.ndarray, int]]:
     nasa = smooth(load_trace(NASA), 60)
     out.append(("nasa", "NASA-HTTP 22-28 Jul 1995 (history 15-21 Jul), 60 s moving average", nasa, 7 * DAY))
     out.append(("flash", "flash crowd: 10x within 1 min, held 20 min, 6 h", synthetic.flash_crowd(), 0))
-    out.append(("recurring", "bursts recurring at about the same times daily, 3 days (history 1 day)",
-                synthetic.recurring_bursts(days=4), DAY))
+    out.append(
+        (
+            "recurring",
+            "bursts recurring at about the same times daily, 3 days (history 1 day)",
+            synthetic.recurring_bursts(days=4),
+            DAY,
+        )
+    )
     return out
 
 
 def main() -> None:
-    cfg = load_config({"HELIX_MIN_INSTANCES": "2", "HELIX_MAX_INSTANCES": "60", "HELIX_POLL_INTERVAL": "1"}, env_file="")
+    cfg = load_config(
+        {"HELIX_MIN_INSTANCES": "2", "HELIX_MAX_INSTANCES": "60", "HELIX_POLL_INTERVAL": "1"}, env_file=""
+    )
     os.makedirs(OUT, exist_ok=True)
     results = {}
     for key, title, demand, history in scenarios():
@@ -55,8 +63,10 @@ def main() -> None:
         p = params_from(cfg, capacity, BOOT)
         started = time.monotonic()
         outcomes = compare(POLICIES, demand, p, cfg, measure_from=history)
-        print(f"\n{title}: {(len(demand) - history) / DAY:.2f} days measured, {capacity:.3g} req/s per instance, "
-              f"boot {BOOT:g} s, min {cfg.min_instances}; simulated in {time.monotonic() - started:.1f} s")
+        print(
+            f"\n{title}: {(len(demand) - history) / DAY:.2f} days measured, {capacity:.3g} req/s per instance, "
+            f"boot {BOOT:g} s, min {cfg.min_instances}; simulated in {time.monotonic() - started:.1f} s"
+        )
         print(table([(o.name, o.figures.as_dict()) for o in outcomes]))
         results[key] = {o.name: o.figures.as_dict() for o in outcomes}
         verdict(key, results[key])

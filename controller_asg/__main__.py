@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 
+from controller_asg.hostlock import HostLock, HostLockHeld
 from shared.config import EXIT_BAD_CONFIG, load_or_exit
 from shared.logs import setup_logging
 from shared.table import MetricsTable, TableNotFound
@@ -40,6 +41,19 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_CONFIG
         log.warning("INSECURE: no token; instances this controller launches accept RPCs from anyone")
 
+    # At most one acting controller per group on this host, before anything is touched.
+    host_lock = None
+    if not args.dry_run:
+        host_lock = HostLock(cfg.state_dir, cfg.group_name)
+        try:
+            host_lock.acquire()
+        except HostLockHeld as exc:
+            print(f"controller_asg: {exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        except OSError as exc:
+            print(f"controller_asg: cannot take the host lock {host_lock.path}: {exc.strerror}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+
     # Imported after the configuration is known good: the ec2 provider pulls in boto3.
     from controller_asg.controller import Controller
     from controller_asg.policy import make_policy
@@ -60,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     provider = make_provider(cfg)
     try:
         policy = make_policy(cfg)
-        controller = Controller(cfg, table, provider, policy, dry_run=args.dry_run)
+        controller = Controller(cfg, table, provider, policy, dry_run=args.dry_run, fence=host_lock)
         log.info("starting: provider %s, policy %s, min %d, max %d, every %gs%s", provider.name, cfg.policy,
                  cfg.min_instances, cfg.max_instances, cfg.effective_control_interval,
                  " (DRY RUN: acting on nothing)" if args.dry_run else "")
@@ -69,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         provider.close()
         table.close()
+        if host_lock is not None:
+            host_lock.release()
     log.info("stopped")
     return 0
 

@@ -1,8 +1,15 @@
-"""The control loop: every interval, read the table and the provider, decide, act, report.
+"""The control loop: every interval, read the table and the provider, plan, apply, report.
 
-Everything that decides is pure and lives elsewhere (policy/, fleet.py, health.py,
-termination.py); this module does the I/O around it and holds the few facts that must outlive
-one step: in-flight launches, replacements under way, whether we are frozen.
+Everything that decides is pure and lives elsewhere (policy/, fleet.py, health.py, plan.py,
+termination.py, gate.py, breaker.py). This module does the I/O around it, and `apply` is the one
+act path: every launch and every terminate, whatever planned it, goes through it, past the
+fence (the host lock), the launch budget (`gate.Budget`: never above max, counting in-doubt and
+not-yet-listed launches and terminating instances) and the churn breaker, and through the
+terminate gate (only instances the provider lists as ours). Dry run is decided there, once.
+
+What must outlive one step (launches in doubt, instances we are terminating, replacements in
+flight, the breaker) is kept in `<HELIX_STATE_DIR>/controller/state.json`, written before a
+launch call and after every change, so a restart at any point resumes without doubling.
 """
 
 from __future__ import annotations
@@ -14,77 +21,88 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from controller_asg.activity import Activity, ActivityLog
+from controller_asg.breaker import BreakerEvent, ChurnBreaker
 from controller_asg.fleet import FleetView, build_fleet
+from controller_asg.gate import TOKEN_HEX, Budget, Intent, token_prefix, valid_token
 from controller_asg.health import plan_replacements
+from controller_asg.hostlock import AlwaysFence, Fence
+from controller_asg.plan import Action, ActionKind, Plan, plan_frozen, plan_live
 from controller_asg.policy.base import Policy
 from controller_asg.providers.base import LaunchError, Provider, ProviderInstance
-from controller_asg.termination import choose_victims
 from shared.config import Config
-from shared.table import ControllerStatus, MetricsTable, Snapshot
+from shared.table import ControllerStatus, MetricsTable, Snapshot, State
 
 log = logging.getLogger("controller_asg")
 
 # Fail static when MonitorS's heartbeat is older than this many poll intervals.
 MONITOR_STALE_INTERVALS = 3.0
 # A launch the provider has answered may take a while to show in its listing (EC2's
-# DescribeInstances is eventually consistent): count it as capacity for this long meanwhile.
-LAUNCH_VISIBILITY_SECONDS = 120.0
+# DescribeInstances is eventually consistent): count it (capacity, and billable) this long meanwhile.
+LAUNCH_VISIBILITY_SECONDS = 300.0
 HISTORY_SAVE_SECONDS = 60.0
+# A terminate the provider accepted is sent again if the instance is still listed as running
+# this long after; one that failed is retried with back-off up to the cap.
+TERMINATE_RECHECK_SECONDS = 30.0
+TERMINATE_BACKOFF_CAP = 300.0
+BREAKER_RESET_FILE = "breaker-reset"
 
 
 @dataclass
-class _PendingLaunch:
-    token: str
-    count: int
-    reason: str
-    action: str  # launch | replace
+class _Condemned:
+    """An instance we decided to terminate whose terminate is not confirmed yet (the provider does
+    not list it as terminating): billable, never capacity, retried with back-off."""
+
+    since: float
+    cause: str
+    attempts: int = 0  # failed terminate calls in a row
+    next_try: float = 0.0
+    error: str = ""
 
 
 class Controller:
     def __init__(self, cfg: Config, table: MetricsTable, provider: Provider, policy: Policy, *,
-                 dry_run: bool = False, clock: Callable[[], float] = time.time):
+                 dry_run: bool = False, clock: Callable[[], float] = time.time, fence: Fence | None = None):
         self.cfg = cfg
         self.table = table
         self.provider = provider
         self.policy = policy
         self.dry_run = dry_run
         self.clock = clock
+        self.fence: Fence = fence or AlwaysFence()
         self.activity = ActivityLog(cfg.activity_log)
         self.state_dir = os.path.join(cfg.state_dir, "controller")
-        self.intent_path = os.path.join(self.state_dir, "launch-intent.json")
+        self.state_path = os.path.join(self.state_dir, "state.json")
+        self.legacy_intent_path = os.path.join(self.state_dir, "launch-intent.json")
+        self.reset_path = os.path.join(self.state_dir, BREAKER_RESET_FILE)
         self.history_path = cfg.history_file or os.path.join(cfg.state_dir, "history.json")
         self.frozen = False
-        self._recent: dict[str, tuple[ProviderInstance, float]] = {}  # launched, maybe not listed yet
-        self._replacing: set[str] = set()  # instances launched as replacements, until in service
-        self._retry: _PendingLaunch | None = None
-        self._last_status = ControllerStatus(pid=os.getpid(), policy=getattr(policy, "name", cfg.policy))
+        self._unfrozen_at = 0.0
+        self.breaker = ChurnBreaker(cfg.breaker_failures, cfg.breaker_window)
+        self._intents: dict[str, Intent] = {}  # launches in doubt, by token
+        self._recent: dict[str, tuple[ProviderInstance, str, float]] = {}  # answered, maybe not listed yet
+        self._condemned: dict[str, _Condemned] = {}
+        self._replacing: dict[str, float] = {}  # replacement id -> launched at, until healthy or its grace ends
+        self._ever_healthy: set[str] = set()
+        self._saved_state = ""
+        self._last_status = ControllerStatus(pid=os.getpid(), policy=getattr(policy, "name", cfg.policy)[:16],
+                                             max_instances=cfg.max_instances)
         self._last_logged: tuple = ()  # the last dry-run activity said
-        self._once_key: tuple = ()  # the last repeated warning said
+        self._said: dict[str, str] = {}  # topic -> the last thing said about it (log once per change)
         self._last_error = ("", 0.0)
         self._history_saved_at = 0.0
+        self._budget_seen = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Restore what must survive a restart: the policy's history and an unfinished launch."""
+        """Restore what must survive a restart: the policy's history, launches in doubt, instances
+        being terminated, replacements in flight and the breaker."""
         os.makedirs(self.state_dir, exist_ok=True)
         self._load_history()
-        try:
-            with open(self.intent_path, encoding="utf-8") as fh:
-                intent = json.load(fh)
-            self._retry = _PendingLaunch(str(intent["token"]), int(intent["count"]),
-                                         str(intent.get("reason", "resuming a launch interrupted by a restart")),
-                                         str(intent.get("action", "launch")))
-            log.info("resuming launch %s of %d interrupted by a restart (idempotent: nothing doubles)",
-                     self._retry.token, self._retry.count)
-        except FileNotFoundError:
-            pass
-        except (ValueError, KeyError, TypeError) as exc:
-            log.warning("ignoring unreadable launch intent %s: %s", self.intent_path, exc)
-            self._clear_intent()
+        self._load_state()
         owned = self.provider.list_instances()
         live = [i for i in owned if i.state != "terminating"]
         log.info("adopted %d instance(s) the %s provider owns%s", len(live), self.provider.name,
@@ -110,152 +128,265 @@ class Controller:
 
     def step(self) -> None:
         now = self.clock()
-        snap = self.table.snapshot()
-        if self._retry is not None and not self.dry_run:
-            self._launch(self._retry, now)
+        self._take_reset_request(now)
+        snap = self._read_table()
         try:
-            owned = self.provider.list_instances()
+            listed = self.provider.list_instances()
         except Exception as exc:  # noqa: BLE001 - the cloud API is down: hold everything
             self._log_error(f"cannot list the {self.provider.name} provider's instances ({exc}); holding")
             self._write_status(now, self._last_status.desired, "hold", "cannot list instances; holding")
             return
-        owned = self._with_recent_launches(owned, now)
-        fleet = build_fleet(snap, owned, now)
-        self._replacing &= {m.instance_id for m in fleet.pending}
-
-        monitor_ok = snap.monitor.alive(now, MONITOR_STALE_INTERVALS)
-        self._track_freeze(monitor_ok, snap, now, fleet)
-        if self.frozen:
-            self._step_frozen(fleet, now)
+        self._settle(listed, now)
+        known = listed + [inst for inst, _, _ in self._recent.values()]
+        fleet = build_fleet(snap, known, now, condemned=self._condemned)
+        grace = self.cfg.effective_health_grace
+        why_frozen = self._why_frozen(snap, now)
+        self._track_freeze(why_frozen, now, fleet)
+        # Health grace restarts with MonitorS, and after a freeze: nobody could register meanwhile.
+        grace_from = max(snap.monitor.started_at if snap is not None else now, self._unfrozen_at)
+        self._track_health(fleet, now, grace, grace_from, judge=not why_frozen)
+        if why_frozen:
+            plan = plan_frozen(fleet, min_instances=self.cfg.min_instances, max_instances=self.cfg.max_instances,
+                               termination_policy=self.cfg.termination_policy, why=why_frozen)
         else:
-            self._step_live(fleet, snap, now)
+            assert snap is not None
+            plan = self._plan_live(fleet, snap, now, grace, grace_from)
+        self.apply(plan, fleet, listed, now)
+        self._write_status(now, plan.desired, plan.action, plan.reason, fleet, snap, self._budget(listed).billable)
+        self._save_state()
         if now - self._history_saved_at >= HISTORY_SAVE_SECONDS:
             self._save_history()
             self._history_saved_at = now
 
-    def _step_live(self, fleet: FleetView, snap: Snapshot, now: float) -> None:
+    def _plan_live(self, fleet: FleetView, snap: Snapshot, now: float, grace: float, monitor_started: float) -> Plan:
         cfg = self.cfg
         poll_interval = snap.monitor.poll_interval or cfg.poll_interval
-        decision = self.policy.decide(fleet.observation(cfg.warmup, poll_interval))
-        desired = decision.desired
+        decision = self.policy.decide(fleet.observation(cfg.warmup, poll_interval, grace, monitor_started))
+        health = plan_replacements(fleet, grace=grace, app_down_after=cfg.app_down_after, desired=decision.desired,
+                                   in_flight=len(self._replacing), max_unhealthy_fraction=cfg.max_unhealthy_fraction,
+                                   monitor_started_at=monitor_started)
+        return plan_live(fleet, decision, health, termination_policy=cfg.termination_policy,
+                         breaker_tripped=self.breaker.tripped, ever_healthy=self._ever_healthy)
 
-        plan = plan_replacements(fleet, grace=cfg.effective_health_grace, app_down_after=cfg.app_down_after,
-                                 desired=desired, in_flight=len(self._replacing),
-                                 max_unhealthy_fraction=cfg.max_unhealthy_fraction,
-                                 monitor_started_at=snap.monitor.started_at)
-        if plan.note:
-            self._log_once(("health-note", plan.note), logging.WARNING, f"health: {plan.note}")
-        replaced = {r.instance_id for r in plan.replace}
-        for repl in plan.replace:
-            self._record(Activity(now, "replace", 1, repl.cause, [repl.instance_id], desired, fleet.capacity,
-                                  self.dry_run))
-        if plan.replace and not self.dry_run:
-            self._terminate(sorted(replaced))
-            self._launch(_PendingLaunch(self._new_token(), len(replaced),
-                                        f"replacing {', '.join(sorted(replaced))}", "replace"), now)
+    def _read_table(self) -> Snapshot | None:
+        """A snapshot, or None when the table cannot be read (the step then fails static). Bad rows
+        are left out by the snapshot and reported here once per change."""
+        try:
+            snap = self.table.snapshot()
+        except Exception as exc:  # noqa: BLE001 - a broken table must never stop min/max or the heartbeat
+            self._say("table", f"cannot read the metrics table ({exc!r}): failing static", logging.ERROR)
+            return None
+        problems = snap.problems
+        self._say("table", f"metrics table: {len(problems)} bad row(s) left out: {'; '.join(problems[:3])}"
+                  if problems else "", logging.WARNING)
+        return snap
 
-        delta = desired - fleet.capacity
-        action = "hold"
-        if delta > 0:
-            action = "launch"
-            self._record(Activity(now, "launch", delta, decision.reason, [], desired, fleet.capacity, self.dry_run))
-            if not self.dry_run:
-                self._launch(_PendingLaunch(self._new_token(), delta, decision.reason, "launch"), now)
-        elif delta < 0:
-            candidates = [m for m in fleet.members if m.instance_id not in replaced]
-            victims = choose_victims(candidates, -delta, cfg.termination_policy)
-            if len(victims) < -delta:
-                self._log_once(("protected", desired), logging.WARNING,
-                               f"want {-delta} fewer instances but only {len(victims)} are unprotected")
-            if victims:
-                action = "terminate"
-                ids = [v.instance_id for v in victims]
-                self._record(Activity(now, "terminate", len(ids), decision.reason, ids, desired, fleet.capacity,
-                                      self.dry_run))
-                if not self.dry_run:
-                    self._terminate(ids)
-        if plan.replace and action == "hold":
-            action = "replace"
-        self._write_status(now, desired, action, decision.reason, fleet)
+    def _why_frozen(self, snap: Snapshot | None, now: float) -> str:
+        if snap is None:
+            return "the metrics table cannot be read"
+        if not snap.monitor.alive(now, MONITOR_STALE_INTERVALS):
+            return "MonitorS is not responding"
+        return ""
 
-    def _step_frozen(self, fleet: FleetView, now: float) -> None:
-        """Fail static: no metric-driven action; min/max still hold on the provider's own count."""
-        cfg = self.cfg
-        desired = min(max(fleet.capacity, cfg.min_instances), cfg.max_instances)
-        reason = "MonitorS is not responding: holding the fleet, only min/max enforced"
-        action = "frozen"
-        if desired > fleet.capacity:
-            why = f"{fleet.capacity} instances, below HELIX_MIN_INSTANCES={cfg.min_instances} (metrics frozen)"
-            self._record(Activity(now, "launch", desired - fleet.capacity, why, [], desired, fleet.capacity,
-                                  self.dry_run))
-            if not self.dry_run:
-                self._launch(_PendingLaunch(self._new_token(), desired - fleet.capacity, why, "launch"), now)
-        elif desired < fleet.capacity:
-            victims = choose_victims(list(fleet.members), fleet.capacity - desired, cfg.termination_policy)
-            why = f"{fleet.capacity} instances, above HELIX_MAX_INSTANCES={cfg.max_instances} (metrics frozen)"
-            ids = [v.instance_id for v in victims]
-            if ids:
-                self._record(Activity(now, "terminate", len(ids), why, ids, desired, fleet.capacity, self.dry_run))
-                if not self.dry_run:
-                    self._terminate(ids)
-        self._write_status(now, desired, action, reason, fleet)
-
-    def _track_freeze(self, monitor_ok: bool, snap: Snapshot, now: float, fleet: FleetView) -> None:
-        if not monitor_ok and not self.frozen:
+    def _track_freeze(self, why: str, now: float, fleet: FleetView) -> None:
+        if why and not self.frozen:
             self.frozen = True
-            mon = snap.monitor
-            age = "never written" if not mon.heartbeat else f"{now - mon.heartbeat:.1f}s old"
             self._record(Activity(now, "freeze", 0,
-                                  f"MonitorS heartbeat is {age} (more than {MONITOR_STALE_INTERVALS:g} poll "
-                                  "intervals): no scale-in, no health replacement until it is back; min/max "
-                                  "still enforced", [], self._last_status.desired, fleet.capacity, self.dry_run))
-        elif monitor_ok and self.frozen:
+                                  f"{why} (heartbeat older than {MONITOR_STALE_INTERVALS:g} poll intervals, or no "
+                                  "table): no scale-in, no health replacement until it is back; min/max still "
+                                  "enforced", [], self._last_status.desired, fleet.capacity, self.dry_run))
+        elif not why and self.frozen:
             self.frozen = False
+            self._unfrozen_at = now
             self._record(Activity(now, "resume", 0, "MonitorS heartbeat is fresh again: scaling resumes", [],
                                   self._last_status.desired, fleet.capacity, self.dry_run))
 
-    # -- acting ----------------------------------------------------------------------------------
+    def _settle(self, listed: list[ProviderInstance], now: float) -> None:
+        """Fold the provider's listing into what we remember: launches now listed, terminates now
+        confirmed (listed as terminating, or gone)."""
+        by_id = {i.instance_id: i for i in listed}
+        for instance_id, (_, _, until) in list(self._recent.items()):
+            if instance_id in by_id or now > until:
+                del self._recent[instance_id]
+        for instance_id in list(self._condemned):
+            inst = by_id.get(instance_id)
+            if instance_id not in self._recent and (inst is None or inst.state == "terminating"):
+                del self._condemned[instance_id]
 
-    def _new_token(self) -> str:
-        return f"{self.cfg.group_name[:24]}-{uuid.uuid4().hex[:20]}"
+    def _track_health(self, fleet: FleetView, now: float, grace: float, grace_from: float, judge: bool) -> None:
+        """Who has been HEALTHY, which replacements are still in flight, and the breaker's verdicts
+        (none while frozen: with no fresh rows every launch would look like a failure)."""
+        present = {m.instance_id for m in fleet.members}
+        healthy = {m.instance_id for m in fleet.members if m.row is not None and m.row.state == State.HEALTHY}
+        self._ever_healthy = (self._ever_healthy | healthy) & (present | set(self._condemned))
+        # A replacement is in flight until it is HEALTHY or its own grace is over; then it is
+        # just another instance, so a stuck one never blocks healing.
+        for instance_id, launched_at in list(self._replacing.items()):
+            if instance_id in healthy or instance_id not in present or now - max(launched_at, grace_from) > grace:
+                del self._replacing[instance_id]
+        if judge:
+            for event in self.breaker.observe(healthy, present, now, grace, grace_from):
+                self._breaker_event(event, now, fleet)
 
-    def _launch(self, launch: _PendingLaunch, now: float) -> None:
-        self._save_intent(launch)
+    def _breaker_event(self, event: BreakerEvent, now: float, fleet: FleetView) -> None:
+        if event.kind == "healthy":
+            log.debug(event.message)
+            return
+        action = {"failed": "launch-failed", "tripped": "breaker-tripped", "closed": "breaker-closed"}[event.kind]
+        ids = [event.instance_id] if event.instance_id else []
+        self._record(Activity(now, action, 0, event.message, ids, self._last_status.desired, fleet.capacity,
+                              self.dry_run))
+
+    # -- the one act path ------------------------------------------------------------------------
+
+    def apply(self, plan: Plan, fleet: FleetView, listed: list[ProviderInstance], now: float) -> None:
+        """Execute `plan`: resume launches in doubt, retry pending terminates, then every action in
+        order, each through its gate. Only here is dry run decided."""
+        for note in plan.notes:
+            self._say(f"note:{note.split(':')[0]}", note, logging.WARNING)
+        if not self.dry_run:
+            for intent in list(self._intents.values()):
+                self._launch(intent, listed, now, resumed=True)
+            self._retry_terminates(listed, now)
+        owned = {i.instance_id for i in listed} | set(self._recent)
+        accepted: set[str] = set()  # REPLACE targets whose terminate went through
+        for action in plan.actions:
+            if action.kind in (ActionKind.TERMINATE, ActionKind.REPLACE):
+                accepted |= self._apply_terminate(action, owned, plan, fleet, now)
+            elif action.replaces and action.replaces not in accepted:
+                self._say(f"replace:{action.replaces}", f"replacement of {action.replaces} waits: its terminate "
+                          "did not go through (retried with back-off)", logging.WARNING)
+            else:
+                self._apply_launch(action, listed, plan, fleet, now)
+
+    def _apply_terminate(self, action: Action, owned: set[str], plan: Plan, fleet: FleetView, now: float) -> set[str]:
+        # The terminate gate: only instances the provider lists as ours (or that we launched and
+        # it does not list yet). Planners only pick from the fleet, so a refusal here is a bug.
+        ids = [i for i in action.instance_ids if i in owned]
+        refused = [i for i in action.instance_ids if i not in owned]
+        if refused:
+            self._log_error(f"terminate gate: refusing {', '.join(refused)}: not listed as instances of this group")
+        if not ids:
+            return set()
+        self._record(Activity(now, action.kind.value, len(ids), action.cause, ids, plan.desired, fleet.capacity,
+                              self.dry_run))
+        if self.dry_run:
+            return set(ids)
+        if action.kind == ActionKind.TERMINATE:
+            for instance_id in ids:
+                self.breaker.forget(instance_id)  # our own choice, not a verdict on the launch
+        return set(ids) if self._terminate(ids, action.cause, now) else set()
+
+    def _apply_launch(self, action: Action, listed: list[ProviderInstance], plan: Plan, fleet: FleetView,
+                      now: float) -> None:
+        count, why = self._launch_gate(action.count, listed, now)
+        if count < action.count:
+            self._say("launch-gate", f"launch of {action.count} cut to {count}: {why}", logging.WARNING)
+        else:
+            self._say("launch-gate", "", logging.INFO)
+        if count <= 0:
+            return
+        self._record(Activity(now, ActionKind.LAUNCH.value, count, action.cause, [], plan.desired,
+                              fleet.capacity, self.dry_run))
+        if self.dry_run:
+            return
+        self._launch(Intent(self.new_token(), count, action.cause[:300], action.replaces), listed, now)
+
+    def _budget(self, listed: list[ProviderInstance]) -> Budget:
+        recent = {instance_id: token for instance_id, (_, token, _) in self._recent.items()}
+        return Budget.build(self.cfg.max_instances, listed, recent, list(self._intents.values()))
+
+    def _launch_gate(self, wanted: int, listed: list[ProviderInstance], now: float, token: str = "") -> tuple[int, str]:
+        """How many of `wanted` may launch now, and why fewer. Every launch asks here."""
+        fenced = "" if self.dry_run else self.fence.may_act()
+        if fenced:
+            return 0, f"not acting: {fenced}"
+        budget = self._budget(listed)
+        count = budget.allow(wanted, token)
+        why = ""
+        if count < wanted:
+            why = (f"{budget.billable - budget.in_doubt.get(token, 0)} instance(s) may be billed "
+                   f"({budget.listed} listed, {budget.unlisted} launched not yet listed, "
+                   f"{sum(budget.in_doubt.values())} in doubt), HELIX_MAX_INSTANCES={budget.max_instances}")
+        if not token:  # a launch in doubt was already let through; finishing it starts nothing new
+            allowed, breaker_why = self.breaker.allowed(count, now)
+            if allowed < count:
+                count, why = allowed, breaker_why
+        return count, why
+
+    def new_token(self) -> str:
+        return f"{token_prefix(self.cfg.group_name)}{uuid.uuid4().hex[:TOKEN_HEX]}"
+
+    def _launch(self, intent: Intent, listed: list[ProviderInstance], now: float, resumed: bool = False) -> None:
+        """One launch call under `intent`, recorded before the call so a crash at any point leaves
+        it in doubt (resumed under the same token, never launched twice)."""
+        if resumed:
+            # What the intent may still add is checked afresh against the budget; cut to 0, the
+            # call only looks up what it launched, which resolves the doubt.
+            budget = self._budget(listed)
+            seen = intent.count - budget.in_doubt.get(intent.token, 0)
+            extra, why = self._launch_gate(budget.in_doubt.get(intent.token, 0), listed, now, intent.token)
+            if extra < budget.in_doubt.get(intent.token, 0):
+                self._say(f"intent:{intent.token}", f"resumed launch {intent.token} cut to {seen + extra}: {why}",
+                          logging.WARNING)
+            count = seen + extra
+            if why.startswith("not acting"):
+                return
+        else:
+            count = intent.count
+        self._intents[intent.token] = intent
+        self._save_state(durable=True)
         try:
-            launched = self.provider.launch(launch.count, launch.token)
-        except LaunchError as exc:  # definitive (every zone refused): decide afresh next step
-            self._log_error(f"launch of {launch.count} failed: {exc}")
-            self._retry = None
-            self._clear_intent()
+            launched = self.provider.launch(count, intent.token)
+        except LaunchError as exc:  # definitive: nothing was launched under this token
+            self._log_error(f"launch of {count} failed: {exc}")
+            del self._intents[intent.token]
+            self._save_state()
             return
-        except Exception as exc:  # noqa: BLE001 - maybe a lost reply: retry with the same token
-            self._log_error(f"launch of {launch.count} did not complete ({exc!r}); retrying with the same token")
-            self._retry = launch
+        except Exception as exc:  # noqa: BLE001 - maybe a lost reply: in doubt, resumed next step
+            self._log_error(f"launch {intent.token} of {count} did not complete ({exc!r}); in doubt: counted as "
+                            "billable and retried with the same token")
             return
-        self._retry = None
-        self._clear_intent()
+        del self._intents[intent.token]
+        listed_ids = {i.instance_id for i in listed}
+        new = [inst for inst in launched if inst.instance_id not in listed_ids]
         for inst in launched:
-            self._recent[inst.instance_id] = (inst, now + LAUNCH_VISIBILITY_SECONDS)
-            if launch.action == "replace":
-                self._replacing.add(inst.instance_id)
-        log.info("launched %s", ", ".join(f"{i.instance_id} in {i.zone}" for i in launched) or "nothing")
+            self._recent[inst.instance_id] = (inst, intent.token, now + LAUNCH_VISIBILITY_SECONDS)
+            if intent.replaces:
+                self._replacing.setdefault(inst.instance_id, inst.launched_at or now)
+        self.breaker.launched([i.instance_id for i in new if i.instance_id not in self.breaker.watched], now)
+        self._save_state()
+        if launched or not resumed:
+            log.info("launched %s%s", ", ".join(f"{i.instance_id} in {i.zone}" for i in launched) or "nothing",
+                     f" (resumed launch {intent.token})" if resumed else "")
 
-    def _terminate(self, ids: list[str]) -> None:
+    def _terminate(self, ids: list[str], cause: str, now: float) -> bool:
         for instance_id in ids:
-            self._recent.pop(instance_id, None)
+            self._condemned.setdefault(instance_id, _Condemned(now, cause[:200]))
         try:
             self.provider.terminate(ids)
-        except Exception as exc:  # noqa: BLE001 - the next step sees what is still there
-            self._log_error(f"terminate of {', '.join(ids)} failed: {exc}")
+        except Exception as exc:  # noqa: BLE001 - kept condemned; retried with back-off, never replaced meanwhile
+            for instance_id in ids:
+                c = self._condemned[instance_id]
+                c.attempts += 1
+                c.next_try = now + min(TERMINATE_BACKOFF_CAP, self.cfg.effective_control_interval * 2 ** c.attempts)
+                c.error = str(exc)[:200]
+            self._say(f"terminate:{','.join(ids)}", f"terminate of {', '.join(ids)} failed ({exc}); retrying with "
+                      f"back-off, next in {self._condemned[ids[0]].next_try - now:.0f}s", logging.ERROR)
+            self._save_state()
+            return False
+        for instance_id in ids:
+            c = self._condemned[instance_id]
+            c.attempts, c.error, c.next_try = 0, "", now + TERMINATE_RECHECK_SECONDS
+            self._recent.pop(instance_id, None)
+        self._save_state()
+        return True
 
-    def _with_recent_launches(self, owned: list[ProviderInstance], now: float) -> list[ProviderInstance]:
-        listed = {i.instance_id for i in owned}
-        for instance_id, (inst, until) in list(self._recent.items()):
-            if instance_id in listed or now > until:
-                del self._recent[instance_id]
-            else:
-                owned.append(inst)
-        return owned
+    def _retry_terminates(self, listed: list[ProviderInstance], now: float) -> None:
+        fenced = self.fence.may_act()
+        due = sorted(i for i, c in self._condemned.items() if c.next_try <= now)
+        if due and not fenced:
+            self._terminate(due, self._condemned[due[0]].cause, now)
 
     # -- reporting -------------------------------------------------------------------------------
 
@@ -268,19 +399,29 @@ class Controller:
             self._last_logged = key
         self.activity.record(activity)
 
-    def _write_status(self, now: float, desired: int, action: str, reason: str, fleet: FleetView | None = None) -> None:
+    def _write_status(self, now: float, desired: int, action: str, reason: str, fleet: FleetView | None = None,
+                      snap: Snapshot | None = None, billable: int | None = None) -> None:
         status = ControllerStatus(
             pid=os.getpid(), desired=desired,
             in_service=len(fleet.in_service) if fleet else self._last_status.in_service,
             pending=len(fleet.pending) if fleet else self._last_status.pending,
             heartbeat=now, decision_at=now, frozen=self.frozen, dry_run=self.dry_run, action=action,
-            reason=reason, policy=getattr(self.policy, "name", self.cfg.policy)[:16])
-        self.table.write_controller(status)
+            reason=reason, policy=getattr(self.policy, "name", self.cfg.policy)[:16],
+            breaker=self.breaker.tripped, breaker_failures=self.breaker.consecutive,
+            billable=self._last_status.billable if billable is None else billable, max_instances=self.cfg.max_instances,
+            table_problems=len(snap.problems) if snap is not None else self._last_status.table_problems)
+        try:
+            self.table.write_controller(status)
+        except Exception as exc:  # noqa: BLE001 - a broken table must not stop the loop
+            self._say("table-write", f"cannot write the controller's status to the table: {exc!r}", logging.ERROR)
         self._last_status = status
 
-    def _log_once(self, key: tuple, level: int, message: str) -> None:
-        if key != self._once_key:
-            self._once_key = key
+    def _say(self, topic: str, message: str, level: int) -> None:
+        """Log `message` once per change of what is said about `topic` ('' = the condition ended)."""
+        if self._said.get(topic, "") == message:
+            return
+        self._said[topic] = message
+        if message:
             log.log(level, message)
 
     def _log_error(self, message: str) -> None:
@@ -291,17 +432,122 @@ class Controller:
             log.error(message)
             self._last_error = (message, now)
 
+    # -- operator requests -----------------------------------------------------------------------
+
+    def _take_reset_request(self, now: float) -> None:
+        """`python -m controller_asg.breaker_cli reset` leaves a request file; consume it."""
+        try:
+            with open(self.reset_path, encoding="utf-8") as fh:
+                who = fh.read(200).strip() or "the operator"
+            os.unlink(self.reset_path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            self._say("reset", f"cannot read the breaker reset request {self.reset_path}: {exc}", logging.ERROR)
+            return
+        events = self.breaker.reset(now, who)
+        if not events:
+            log.info("breaker reset requested by %s: it was not tripped", who)
+        for event in events:
+            self._record(Activity(now, "breaker-closed", 0, event.message, [], self._last_status.desired,
+                                  self._last_status.in_service + self._last_status.pending, self.dry_run))
+        self._save_state()
+
     # -- persistence -----------------------------------------------------------------------------
 
-    def _save_intent(self, launch: _PendingLaunch) -> None:
-        _write_json(self.intent_path, {"token": launch.token, "count": launch.count, "reason": launch.reason,
-                                       "action": launch.action})
+    def _state(self) -> dict:
+        return {
+            "intents": [asdict(it) for it in self._intents.values()],
+            "recent": {i: {"instance": asdict(inst), "token": token, "until": until}
+                       for i, (inst, token, until) in self._recent.items()},
+            "condemned": {i: asdict(c) for i, c in self._condemned.items()},
+            "replacing": self._replacing,
+            "ever_healthy": sorted(self._ever_healthy),
+            "breaker": self.breaker.export_state(),
+        }
 
-    def _clear_intent(self) -> None:
+    def _save_state(self, durable: bool = False) -> None:
+        """Write the state when it changed. `durable`: before a launch call, the intent must be
+        on disk (fsync) or the call must not happen."""
+        if self.dry_run:
+            return
+        text = json.dumps(self._state(), sort_keys=True)
+        if text == self._saved_state:
+            return
         try:
-            os.unlink(self.intent_path)
+            _write_json(self.state_path, text, sync=durable)
+        except OSError as exc:
+            if durable:
+                raise  # no launch without its intent on disk
+            self._log_error(f"cannot save the controller state to {self.state_path}: {exc}")
+            return
+        self._saved_state = text
+
+    def _load_state(self) -> None:
+        state: dict = {}
+        try:
+            with open(self.state_path, encoding="utf-8") as fh:
+                state = json.load(fh)
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
         except FileNotFoundError:
             pass
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring unreadable controller state %s: %s", self.state_path, exc)
+            state = {}
+        intents = list(state.get("intents", []) or [])
+        try:  # the single-intent file of earlier versions
+            with open(self.legacy_intent_path, encoding="utf-8") as fh:
+                old = json.load(fh)
+            intents.append({"token": old.get("token"), "count": old.get("count"), "cause": old.get("reason", ""),
+                            "replaces": ""})
+        except FileNotFoundError:
+            pass
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("ignoring unreadable launch intent %s: %s", self.legacy_intent_path, exc)
+        for raw in intents:
+            intent = self._valid_intent(raw)
+            if intent is not None:
+                self._intents[intent.token] = intent
+                log.info("resuming launch %s of %d interrupted by a restart (same token: nothing doubles)",
+                         intent.token, intent.count)
+        try:
+            for i, r in dict(state.get("recent", {})).items():
+                self._recent[str(i)] = (ProviderInstance(**r["instance"]), str(r["token"]), float(r["until"]))
+            for i, c in dict(state.get("condemned", {})).items():
+                self._condemned[str(i)] = _Condemned(**c)
+            self._replacing = {str(i): float(t) for i, t in dict(state.get("replacing", {})).items()}
+            self._ever_healthy = {str(i) for i in state.get("ever_healthy", [])}
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            log.warning("ignoring part of the controller state %s: %s", self.state_path, exc)
+        self.breaker = ChurnBreaker.from_state(dict(state.get("breaker", {}) or {}), self.cfg.breaker_failures,
+                                               self.cfg.breaker_window)
+        if self.breaker.tripped:
+            log.warning("the churn breaker is still tripped (%d launches in a row failed); "
+                        "`python -m controller_asg.breaker_cli reset` closes it", self.breaker.consecutive)
+        self._save_state()
+        try:
+            os.unlink(self.legacy_intent_path)
+        except FileNotFoundError:
+            pass
+
+    def _valid_intent(self, raw: object) -> Intent | None:
+        """A resumed intent is trusted only in shape (the gate still checks what it may add)."""
+        if not isinstance(raw, dict):
+            log.warning("dropping a launch intent that is not an object: %r", raw)
+            return None
+        token, count = raw.get("token"), raw.get("count")
+        if not valid_token(token, self.cfg.group_name):
+            log.warning("dropping launch intent %r: token=%r, expected %s followed by %d hex digits", raw, token,
+                        token_prefix(self.cfg.group_name), TOKEN_HEX)
+            return None
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= self.cfg.max_instances:
+            log.warning("dropping launch intent %s: count=%r, expected an integer from 1 to HELIX_MAX_INSTANCES=%d",
+                        token, count, self.cfg.max_instances)
+            return None
+        assert isinstance(token, str)
+        return Intent(token, count, str(raw.get("cause", ""))[:300] or "resuming a launch interrupted by a restart",
+                      str(raw.get("replaces", ""))[:128])
 
     def _load_history(self) -> None:
         try:
@@ -316,18 +562,18 @@ class Controller:
 
     def _save_history(self) -> None:
         try:
-            _write_json(self.history_path, self.policy.export_state())
+            _write_json(self.history_path, json.dumps(self.policy.export_state()), sync=True)
         except Exception as exc:  # noqa: BLE001
             self._log_error(f"cannot save policy history to {self.history_path}: {exc}")
 
 
-def _write_json(path: str, data: object) -> None:
+def _write_json(path: str, text: str, sync: bool = True) -> None:
     """Write-then-rename, so a crash mid-write leaves the old file, never half a new one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+        fh.write(text)
+        if sync:
+            fh.flush()
+            os.fsync(fh.fileno())
     os.replace(tmp, path)
-

@@ -7,6 +7,7 @@ they act.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from controller_asg.policy.base import Observation
@@ -37,10 +38,26 @@ class FleetMember:
         return self.row.cpu if self.row is not None and self.row.last_metrics > 0 else None
 
 
+def grace_started(member: FleetMember, monitor_started_at: float) -> float:
+    """When an instance's health grace began: its launch, or MonitorS's start when later (a
+    MonitorS restarted with a fresh table must not make every instance look unregistered).
+
+    An instance counts as in service from its launch, as in EC2 Auto Scaling: its grace covers
+    the agent registering *and* the app starting (like ASG's HealthCheckGracePeriod, or a
+    Kubernetes startupProbe), so a slow app is not replaced while it starts."""
+    return max(member.instance.launched_at, monitor_started_at)
+
+
+def grace_expired(member: FleetMember, now: float, grace: float, monitor_started_at: float) -> bool:
+    return now - grace_started(member, monitor_started_at) > grace
+
+
 @dataclass(frozen=True)
 class FleetView:
     now: float
     members: tuple[FleetMember, ...]  # every owned instance that is not being terminated
+    # Listed as terminating, or condemned by the controller (its terminate not yet confirmed):
+    # billable until gone, never capacity.
     terminating: tuple[ProviderInstance, ...]
     unowned_rows: tuple[InstanceRow, ...]  # registered with MonitorS, not owned by this provider
 
@@ -56,13 +73,17 @@ class FleetView:
     def capacity(self) -> int:
         return len(self.members)
 
-    def observation(self, warmup: float, poll_interval: float) -> Observation:
+    def observation(self, warmup: float, poll_interval: float, grace: float = float("inf"),
+                    monitor_started_at: float = 0.0) -> Observation:
         """Reduce to what a policy sees. The rules, as Kubernetes' HPA states them for pods:
         - only in-service, HEALTHY instances past HELIX_WARMUP with fresh metrics give CPU samples;
         - instances inside the warm-up count as capacity, their CPU is left out (a booting app's
           CPU says nothing about steady load);
         - in-service instances with no usable metrics (unhealthy, app down, stale) are `missing`:
-          the policy treats them as at target when scaling in and as 0 when scaling out.
+          the policy treats them as at target when scaling in and as 0 when scaling out;
+        - `pending` is only launches still inside their health grace: one that missed it is a
+          failed launch, not capacity about to serve, so it never holds a scale-in (a broken image
+          must not pin the fleet at max). It still counts as capacity until it is replaced.
         """
         samples: list[float] = []
         missing = warming = 0
@@ -78,16 +99,21 @@ class FleetView:
             else:
                 samples.append(min(1.0, max(0.0, float(row.cpu))))
         in_service = len(self.in_service)
+        pending = sum(1 for m in self.pending if not grace_expired(m, self.now, grace, monitor_started_at))
         return Observation(now=self.now, capacity=self.capacity, in_service=in_service,
-                           pending=self.capacity - in_service, cpu_samples=tuple(samples), missing=missing,
+                           pending=pending, cpu_samples=tuple(samples), missing=missing,
                            warming=warming)
 
 
-def build_fleet(snapshot: Snapshot, instances: list[ProviderInstance], now: float) -> FleetView:
-    rows = {row.instance_id: row for row in snapshot.instances()}
+def build_fleet(snapshot: Snapshot | None, instances: list[ProviderInstance], now: float,
+                condemned: Collection[str] = ()) -> FleetView:
+    """`snapshot` None: the table could not be read (every instance looks unregistered).
+    `condemned`: ids the controller decided to terminate and the provider does not list as
+    terminating yet; they count with the terminating ones, never as capacity."""
+    rows = {row.instance_id: row for row in snapshot.instances()} if snapshot is not None else {}
     members, terminating = [], []
     for inst in sorted(instances, key=lambda i: (i.launched_at, i.instance_id)):
-        if inst.state == "terminating":
+        if inst.state == "terminating" or inst.instance_id in condemned:
             terminating.append(inst)
         else:
             members.append(FleetMember(inst, rows.get(inst.instance_id)))

@@ -1,10 +1,11 @@
 """Which instances to replace, and how many at once. Pure: the fleet view and the time go in.
 
 Rules, in the order they act:
-- An instance is a candidate when its agent has not registered within HELIX_HEALTH_GRACE seconds,
-  counted from its launch or from MonitorS's start, whichever is later (a MonitorS restarted with
-  a fresh table must not make every instance look unregistered); when MonitorS marks it
-  unhealthy; or when its app has been down for HELIX_APP_DOWN_AFTER polls.
+- Nothing is a candidate inside its health grace (HELIX_HEALTH_GRACE seconds from its launch, or
+  from MonitorS's start when later; see `fleet.grace_started`): an app that needs a while after
+  its agent starts is not replaced while it starts, whatever its row says meanwhile.
+- After the grace, an instance is a candidate when its agent has not registered; when MonitorS
+  marks it unhealthy; or when its app has been down for HELIX_APP_DOWN_AFTER polls.
 - At most 10% of desired (at least 1) replacements are in flight at a time, so a bad image or a
   bad release never cycles the whole fleet at once.
 - When more than HELIX_MAX_UNHEALTHY_FRACTION of in-service instances look unhealthy at once, the
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from controller_asg.fleet import FleetMember, FleetView
+from controller_asg.fleet import FleetMember, FleetView, grace_expired
 from shared.table import State
 
 
@@ -36,12 +37,11 @@ class HealthPlan:
 
 
 def _cause(member: FleetMember, now: float, grace: float, monitor_started_at: float, app_down_after: int) -> str:
+    if not grace_expired(member, now, grace, monitor_started_at):
+        return ""
     row = member.row
     if row is None:
-        since = max(member.instance.launched_at, monitor_started_at)
-        if now - since > grace:
-            return f"its agent has not registered within {grace:g}s of launch"
-        return ""
+        return f"its agent has not registered within {grace:g}s of launch"
     if row.state == State.UNHEALTHY:
         return f"MonitorS marks it unhealthy after {row.failures} failed polls in a row"
     if row.state == State.APP_DOWN and row.app_down_polls >= app_down_after:

@@ -26,10 +26,18 @@ def check_identity_config(cfg: Config) -> list[str]:
     from monitor_s.validation import Refusal, check_register
     from protos import helix_pb2
 
-    keys = {"instance_id": ("HELIX_INSTANCE_ID", cfg.instance_id), "address": ("HELIX_ADVERTISE_ADDR", cfg.advertise_addr),
-            "vcpus": ("HELIX_VCPUS", cfg.vcpus), "labels": ("HELIX_LABELS", ",".join(f"{k}={v}" for k, v in cfg.labels.items()))}
-    request = helix_pb2.RegisterRequest(instance_id=cfg.instance_id or "placeholder", address=cfg.advertise_addr or "127.0.0.1:1",
-                                        vcpus=max(1, math.ceil(cfg.vcpus or os.cpu_count() or 1)), labels=cfg.labels)
+    keys = {
+        "instance_id": ("HELIX_INSTANCE_ID", cfg.instance_id),
+        "address": ("HELIX_ADVERTISE_ADDR", cfg.advertise_addr),
+        "vcpus": ("HELIX_VCPUS", cfg.vcpus),
+        "labels": ("HELIX_LABELS", ",".join(f"{k}={v}" for k, v in cfg.labels.items())),
+    }
+    request = helix_pb2.RegisterRequest(
+        instance_id=cfg.instance_id or "placeholder",
+        address=cfg.advertise_addr or "127.0.0.1:1",
+        vcpus=max(1, math.ceil(cfg.vcpus or os.cpu_count() or 1)),
+        labels=cfg.labels,
+    )
     try:
         check_register(request)
     except Refusal as refusal:

@@ -17,6 +17,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import AsyncIterator
 
 import grpc
 import grpc.aio
@@ -53,9 +54,20 @@ class AgentState:
         s = self.sampler.sample()
         self.last_polled = time.monotonic()
         return helix_pb2.Metrics(
-            cpu=s.cpu, vcpus=self.vcpus, mem=s.mem, load1=s.load1, load5=s.load5, load15=s.load15,
-            net_rx_bps=s.net_rx_bps, net_tx_bps=s.net_tx_bps, disk=s.disk, app_live=self.app_live,
-            app_detail=self.app_detail[:40], sample_time=s.sample_time, instance_id=self.identity.instance_id)
+            cpu=s.cpu,
+            vcpus=self.vcpus,
+            mem=s.mem,
+            load1=s.load1,
+            load5=s.load5,
+            load15=s.load15,
+            net_rx_bps=s.net_rx_bps,
+            net_tx_bps=s.net_tx_bps,
+            disk=s.disk,
+            app_live=self.app_live,
+            app_detail=self.app_detail[:40],
+            sample_time=s.sample_time,
+            instance_id=self.identity.instance_id,
+        )
 
 
 class AgentService(helix_pb2_grpc.AgentServicer):
@@ -64,26 +76,40 @@ class AgentService(helix_pb2_grpc.AgentServicer):
 
     async def _check_id(self, wanted: str, context: grpc.aio.ServicerContext) -> None:
         if wanted and wanted != self.state.identity.instance_id:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"instance_id: this agent is {self.state.identity.instance_id!r}, not {wanted[:64]!r}")
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"instance_id: this agent is {self.state.identity.instance_id!r}, not {wanted[:64]!r}",
+            )
 
-    async def Heartbeat(self, request, context):
+    async def Heartbeat(
+        self, request: helix_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
+    ) -> helix_pb2.HeartbeatResponse:
         st = self.state
         st.last_polled = time.monotonic()
-        return helix_pb2.HeartbeatResponse(agent_time=time.time(), uptime_seconds=time.monotonic() - st.started,
-                                           agent_version=AGENT_VERSION, app_live=st.app_live,
-                                           instance_id=st.identity.instance_id)
+        return helix_pb2.HeartbeatResponse(
+            agent_time=time.time(),
+            uptime_seconds=time.monotonic() - st.started,
+            agent_version=AGENT_VERSION,
+            app_live=st.app_live,
+            instance_id=st.identity.instance_id,
+        )
 
-    async def GetMetrics(self, request, context):
+    async def GetMetrics(
+        self, request: helix_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> helix_pb2.Metrics:
         await self._check_id(request.instance_id, context)
         return self.state.metrics()
 
-    async def WatchMetrics(self, request, context):
+    async def WatchMetrics(
+        self, request: helix_pb2.WatchMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[helix_pb2.Metrics]:
         await self._check_id(request.instance_id, context)
         interval = request.interval_seconds
         if not MIN_WATCH_INTERVAL <= interval <= MAX_WATCH_INTERVAL:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"interval_seconds: {interval:g}, expected {MIN_WATCH_INTERVAL:g} to {MAX_WATCH_INTERVAL:g}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"interval_seconds: {interval:g}, expected {MIN_WATCH_INTERVAL:g} to {MAX_WATCH_INTERVAL:g}",
+            )
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
@@ -96,7 +122,9 @@ class AgentService(helix_pb2_grpc.AgentServicer):
 
 
 class Agent:
-    def __init__(self, cfg: Config, auth: rpc_security.Auth, log: logging.Logger, early_signals: list[int] | None = None):
+    def __init__(
+        self, cfg: Config, auth: rpc_security.Auth, log: logging.Logger, early_signals: list[int] | None = None
+    ):
         self.early_signals = early_signals if early_signals is not None else []
         self.cfg = cfg
         self.auth = auth
@@ -116,15 +144,25 @@ class Agent:
         identity = resolve_identity(cfg, port)
         allotment = cfg.vcpus or os.cpu_count() or 1
         vcpus = max(1, math.ceil(allotment))  # what registration reports: whole vCPUs
-        self.state = AgentState(identity, vcpus, Sampler(cfg.cpu_source, allotment), AppProbe(cfg.app_check, cfg.app_check_timeout))
+        self.state = AgentState(
+            identity, vcpus, Sampler(cfg.cpu_source, allotment), AppProbe(cfg.app_check, cfg.app_check_timeout)
+        )
         helix_pb2_grpc.add_AgentServicer_to_server(AgentService(self.state), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         await server.start()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
-        log.info("agent %s (%s) serving on %s, advertising %s, cpu %s over %d vCPUs, app check %s, version %s",
-                 identity.instance_id, identity.source, cfg.agent_listen, identity.address, cfg.cpu_source, vcpus,
-                 cfg.app_check or "none", AGENT_VERSION)
+        log.info(
+            "agent %s (%s) serving on %s, advertising %s, cpu %s over %d vCPUs, app check %s, version %s",
+            identity.instance_id,
+            identity.source,
+            cfg.agent_listen,
+            identity.address,
+            cfg.cpu_source,
+            vcpus,
+            cfg.app_check or "none",
+            AGENT_VERSION,
+        )
 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -163,8 +201,13 @@ class Agent:
 
     def _request(self) -> helix_pb2.RegisterRequest:
         ident = self.state.identity
-        return helix_pb2.RegisterRequest(instance_id=ident.instance_id, address=ident.address, vcpus=self.state.vcpus,
-                                         agent_version=AGENT_VERSION, labels=ident.labels)
+        return helix_pb2.RegisterRequest(
+            instance_id=ident.instance_id,
+            address=ident.address,
+            vcpus=self.state.vcpus,
+            agent_version=AGENT_VERSION,
+            labels=ident.labels,
+        )
 
     async def _registration_loop(self) -> None:
         st, log = self.state, self.log
@@ -178,19 +221,40 @@ class Agent:
                 resp = await self.registry.Register(self._request(), timeout=REGISTER_TIMEOUT)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
-                level = logging.ERROR if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED,
-                                                  grpc.StatusCode.UNAUTHENTICATED) else logging.WARNING
+                level = (
+                    logging.ERROR
+                    if code
+                    in (
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        grpc.StatusCode.UNAUTHENTICATED,
+                    )
+                    else logging.WARNING
+                )
                 delay = backoff * random.uniform(0.5, 1.5)  # jitter: a fleet restarting together spreads out
-                log.log(level, "register with %s failed: %s %s; retrying in %.1fs", self.cfg.monitor_addr,
-                        code.name, exc.details(), delay)
+                log.log(
+                    level,
+                    "register with %s failed: %s %s; retrying in %.1fs",
+                    self.cfg.monitor_addr,
+                    code.name,
+                    exc.details(),
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_FIRST
             st.poll_interval = resp.poll_interval or 1.0
             st.last_polled = time.monotonic()
-            log.info("registered with %s as %s at %s (slot %d, poll interval %gs, reason: %s)", self.cfg.monitor_addr,
-                     st.identity.instance_id, st.identity.address, resp.slot, st.poll_interval, reason)
+            log.info(
+                "registered with %s as %s at %s (slot %d, poll interval %gs, reason: %s)",
+                self.cfg.monitor_addr,
+                st.identity.instance_id,
+                st.identity.address,
+                resp.slot,
+                st.poll_interval,
+                reason,
+            )
             silence = max(SILENT_INTERVALS * st.poll_interval, MIN_SILENCE)
             while (quiet := time.monotonic() - st.last_polled) < silence:
                 await asyncio.sleep(min(silence - quiet, st.poll_interval) + 0.01)
@@ -201,13 +265,17 @@ class Agent:
         try:
             resp = await self.registry.Deregister(
                 helix_pb2.DeregisterRequest(instance_id=self.state.identity.instance_id, reason=reason),
-                timeout=DEREGISTER_TIMEOUT)
-            self.log.info("deregistered from %s (row %s)", self.cfg.monitor_addr, "freed" if resp.found else "already gone")
+                timeout=DEREGISTER_TIMEOUT,
+            )
+            self.log.info(
+                "deregistered from %s (row %s)", self.cfg.monitor_addr, "freed" if resp.found else "already gone"
+            )
         except grpc.aio.AioRpcError as exc:
             self.log.warning("deregister failed: %s %s", exc.code().name, exc.details())
 
 
-async def _set_health(servicer, status) -> None:
+async def _set_health(servicer: health.HealthServicer | health.aio.HealthServicer, status: int) -> None:
+    # The sync servicer's set() returns None, the aio one's a coroutine.
     result = servicer.set("", status)
     if asyncio.iscoroutine(result):
         await result

@@ -35,8 +35,11 @@ def imds_lookup(base_url: str, timeout: float = IMDS_TIMEOUT) -> dict[str, str]:
         token = resp.read().decode("ascii", "replace").strip()
         if resp.status != 200 or not token:
             return {}
-        for key, path in (("instance_id", "instance-id"), ("local_ipv4", "local-ipv4"),
-                          ("zone", "placement/availability-zone")):
+        for key, path in (
+            ("instance_id", "instance-id"),
+            ("local_ipv4", "local-ipv4"),
+            ("zone", "placement/availability-zone"),
+        ):
             conn.request("GET", f"/latest/meta-data/{path}", headers={"X-aws-ec2-metadata-token": token})
             resp = conn.getresponse()
             body = resp.read().decode("utf-8", "replace").strip()
@@ -77,7 +80,9 @@ def resolve_identity(cfg: Config, listen_port: int) -> Identity:
         labels["zone"] = meta["zone"]
     instance_id, source = cfg.instance_id, "config"
     if not instance_id:
-        instance_id, source = (meta["instance_id"], "imds") if meta.get("instance_id") else (socket.gethostname(), "hostname")
+        instance_id, source = (
+            (meta["instance_id"], "imds") if meta.get("instance_id") else (socket.gethostname(), "hostname")
+        )
     if cfg.advertise_addr:
         address = cfg.advertise_addr
     elif meta.get("local_ipv4"):

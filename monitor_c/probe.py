@@ -32,7 +32,7 @@ class AppProbe:
                 return await asyncio.wait_for(self._http(), self.timeout)
             if self.spec.startswith("process:"):
                 return await asyncio.to_thread(self._process, self.spec[8:])
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             return False, f"timeout after {self.timeout:g}s"
         except ConnectionRefusedError:
             return False, f"{self.spec.split(':')[0]} refused"
@@ -53,8 +53,10 @@ class AppProbe:
         reader, writer = await asyncio.open_connection(url.hostname, port, ssl=True if tls else None)
         try:
             path = (url.path or "/") + (f"?{url.query}" if url.query else "")
-            writer.write(f"GET {path} HTTP/1.0\r\nHost: {url.netloc}\r\nUser-Agent: helix-agent\r\n"
-                         "Connection: close\r\n\r\n".encode("latin-1"))
+            writer.write(
+                f"GET {path} HTTP/1.0\r\nHost: {url.netloc}\r\nUser-Agent: helix-agent\r\n"
+                "Connection: close\r\n\r\n".encode("latin-1")
+            )
             await writer.drain()
             status_line = await reader.readline()
         finally:

@@ -71,7 +71,7 @@ class TreeCpu(_CounterCpu):
 
     RESCAN_SECONDS = 5.0
 
-    def __init__(self, pid: int, vcpus: int):
+    def __init__(self, pid: int, vcpus: float):
         self.pid = pid
         self._procs: list[psutil.Process] = []
         self._scanned_at = -1e9
@@ -117,7 +117,7 @@ class TreeCpu(_CounterCpu):
 class CgroupCpu(_CounterCpu):
     """A cgroup v2 directory: `usage_usec` from cpu.stat, memory.current against memory.max."""
 
-    def __init__(self, path: str, vcpus: int):
+    def __init__(self, path: str, vcpus: float):
         self.path = path if os.path.isdir(path) or path.startswith(CGROUP_ROOT) else CGROUP_ROOT + path
         super().__init__(vcpus)
 
@@ -144,7 +144,7 @@ class CgroupCpu(_CounterCpu):
         return min(int(current) / max(total, 1), 1.0)
 
 
-def cpu_source(spec: str, vcpus: int) -> HostCpu | TreeCpu | CgroupCpu:
+def cpu_source(spec: str, vcpus: float) -> HostCpu | TreeCpu | CgroupCpu:
     """Build the source HELIX_CPU_SOURCE names (already validated by the config)."""
     if spec.startswith("tree:"):
         return TreeCpu(int(spec[5:]), vcpus)
@@ -156,7 +156,7 @@ def cpu_source(spec: str, vcpus: int) -> HostCpu | TreeCpu | CgroupCpu:
 class Sampler:
     """Takes one Sample per call: CPU and network as rates since the previous call."""
 
-    def __init__(self, spec: str, vcpus: int, disk_path: str = "/"):
+    def __init__(self, spec: str, vcpus: float, disk_path: str = "/"):
         self.cpu = cpu_source(spec, vcpus)
         self.disk_path = disk_path
         self._net = (time.monotonic(), self._net_counters())
@@ -180,6 +180,14 @@ class Sampler:
             disk = psutil.disk_usage(self.disk_path).percent / 100.0
         except OSError:
             disk = 0.0
-        return Sample(cpu=self.cpu.utilisation(), mem=self.cpu.memory(), load1=load1, load5=load5, load15=load15,
-                      net_rx_bps=max(rx - rx0, 0) / wall, net_tx_bps=max(tx - tx0, 0) / wall, disk=disk,
-                      sample_time=time.time())
+        return Sample(
+            cpu=self.cpu.utilisation(),
+            mem=self.cpu.memory(),
+            load1=load1,
+            load5=load5,
+            load15=load15,
+            net_rx_bps=max(rx - rx0, 0) / wall,
+            net_tx_bps=max(tx - tx0, 0) / wall,
+            disk=disk,
+            sample_time=time.time(),
+        )

@@ -25,9 +25,10 @@ import grpc
 import grpc.aio
 import numpy as np
 
+from monitor_s.validation import Refusal, check_instance_id
 from protos import helix_pb2, helix_pb2_grpc
 from shared import rpc_security
-from shared.config import Config
+from shared.config import Config, Invalid, parse_host_port
 from shared.table import (DETAIL_BYTES, ROW_DTYPE, VERSION_BYTES, ZONE_BYTES, InstanceRow, MetricsTable, State,
                           clip_text, encode_text)
 
@@ -103,22 +104,28 @@ class Fleet:
         return entry
 
     def load(self) -> int:
-        """Resume every row the table already holds (MonitorS restarted)."""
-        for row in self.table.snapshot().instances():
-            slot_entry = Entry(row.instance_id, row.address, slot=-1, registered_at=row.registered_at, zone=row.zone,
-                               state=row.state, failures=row.failures, app_down_polls=row.app_down_polls,
-                               failing_since=time.time() if row.failures else 0.0)
-            self.entries[row.instance_id] = self.connect(slot_entry)
-        self._resolve_slots()
-        return len(self.entries)
-
-    def _resolve_slots(self) -> None:
+        """Resume every row the table already holds (MonitorS restarted). The table is repaired
+        first, never refused: whatever bytes a crash or a stray write left, MonitorS starts, keeps
+        the good rows and frees the rest, one log line each (their agents register again)."""
+        for note in self.table.repair():
+            self.log.warning("table repair: %s", note)
         snap = self.table.snapshot()
-        ids = snap.rows["instance_id"]
-        for index in np.flatnonzero(snap.rows["state"] != State.FREE):
-            entry = self.entries.get(bytes(ids[index]).decode("utf-8", "replace"))
-            if entry is not None:
-                entry.slot = int(index)
+        for slot in map(int, snap.live_slots):
+            row = InstanceRow.from_record(snap.rows[slot])
+            try:
+                # What Register would refuse cannot be polled or deregistered: MonitorS never wrote it.
+                check_instance_id(row.instance_id)
+                parse_host_port(row.address)
+            except (Refusal, Invalid) as exc:
+                self.table.free(row.instance_id)
+                why = exc.message if isinstance(exc, Refusal) else f"address: {row.address[:80]!r}, expected {exc}"
+                self.log.warning("table repair: freed slot %d: %s", slot, why)
+                continue
+            entry = Entry(row.instance_id, row.address, slot=slot, registered_at=row.registered_at, zone=row.zone,
+                          state=row.state, failures=row.failures, app_down_polls=row.app_down_polls,
+                          failing_since=time.time() if row.failures else 0.0)
+            self.entries[row.instance_id] = self.connect(entry)
+        return len(self.entries)
 
     def register(self, instance_id: str, address: str, vcpus: int, agent_version: str, zone: str, app_port: int,
                  now: float) -> tuple[Entry, bool]:

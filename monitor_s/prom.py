@@ -1,10 +1,14 @@
 """Prometheus exposition for MonitorS (HELIX_METRICS_PORT, 0 turns it off).
 
 Per-instance values are read from the in-memory fleet at scrape time by a custom collector, so
-a poll cycle pays nothing for them and a deregistered instance's series simply disappear.
+a poll cycle pays nothing for them and a deregistered instance's series simply disappear. The
+same collector reads the table at scrape time for its bad rows and the controller's section
+(breaker, billable and maximum instances), which ControllerASG writes and MonitorS only relays.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -43,6 +47,31 @@ class FleetCollector:
         polls.add_metric(["ok"], self.fleet.polls_ok)
         polls.add_metric(["error"], self.fleet.polls_failed)
         yield polls
+        yield from self.collect_table()
+
+    def collect_table(self) -> Iterator[GaugeMetricFamily]:
+        """What the table says beyond MonitorS's own fleet: its bad rows now, and the controller's
+        section. A snapshot per scrape is a lock and a byte copy; it never raises on the contents."""
+        snap = self.fleet.table.snapshot()
+        yield GaugeMetricFamily("helix_table_bad_rows", "Occupied rows of the metrics table that fail validation "
+                                "(every reader leaves them out).", value=len(snap.row_problems))
+        ctl = snap.controller
+        if not ctl.pid:
+            return  # no controller has written its section yet: no value rather than a made-up 0
+        gauges = (
+            ("helix_controller_breaker_tripped", "1 while the controller's launch breaker is tripped.",
+             1.0 if ctl.breaker else 0.0),
+            ("helix_controller_breaker_failures", "Consecutive failed launches the controller counts.",
+             ctl.breaker_failures),
+            ("helix_controller_billable_instances", "Instances that may be billed, as the controller's launch "
+             "gate counts them.", ctl.billable),
+            ("helix_controller_max_instances", "The maximum number of instances the controller enforces.",
+             ctl.max_instances),
+            ("helix_controller_table_bad_rows", "Bad rows the controller's last snapshot of the table left out.",
+             ctl.table_problems),
+        )
+        for name, doc, value in gauges:
+            yield GaugeMetricFamily(name, doc, value=value)
 
 
 def start_exporter(fleet: Fleet, port: int, host: str = "0.0.0.0") -> CollectorRegistry:

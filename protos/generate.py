@@ -18,15 +18,21 @@ OUTPUTS = ("helix_pb2.py", "helix_pb2.pyi", "helix_pb2_grpc.py")
 
 def generate(out_dir: str) -> list[str]:
     """Run protoc (grpcio-tools) on helix.proto into `out_dir`; return the paths written."""
+    import grpc_tools
     from grpc_tools import protoc  # build-time dependency only
 
-    import grpc_tools
-
     include = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
-    rc = protoc.main([
-        "grpc_tools.protoc", f"-I{HERE}", f"-I{include}", f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}", f"--grpc_python_out={out_dir}", os.path.join(HERE, PROTO),
-    ])
+    rc = protoc.main(
+        [
+            "grpc_tools.protoc",
+            f"-I{HERE}",
+            f"-I{include}",
+            f"--python_out={out_dir}",
+            f"--pyi_out={out_dir}",
+            f"--grpc_python_out={out_dir}",
+            os.path.join(HERE, PROTO),
+        ]
+    )
     if rc != 0:
         raise RuntimeError(f"protoc failed on {PROTO} with status {rc}")
     grpc_path = os.path.join(out_dir, "helix_pb2_grpc.py")

@@ -221,8 +221,15 @@ def setting(
     secret: bool = False,
     group: str = "general",
 ) -> Any:
-    meta = {"key": key, "raw_default": default, "doc": doc, "parse": parse, "aliases": aliases,
-            "secret": secret, "group": group}
+    meta = {
+        "key": key,
+        "raw_default": default,
+        "doc": doc,
+        "parse": parse,
+        "aliases": aliases,
+        "secret": secret,
+        "group": group,
+    }
     value = parse(default)
     if isinstance(value, dict):
         return field(default_factory=lambda: dict(value), metadata=meta)
@@ -232,155 +239,444 @@ def setting(
 @dataclass(frozen=True)
 class Config:
     # --- general -------------------------------------------------------------------------------
-    log_level: str = setting("HELIX_LOG_LEVEL", "info", "Log level of every process.",
-                             choice("debug", "info", "warning", "error"))
-    shm_name: str = setting("HELIX_SHM_NAME", "helix-metrics",
-                            "Name of the shared-memory metrics table (`/dev/shm/<name>`, lock file `<name>.lock` beside it).",
-                            shm_segment_name, group="table")
-    shm_capacity: int = setting("HELIX_SHM_CAPACITY", "1024", "Rows in the metrics table: the most instances one manager tracks.",
-                                integer(1, 1_000_000), group="table")
-    shm_reset: bool = setting("HELIX_SHM_RESET", "0",
-                              "MonitorS: replace an existing table whose layout does not match (loses the registry; agents re-register).",
-                              flag, group="table")
-    token: str = setting("HELIX_TOKEN", "", "Shared bearer token every RPC carries (or use HELIX_TOKEN_FILE).",
-                         text(1024), secret=True, group="security")
-    token_file: str = setting("HELIX_TOKEN_FILE", "", "File holding the bearer token (first line).", text(), group="security")
-    insecure: bool = setting("HELIX_INSECURE", "0", "Allow running with no token (loudly logged). Never in production.",
-                             flag, group="security")
-    tls_cert: str = setting("HELIX_TLS_CERT", "", "PEM certificate this process serves with (enables TLS).", text(), group="security")
+    log_level: str = setting(
+        "HELIX_LOG_LEVEL", "info", "Log level of every process.", choice("debug", "info", "warning", "error")
+    )
+    shm_name: str = setting(
+        "HELIX_SHM_NAME",
+        "helix-metrics",
+        "Name of the shared-memory metrics table (`/dev/shm/<name>`, lock file `<name>.lock` beside it).",
+        shm_segment_name,
+        group="table",
+    )
+    shm_capacity: int = setting(
+        "HELIX_SHM_CAPACITY",
+        "1024",
+        "Rows in the metrics table: the most instances one manager tracks.",
+        integer(1, 1_000_000),
+        group="table",
+    )
+    shm_reset: bool = setting(
+        "HELIX_SHM_RESET",
+        "0",
+        "MonitorS: replace an existing table whose layout does not match (loses the registry; agents re-register).",
+        flag,
+        group="table",
+    )
+    token: str = setting(
+        "HELIX_TOKEN",
+        "",
+        "Shared bearer token every RPC carries (or use HELIX_TOKEN_FILE).",
+        text(1024),
+        secret=True,
+        group="security",
+    )
+    token_file: str = setting(
+        "HELIX_TOKEN_FILE", "", "File holding the bearer token (first line).", text(), group="security"
+    )
+    insecure: bool = setting(
+        "HELIX_INSECURE",
+        "0",
+        "Allow running with no token (loudly logged). Never in production.",
+        flag,
+        group="security",
+    )
+    tls_cert: str = setting(
+        "HELIX_TLS_CERT", "", "PEM certificate this process serves with (enables TLS).", text(), group="security"
+    )
     tls_key: str = setting("HELIX_TLS_KEY", "", "PEM private key for HELIX_TLS_CERT.", text(), group="security")
-    tls_ca: str = setting("HELIX_TLS_CA", "",
-                          "PEM CA bundle: clients verify servers with it; servers require client certificates signed by it (mTLS).",
-                          text(), group="security")
+    tls_ca: str = setting(
+        "HELIX_TLS_CA",
+        "",
+        "PEM CA bundle: clients verify servers with it; servers require client certificates signed by it (mTLS).",
+        text(),
+        group="security",
+    )
 
     # --- MonitorC (the agent on each instance) --------------------------------------------------
-    agent_listen: str = setting("HELIX_AGENT_LISTEN", "0.0.0.0:50051", "Address the agent's gRPC server listens on.",
-                                host_port(), group="agent")
-    monitor_addr: str = setting("HELIX_MONITOR_ADDR", "127.0.0.1:50052", "MonitorS address the agent registers with.",
-                                host_port(), group="agent")
-    cpu_source: str = setting("HELIX_CPU_SOURCE", "host",
-                              "What CPU the agent reports: `host` (whole machine), `tree:<pid>` or `cgroup:<path>` (divided by HELIX_VCPUS).",
-                              cpu_source_spec, group="agent")
-    vcpus: float = setting("HELIX_VCPUS", "0",
-                           "vCPUs the agent divides CPU time by (a fraction is a CPU allotment, e.g. 0.25); 0: count the machine's.",
-                           number(0, 4096), group="agent")
-    app_check: str = setting("HELIX_APP_CHECK", "",
-                             "App liveness probe: `http(s)://…` (2xx), `tcp://host:port`, `process:NAME`, or empty (live when the agent is).",
-                             app_check_spec, group="agent")
-    app_check_timeout: float = setting("HELIX_APP_CHECK_TIMEOUT", "1.0", "Seconds the liveness probe may take.",
-                                       number(0.01, 60, unit="seconds"), group="agent")
-    instance_id: str = setting("HELIX_INSTANCE_ID", "", "Instance id; empty: ask EC2 instance metadata, else use the hostname.",
-                               text(64), group="agent")
-    advertise_addr: str = setting("HELIX_ADVERTISE_ADDR", "", "host:port MonitorS should poll; empty: the instance's private IPv4 and listen port.",
-                                  host_port(optional=True), group="agent")
-    labels: dict = setting("HELIX_LABELS", "", "Labels sent at registration, `key=value,…` (e.g. `zone=us-east-1a`).",
-                           label_pairs, group="agent")
-    imds_url: str = setting("HELIX_IMDS_URL", "http://169.254.169.254", "EC2 instance-metadata endpoint (IMDSv2).",
-                            text(256), group="agent")
+    agent_listen: str = setting(
+        "HELIX_AGENT_LISTEN", "0.0.0.0:50051", "Address the agent's gRPC server listens on.", host_port(), group="agent"
+    )
+    monitor_addr: str = setting(
+        "HELIX_MONITOR_ADDR",
+        "127.0.0.1:50052",
+        "MonitorS address the agent registers with.",
+        host_port(),
+        group="agent",
+    )
+    cpu_source: str = setting(
+        "HELIX_CPU_SOURCE",
+        "host",
+        "What CPU the agent reports: `host` (whole machine), `tree:<pid>` or `cgroup:<path>` (divided by HELIX_VCPUS).",
+        cpu_source_spec,
+        group="agent",
+    )
+    vcpus: float = setting(
+        "HELIX_VCPUS",
+        "0",
+        "vCPUs the agent divides CPU time by (a fraction is a CPU allotment, e.g. 0.25); 0: count the machine's.",
+        number(0, 4096),
+        group="agent",
+    )
+    app_check: str = setting(
+        "HELIX_APP_CHECK",
+        "",
+        "App liveness probe: `http(s)://…` (2xx), `tcp://host:port`, `process:NAME`, or empty (live when the agent is).",
+        app_check_spec,
+        group="agent",
+    )
+    app_check_timeout: float = setting(
+        "HELIX_APP_CHECK_TIMEOUT",
+        "1.0",
+        "Seconds the liveness probe may take.",
+        number(0.01, 60, unit="seconds"),
+        group="agent",
+    )
+    instance_id: str = setting(
+        "HELIX_INSTANCE_ID",
+        "",
+        "Instance id; empty: ask EC2 instance metadata, else use the hostname.",
+        text(64),
+        group="agent",
+    )
+    advertise_addr: str = setting(
+        "HELIX_ADVERTISE_ADDR",
+        "",
+        "host:port MonitorS should poll; empty: the instance's private IPv4 and listen port.",
+        host_port(optional=True),
+        group="agent",
+    )
+    labels: dict = setting(
+        "HELIX_LABELS",
+        "",
+        "Labels sent at registration, `key=value,…` (e.g. `zone=us-east-1a`).",
+        label_pairs,
+        group="agent",
+    )
+    imds_url: str = setting(
+        "HELIX_IMDS_URL", "http://169.254.169.254", "EC2 instance-metadata endpoint (IMDSv2).", text(256), group="agent"
+    )
 
     # --- MonitorS -------------------------------------------------------------------------------
-    monitor_listen: str = setting("HELIX_MONITOR_LISTEN", "0.0.0.0:50052", "Address MonitorS's Registry service listens on.",
-                                  host_port(), group="monitor")
-    poll_interval: float = setting("HELIX_POLL_INTERVAL", "1.0", "Seconds between two polls of every agent.",
-                                   number(0.05, 3600, unit="seconds"), group="monitor")
-    unhealthy_after: int = setting("HELIX_UNHEALTHY_AFTER", "3", "Consecutive failed polls before an instance is marked unhealthy.",
-                                   integer(1, 1000), group="monitor")
-    forget_after: float = setting("HELIX_FORGET_AFTER", "600",
-                                  "Seconds an agent may stay silent before MonitorS frees its row (a live agent registers again by itself).",
-                                  number(10, 30 * 86400, unit="seconds"), group="monitor")
-    metrics_port: int = setting("HELIX_METRICS_PORT", "9464", "Prometheus metrics port of MonitorS; 0 turns it off.",
-                                integer(0, 65535), group="monitor")
-    poll_mode: str = setting("HELIX_POLL_MODE", "poll",
-                             "How MonitorS collects: `poll` (GetMetrics each interval) or `stream` (agents push over one WatchMetrics stream each).",
-                             choice("poll", "stream"), group="monitor")
-    trust_advertised: bool = setting("HELIX_TRUST_ADVERTISED", "0",
-                                     "Accept an advertised host that is not the caller's own IP (behind NAT or a proxy).",
-                                     flag, group="monitor")
+    monitor_listen: str = setting(
+        "HELIX_MONITOR_LISTEN",
+        "0.0.0.0:50052",
+        "Address MonitorS's Registry service listens on.",
+        host_port(),
+        group="monitor",
+    )
+    poll_interval: float = setting(
+        "HELIX_POLL_INTERVAL",
+        "1.0",
+        "Seconds between two polls of every agent.",
+        number(0.05, 3600, unit="seconds"),
+        group="monitor",
+    )
+    unhealthy_after: int = setting(
+        "HELIX_UNHEALTHY_AFTER",
+        "3",
+        "Consecutive failed polls before an instance is marked unhealthy.",
+        integer(1, 1000),
+        group="monitor",
+    )
+    forget_after: float = setting(
+        "HELIX_FORGET_AFTER",
+        "600",
+        "Seconds an agent may stay silent before MonitorS frees its row (a live agent registers again by itself).",
+        number(10, 30 * 86400, unit="seconds"),
+        group="monitor",
+    )
+    metrics_port: int = setting(
+        "HELIX_METRICS_PORT",
+        "9464",
+        "Prometheus metrics port of MonitorS; 0 turns it off.",
+        integer(0, 65535),
+        group="monitor",
+    )
+    poll_mode: str = setting(
+        "HELIX_POLL_MODE",
+        "poll",
+        "How MonitorS collects: `poll` (GetMetrics each interval) or `stream` (agents push over one WatchMetrics stream each).",
+        choice("poll", "stream"),
+        group="monitor",
+    )
+    trust_advertised: bool = setting(
+        "HELIX_TRUST_ADVERTISED",
+        "0",
+        "Accept an advertised host that is not the caller's own IP (behind NAT or a proxy).",
+        flag,
+        group="monitor",
+    )
 
     # --- ControllerASG --------------------------------------------------------------------------
-    control_interval: float = setting("HELIX_CONTROL_INTERVAL", "0", "Seconds between two controller decisions; 0 means the poll interval.",
-                                      number(0, 3600, unit="seconds"), group="controller")
-    min_instances: int = setting("HELIX_MIN_INSTANCES", "1", "Fewest instances the fleet may have.",
-                                 integer(0, 100_000), aliases=("MIN_INSTANCES",), group="controller")
-    max_instances: int = setting("HELIX_MAX_INSTANCES", "10", "Most instances the fleet may have.",
-                                 integer(1, 100_000), aliases=("MAX_INSTANCES",), group="controller")
-    policy: str = setting("HELIX_POLICY", "predictive",
-                          "Scaling policy: `predictive` (target tracking that plans a launch time ahead from recent days), `target` (target tracking) or `threshold` (the seed's).",
-                          choice("predictive", "target", "threshold"), group="controller")
-    launch_lead: float = setting("HELIX_LAUNCH_LEAD", "90", "`predictive` policy: seconds it plans ahead, about the launch-to-in-service time.",
-                                 number(0, 3600, unit="seconds"), group="controller")
-    cpu_target: float = setting("HELIX_CPU_TARGET", "0.5", "Target mean CPU utilisation (0..1) for the `target` policy.",
-                                number(0, 1, lo_open=True), group="controller")
-    tolerance: float = setting("HELIX_TOLERANCE", "0.1", "No change while mean/target is within 1 ± this.",
-                               number(0, 1), group="controller")
-    scale_in_window: float = setting("HELIX_SCALE_IN_WINDOW", "300", "Scale in only to the highest recommendation of this many seconds.",
-                                     number(0, 86400, unit="seconds"), group="controller")
-    warmup: float = setting("HELIX_WARMUP", "60", "Seconds after registering during which an instance's CPU is left out of the mean.",
-                            number(0, 86400, unit="seconds"), group="controller")
-    cpu_upper: float = setting("HELIX_CPU_UPPER", "0.7", "`threshold` policy: scale out above this mean CPU (0..1).",
-                               number(0, 1), aliases=("CPU_UPPER_LIMIT",), group="controller")
-    cpu_lower: float = setting("HELIX_CPU_LOWER", "0.3", "`threshold` policy: scale in below this mean CPU (0..1).",
-                               number(0, 1), aliases=("CPU_LOWER_LIMIT",), group="controller")
-    step: int = setting("HELIX_STEP", "1", "`threshold` policy: instances added or removed per action.",
-                        integer(1, 1000), group="controller")
-    cooldown: float = setting("HELIX_COOLDOWN", "60", "`threshold` policy: seconds to wait after an action.",
-                              number(0, 86400, unit="seconds"), group="controller")
-    health_grace: float = setting("HELIX_HEALTH_GRACE", "-1",
-                                  "Seconds a new instance has to register before it is replaced; -1: 300 on ec2, 30 on local.",
-                                  number(-1, 86400, unit="seconds"), group="controller")
-    app_down_after: int = setting("HELIX_APP_DOWN_AFTER", "3", "Consecutive app-down polls before an instance is replaced.",
-                                  integer(1, 1000), group="controller")
-    max_unhealthy_fraction: float = setting("HELIX_MAX_UNHEALTHY_FRACTION", "0.45",
-                                            "Above this fraction unhealthy at once, assume a monitoring fault: replace one per interval.",
-                                            number(0, 1), group="controller")
-    termination_policy: str = setting("HELIX_TERMINATION_POLICY", "least-busy", "Whom to terminate on scale-in: `least-busy`, `oldest`, `newest`.",
-                                      choice("least-busy", "oldest", "newest"), group="controller")
-    activity_log: str = setting("HELIX_ACTIVITY_LOG", "", "File that gets one JSON line per scaling action; empty: none.",
-                                text(), group="controller")
-    history_file: str = setting("HELIX_HISTORY_FILE", "",
-                                "File where the policy keeps the load history it learns from; empty: `<HELIX_STATE_DIR>/history.json`.",
-                                text(), group="controller")
+    control_interval: float = setting(
+        "HELIX_CONTROL_INTERVAL",
+        "0",
+        "Seconds between two controller decisions; 0 means the poll interval.",
+        number(0, 3600, unit="seconds"),
+        group="controller",
+    )
+    min_instances: int = setting(
+        "HELIX_MIN_INSTANCES",
+        "1",
+        "Fewest instances the fleet may have.",
+        integer(0, 100_000),
+        aliases=("MIN_INSTANCES",),
+        group="controller",
+    )
+    max_instances: int = setting(
+        "HELIX_MAX_INSTANCES",
+        "10",
+        "Most instances the fleet may have.",
+        integer(1, 100_000),
+        aliases=("MAX_INSTANCES",),
+        group="controller",
+    )
+    policy: str = setting(
+        "HELIX_POLICY",
+        "predictive",
+        "Scaling policy: `predictive` (target tracking that plans a launch time ahead from recent days), `target` (target tracking) or `threshold` (the seed's).",
+        choice("predictive", "target", "threshold"),
+        group="controller",
+    )
+    launch_lead: float = setting(
+        "HELIX_LAUNCH_LEAD",
+        "90",
+        "`predictive` policy: seconds it plans ahead, about the launch-to-in-service time.",
+        number(0, 3600, unit="seconds"),
+        group="controller",
+    )
+    cpu_target: float = setting(
+        "HELIX_CPU_TARGET",
+        "0.5",
+        "Target mean CPU utilisation (0..1) for the `target` policy.",
+        number(0, 1, lo_open=True),
+        group="controller",
+    )
+    tolerance: float = setting(
+        "HELIX_TOLERANCE", "0.1", "No change while mean/target is within 1 ± this.", number(0, 1), group="controller"
+    )
+    scale_in_window: float = setting(
+        "HELIX_SCALE_IN_WINDOW",
+        "300",
+        "Scale in only to the highest recommendation of this many seconds.",
+        number(0, 86400, unit="seconds"),
+        group="controller",
+    )
+    warmup: float = setting(
+        "HELIX_WARMUP",
+        "60",
+        "Seconds after registering during which an instance's CPU is left out of the mean.",
+        number(0, 86400, unit="seconds"),
+        group="controller",
+    )
+    cpu_upper: float = setting(
+        "HELIX_CPU_UPPER",
+        "0.7",
+        "`threshold` policy: scale out above this mean CPU (0..1).",
+        number(0, 1),
+        aliases=("CPU_UPPER_LIMIT",),
+        group="controller",
+    )
+    cpu_lower: float = setting(
+        "HELIX_CPU_LOWER",
+        "0.3",
+        "`threshold` policy: scale in below this mean CPU (0..1).",
+        number(0, 1),
+        aliases=("CPU_LOWER_LIMIT",),
+        group="controller",
+    )
+    step: int = setting(
+        "HELIX_STEP",
+        "1",
+        "`threshold` policy: instances added or removed per action.",
+        integer(1, 1000),
+        group="controller",
+    )
+    cooldown: float = setting(
+        "HELIX_COOLDOWN",
+        "60",
+        "`threshold` policy: seconds to wait after an action.",
+        number(0, 86400, unit="seconds"),
+        group="controller",
+    )
+    health_grace: float = setting(
+        "HELIX_HEALTH_GRACE",
+        "-1",
+        "Seconds a new instance has to register before it is replaced; -1: 300 on ec2, 30 on local.",
+        number(-1, 86400, unit="seconds"),
+        group="controller",
+    )
+    app_down_after: int = setting(
+        "HELIX_APP_DOWN_AFTER",
+        "3",
+        "Consecutive app-down polls before an instance is replaced.",
+        integer(1, 1000),
+        group="controller",
+    )
+    max_unhealthy_fraction: float = setting(
+        "HELIX_MAX_UNHEALTHY_FRACTION",
+        "0.45",
+        "Above this fraction unhealthy at once, assume a monitoring fault: replace one per interval.",
+        number(0, 1),
+        group="controller",
+    )
+    termination_policy: str = setting(
+        "HELIX_TERMINATION_POLICY",
+        "least-busy",
+        "Whom to terminate on scale-in: `least-busy`, `oldest`, `newest`.",
+        choice("least-busy", "oldest", "newest"),
+        group="controller",
+    )
+    breaker_failures: int = setting(
+        "HELIX_BREAKER_FAILURES",
+        "3",
+        "Consecutive launches that never become healthy before the churn breaker trips (no more scale-out or "
+        "replacement launches; one probe launch at a time, with back-off).",
+        integer(1, 1000),
+        group="controller",
+    )
+    breaker_window: float = setting(
+        "HELIX_BREAKER_WINDOW",
+        "1800",
+        "Seconds within which a failed launch must follow the previous one for both to count as consecutive.",
+        number(1, 7 * 86400, unit="seconds"),
+        group="controller",
+    )
+    activity_log: str = setting(
+        "HELIX_ACTIVITY_LOG",
+        "",
+        "File that gets one JSON line per scaling action; empty: none.",
+        text(),
+        group="controller",
+    )
+    history_file: str = setting(
+        "HELIX_HISTORY_FILE",
+        "",
+        "File where the policy keeps the load history it learns from; empty: `<HELIX_STATE_DIR>/history.json`.",
+        text(),
+        group="controller",
+    )
 
     # --- providers ------------------------------------------------------------------------------
-    provider: str = setting("HELIX_PROVIDER", "local", "Where instances run: `local` (processes here) or `ec2`.",
-                            choice("local", "ec2"), group="provider")
-    group_name: str = setting("HELIX_GROUP", "helix", "Fleet name; the `helix:group` tag on everything Helix owns.",
-                              text(128, allow_empty=False), group="provider")
-    state_dir: str = setting("HELIX_STATE_DIR", ".helix-state", "Directory for the controller's state (local instances, history).",
-                             text(), group="provider")
-    local_app_cmd: str = setting("HELIX_LOCAL_APP_CMD", "",
-                                 "`local`: the app each instance runs (shell words; `{port}` becomes its port); empty: agent only.",
-                                 text(), group="provider")
-    local_zones: tuple = setting("HELIX_LOCAL_ZONES", "local-a,local-b", "`local`: zone names instances are spread over.",
-                                 csv_list(text(32, allow_empty=False)), group="provider")
-    local_host: str = setting("HELIX_LOCAL_HOST", "127.0.0.1", "`local`: loopback address instances listen on.",
-                              text(64, allow_empty=False), group="provider")
-    local_vcpus: float = setting("HELIX_LOCAL_VCPUS", "1",
-                                 "`local`: vCPUs each instance is allotted, fractions allowed (its CPU is divided by this).",
-                                 number(0, 4096, lo_open=True), group="provider")
-    ec2_launch_template: str = setting("HELIX_EC2_LAUNCH_TEMPLATE", "", "`ec2`: launch template id or name (else AMI + type + subnets).",
-                                       text(256), group="ec2")
+    provider: str = setting(
+        "HELIX_PROVIDER",
+        "local",
+        "Where instances run: `local` (processes here) or `ec2`.",
+        choice("local", "ec2"),
+        group="provider",
+    )
+    group_name: str = setting(
+        "HELIX_GROUP",
+        "helix",
+        "Fleet name; the `helix:group` tag on everything Helix owns.",
+        text(128, allow_empty=False),
+        group="provider",
+    )
+    state_dir: str = setting(
+        "HELIX_STATE_DIR",
+        ".helix-state",
+        "Directory for the controller's state (local instances, history).",
+        text(),
+        group="provider",
+    )
+    local_app_cmd: str = setting(
+        "HELIX_LOCAL_APP_CMD",
+        "",
+        "`local`: the app each instance runs (shell words; `{port}` becomes its port); empty: agent only.",
+        text(),
+        group="provider",
+    )
+    local_zones: tuple = setting(
+        "HELIX_LOCAL_ZONES",
+        "local-a,local-b",
+        "`local`: zone names instances are spread over.",
+        csv_list(text(32, allow_empty=False)),
+        group="provider",
+    )
+    local_host: str = setting(
+        "HELIX_LOCAL_HOST",
+        "127.0.0.1",
+        "`local`: loopback address instances listen on.",
+        text(64, allow_empty=False),
+        group="provider",
+    )
+    local_vcpus: float = setting(
+        "HELIX_LOCAL_VCPUS",
+        "1",
+        "`local`: vCPUs each instance is allotted, fractions allowed (its CPU is divided by this).",
+        number(0, 4096, lo_open=True),
+        group="provider",
+    )
+    ec2_launch_template: str = setting(
+        "HELIX_EC2_LAUNCH_TEMPLATE",
+        "",
+        "`ec2`: launch template id or name (else AMI + type + subnets).",
+        text(256),
+        group="ec2",
+    )
     ec2_ami: str = setting("HELIX_EC2_AMI", "", "`ec2`: AMI id of the app image.", text(64), group="ec2")
-    ec2_instance_type: str = setting("HELIX_EC2_INSTANCE_TYPE", "t3.micro", "`ec2`: instance type.", text(64, allow_empty=False), group="ec2")
-    ec2_subnets: tuple = setting("HELIX_EC2_SUBNETS", "", "`ec2`: comma-separated subnet ids, one per zone, launches spread over them.",
-                                 csv_list(), group="ec2")
-    ec2_security_groups: tuple = setting("HELIX_EC2_SECURITY_GROUPS", "", "`ec2`: comma-separated security group ids.",
-                                         csv_list(), group="ec2")
+    ec2_instance_type: str = setting(
+        "HELIX_EC2_INSTANCE_TYPE", "t3.micro", "`ec2`: instance type.", text(64, allow_empty=False), group="ec2"
+    )
+    ec2_subnets: tuple = setting(
+        "HELIX_EC2_SUBNETS",
+        "",
+        "`ec2`: comma-separated subnet ids, one per zone, launches spread over them.",
+        csv_list(),
+        group="ec2",
+    )
+    ec2_security_groups: tuple = setting(
+        "HELIX_EC2_SECURITY_GROUPS", "", "`ec2`: comma-separated security group ids.", csv_list(), group="ec2"
+    )
     ec2_key_name: str = setting("HELIX_EC2_KEY_NAME", "", "`ec2`: optional SSH key pair name.", text(256), group="ec2")
-    ec2_instance_profile: str = setting("HELIX_EC2_INSTANCE_PROFILE", "", "`ec2`: optional IAM instance profile name or ARN.",
-                                        text(2048), group="ec2")
-    ec2_app_check: str = setting("HELIX_EC2_APP_CHECK", "",
-                                 "`ec2`: the app liveness probe agents on new instances run (their HELIX_APP_CHECK), e.g. `http://127.0.0.1:8080/health`.",
-                                 app_check_spec, group="ec2")
-    ec2_endpoint_url: str = setting("HELIX_EC2_ENDPOINT_URL", "", "`ec2`: a non-AWS EC2 endpoint (tests use moto's server).",
-                                    text(2048), group="ec2")
-    aws_region: str = setting("HELIX_AWS_REGION", "", "`ec2`: AWS region.", text(64), aliases=("AWS_REGION", "REGION"), group="ec2")
-    aws_access_key: str = setting("HELIX_AWS_ACCESS_KEY", "", "`ec2`: access key id; empty: boto3's default chain (instance profile).",
-                                  text(256), aliases=("AWS_ACCESS_KEY",), secret=True, group="ec2")
-    aws_secret_key: str = setting("HELIX_AWS_SECRET_KEY", "", "`ec2`: secret access key.", text(256),
-                                  aliases=("AWS_SECRET_KEY",), secret=True, group="ec2")
-    aws_session_token: str = setting("HELIX_AWS_SESSION_TOKEN", "", "`ec2`: session token for temporary credentials.", text(4096),
-                                     aliases=("AWS_SESSION_TOKEN",), secret=True, group="ec2")
+    ec2_instance_profile: str = setting(
+        "HELIX_EC2_INSTANCE_PROFILE", "", "`ec2`: optional IAM instance profile name or ARN.", text(2048), group="ec2"
+    )
+    ec2_app_check: str = setting(
+        "HELIX_EC2_APP_CHECK",
+        "",
+        "`ec2`: the app liveness probe agents on new instances run (their HELIX_APP_CHECK), e.g. `http://127.0.0.1:8080/health`.",
+        app_check_spec,
+        group="ec2",
+    )
+    ec2_endpoint_url: str = setting(
+        "HELIX_EC2_ENDPOINT_URL",
+        "",
+        "`ec2`: a non-AWS EC2 endpoint (tests use moto's server).",
+        text(2048),
+        group="ec2",
+    )
+    aws_region: str = setting(
+        "HELIX_AWS_REGION", "", "`ec2`: AWS region.", text(64), aliases=("AWS_REGION", "REGION"), group="ec2"
+    )
+    aws_access_key: str = setting(
+        "HELIX_AWS_ACCESS_KEY",
+        "",
+        "`ec2`: access key id; empty: boto3's default chain (instance profile).",
+        text(256),
+        aliases=("AWS_ACCESS_KEY",),
+        secret=True,
+        group="ec2",
+    )
+    aws_secret_key: str = setting(
+        "HELIX_AWS_SECRET_KEY",
+        "",
+        "`ec2`: secret access key.",
+        text(256),
+        aliases=("AWS_SECRET_KEY",),
+        secret=True,
+        group="ec2",
+    )
+    aws_session_token: str = setting(
+        "HELIX_AWS_SESSION_TOKEN",
+        "",
+        "`ec2`: session token for temporary credentials.",
+        text(4096),
+        aliases=("AWS_SESSION_TOKEN",),
+        secret=True,
+        group="ec2",
+    )
 
     # --- derived values -------------------------------------------------------------------------
     @property
@@ -402,7 +698,7 @@ class Config:
                 return fh.readline().strip()
         return ""
 
-    def replace(self, **changes: Any) -> "Config":
+    def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
 
@@ -421,8 +717,16 @@ class SettingInfo:
 def settings() -> list[SettingInfo]:
     """Every declared setting, in declaration order (what the README table documents)."""
     return [
-        SettingInfo(f.name, f.metadata["key"], f.metadata["raw_default"], f.metadata["doc"], f.metadata["aliases"],
-                    f.metadata["secret"], f.metadata["group"], f.metadata["parse"])
+        SettingInfo(
+            f.name,
+            f.metadata["key"],
+            f.metadata["raw_default"],
+            f.metadata["doc"],
+            f.metadata["aliases"],
+            f.metadata["secret"],
+            f.metadata["group"],
+            f.metadata["parse"],
+        )
         for f in dataclasses.fields(Config)
     ]
 
@@ -443,30 +747,45 @@ def _cross_checks(cfg: Config) -> list[tuple[set[str], str]]:
         found.append((names, message))
 
     if cfg.min_instances > cfg.max_instances:
-        bad({"min_instances", "max_instances"},
-            f"HELIX_MIN_INSTANCES={cfg.min_instances}: expected at most HELIX_MAX_INSTANCES={cfg.max_instances}")
+        bad(
+            {"min_instances", "max_instances"},
+            f"HELIX_MIN_INSTANCES={cfg.min_instances}: expected at most HELIX_MAX_INSTANCES={cfg.max_instances}",
+        )
     if cfg.cpu_lower >= cfg.cpu_upper:
-        bad({"cpu_lower", "cpu_upper"}, f"HELIX_CPU_LOWER={cfg.cpu_lower:g}: expected less than HELIX_CPU_UPPER={cfg.cpu_upper:g}")
+        bad(
+            {"cpu_lower", "cpu_upper"},
+            f"HELIX_CPU_LOWER={cfg.cpu_lower:g}: expected less than HELIX_CPU_UPPER={cfg.cpu_upper:g}",
+        )
     if cfg.token and cfg.token_file:
-        bad({"token", "token_file"},
-            f"HELIX_TOKEN_FILE={cfg.token_file}: expected only one of HELIX_TOKEN and HELIX_TOKEN_FILE to be set")
+        bad(
+            {"token", "token_file"},
+            f"HELIX_TOKEN_FILE={cfg.token_file}: expected only one of HELIX_TOKEN and HELIX_TOKEN_FILE to be set",
+        )
     elif cfg.token_file:
         try:
             with open(cfg.token_file, encoding="utf-8") as fh:
                 if not fh.readline().strip():
-                    bad({"token_file"}, f"HELIX_TOKEN_FILE={cfg.token_file}: expected a file whose first line is the token")
+                    bad(
+                        {"token_file"},
+                        f"HELIX_TOKEN_FILE={cfg.token_file}: expected a file whose first line is the token",
+                    )
         except OSError as exc:
             bad({"token_file"}, f"HELIX_TOKEN_FILE={cfg.token_file}: expected a readable file ({exc.strerror})")
     if bool(cfg.tls_cert) != bool(cfg.tls_key):
         key, value = ("HELIX_TLS_KEY", cfg.tls_key) if cfg.tls_cert else ("HELIX_TLS_CERT", cfg.tls_cert)
         bad({"tls_cert", "tls_key"}, f"{key}={value}: expected HELIX_TLS_CERT and HELIX_TLS_KEY to be set together")
-    for name, key, path in (("tls_cert", "HELIX_TLS_CERT", cfg.tls_cert), ("tls_key", "HELIX_TLS_KEY", cfg.tls_key),
-                            ("tls_ca", "HELIX_TLS_CA", cfg.tls_ca)):
+    for name, key, path in (
+        ("tls_cert", "HELIX_TLS_CERT", cfg.tls_cert),
+        ("tls_key", "HELIX_TLS_KEY", cfg.tls_key),
+        ("tls_ca", "HELIX_TLS_CA", cfg.tls_ca),
+    ):
         if path and not os.path.isfile(path):
             bad({name}, f"{key}={path}: expected a readable PEM file")
     if cfg.provider == "ec2" and not cfg.ec2_launch_template and not (cfg.ec2_ami and cfg.ec2_subnets):
-        bad({"provider", "ec2_launch_template", "ec2_ami", "ec2_subnets"},
-            "HELIX_PROVIDER=ec2: expected HELIX_EC2_LAUNCH_TEMPLATE, or HELIX_EC2_AMI with HELIX_EC2_SUBNETS")
+        bad(
+            {"provider", "ec2_launch_template", "ec2_ami", "ec2_subnets"},
+            "HELIX_PROVIDER=ec2: expected HELIX_EC2_LAUNCH_TEMPLATE, or HELIX_EC2_AMI with HELIX_EC2_SUBNETS",
+        )
     return found
 
 
@@ -518,7 +837,9 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
     return cfg
 
 
-def load_or_exit(environ: Mapping[str, str] | None = None, env_file: str | None = None, *, prog: str = "helix") -> Config:
+def load_or_exit(
+    environ: Mapping[str, str] | None = None, env_file: str | None = None, *, prog: str = "helix"
+) -> Config:
     """load_config, or print every bad key (one line each) and exit 2 before anything is touched."""
     try:
         return load_config(environ, env_file)

@@ -132,8 +132,9 @@ ENV_HEADER = """\
 
 
 def _comment(text_: str, width: int = WRAP) -> list[str]:
-    return textwrap.wrap(text_, width=width, initial_indent="# ", subsequent_indent="# ",
-                         break_long_words=False, break_on_hyphens=False) or ["#"]
+    return textwrap.wrap(
+        text_, width=width, initial_indent="# ", subsequent_indent="# ", break_long_words=False, break_on_hyphens=False
+    ) or ["#"]
 
 
 def render_env_example(infos: Sequence[SettingInfo]) -> str:
@@ -147,7 +148,9 @@ def render_env_example(infos: Sequence[SettingInfo]) -> str:
             notes = []
             if info.aliases:
                 names = ", ".join(info.aliases)
-                notes.append(f"Seed alias{'es' if len(info.aliases) > 1 else ''}: {names} ({info.key} wins in the same file).")
+                notes.append(
+                    f"Seed alias{'es' if len(info.aliases) > 1 else ''}: {names} ({info.key} wins in the same file)."
+                )
             if info.secret:
                 notes.append("Secret: no example value is given; keep this file mode 0640 and never commit it.")
                 out += _comment(" ".join(notes)) if notes else []
@@ -182,8 +185,9 @@ def _read(path: str) -> str | None:
         return None
 
 
-def documents(readme_path: str = README, env_path: str = ENV_EXAMPLE,
-              infos: Sequence[SettingInfo] | None = None) -> list[Document]:
+def documents(
+    readme_path: str = README, env_path: str = ENV_EXAMPLE, infos: Sequence[SettingInfo] | None = None
+) -> list[Document]:
     """Both documents as they are and as they should be; DocError if the README cannot take the table."""
     infos = settings() if infos is None else infos
     readme = _read(readme_path)
@@ -201,8 +205,11 @@ def check(readme_path: str = README, env_path: str = ENV_EXAMPLE) -> list[str]:
         docs = documents(readme_path, env_path)
     except DocError as exc:
         return [str(exc)]
-    return [f"{doc.path}: {'missing' if doc.current is None else 'out of date'}; "
-            f"run `python -m shared.configdoc --write`" for doc in docs if doc.differs]
+    return [
+        f"{doc.path}: {'missing' if doc.current is None else 'out of date'}; run `python -m shared.configdoc --write`"
+        for doc in docs
+        if doc.differs
+    ]
 
 
 def write(readme_path: str = README, env_path: str = ENV_EXAMPLE) -> list[str]:

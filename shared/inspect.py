@@ -1,7 +1,9 @@
 """`python -m shared.inspect [--name NAME] [--json] [--watch SECONDS]`: dump the metrics table.
 
 Read-only: it attaches, copies a consistent snapshot and detaches; it never writes, creates or
-unlinks anything. With no table it prints one line and exits 1.
+unlinks anything (a damaged table is described, not repaired: MonitorS repairs it when it starts).
+With no table it prints one line and exits 1. Numbers are as the snapshot vouches for them: bad
+rows are left out and listed under problems, a bad header number reads as 0 ('never').
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from shared.config import load_or_exit
 from shared.table import MetricsTable, Snapshot, TableError
 
 EXIT_NO_TABLE = 1
+MAX_PROBLEM_LINES = 10  # the text view stays a screen; --json has every one
 
 
 def _age(now: float, then: float) -> float | None:
@@ -48,6 +51,10 @@ def snapshot_dict(snap: Snapshot, now: float) -> dict[str, Any]:
         "last_action": ctl.action,
         "last_reason": ctl.reason,
         "last_decision_age_s": _age(now, ctl.decision_at),
+        "breaker": {"tripped": ctl.breaker, "failures": ctl.breaker_failures},
+        "billable": ctl.billable,
+        "max_instances": ctl.max_instances,
+        "table_problems": ctl.table_problems,
     }
     instances = []
     for row in snap.instances():
@@ -73,8 +80,10 @@ def snapshot_dict(snap: Snapshot, now: float) -> dict[str, Any]:
             "poll_latency_ms": round(row.poll_latency * 1000, 2),
             "agent_version": row.agent_version,
         })
+    # The header's problems, then the left-out rows' (the clamped high-water mark is in both lists).
+    problems = list(dict.fromkeys(snap.header_problems + snap.problems))
     return {"table": {"capacity": snap.capacity, "seq": snap.seq}, "monitor": monitor,
-            "controller": controller, "instances": instances}
+            "controller": controller, "instances": instances, "problems": problems}
 
 
 def _fmt_age(age: float | None) -> str:
@@ -96,11 +105,24 @@ def render_text(name: str, data: dict[str, Any]) -> str:
         lines.append(f"controller: pid {ctl['pid']} {state}, heartbeat {_fmt_age(ctl['heartbeat_age_s'])} ago, "
                      f"policy {ctl['policy'] or '?'}; desired {ctl['desired']}, in service {ctl['in_service']}, "
                      f"pending {ctl['pending']}{flags}")
+        if ctl["max_instances"]:  # 0: a controller from before these fields
+            lines.append(f"  billable {ctl['billable']} of max {ctl['max_instances']} instances")
+        if ctl["breaker"]["tripped"]:
+            failures = ctl["breaker"]["failures"]
+            lines.append(f"  breaker: TRIPPED after {failures} failed launch{'' if failures == 1 else 'es'}")
+        if ctl["table_problems"]:
+            lines.append(f"  its last snapshot left out {ctl['table_problems']} bad row(s)")
         if ctl["last_action"] or ctl["last_reason"]:
             lines.append(f"  last decision {_fmt_age(ctl['last_decision_age_s'])} ago: "
                          f"{ctl['last_action'] or '-'}: {ctl['last_reason']}")
     else:
         lines.append("controller: not running (no heartbeat)")
+    problems = data["problems"]
+    if problems:
+        lines.append(f"table problems ({len(problems)}; bad rows are left out below):")
+        lines += [f"  {p}" for p in problems[:MAX_PROBLEM_LINES]]
+        if len(problems) > MAX_PROBLEM_LINES:
+            lines.append(f"  ... and {len(problems) - MAX_PROBLEM_LINES} more (--json lists them all)")
     header = f"{'INSTANCE':<22} {'ADDRESS':<22} {'ZONE':<12} {'STATE':<12} {'CPU%':>6} {'MEM%':>6} {'SEEN':>7} {'FAIL':>4}  APP"
     lines.append(header)
     for r in rows:

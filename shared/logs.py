@@ -9,10 +9,12 @@ import sys
 def setup_logging(level: str, component: str) -> logging.Logger:
     """Configure the root logger once for this process and return the component's logger."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        fmt="%(asctime)s.%(msecs)03d %(levelname)s %(name)s[%(process)d] %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    ))
+    handler.setFormatter(
+        logging.Formatter(
+            fmt="%(asctime)s.%(msecs)03d %(levelname)s %(name)s[%(process)d] %(message)s",
+            datefmt="%Y-%m-%dT%H:%M:%S",
+        )
+    )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -18,8 +18,9 @@ import hmac
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -61,8 +62,10 @@ def auth_from_config(cfg: Config, log: logging.Logger, *, prog: str) -> Auth:
     try:
         token = cfg.resolved_token()
     except OSError as exc:  # the file vanished since the config check
-        print(f"{prog}: bad configuration: HELIX_TOKEN_FILE={cfg.token_file}: expected a readable file ({exc.strerror})",
-              file=sys.stderr)
+        print(
+            f"{prog}: bad configuration: HELIX_TOKEN_FILE={cfg.token_file}: expected a readable file ({exc.strerror})",
+            file=sys.stderr,
+        )
         sys.exit(EXIT_BAD_CONFIG)
     problem = _token_problem(token)
     if problem:
@@ -72,10 +75,15 @@ def auth_from_config(cfg: Config, log: logging.Logger, *, prog: str) -> Auth:
         sys.exit(EXIT_BAD_CONFIG)
     if not token:
         if not cfg.insecure:
-            print(f"{prog}: bad configuration: HELIX_TOKEN=: expected a bearer token (HELIX_TOKEN or HELIX_TOKEN_FILE), "
-                  "or HELIX_INSECURE=1 to run without one", file=sys.stderr)
+            print(
+                f"{prog}: bad configuration: HELIX_TOKEN=: expected a bearer token (HELIX_TOKEN or HELIX_TOKEN_FILE), "
+                "or HELIX_INSECURE=1 to run without one",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_BAD_CONFIG)
-        log.warning("INSECURE: HELIX_INSECURE=1 and no token: every RPC is accepted unauthenticated. Never in production.")
+        log.warning(
+            "INSECURE: HELIX_INSECURE=1 and no token: every RPC is accepted unauthenticated. Never in production."
+        )
     return Auth(token)
 
 
@@ -100,7 +108,11 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         self._refused = 0
         self._last_log = 0.0
 
-    async def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None or check_bearer(handler_call_details.invocation_metadata, self._token):
             return handler
@@ -108,8 +120,9 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         now = time.monotonic()
         if now - self._last_log > 10:  # one line per 10 s, not one per refused call
             self._last_log = now
-            self._log.warning("refused unauthenticated call to %s (%d refused so far)", handler_call_details.method,
-                              self._refused)
+            self._log.warning(
+                "refused unauthenticated call to %s (%d refused so far)", handler_call_details.method, self._refused
+            )
         return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     @property
@@ -120,10 +133,10 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
 def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
     kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
 
-    async def unary(request, context):
+    async def unary(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(code, message)
 
-    async def stream(request, context):
+    async def stream(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
         await context.abort(code, message)
         yield  # pragma: no cover - makes this an async generator
 
@@ -142,17 +155,28 @@ class _ClientAuth:
 
     def _details(self, details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         metadata = list(details.metadata or ()) + list(self._metadata)
-        return grpc.aio.ClientCallDetails(details.method, details.timeout, grpc.aio.Metadata(*metadata),
-                                          details.credentials, details.wait_for_ready)
+        return grpc.aio.ClientCallDetails(
+            details.method, details.timeout, grpc.aio.Metadata(*metadata), details.credentials, details.wait_for_ready
+        )
 
 
 class BearerUnaryUnaryInterceptor(_ClientAuth, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation, client_call_details, request):
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[grpc.aio.UnaryUnaryCall[Any, Any]]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> grpc.aio.UnaryUnaryCall[Any, Any]:
         return await continuation(self._details(client_call_details), request)
 
 
 class BearerUnaryStreamInterceptor(_ClientAuth, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation, client_call_details, request):
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[grpc.aio.UnaryStreamCall[Any, Any]]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> grpc.aio.UnaryStreamCall[Any, Any]:
         return await continuation(self._details(client_call_details), request)
 
 
@@ -177,8 +201,9 @@ def server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
     if not cfg.tls_cert:
         return None
     ca = _read(cfg.tls_ca) if cfg.tls_ca else None
-    return grpc.ssl_server_credentials([(_read(cfg.tls_key), _read(cfg.tls_cert))], root_certificates=ca,
-                                       require_client_auth=ca is not None)
+    return grpc.ssl_server_credentials(
+        [(_read(cfg.tls_key), _read(cfg.tls_cert))], root_certificates=ca, require_client_auth=ca is not None
+    )
 
 
 def channel_credentials(cfg: Config) -> grpc.ChannelCredentials | None:

@@ -12,6 +12,12 @@ reader never sees a torn row or a row half old and half new; writers hold the lo
 few assignments of one update (MonitorS batches a poll cycle into chunks), so readers wait
 microseconds.
 
+Trust. Nothing read from the segment is taken at face value: a stray write or a bug elsewhere
+can leave any byte anywhere, and one bad byte must not wedge every reader. A snapshot clamps a
+high-water mark beyond the capacity, leaves every row that fails `check_rows` out of
+`instances()` and describes it in `problems` (never raises), and reads a bad header number as 0,
+'never written'. MonitorS, the rows' one writer, frees such rows when it starts (`repair`).
+
 Lifecycle. Python 3.11's resource tracker unlinks every segment a process opened when that
 process exits (and the creator's when the creator is SIGKILLed), which would wipe the registry on
 every MonitorS crash and break every reader on exit. Helix unregisters each segment from the
@@ -25,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import math
 import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from enum import IntEnum
+from functools import cached_property
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
@@ -87,9 +95,17 @@ _HEADER_FIELDS = [
     ("decision_action", f"S{ACTION_BYTES}"),
     ("decision_reason", f"S{REASON_BYTES}"),
     ("policy", f"S{POLICY_BYTES}"),
+    # Added after LAYOUT_VERSION 1 shipped, carved out of the reserved tail so no earlier field
+    # moves: a table made before them reads zeros here, which are the defaults.
+    ("breaker", "u1"),  # 1 while the controller's launch breaker is tripped
+    ("breaker_failures", "<u4"),  # consecutive failed launches
+    ("billable", "<i4"),  # instances that may be billed, as the launch gate counts them
+    ("max_instances", "<i4"),  # the maximum the controller enforces
+    ("table_problems", "<u4"),  # bad rows the controller's last snapshot left out
 ]
 _header_core = np.dtype(_HEADER_FIELDS)
 HEADER_DTYPE = np.dtype(_HEADER_FIELDS + [("_reserved", f"V{HEADER_SIZE - _header_core.itemsize}")])
+assert HEADER_DTYPE.itemsize == HEADER_SIZE, "the header outgrew HEADER_SIZE: take fewer bytes from _reserved"
 
 ROW_DTYPE = np.dtype([
     ("instance_id", f"S{ID_BYTES}"),
@@ -228,6 +244,174 @@ class InstanceRow:
         return cls(**kwargs)
 
 
+# ---------------------------------------------------------------------------------------------
+# Validation: what a reader trusts
+#
+# The table is plain bytes in /dev/shm: a bug, a stray write or a damaged page can leave any value
+# in any field, and no reader may wedge on one. A snapshot therefore checks its rows (once, on
+# first use: most readers never look at every row) and leaves a bad row out of `instances()`,
+# describing it in `problems` instead of raising. A clean table, the common case, costs a few
+# whole-array reductions; the per-row work runs only when one of them trips.
+
+# Bounds for every float column of a live row: finite and within [low, high]. cpu/mem/disk are 0..1
+# ratios (1.5 leaves room for an agent's rounding without letting nonsense through); the rest are
+# times, rates, loads and latencies: finite and >= 0. Derived from the layout, so a float column
+# added to ROW_DTYPE is checked without edits here.
+RATIO_MAX = 1.5
+ROW_BOUNDS: dict[str, tuple[float, float]] = {
+    name: (0.0, RATIO_MAX if name in ("cpu", "mem", "disk") else float(np.finfo(ROW_DTYPE[name]).max))
+    for name in ROW_DTYPE.names
+    if ROW_DTYPE[name].kind == "f"
+}
+# MonitorS keys its registry by the id and dials the address: neither may be empty, hold a NUL or
+# fail to decode (a replacement character would name a different instance).
+_IDENTITY_FIELDS = ("instance_id", "address")
+# _identity_shape reads both in one pass: two adjacent 64-byte columns, each packed into one word.
+_IDENTITY_SPAN = slice(ROW_DTYPE.fields["instance_id"][1], ROW_DTYPE.fields["instance_id"][1] + 2 * 64)
+assert [ROW_DTYPE.fields[name][:2] for name in _IDENTITY_FIELDS] == [
+    (np.dtype("S64"), _IDENTITY_SPAN.start), (np.dtype("S64"), _IDENTITY_SPAN.start + 64)], "identity columns moved"
+_STATE_MAX = int(max(State))
+_STATE_EXPECTED = f"a state from 0 to {_STATE_MAX} ({', '.join(s.label for s in State)})"
+_HEADER_FLOATS = tuple(name for name in HEADER_DTYPE.names if HEADER_DTYPE[name].kind == "f")
+
+
+def _float_runs() -> list[tuple[int, int, np.dtype, int]]:
+    """Consecutive float columns of one type and one bound, as (byte offset, byte length, unsigned
+    type of the column's width, bit pattern of the bound). For numbers >= +0 the IEEE bit patterns
+    sort like the numbers, and every negative number, inf and NaN has a pattern above any finite
+    positive bound, so one unsigned max() per run tells whether all its values are in [0, bound].
+    (-0.0 fails this quick test too; the exact per-column test then accepts it.)"""
+    runs: list[tuple[int, int, np.dtype, int]] = []
+    for name, (low, high) in ROW_BOUNDS.items():
+        assert low == 0.0, "the bit-pattern test needs a lower bound of 0"
+        dtype, offset = ROW_DTYPE.fields[name][:2]
+        uint = np.dtype(f"<u{dtype.itemsize}")
+        bits = int(np.array(high, dtype=dtype).view(uint))
+        if runs and runs[-1][0] + runs[-1][1] == offset and runs[-1][2] == uint and runs[-1][3] == bits:
+            runs[-1] = (runs[-1][0], runs[-1][1] + dtype.itemsize, uint, bits)
+        else:
+            runs.append((offset, dtype.itemsize, uint, bits))
+    return runs
+
+
+_FLOAT_RUNS = _float_runs()
+
+
+def _byte_view(rows: np.ndarray) -> np.ndarray:
+    """The rows as an (n, row size) uint8 array, sharing their memory."""
+    return rows.view(np.uint8).reshape(len(rows), ROW_DTYPE.itemsize)
+
+
+def _text_bytes(raw: np.ndarray, name: str) -> np.ndarray:
+    offset = ROW_DTYPE.fields[name][1]
+    return raw[:, offset : offset + ROW_DTYPE[name].itemsize]
+
+
+def _identity_shape(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For the identity columns, per row and column: (empty, NUL inside). One bit per byte, set
+    where the byte is not NUL, first byte highest, packs a 64-byte field into one uint64. numpy pads
+    a value with trailing NULs, so a well-formed one is 1s then 0s: its complement is 0s then 1s,
+    one less than a power of two; any other pattern has a NUL before a non-NUL byte."""
+    bits = np.packbits(raw[:, _IDENTITY_SPAN] != 0, axis=1).view(">u8")
+    rest = ~bits
+    return bits == 0, (rest & (rest + np.uint64(1))) != 0
+
+
+def _looks_clean(rows: np.ndarray, raw: np.ndarray, occupied: np.ndarray) -> bool:
+    """True if no occupied row can fail a check, decided by whole-array reductions only."""
+    if rows["state"].max() > _STATE_MAX:
+        return False
+    for offset, length, uint, bits in _FLOAT_RUNS:
+        if raw[:, offset : offset + length].view(uint).max() > bits:
+            return False
+    if raw[:, _IDENTITY_SPAN].max() >= 0x80:  # not ASCII: whether it is valid UTF-8 is decided row by row
+        return False
+    empty, nul_inside = _identity_shape(raw)
+    return not (nul_inside.any() or (empty & occupied[:, None]).any())
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """Why an occupied row was left out: the first of its fields that fails a check."""
+
+    slot: int
+    field: str
+    value: str  # as found, printable
+    expected: str
+    instance_id: str = ""  # the row's id as far as it decodes, to help find it; "" when the id is the problem
+
+    def __str__(self) -> str:
+        who = f" ({self.instance_id})" if self.instance_id else ""
+        return f"slot {self.slot}{who}: {self.field} {self.value}, expected {self.expected}"
+
+
+@dataclass(frozen=True)
+class RowCheck:
+    good: np.ndarray  # bool per row: occupied and passes every check
+    problems: tuple[RowProblem, ...]  # one per occupied row that does not, by slot
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, bytes):
+        return repr(value)[:80]
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return str(value)
+
+
+def _row_problem(rows: np.ndarray, slot: int, name: str, expected: str) -> RowProblem:
+    value = rows[name][slot]
+    value = bytes(value) if name in _TEXT_FIELDS else value.item()
+    who = "" if name == "instance_id" else repr(decode_text(bytes(rows["instance_id"][slot])))[:80]
+    return RowProblem(slot, name, _shown(value), expected, who)
+
+
+def check_rows(rows: np.ndarray) -> RowCheck:
+    """Validate rows (a contiguous ROW_DTYPE array; slot = index) without raising: state known,
+    identities non-empty UTF-8 without NUL, every float within ROW_BOUNDS. Free rows are not checked."""
+    if not rows.flags.c_contiguous:
+        rows = np.ascontiguousarray(rows)  # the checks read the rows as one byte array
+    occupied = rows["state"] != State.FREE
+    if not len(rows):
+        return RowCheck(occupied, ())
+    raw = _byte_view(rows)
+    if _looks_clean(rows, raw, occupied):
+        return RowCheck(occupied, ())
+    # (field, failing rows, expected), in the order a row is described: its first failure names it.
+    failing: list[tuple[str, np.ndarray, str]] = [("state", rows["state"] > _STATE_MAX, _STATE_EXPECTED)]
+    empty, nul_inside = _identity_shape(raw)
+    for column, name in enumerate(_IDENTITY_FIELDS):
+        failing.append((name, empty[:, column], "a non-empty value"))
+        failing.append((name, nul_inside[:, column], "no NUL byte inside"))
+    for name, (low, high) in ROW_BOUNDS.items():
+        column = rows[name]
+        bounded = high < np.finfo(column.dtype).max
+        within = f"a number from {low:g} to {high:g}" if bounded else f"a finite number >= {low:g}"
+        failing.append((name, ~((column >= low) & (column <= high)), within))
+    problems: list[RowProblem] = []
+    done = ~occupied  # free rows, and rows already described
+    for name, fails, expected in failing:
+        hit = fails & ~done
+        for slot in np.flatnonzero(hit):
+            problems.append(_row_problem(rows, int(slot), name, expected))
+        done |= hit
+    # UTF-8: only a row with a byte >= 0x80 in an identity can fail, so only those are decoded.
+    for name in _IDENTITY_FIELDS:
+        for slot in np.flatnonzero(~done & (_text_bytes(raw, name).max(axis=1) >= 0x80)):
+            try:
+                bytes(rows[name][slot]).decode("utf-8")
+            except UnicodeDecodeError:
+                problems.append(_row_problem(rows, int(slot), name, "valid UTF-8"))
+                done[slot] = True
+    problems.sort(key=lambda p: p.slot)
+    return RowCheck(~done, tuple(problems))
+
+
+def _sane_time(value: float) -> float:
+    """A header number as readers may use it: non-finite or negative reads as 0, 'never written'."""
+    return value if math.isfinite(value) and value >= 0.0 else 0.0
+
+
 @dataclass
 class MonitorStatus:
     pid: int
@@ -238,11 +422,20 @@ class MonitorStatus:
     cycle_seconds: float
 
     def heartbeat_age(self, now: float) -> float:
-        return now - self.heartbeat if self.heartbeat else float("inf")
+        """Seconds since the heartbeat; inf if there is none (0) or it is no time at all (NaN, inf)."""
+        if not (math.isfinite(self.heartbeat) and self.heartbeat > 0):
+            return float("inf")
+        return now - self.heartbeat
 
     def alive(self, now: float, intervals: float = 3.0) -> bool:
-        """MonitorS counts as alive while its heartbeat is younger than `intervals` poll intervals."""
-        return self.heartbeat_age(now) <= intervals * max(self.poll_interval, 1e-3)
+        """MonitorS counts as alive while its heartbeat is younger than `intervals` poll intervals.
+        A heartbeat as far in the future is no sign of life either: a damaged value must not keep a
+        dead MonitorS 'alive' forever (a clock stepped back only costs one poll interval). MonitorS
+        always writes an interval > 0 with its heartbeat, so without one there is no life to judge."""
+        if not (math.isfinite(self.poll_interval) and self.poll_interval > 0):
+            return False
+        window = intervals * self.poll_interval
+        return -window <= self.heartbeat_age(now) <= window
 
 
 @dataclass
@@ -258,39 +451,102 @@ class ControllerStatus:
     action: str = ""
     reason: str = ""
     policy: str = ""
+    breaker: bool = False  # launch breaker tripped
+    breaker_failures: int = 0  # consecutive failed launches
+    billable: int = 0  # instances that may be billed, as the launch gate counts them
+    max_instances: int = 0  # the maximum the controller enforces (0: not written by this controller)
+    table_problems: int = 0  # bad rows the controller's last snapshot left out
 
 
 @dataclass
 class Snapshot:
-    """A consistent, private copy of the table. `rows` holds every used slot (free ones too,
-    below the high-water mark); `live` filters to occupied rows."""
+    """A consistent, private copy of the table. `rows` holds every used slot (free ones too, below
+    the high-water mark, itself clamped to the capacity). Nothing in the copy is trusted:
+    `live`, `live_slots` and `instances()` hold only occupied rows that pass `check_rows`;
+    `problems` describes, one line each, what was left out; `header_problems` what is wrong in the
+    header (`monitor` and `controller` read a bad number there as 0, 'never written'). Row checks
+    run once, on first use, so taking a snapshot stays a lock and a byte copy."""
 
     header: np.void
     rows: np.ndarray
     seq: int
 
     @property
-    def live(self) -> np.ndarray:
+    def occupied(self) -> np.ndarray:
+        """Every occupied row, bad ones included: not for decoding."""
         return self.rows[self.rows["state"] != State.FREE]
+
+    @cached_property
+    def _check(self) -> RowCheck:
+        return check_rows(self.rows)
+
+    @property
+    def live_slots(self) -> np.ndarray:
+        return np.flatnonzero(self._check.good)
+
+    @property
+    def live(self) -> np.ndarray:
+        return self.rows[self._check.good]
 
     def instances(self) -> list[InstanceRow]:
         return [InstanceRow.from_record(rec) for rec in self.live]
 
     @property
+    def row_problems(self) -> tuple[RowProblem, ...]:
+        return self._check.problems
+
+    @property
+    def problems(self) -> tuple[str, ...]:
+        """What this snapshot left out, one line each: rows past a high-water mark beyond the
+        capacity, then every occupied row that fails a check (see `row_problems`)."""
+        return self._clamp_problems + tuple(str(p) for p in self._check.problems)
+
+    @property
+    def _clamp_problems(self) -> tuple[str, ...]:
+        high_water = int(self.header["high_water"])
+        if high_water <= len(self.rows):
+            return ()
+        return (f"header: high_water {high_water}, expected at most the capacity {len(self.rows)}; "
+                f"read the first {len(self.rows)} rows",)
+
+    @cached_property
+    def header_problems(self) -> tuple[str, ...]:
+        """Header fields a reader cannot take at face value, one line each."""
+        h = self.header
+        out = list(self._clamp_problems)
+        for name in _HEADER_FLOATS:
+            value = float(h[name])
+            if not (math.isfinite(value) and value >= 0.0):
+                out.append(f"header: {name} {value!r}, expected a finite number >= 0")
+        if _sane_time(float(h["monitor_heartbeat"])) > 0 and float(h["poll_interval"]) == 0.0:
+            out.append("header: poll_interval 0.0, expected a number > 0 once MonitorS writes heartbeats")
+        registered, occupied = int(h["registered"]), int(np.count_nonzero(self.rows["state"]))
+        if registered != occupied:
+            out.append(f"header: registered {registered}, expected {occupied} (the occupied rows)")
+        return tuple(out)
+
+    @property
+    def header_ok(self) -> bool:
+        return not self.header_problems
+
+    @property
     def monitor(self) -> MonitorStatus:
         h = self.header
-        return MonitorStatus(int(h["monitor_pid"]), int(h["registered"]), float(h["monitor_started_at"]),
-                             float(h["monitor_heartbeat"]), float(h["poll_interval"]), float(h["cycle_seconds"]))
+        return MonitorStatus(int(h["monitor_pid"]), int(h["registered"]), _sane_time(float(h["monitor_started_at"])),
+                             _sane_time(float(h["monitor_heartbeat"])), _sane_time(float(h["poll_interval"])),
+                             _sane_time(float(h["cycle_seconds"])))
 
     @property
     def controller(self) -> ControllerStatus:
         h = self.header
         return ControllerStatus(
             pid=int(h["controller_pid"]), desired=int(h["desired"]), in_service=int(h["in_service"]),
-            pending=int(h["pending"]), heartbeat=float(h["controller_heartbeat"]),
-            decision_at=float(h["decision_at"]), frozen=bool(h["frozen"]), dry_run=bool(h["dry_run"]),
+            pending=int(h["pending"]), heartbeat=_sane_time(float(h["controller_heartbeat"])),
+            decision_at=_sane_time(float(h["decision_at"])), frozen=bool(h["frozen"]), dry_run=bool(h["dry_run"]),
             action=decode_text(bytes(h["decision_action"])), reason=decode_text(bytes(h["decision_reason"])),
-            policy=decode_text(bytes(h["policy"])),
+            policy=decode_text(bytes(h["policy"])), breaker=bool(h["breaker"]),
+            breaker_failures=int(h["breaker_failures"]), billable=int(h["billable"]),
+            max_instances=int(h["max_instances"]), table_problems=int(h["table_problems"]),
         )
 
     @property
@@ -484,10 +740,12 @@ class MetricsTable:
     # -- reading ---------------------------------------------------------------------------------
 
     def snapshot(self) -> Snapshot:
-        """A consistent private copy: header plus every row below the high-water mark."""
+        """A consistent private copy: header plus every row below the high-water mark. Never raises
+        because of what the table holds: a mark beyond the capacity is read as the capacity (and
+        reported in `Snapshot.problems`), and rows are checked by the snapshot, not here."""
         buf = self._shm.buf
         with self._locked(fcntl.LOCK_SH):
-            high_water = int(self._header["high_water"])
+            high_water = min(int(self._header["high_water"]), self.capacity)
             data = bytes(buf[: HEADER_SIZE + high_water * ROW_DTYPE.itemsize])
         header = np.frombuffer(data, dtype=HEADER_DTYPE, count=1)[0]
         rows = np.frombuffer(data, dtype=ROW_DTYPE, count=high_water, offset=HEADER_SIZE)
@@ -533,6 +791,46 @@ class MetricsTable:
             w.header["registered"] -= 1
         return True
 
+    def repair(self) -> list[str]:
+        """MonitorS at start, before it resumes the rows: make the table one it can trust again.
+        A high-water mark beyond the capacity is clamped (or raised over occupied rows past it: the
+        mark was damaged, not the rows); every occupied row that fails `check_rows`, or repeats an
+        earlier row's instance_id (MonitorS keys its registry by id, so the copy would never be
+        polled nor freed), is freed; `registered` is recounted. Returns one line per change."""
+        notes: list[str] = []
+        with self.writing() as w:
+            stated = w.high_water
+            high_water = min(stated, self.capacity)
+            if stated > self.capacity:
+                notes.append(f"high_water {stated} is beyond the capacity {self.capacity}: clamped to {high_water}")
+            beyond = np.flatnonzero(w.rows["state"][high_water:] != State.FREE)
+            if beyond.size:
+                raised = high_water + int(beyond[-1]) + 1
+                notes.append(f"high_water {high_water} leaves out occupied rows up to slot {raised - 1}: "
+                             f"raised to {raised}")
+                high_water = raised
+            w.header["high_water"] = high_water
+            rows = w.rows[:high_water]
+            check = check_rows(rows)
+            freed = [(p.slot, str(p)) for p in check.problems]
+            ids = rows["instance_id"]
+            first_slot: dict[bytes, int] = {}
+            for slot in map(int, np.flatnonzero(check.good)):  # once per start: a plain loop reads best
+                key = bytes(ids[slot])
+                if key in first_slot:
+                    freed.append((slot, f"slot {slot} ({decode_text(key)!r}): instance_id repeats slot "
+                                        f"{first_slot[key]}'s, expected each id once"))
+                else:
+                    first_slot[key] = slot
+            for slot, why in sorted(freed):
+                rows[slot] = np.zeros((), dtype=ROW_DTYPE)
+                notes.append(f"freed {why}")
+            registered = int(np.count_nonzero(rows["state"]))
+            if int(w.header["registered"]) != registered:
+                notes.append(f"registered {int(w.header['registered'])} recounted as {registered}")
+                w.header["registered"] = registered
+        return notes
+
     def monitor_heartbeat(self, now: float, pid: int, poll_interval: float, cycle_seconds: float = 0.0,
                           started_at: float | None = None) -> None:
         with self.writing() as w:
@@ -563,3 +861,13 @@ class MetricsTable:
             h["decision_action"] = action
             h["decision_reason"] = reason
             h["policy"] = policy
+            h["breaker"] = status.breaker
+            for name in ("breaker_failures", "billable", "max_instances", "table_problems"):
+                h[name] = _saturate(getattr(status, name), HEADER_DTYPE[name])
+
+
+def _saturate(value: int, dtype: np.dtype) -> int:
+    """A count as its header field can hold it: a status report saturates rather than fail the
+    controller's step."""
+    info = np.iinfo(dtype)
+    return min(max(int(value), int(info.min)), int(info.max))

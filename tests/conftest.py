@@ -6,6 +6,7 @@ import uuid
 import pytest
 
 from shared.table import MetricsTable
+from tests.moto_server import fault_proxy, moto_endpoint  # noqa: F401 - fixtures, for test_provider_ec2.py
 from tests.procs import ProcessPool
 
 

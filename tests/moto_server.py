@@ -35,6 +35,7 @@ def start_moto(pool: ProcessPool) -> str:
         assert proc.alive(), "moto server exited:\n" + proc.output()[-2000:]
         with urllib.request.urlopen(f"{url}/moto-api/", timeout=2) as resp:
             return resp.status == 200
+
     wait_for(answers, 60, "moto's server to answer")
     return url
 
@@ -60,8 +61,10 @@ Rule = Callable[[str, dict[str, str]], object]
 
 
 def ec2_error_xml(code: str, message: str) -> bytes:
-    return (f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
-            f'<Message>{message}</Message></Error></Errors><RequestID>helix-test</RequestID></Response>').encode()
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<Response><Errors><Error><Code>{code}</Code>'
+        f"<Message>{message}</Message></Error></Errors><RequestID>helix-test</RequestID></Response>"
+    ).encode()
 
 
 class FaultProxy:

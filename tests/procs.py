@@ -125,12 +125,20 @@ class ProcessPool:
         self.log_dir = log_dir or tempfile.mkdtemp(prefix="helix-test-logs-")
         self.procs: list[Proc] = []
 
-    def start(self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None,
-              cwd: str | None = None) -> Proc:
+    def start(
+        self, name: str, argv: Sequence[str], env: Mapping[str, str] | None = None, cwd: str | None = None
+    ) -> Proc:
         log_path = os.path.join(self.log_dir, f"{name}-{len(self.procs)}.log")
         log = open(log_path, "w", encoding="utf-8")
-        popen = subprocess.Popen(list(argv), env=dict(env or base_env()), cwd=cwd or ROOT, stdout=log,
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        popen = subprocess.Popen(
+            list(argv),
+            env=dict(env or base_env()),
+            cwd=cwd or ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         proc = Proc(name, popen, log_path, log)
         self.procs.append(proc)
         return proc

@@ -19,18 +19,30 @@ ROWS = 64
 
 def consistent_row(slot: int, k: int) -> InstanceRow:
     """Every numeric field derives from k, and k is in the id: a torn row breaks the invariant."""
-    return InstanceRow(instance_id=f"i-{slot:04d}-{k:012d}", address=f"10.0.0.{slot % 250}:{1 + k % 60000}",
-                       state=State.HEALTHY, registered_at=k, last_seen=k + 1, last_metrics=k + 2, sample_time=k + 3,
-                       net_rx=k * 2.0, net_tx=k * 3.0, failures=k % 1000, cpu=(k % 1000) / 1000.0,
-                       vcpus=k % 64, load1=float(k % 4096))
+    return InstanceRow(
+        instance_id=f"i-{slot:04d}-{k:012d}",
+        address=f"10.0.0.{slot % 250}:{1 + k % 60000}",
+        state=State.HEALTHY,
+        registered_at=k,
+        last_seen=k + 1,
+        last_metrics=k + 2,
+        sample_time=k + 3,
+        net_rx=k * 2.0,
+        net_tx=k * 3.0,
+        failures=k % 1000,
+        cpu=(k % 1000) / 1000.0,
+        vcpus=k % 64,
+        load1=float(k % 4096),
+    )
 
 
 def check_row(rec) -> None:
     row = InstanceRow.from_record(rec)
     k = int(row.instance_id.rsplit("-", 1)[1])
     # Compare through the record so float32 columns round the same way on both sides.
-    expected = InstanceRow.from_record(np.array(consistent_row(int(row.instance_id.split("-")[1]), k).to_record(),
-                                                dtype=ROW_DTYPE)[()])
+    expected = InstanceRow.from_record(
+        np.array([consistent_row(int(row.instance_id.split("-")[1]), k).to_record()], dtype=ROW_DTYPE)[0]
+    )
     if row != expected:
         raise SystemExit(f"torn row: {row} != {expected}")
 
@@ -40,7 +52,8 @@ def main() -> None:
     if role == "create":  # create, register one row, then idle until killed
         table = MetricsTable.open_or_create(name, 16)
         table.register(InstanceRow("i-survivor", "10.0.0.1:50051", State.HEALTHY, cpu=0.25))
-        tracker_pid = resource_tracker._resource_tracker._pid  # noqa: SLF001 - the test watches it die
+        # The test watches the tracker die (a private attribute: the stubs do not have it).
+        tracker_pid = resource_tracker._resource_tracker._pid  # type: ignore[attr-defined]  # noqa: SLF001
         print(f"ready tracker={tracker_pid}", flush=True)
         time.sleep(3600)
     elif role == "attach-exit":  # attach, read, exit normally

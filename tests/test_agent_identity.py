@@ -80,14 +80,22 @@ def test_imds_unreachable_falls_back_to_hostname():
 
 def test_resolve_identity_precedence(imds):
     ident = resolve_identity(cfg(HELIX_IMDS_URL=imds), 50051)
-    assert (ident.instance_id, ident.address, ident.labels["zone"], ident.source) == \
-        ("i-0fake1234", "127.0.0.1:50051", "us-east-1b", "imds")
-    ident = resolve_identity(cfg(HELIX_IMDS_URL=imds, HELIX_INSTANCE_ID="mine", HELIX_ADVERTISE_ADDR="10.0.0.5:1",
-                                 HELIX_LABELS="zone=own"), 50051)
+    assert (ident.instance_id, ident.address, ident.labels["zone"], ident.source) == (
+        "i-0fake1234",
+        "127.0.0.1:50051",
+        "us-east-1b",
+        "imds",
+    )
+    ident = resolve_identity(
+        cfg(HELIX_IMDS_URL=imds, HELIX_INSTANCE_ID="mine", HELIX_ADVERTISE_ADDR="10.0.0.5:1", HELIX_LABELS="zone=own"),
+        50051,
+    )
     assert (ident.instance_id, ident.address, ident.labels["zone"]) == ("mine", "10.0.0.5:1", "own")
     # Nothing missing: IMDS is not asked at all.
     FakeImds.requests.clear()
-    resolve_identity(cfg(HELIX_IMDS_URL=imds, HELIX_INSTANCE_ID="m", HELIX_ADVERTISE_ADDR="10.0.0.5:1", HELIX_LABELS="zone=z"), 1)
+    resolve_identity(
+        cfg(HELIX_IMDS_URL=imds, HELIX_INSTANCE_ID="m", HELIX_ADVERTISE_ADDR="10.0.0.5:1", HELIX_LABELS="zone=z"), 1
+    )
     assert FakeImds.requests == []
 
 

@@ -10,8 +10,14 @@ from tests.procs import wait_for
 
 def test_tree_cpu_sees_a_busy_child_and_an_idle_one(procs):
     # A parent that sleeps with a busy child: the tree's CPU is the child's.
-    parent = procs.python("tree", ["-c", "import subprocess, sys, time; "
-                                          "subprocess.Popen([sys.executable, '-c', 'while True: pass']); time.sleep(600)"])
+    parent = procs.python(
+        "tree",
+        [
+            "-c",
+            "import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'while True: pass']); time.sleep(600)",
+        ],
+    )
     idle = procs.start("idle", ["sleep", "600"])
     wait_for(lambda: len(__import__("psutil").Process(parent.pid).children()) == 1, 30, "the busy child")
     busy_src, idle_src = TreeCpu(parent.pid, 1), TreeCpu(idle.pid, 1)

@@ -11,8 +11,8 @@ HEAVY = ("numpy", "boto3", "botocore", "matplotlib", "rich", "shared.table", "pr
 
 
 def test_agent_import_path_is_light():
-    code = ("import sys, monitor_c.__main__, monitor_c.agent; "
-            f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True, timeout=60,
-                         check=True)
+    code = f"import sys, monitor_c.__main__, monitor_c.agent; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=base_env(), capture_output=True, text=True, timeout=60, check=True
+    )
     assert out.stdout.strip() == "", f"the agent imports {out.stdout.strip()}"

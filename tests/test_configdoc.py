@@ -16,8 +16,14 @@ from tests.procs import ROOT, base_env
 
 
 def run_configdoc(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.configdoc", *args], cwd=ROOT, env=base_env(),
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "shared.configdoc", *args],
+        cwd=ROOT,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.fixture
@@ -71,8 +77,14 @@ def test_write_keeps_everything_outside_the_markers(tmp_path):
     assert configdoc.write(str(readme), str(env)) == []  # idempotent
 
 
-@pytest.mark.parametrize("body", ["no markers at all\n", f"only the start {configdoc.START_MARKER}\n",
-                                  f"{configdoc.END_MARKER} reversed {configdoc.START_MARKER}\n"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        "no markers at all\n",
+        f"only the start {configdoc.START_MARKER}\n",
+        f"{configdoc.END_MARKER} reversed {configdoc.START_MARKER}\n",
+    ],
+)
 def test_readme_without_its_markers_fails_the_check_and_is_not_written(tmp_path, body):
     readme = tmp_path / "README.md"
     env = tmp_path / "env"
@@ -133,4 +145,3 @@ def test_table_cells_are_escaped_and_unknown_groups_still_documented():
     assert row.count(" | ") == 3  # exactly four cells: the pipes inside are escaped
     assert "Pipes \\| in the doc." in row
     assert "### Brand-new" in table
-

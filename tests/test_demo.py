@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+from collections.abc import Sequence
 
 import psutil
 import pytest
@@ -19,7 +20,7 @@ from tests.procs import base_env, free_port, wait_for
 pytestmark = pytest.mark.slow
 
 
-def assert_nothing_left(run_id: str, shm_name: str, run_dir: str, procs: list[dict] = ()) -> None:
+def assert_nothing_left(run_id: str, shm_name: str, run_dir: str, procs: Sequence[dict] = ()) -> None:
     leftovers = cleanup.marked_processes(run_id)
     assert not leftovers, f"processes left behind: {[(p.pid, p.cmdline()) for p in leftovers]}"
     for p in procs:
@@ -36,8 +37,17 @@ def run_id_of(output: str) -> tuple[str, str, str]:
 
 
 def demo_argv(tmp_path, duration: int) -> list[str]:
-    return ["-m", "deploy.local.demo", "--duration", str(duration), "--plain", "--out", str(tmp_path / "out"),
-            "--summary-json", str(tmp_path / "summary.json")]
+    return [
+        "-m",
+        "deploy.local.demo",
+        "--duration",
+        str(duration),
+        "--plain",
+        "--out",
+        str(tmp_path / "out"),
+        "--summary-json",
+        str(tmp_path / "summary.json"),
+    ]
 
 
 def test_demo_scales_out_under_load_and_back_in_and_leaves_nothing(procs, tmp_path):
@@ -83,16 +93,22 @@ def test_bad_arguments_exit_2_and_start_nothing(procs, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("1\nmany\n")
     before = set(os.listdir(cleanup.RUNS_ROOT)) if os.path.isdir(cleanup.RUNS_ROOT) else set()
-    for args, message in ((["--duration", "5"], "duration=5: expected 20 to 86400 seconds"),
-                          (["--trace", str(bad)], "bad.txt:2: 'many': expected one non-negative number")):
+    for args, message in (
+        (["--duration", "5"], "duration=5: expected 20 to 86400 seconds"),
+        (["--trace", str(bad)], "bad.txt:2: 'many': expected one non-negative number"),
+    ):
         demo = procs.python("demo", ["-m", "deploy.local.demo", *args], base_env())
         assert demo.wait(timeout=60) == 2
         assert message in demo.output()
-    demo = procs.python("demo", ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)],
-                        base_env(DEMO_DURATION="abc"))
+    demo = procs.python(
+        "demo", ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)], base_env(DEMO_DURATION="abc")
+    )
     assert demo.wait(timeout=60) == 2 and "DEMO_DURATION=abc: expected a whole number" in demo.output()
-    demo = procs.python("demo", ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)],
-                        base_env(HELIX_CPU_TARGET="2", HELIX_SHM_NAME="ignored-the-demo-uses-its-own"))
+    demo = procs.python(
+        "demo",
+        ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)],
+        base_env(HELIX_CPU_TARGET="2", HELIX_SHM_NAME="ignored-the-demo-uses-its-own"),
+    )
     assert demo.wait(timeout=60) == 2
     assert demo.output().strip() == "demo: bad configuration: HELIX_CPU_TARGET=2: expected a number greater than 0 to 1"
     after = set(os.listdir(cleanup.RUNS_ROOT)) if os.path.isdir(cleanup.RUNS_ROOT) else set()
@@ -100,6 +116,7 @@ def test_bad_arguments_exit_2_and_start_nothing(procs, tmp_path):
 
 
 # -- the watchdog, with a stand-in demo --------------------------------------------------------
+
 
 def start_fake_run(procs, table_name: str, tmp_path) -> tuple:
     """A 'demo' (a sleeping process), a run record, a segment and two marked 'instances'."""
@@ -109,12 +126,21 @@ def start_fake_run(procs, table_name: str, tmp_path) -> tuple:
     run_dir = root / run_id
     run_dir.mkdir(parents=True)
     MetricsTable.open_or_create(table_name, 4).close()
-    record = cleanup.RunRecord(run_dir=str(run_dir), run_id=run_id, shm_name=table_name, demo_pid=fake_demo.pid,
-                               demo_started=cleanup.process_started(fake_demo.pid))
+    started = cleanup.process_started(fake_demo.pid)
+    assert started is not None
+    record = cleanup.RunRecord(
+        run_dir=str(run_dir),
+        run_id=run_id,
+        shm_name=table_name,
+        demo_pid=fake_demo.pid,
+        demo_started=started,
+    )
     record.save()
     marked = base_env(**{cleanup.MARKER_KEY: run_id})
-    apps = [procs.python(f"app-{i}", ["-m", "deploy.local.sample_app", "--port", str(free_port())], marked)
-            for i in range(2)]
+    apps = [
+        procs.python(f"app-{i}", ["-m", "deploy.local.sample_app", "--port", str(free_port())], marked)
+        for i in range(2)
+    ]
     for app in apps:
         record.add("instance", app.pid)
     wait_for(lambda: len(cleanup.marked_processes(run_id)) == 2, 30, "the marked instances")
@@ -125,8 +151,11 @@ def test_watchdog_cleans_up_after_a_killed_demo(procs, table_name, tmp_path):
     run_id, fake_demo, record, apps = start_fake_run(procs, table_name, tmp_path)
     watchdog = procs.python("watchdog", ["-m", "deploy.local.cleanup", "--watch", str(fake_demo.pid), record.run_dir])
     # While the demo lives, the watchdog touches nothing.
-    wait_for(lambda: psutil.Process(watchdog.pid).status() in (psutil.STATUS_SLEEPING, psutil.STATUS_RUNNING), 10,
-             "the watchdog")
+    wait_for(
+        lambda: psutil.Process(watchdog.pid).status() in (psutil.STATUS_SLEEPING, psutil.STATUS_RUNNING),
+        10,
+        "the watchdog",
+    )
     assert len(cleanup.marked_processes(run_id)) == 2 and os.path.exists(f"/dev/shm/{table_name}")
     os.kill(fake_demo.pid, signal.SIGKILL)
     assert watchdog.wait(timeout=60) == 0, watchdog.output()

@@ -30,29 +30,65 @@ def test_environment_check_names_bad_keys_and_ignores_the_demos_own():
     assert demo_mod.check_environment(t, {"HELIX_SHM_NAME": "a/b", "HELIX_PROVIDER": "ec2", "HELIX_TOKEN": "x"}) == []
     errors = demo_mod.check_environment(t, {"HELIX_MAX_INSTANCES": "lots", "HELIX_POLL_INTERVL": "1"})
     assert any(e.startswith("HELIX_MAX_INSTANCES=lots: expected an integer") for e in errors)
-    assert any("HELIX_POLL_INTERVL=1: expected a known HELIX_ setting (did you mean HELIX_POLL_INTERVAL?)" in e
-               for e in errors)
+    assert any(
+        "HELIX_POLL_INTERVL=1: expected a known HELIX_ setting (did you mean HELIX_POLL_INTERVAL?)" in e for e in errors
+    )
 
 
 def frame() -> Frame:
     now = time.time()
-    rows = [InstanceRow("local-a1", "127.0.0.1:1", State.HEALTHY, zone="za", cpu=0.9, app_port=8001, registered_at=now - 30),
-            InstanceRow("local-b2", "127.0.0.1:2", State.REGISTERING, zone="zb", registered_at=now - 2)]
-    ctl = ControllerStatus(desired=3, in_service=1, pending=2, action="launch", reason="mean CPU 0.90 over 1", policy="target")
-    return Frame(elapsed=42.0, duration=60, demand=33.3, served=30, failed=1, served_total=900, failed_total=2,
-                 instances=rows, controller=ctl, mean_cpu=0.9, cpu_target=0.125)
+    rows = [
+        InstanceRow(
+            "local-a1", "127.0.0.1:1", State.HEALTHY, zone="za", cpu=0.9, app_port=8001, registered_at=now - 30
+        ),
+        InstanceRow("local-b2", "127.0.0.1:2", State.REGISTERING, zone="zb", registered_at=now - 2),
+    ]
+    ctl = ControllerStatus(
+        desired=3, in_service=1, pending=2, action="launch", reason="mean CPU 0.90 over 1", policy="target"
+    )
+    return Frame(
+        elapsed=42.0,
+        duration=60,
+        demand=33.3,
+        served=30,
+        failed=1,
+        served_total=900,
+        failed_total=2,
+        instances=rows,
+        controller=ctl,
+        mean_cpu=0.9,
+        cpu_target=0.125,
+    )
 
 
 def test_live_view_and_plain_lines_show_the_same_facts():
     f = frame()
-    action = Action(at=41.0, action="launch", count=2, reason="mean CPU 0.90 over 1 in-service instance",
-                    instance_ids=("local-b2", "local-c3"))
+    action = Action(
+        at=41.0,
+        action="launch",
+        count=2,
+        reason="mean CPU 0.90 over 1 in-service instance",
+        instance_ids=("local-b2", "local-c3"),
+    )
     console = Console(record=True, width=160, force_terminal=False)
     console.print(render(f, [action], ["HELIX_POLL_INTERVAL=1"]))
     text = console.export_text()
-    for fact in ("demand 33.3 req/s", "failed 1/s (2 total)", "desired 3", "in service 1", "pending 2", "local-a1",
-                 "healthy", "registering", "0.90", "8001", "launch 2 [local-b2, local-c3]: mean CPU 0.90",
-                 "HELIX_POLL_INTERVAL=1", "instances (1 healthy)", "last decision: launch: mean CPU 0.90 over 1"):
+    for fact in (
+        "demand 33.3 req/s",
+        "failed 1/s (2 total)",
+        "desired 3",
+        "in service 1",
+        "pending 2",
+        "local-a1",
+        "healthy",
+        "registering",
+        "0.90",
+        "8001",
+        "launch 2 [local-b2, local-c3]: mean CPU 0.90",
+        "HELIX_POLL_INTERVAL=1",
+        "instances (1 healthy)",
+        "last decision: launch: mean CPU 0.90 over 1",
+    ):
         assert fact in text, fact
     line = plain_line(f)
     assert line.startswith("t= 42.0s running: demand  33.3 rps, served 30/s failed 1/s, healthy 1/2, mean CPU 0.90")
@@ -69,15 +105,37 @@ def test_live_view_and_plain_lines_show_the_same_facts():
 
 
 def test_summary_and_plot(tmp_path):
-    samples = [Sample(t=i, demand=10 + i, served=10 + i, failed=0, healthy=h, registered=h, desired=h,
-                      mean_cpu=None if i == 0 else 0.1) for i, h in enumerate([1, 1, 2, 4, 4, 3, 2])]
-    actions = [Action(1.5, "launch", 1, "r"), Action(2.5, "launch", 2, "r"), Action(4.5, "terminate", 1, "r"),
-               Action(5.5, "terminate", 1, "r"), Action(3.0, "replace", 1, "dead")]
+    samples = [
+        Sample(
+            t=i,
+            demand=10 + i,
+            served=10 + i,
+            failed=0,
+            healthy=h,
+            registered=h,
+            desired=h,
+            mean_cpu=None if i == 0 else 0.1,
+        )
+        for i, h in enumerate([1, 1, 2, 4, 4, 3, 2])
+    ]
+    actions = [
+        Action(1.5, "launch", 1, "r"),
+        Action(2.5, "launch", 2, "r"),
+        Action(4.5, "terminate", 1, "r"),
+        Action(5.5, "terminate", 1, "r"),
+        Action(3.0, "replace", 1, "dead"),
+    ]
     s = summarize(samples, actions, served=990, failed=10, duration=60)
     assert (s.peak_instances, s.final_instances, s.scale_outs, s.scale_ins, s.actions) == (4, 2, 2, 2, 5)
     assert s.mean_cpu == pytest.approx(0.1) and s.failed_fraction == pytest.approx(0.01)
-    assert [direction(a) for a in ("launch", "terminate", "replace", "scale-out", "scale-in", "freeze")] == \
-        ["out", "in", "", "out", "in", ""]
+    assert [direction(a) for a in ("launch", "terminate", "replace", "scale-out", "scale-in", "freeze")] == [
+        "out",
+        "in",
+        "",
+        "out",
+        "in",
+        "",
+    ]
     assert any("4 healthy (at the end: 2)" in x for x in s.lines())
     path = write_plot(str(tmp_path / "p.png"), samples, actions, 0.125, "test")
     with open(path, "rb") as fh:

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,7 +23,9 @@ import pytest
 from tests.procs import ROOT
 
 DEPLOY = Path(ROOT) / "deploy"
-SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or ("/usr/bin/systemd-analyze" if os.access("/usr/bin/systemd-analyze", os.X_OK) else None)
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze") or (
+    "/usr/bin/systemd-analyze" if os.access("/usr/bin/systemd-analyze", os.X_OK) else None
+)
 SHELLCHECK = shutil.which("shellcheck")
 VENV_PYTHON = "/opt/helix/.venv/bin/python"
 MANAGER_UNITS = ["helix-monitor-s.service", "helix-controller-asg.service"]
@@ -31,10 +34,13 @@ UNIT_PATHS = {name: DEPLOY / "systemd" / name for name in MANAGER_UNITS + AGENT_
 UNIT_PATHS["helix-sample-app.service"] = DEPLOY / "ami" / "helix-sample-app.service"
 SHELL_SCRIPTS = sorted(glob.glob(str(DEPLOY / "**" / "*.sh"), recursive=True))
 
-needs_systemd_analyze = pytest.mark.skipif(SYSTEMD_ANALYZE is None,
-                                           reason="systemd-analyze is not installed (Debian package: systemd)")
-needs_shellcheck = pytest.mark.skipif(SHELLCHECK is None,
-                                      reason="shellcheck is not installed (run deploy/sysdeps.sh as root, or apt-get install shellcheck)")
+needs_systemd_analyze = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None, reason="systemd-analyze is not installed (Debian package: systemd)"
+)
+needs_shellcheck = pytest.mark.skipif(
+    SHELLCHECK is None,
+    reason="shellcheck is not installed (run deploy/sysdeps.sh as root, or apt-get install shellcheck)",
+)
 
 
 def parse_unit(text: str) -> dict[str, dict[str, list[str]]]:
@@ -88,13 +94,19 @@ def unit_root(tmp_path_factory) -> Path:
 
 def verify(root: Path, files: dict[str, str]) -> tuple[int, str]:
     """Install `files` (name -> text) in the root and verify them; (exit status, everything printed)."""
+    assert SYSTEMD_ANALYZE is not None  # callers are marked needs_systemd_analyze
     unit_dir = root / "etc/systemd/system"
     for old in unit_dir.iterdir():
         old.unlink()
     for name, text_ in files.items():
         (unit_dir / name).write_text(text_)
-    result = subprocess.run([SYSTEMD_ANALYZE, "verify", f"--root={root}", "--man=no", "--generators=no", *files],
-                            cwd=unit_dir, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [SYSTEMD_ANALYZE, "verify", f"--root={root}", "--man=no", "--generators=no", *files],
+        cwd=unit_dir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return result.returncode, (result.stdout + result.stderr).strip()
 
 
@@ -105,13 +117,16 @@ def test_units_pass_systemd_analyze_verify_without_a_single_warning(unit_root):
 
 
 @needs_systemd_analyze
-@pytest.mark.parametrize("breakage, expected", [
-    (("ProtectSystem=strict", "ProtectSystem=strickt"), "protect system"),
-    (("KillSignal=SIGTERM", "KillSignal=SIGTREM"), "SIGTREM"),
-    (("NoNewPrivileges=yes", "NoNewPrivilege=yes"), "Unknown key"),
-    ((VENV_PYTHON, "/opt/helix/venv/bin/python"), "not executable"),
-    (("[Service]", "[Servic]"), "Unknown section"),
-])
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        (("ProtectSystem=strict", "ProtectSystem=strickt"), "protect system"),
+        (("KillSignal=SIGTERM", "KillSignal=SIGTREM"), "SIGTREM"),
+        (("NoNewPrivileges=yes", "NoNewPrivilege=yes"), "Unknown key"),
+        ((VENV_PYTHON, "/opt/helix/venv/bin/python"), "not executable"),
+        (("[Service]", "[Servic]"), "Unknown section"),
+    ],
+)
 def test_a_broken_unit_fails_verification(unit_root, breakage, expected):
     # The check above is only worth something if systemd-analyze catches these in this root.
     old, new = breakage
@@ -126,9 +141,22 @@ EXPOSURE_THRESHOLD = 30  # systemd-analyze's 0..100 scale: 3.0, "OK"; the units 
 
 
 def security(root: Path, name: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=yes", f"--root={root}",
-                             f"--threshold={EXPOSURE_THRESHOLD}", "--no-pager", name],
-                            cwd=root / "etc/systemd/system", capture_output=True, text=True, timeout=120)
+    assert SYSTEMD_ANALYZE is not None  # callers are marked needs_systemd_analyze
+    result = subprocess.run(
+        [
+            SYSTEMD_ANALYZE,
+            "security",
+            "--offline=yes",
+            f"--root={root}",
+            f"--threshold={EXPOSURE_THRESHOLD}",
+            "--no-pager",
+            name,
+        ],
+        cwd=root / "etc/systemd/system",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     if "Unknown command verb" in result.stderr or "unrecognized option" in result.stderr:
         pytest.skip(f"this systemd-analyze cannot score units offline: {result.stderr.strip()}")
     return result
@@ -145,9 +173,22 @@ def test_sandboxing_exposure_stays_low(unit_root, name):
 
 @needs_systemd_analyze
 def test_an_unsandboxed_unit_fails_the_exposure_check(unit_root):
-    plain = "\n".join(line for line in UNIT_PATHS["helix-monitor-s.service"].read_text().splitlines()
-                      if not line.startswith(("Protect", "Private", "Restrict", "SystemCall", "Capability",
-                                              "NoNewPrivileges", "LockPersonality", "DevicePolicy")))
+    plain = "\n".join(
+        line
+        for line in UNIT_PATHS["helix-monitor-s.service"].read_text().splitlines()
+        if not line.startswith(
+            (
+                "Protect",
+                "Private",
+                "Restrict",
+                "SystemCall",
+                "Capability",
+                "NoNewPrivileges",
+                "LockPersonality",
+                "DevicePolicy",
+            )
+        )
+    )
     verify(unit_root, {"helix-monitor-s.service": plain})
     assert security(unit_root, "helix-monitor-s.service").returncode != 0
 
@@ -182,9 +223,11 @@ def test_helix_units_read_the_env_file_and_nothing_else(name):
     assert "HELIX_ENV_FILE=" in words(svc, "Environment")  # the loader reads no stray ./.env
     # Bad configuration exits 2 (shared.config.EXIT_BAD_CONFIG): restarting would only loop.
     from shared.config import EXIT_BAD_CONFIG
+
     assert one(svc, "RestartPreventExitStatus") == str(EXIT_BAD_CONFIG)
     # Defaults the units set must be settings the loader knows (an unknown HELIX_ key is fatal).
     from shared.config import OTHER_KEYS, settings
+
     known = {s.key for s in settings()} | OTHER_KEYS
     for word in words(svc, "Environment"):
         key = word.split("=", 1)[0]
@@ -198,8 +241,16 @@ def test_manager_units_share_the_table():
     assert len(users) == 1, "the table and its lock are mode 0600: both must run as one user"
     for name, svc in units.items():
         # Each of these would give the unit its own /dev/shm, or delete the table at stop.
-        for key in ("PrivateIPC", "PrivateDevices", "TemporaryFileSystem", "InaccessiblePaths", "PrivateUsers",
-                    "RootDirectory", "RootImage", "DynamicUser"):
+        for key in (
+            "PrivateIPC",
+            "PrivateDevices",
+            "TemporaryFileSystem",
+            "InaccessiblePaths",
+            "PrivateUsers",
+            "RootDirectory",
+            "RootImage",
+            "DynamicUser",
+        ):
             assert key not in svc, f"{name}: {key}= would hide the shared /dev/shm or its owner"
         assert one(svc, "RemoveIPC") == "no", name
         assert "/dev/shm" in words(svc, "ReadWritePaths"), name
@@ -233,7 +284,9 @@ def test_agent_unit_waits_for_cloud_init_without_deadlocking_runcmd():
 def test_exec_start_modules_are_the_projects_packages():
     for name in UNIT_PATHS:
         module = one(unit(name)["Service"], "ExecStart").split()[2]
-        assert (Path(ROOT) / module.replace(".", "/")).is_dir() or (Path(ROOT) / (module.replace(".", "/") + ".py")).is_file(), module
+        assert (Path(ROOT) / module.replace(".", "/")).is_dir() or (
+            Path(ROOT) / (module.replace(".", "/") + ".py")
+        ).is_file(), module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,23 +307,29 @@ def test_shell_script_parses(script):
 @needs_shellcheck
 @pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: os.path.relpath(p, DEPLOY))
 def test_shellcheck_is_clean(script):
-    result = subprocess.run([SHELLCHECK, "--shell=bash", "--severity=style", "--external-sources", script],
-                            cwd=os.path.dirname(script), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [SHELLCHECK, "--shell=bash", "--severity=style", "--external-sources", script],
+        cwd=os.path.dirname(script),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
 @needs_shellcheck
 def test_shellcheck_catches_an_unquoted_variable(tmp_path):
     bad = tmp_path / "bad.sh"
-    bad.write_text('#!/usr/bin/env bash\ndir=$1\nrm -rf $dir/cache\n')
+    bad.write_text("#!/usr/bin/env bash\ndir=$1\nrm -rf $dir/cache\n")
     result = subprocess.run([SHELLCHECK, str(bad)], capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "SC2086" in result.stdout
 
 
 def sysdeps(path: str, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": path, "HOME": "/nonexistent", "LANG": "C.UTF-8"}
-    return subprocess.run(["/bin/bash", str(DEPLOY / "sysdeps.sh"), *args], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        ["/bin/bash", str(DEPLOY / "sysdeps.sh"), *args], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_sysdeps_reports_what_is_missing_on_one_line_and_never_fails(tmp_path):
@@ -304,8 +363,8 @@ BAKE = DEPLOY / "ami" / "bake.sh"
 PACKER = DEPLOY / "ami" / "helix-app.pkr.hcl"
 
 
-def bake(*args: str, as_nobody: bool = False) -> subprocess.CompletedProcess:
-    argv = ["bash", str(BAKE), *args]
+def bake(*args: str, as_nobody: bool = False, script: Path = BAKE) -> subprocess.CompletedProcess:
+    argv = ["bash", str(script), *args]
     if as_nobody:
         argv = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd="/")
@@ -317,11 +376,14 @@ def test_bake_help_describes_the_roles():
     assert "--role app|manager" in result.stdout and "cloud-init" in result.stdout
 
 
-@pytest.mark.parametrize("args, names", [
-    (("--role", "db"), "--role=db"),
-    (("--frobnicate",), "--frobnicate"),
-    (("--source",), "--source"),
-])
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (("--role", "db"), "--role=db"),
+        (("--frobnicate",), "--frobnicate"),
+        (("--source",), "--source"),
+    ],
+)
 def test_bake_rejects_bad_arguments_in_one_line_before_touching_anything(args, names):
     result = bake(*args)
     assert result.returncode == 1
@@ -329,10 +391,19 @@ def test_bake_rejects_bad_arguments_in_one_line_before_touching_anything(args, n
     assert result.stdout == ""
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to drop to nobody")
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv to drop to nobody"
+)
 def test_bake_refuses_to_run_without_root():
-    result = bake("--role", "app", as_nobody=True)
-    assert result.returncode == 1 and "run as root" in result.stderr
+    # nobody may not be able to read the checkout (a clone under /root, any 0700 directory): run a
+    # copy of the script from a directory everyone can enter, readable by everyone.
+    with tempfile.TemporaryDirectory(prefix="helix-bake-") as public:
+        os.chmod(public, 0o755)
+        script = Path(public) / BAKE.name
+        shutil.copyfile(BAKE, script)
+        os.chmod(script, 0o644)
+        result = bake("--role", "app", as_nobody=True, script=script)
+    assert result.returncode == 1 and "run as root" in result.stderr, result.stderr
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the source check runs after the root check")

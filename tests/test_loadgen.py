@@ -15,8 +15,8 @@ from shared.table import InstanceRow, MetricsTable, State
 from tests.procs import base_env, free_port, wait_for
 from tests.test_sample_app import get
 
-
 # -- curves ------------------------------------------------------------------------------------
+
 
 def test_per_second_averages_and_scales_to_the_peak():
     assert per_second(np.array([1.0, 2, 3]), 6, 3).tolist() == [1, 1, 2, 2, 3, 3]
@@ -49,6 +49,7 @@ def test_read_curve_names_the_bad_line(tmp_path):
 
 # -- balancing ---------------------------------------------------------------------------------
 
+
 def test_least_outstanding_with_round_robin_ties_and_ejection():
     now = [100.0]
     bal = Balancer(eject_seconds=3, clock=lambda: now[0])
@@ -70,6 +71,7 @@ def test_least_outstanding_with_round_robin_ties_and_ejection():
 
 
 # -- the real thing ----------------------------------------------------------------------------
+
 
 def test_healthy_backends_reads_the_table(table_name):
     with MetricsTable.open_or_create(table_name, 8) as table:
@@ -95,7 +97,7 @@ def test_spreads_load_over_healthy_instances_only(procs, table_name, tmp_path):
         proc = procs.python(f"app-{name}", ["-m", "deploy.local.sample_app", "--port", str(port), "--work-ms", "5"])
         apps[name] = (proc, port)
     for name, (_, port) in apps.items():
-        wait_for(lambda: get(port, "/health")[0] == 200, 30, f"app {name}")
+        wait_for(lambda: get(port, "/health")[0] == 200, 30, f"app {name}")  # noqa: B023 - wait_for calls it before the loop moves on
     gone = free_port()
     with MetricsTable.open_or_create(table_name, 8) as table:
         table.register(InstanceRow("i-a", "127.0.0.1:1", State.HEALTHY, app_port=apps["a"][1]))
@@ -104,8 +106,22 @@ def test_spreads_load_over_healthy_instances_only(procs, table_name, tmp_path):
         table.register(InstanceRow("i-gone", "127.0.0.1:1", State.HEALTHY, app_port=gone))
         before = {name: app_cpu(proc.pid) for name, (proc, _) in apps.items()}
         stats = tmp_path / "stats.jsonl"
-        gen = procs.python("loadgen", ["-m", "deploy.local.loadgen", "--duration", "4", "--peak-rps", "40",
-                                       "--curve", "spike", "--stats", str(stats)], base_env(HELIX_SHM_NAME=table_name))
+        gen = procs.python(
+            "loadgen",
+            [
+                "-m",
+                "deploy.local.loadgen",
+                "--duration",
+                "4",
+                "--peak-rps",
+                "40",
+                "--curve",
+                "spike",
+                "--stats",
+                str(stats),
+            ],
+            base_env(HELIX_SHM_NAME=table_name),
+        )
         assert gen.wait(timeout=60) == 0, gen.output()
     lines = [json.loads(x) for x in stats.read_text().splitlines()]
     final = lines[-1]
@@ -123,15 +139,19 @@ def test_spreads_load_over_healthy_instances_only(procs, table_name, tmp_path):
 def test_no_instance_means_failed_requests_and_bad_trace_exits_2(procs, table_name, tmp_path):
     stats = tmp_path / "stats.jsonl"
     # No table at all yet: every request fails (a load balancer with no backend answers 503).
-    gen = procs.python("loadgen", ["-m", "deploy.local.loadgen", "--duration", "2", "--peak-rps", "5",
-                                   "--stats", str(stats)], base_env(HELIX_SHM_NAME=table_name))
+    gen = procs.python(
+        "loadgen",
+        ["-m", "deploy.local.loadgen", "--duration", "2", "--peak-rps", "5", "--stats", str(stats)],
+        base_env(HELIX_SHM_NAME=table_name),
+    )
     assert gen.wait(timeout=60) == 0, gen.output()
     final = json.loads(stats.read_text().splitlines()[-1])
     assert final["served"] == 0 and final["failed"] == final["sent"] > 0
     assert not os.path.exists(f"/dev/shm/{table_name}")
     bad = tmp_path / "bad.txt"
     bad.write_text("-3\n")
-    gen = procs.python("loadgen-bad", ["-m", "deploy.local.loadgen", "--trace", str(bad)],
-                       base_env(HELIX_SHM_NAME=table_name))
+    gen = procs.python(
+        "loadgen-bad", ["-m", "deploy.local.loadgen", "--trace", str(bad)], base_env(HELIX_SHM_NAME=table_name)
+    )
     assert gen.wait(timeout=60) == 2
     assert "bad.txt:1: '-3': expected one non-negative number per line" in gen.output()

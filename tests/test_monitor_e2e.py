@@ -7,12 +7,13 @@ import json
 import signal
 import subprocess
 import sys
+import time
 
 import grpc
 import pytest
 
 from protos import helix_pb2, helix_pb2_grpc
-from shared.table import MetricsTable, State
+from shared.table import ControllerStatus, InstanceRow, MetricsTable, State
 from tests.procs import base_env, free_port, wait_for
 
 TOKEN = "test-token-0123456789"
@@ -286,6 +287,45 @@ def test_agent_registers_again_when_forgotten(procs, table_name):
     assert row.zone == "z"
 
 
+def test_restart_on_a_damaged_table_repairs_it(procs, table_name):
+    """Bytes that used to make MonitorS exit 1 at start (an unknown state, a NaN, a high-water mark
+    past the capacity, a NaN heartbeat): it starts, frees the bad rows with one line each, keeps
+    and polls the good ones, and serves registrations as usual."""
+    port = free_port()
+    dead = f"127.0.0.1:{free_port()}"  # nobody answers there: a kept row's failures count up
+    with MetricsTable.open_or_create(table_name, 64) as table:
+        for i in range(5):
+            table.register(InstanceRow(f"i-{i}", dead, State.HEALTHY, registered_at=1000.0 + i))
+        with table.writing() as w:
+            w.rows["state"][1] = 9
+            w.rows["cpu"][3] = float("nan")
+            w.header["high_water"] = 2**32 - 1
+            w.header["monitor_heartbeat"] = float("nan")
+            w.header["monitor_pid"] = 1
+    monitor = start_monitor(procs, table_name, port)
+    kept = wait_for(lambda: (r := rows(table_name)) and all(r[i].failures >= 1 for i in ("i-0", "i-2", "i-4")) and r,
+                    30, "MonitorS to poll the rows it kept")
+    assert set(kept) == {"i-0", "i-2", "i-4"}
+    assert [kept[i].registered_at for i in ("i-0", "i-2", "i-4")] == [1000.0, 1002.0, 1004.0]
+    repairs = [line for line in monitor.output().splitlines() if "table repair:" in line]
+    assert len(repairs) == 4, monitor.output()
+    assert repairs[0].endswith("table repair: high_water 4294967295 is beyond the capacity 64: clamped to 64")
+    assert repairs[1].endswith("table repair: freed slot 1 ('i-1'): state 9, expected a state from 0 to 4 "
+                               "(free, registering, healthy, unhealthy, app-down)")
+    assert repairs[2].endswith("table repair: freed slot 3 ('i-3'): cpu nan, expected a number from 0 to 1.5")
+    assert repairs[3].endswith("table repair: registered 5 recounted as 3")
+    with MetricsTable.attach(table_name) as table:
+        snap = table.snapshot()
+    assert snap.problems == () and snap.header_ok and snap.monitor.registered == 3
+    assert snap.monitor.alive(time.time())
+    # ... and it runs as usual: a new agent registers (into a freed slot) and turns healthy.
+    procs.python("agent", ["-m", "monitor_c"], agent_env("i-new", port))
+    wait_state(table_name, "i-new", State.HEALTHY)
+    with MetricsTable.attach(table_name) as table:
+        assert bytes(table.snapshot().rows["instance_id"][1]) == b"i-new"
+    assert monitor.alive()
+
+
 def test_prometheus_exposition(procs, table_name):
     from prometheus_client.parser import text_string_to_metric_families
     import urllib.request
@@ -309,6 +349,27 @@ def test_prometheus_exposition(procs, table_name):
     assert samples[("helix_registered_instances", ())] == 1.0
     assert families["helix_poll_latency_seconds"].type == "histogram"
     assert samples[("helix_poll_latency_seconds_count", ())] >= 1
+    assert samples[("helix_table_bad_rows", ())] == 0.0
+    assert not any(name.startswith("helix_controller_") for name in families)  # no controller has written yet
+
+    # A controller writes its section, and a stray write leaves a bad row MonitorS does not own.
+    with MetricsTable.attach(table_name) as table:
+        table.write_controller(ControllerStatus(pid=4321, heartbeat=time.time(), policy="target", breaker=True,
+                                                breaker_failures=3, billable=2, max_instances=5, table_problems=1))
+        with table.writing() as w:
+            slot = w.high_water
+            w.rows[slot] = InstanceRow("i-junk", "127.0.0.1:1").to_record()
+            w.rows["state"][slot] = 9
+            w.header["high_water"] = slot + 1
+    text = scrape()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    assert samples["helix_table_bad_rows"] == 1.0
+    assert samples["helix_controller_breaker_tripped"] == 1.0
+    assert samples["helix_controller_breaker_failures"] == 3.0
+    assert samples["helix_controller_billable_instances"] == 2.0
+    assert samples["helix_controller_max_instances"] == 5.0
+    assert samples["helix_controller_table_bad_rows"] == 1.0
+    assert samples["helix_registered_instances"] == 1.0  # MonitorS itself carries on
     import shutil
     import subprocess
     if shutil.which("promtool"):

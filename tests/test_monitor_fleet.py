@@ -1,5 +1,6 @@
 """MonitorS's Fleet against a real table and real gRPC servers, in one process: rows it must stop
-writing (freed by someone else, or dead for HELIX_FORGET_AFTER) are left alone."""
+writing (freed by someone else, or dead for HELIX_FORGET_AFTER) are left alone, and a damaged
+table is repaired when the fleet loads it."""
 
 from __future__ import annotations
 
@@ -8,12 +9,13 @@ import logging
 import time
 
 import grpc.aio
+import numpy as np
 
 from monitor_s.fleet import Fleet
 from protos import helix_pb2, helix_pb2_grpc
 from shared.config import load_config
 from shared.rpc_security import Auth
-from shared.table import MetricsTable, State
+from shared.table import InstanceRow, MetricsTable, State
 from tests.procs import free_port
 
 
@@ -80,5 +82,66 @@ def test_agents_silent_for_forget_after_are_forgotten(table_name):
         finally:
             await fleet.close()
             fleet.table.close()
+
+    asyncio.run(scenario())
+
+
+class Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_load_repairs_the_table_and_resumes_the_good_rows(table_name):
+    """Bytes no Register would have written: freed, one log line each; the good rows are resumed in
+    their own slots (and polled there), and the table is whole again."""
+    async def scenario():
+        server = grpc.aio.server()
+        helix_pb2_grpc.add_AgentServicer_to_server(Answering(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        table = MetricsTable.open_or_create(table_name, 16)
+        for i in range(7):
+            table.register(InstanceRow(f"i-{i}", f"127.0.0.1:{port}", State.HEALTHY, registered_at=100.0 + i))
+        with table.writing() as w:
+            w.rows["state"][1] = 9
+            w.rows["cpu"][2] = np.nan
+            w.rows["instance_id"][3] = b"bad id!"  # fits the table, but Register refuses it
+            w.rows["address"][4] = b"nowhere"
+            w.header["high_water"] = 2**32 - 1
+            w.header["registered"] = 40
+        fleet = make_fleet(table_name)
+        log = Collect()
+        fleet.log.addHandler(log)
+        try:
+            assert fleet.load() == 3
+            assert {iid: e.slot for iid, e in fleet.entries.items()} == {"i-0": 0, "i-5": 5, "i-6": 6}
+            assert log.lines == [
+                "table repair: high_water 4294967295 is beyond the capacity 16: clamped to 16",
+                "table repair: freed slot 1 ('i-1'): state 9, expected a state from 0 to 4 "
+                "(free, registering, healthy, unhealthy, app-down)",
+                "table repair: freed slot 2 ('i-2'): cpu nan, expected a number from 0 to 1.5",
+                "table repair: registered 40 recounted as 5",
+                "table repair: freed slot 3: instance_id: 'bad id!', expected 1 to 64 of letters, digits, '.', '_', "
+                "':' or '-', starting with a letter or digit",
+                "table repair: freed slot 4: address: 'nowhere', expected host:port with a port from 1 to 65535 "
+                "(IPv6 as [addr]:port)",
+            ]
+            snap = fleet.table.snapshot()
+            assert snap.problems == () and snap.header_ok and snap.monitor.registered == 3
+            await fleet.cycle()
+            rows = live(fleet.table)
+            assert set(rows) == {"i-0", "i-5", "i-6"}
+            assert all(r.state == State.HEALTHY and r.cpu == 0.5 for r in rows.values())
+            assert rows["i-5"].registered_at == 105.0  # resumed, not registered anew
+        finally:
+            fleet.log.removeHandler(log)
+            await fleet.close()
+            fleet.table.close()
+            table.close()
+            await server.stop(0)
 
     asyncio.run(scenario())

@@ -21,14 +21,22 @@ from cryptography.x509.oid import NameOID  # noqa: E402
 
 
 def _cert(subject: str, key, issuer_name, issuer_key, *, ca: bool):
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .issuer_name(issuer_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if not ca:
-        builder = builder.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                                                                     x509.DNSName("localhost")]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -42,8 +50,9 @@ def pki(tmp_path):
     paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "cert.pem", "key": tmp_path / "key.pem"}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["cert"].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+    paths["key"].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -54,12 +63,15 @@ def test_mtls_both_directions(procs, table_name, pki):
     procs.python("agent", ["-m", "monitor_c"], agent_env("i-tls", port, **tls))
     wait_state(table_name, "i-tls", State.HEALTHY)  # registered over TLS, then polled over TLS
 
-    creds_with_cert = grpc.ssl_channel_credentials(open(pki["ca"], "rb").read(), open(pki["key"], "rb").read(),
-                                                   open(pki["cert"], "rb").read())
+    creds_with_cert = grpc.ssl_channel_credentials(
+        open(pki["ca"], "rb").read(), open(pki["key"], "rb").read(), open(pki["cert"], "rb").read()
+    )
     request = helix_pb2.RegisterRequest(instance_id="i-tls2", address="127.0.0.1:7000", vcpus=1)
     # Plaintext and TLS without a client certificate are both refused by MonitorS.
-    for channel in (grpc.insecure_channel(f"127.0.0.1:{port}"),
-                    grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(open(pki["ca"], "rb").read()))):
+    for channel in (
+        grpc.insecure_channel(f"127.0.0.1:{port}"),
+        grpc.secure_channel(f"127.0.0.1:{port}", grpc.ssl_channel_credentials(open(pki["ca"], "rb").read())),
+    ):
         with channel, pytest.raises(grpc.RpcError) as info:
             helix_pb2_grpc.RegistryStub(channel).Register(request, metadata=AUTH, timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -16,13 +16,28 @@ from shared.config import load_config
 
 def obs(now, cpus, *, pending=0, missing=0, warming=0):
     in_service = len(cpus) + missing + warming
-    return Observation(now=float(now), capacity=in_service + pending, in_service=in_service, pending=pending,
-                       cpu_samples=tuple(cpus), missing=missing, warming=warming)
+    return Observation(
+        now=float(now),
+        capacity=in_service + pending,
+        in_service=in_service,
+        pending=pending,
+        cpu_samples=tuple(cpus),
+        missing=missing,
+        warming=warming,
+    )
 
 
 def demo_policy(window="15"):
-    cfg = load_config({"HELIX_POLL_INTERVAL": "1", "HELIX_SCALE_IN_WINDOW": window, "HELIX_WARMUP": "2",
-                       "HELIX_MIN_INSTANCES": "1", "HELIX_MAX_INSTANCES": "4"}, env_file="")
+    cfg = load_config(
+        {
+            "HELIX_POLL_INTERVAL": "1",
+            "HELIX_SCALE_IN_WINDOW": window,
+            "HELIX_WARMUP": "2",
+            "HELIX_MIN_INSTANCES": "1",
+            "HELIX_MAX_INSTANCES": "4",
+        },
+        env_file="",
+    )
     assert cfg.policy == "predictive"  # the default
     return make_policy(cfg)
 
@@ -106,7 +121,6 @@ def test_min_max_and_no_flapping_on_noisy_constant_load():
         changes += cap != last
         last = cap
     assert changes <= 2, changes
-
 
 
 def slow_noisy_run(policy, sigma, hours=6, seed=1):
@@ -217,6 +231,7 @@ def test_scale_in_headroom_grows_with_the_observed_burstiness():
     assert without <= 6, without  # the fraction alone barely sees the bursts
     assert settle(bursts) >= without + 2, (without, settle(bursts))
 
+
 def history_policy(**kw):
     return Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=60, **kw))
 
@@ -259,9 +274,18 @@ def test_state_survives_export_import_and_garbage_is_ignored():
     q = history_policy()
     q.import_state(state)
     assert q.export_state() == p.export_state()
-    for garbage in (None, 3, "x", [], {}, {"version": 99}, {"version": 1, "days": {"a": []}},
-                    {"version": 1, "days": {"1": [1e300] * 1440}}, {"version": 1, "days": {"1": ["x"] * 1440}},
-                    {"version": 1, "days": []}):
+    for garbage in (
+        None,
+        3,
+        "x",
+        [],
+        {},
+        {"version": 99},
+        {"version": 1, "days": {"a": []}},
+        {"version": 1, "days": {"1": [1e300] * 1440}},
+        {"version": 1, "days": {"1": ["x"] * 1440}},
+        {"version": 1, "days": []},
+    ):
         r = history_policy()
         r.import_state(garbage)  # must not raise
         assert r.export_state()["days"] == {}
@@ -274,6 +298,7 @@ def test_restart_does_not_scale_in_before_a_window():
 
 
 # --- baselines' documented rules -------------------------------------------------------------
+
 
 def test_seed_blocks_while_a_launch_is_pending_and_acts_every_10_s():
     p = SeedLoop(Limits(1, 10))

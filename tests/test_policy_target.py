@@ -13,8 +13,15 @@ from shared.config import load_config
 
 def obs(now, cpus, *, pending=0, missing=0, warming=0):
     in_service = len(cpus) + missing + warming
-    return Observation(now=float(now), capacity=in_service + pending, in_service=in_service, pending=pending,
-                       cpu_samples=tuple(cpus), missing=missing, warming=warming)
+    return Observation(
+        now=float(now),
+        capacity=in_service + pending,
+        in_service=in_service,
+        pending=pending,
+        cpu_samples=tuple(cpus),
+        missing=missing,
+        warming=warming,
+    )
 
 
 def target(**kw):
@@ -23,14 +30,17 @@ def target(**kw):
     return TargetTracking(TargetSettings(**base))
 
 
-@pytest.mark.parametrize("cpus, expected, why", [
-    ([0.52] * 4, 4, "inside the tolerance band (ratio 1.04)"),
-    ([0.46] * 4, 4, "inside the band below target (ratio 0.92)"),
-    ([0.56] * 4, 5, "just above the band: ceil(4 × 0.56 / 0.5) = 5"),
-    ([0.9] * 4, 8, "scale out at once as far as the formula says"),
-    ([1.0] * 8, 10, "clamped to max"),
-    ([0.9], 2, "from min under a spike"),
-])
+@pytest.mark.parametrize(
+    "cpus, expected, why",
+    [
+        ([0.52] * 4, 4, "inside the tolerance band (ratio 1.04)"),
+        ([0.46] * 4, 4, "inside the band below target (ratio 0.92)"),
+        ([0.56] * 4, 5, "just above the band: ceil(4 × 0.56 / 0.5) = 5"),
+        ([0.9] * 4, 8, "scale out at once as far as the formula says"),
+        ([1.0] * 8, 10, "clamped to max"),
+        ([0.9], 2, "from min under a spike"),
+    ],
+)
 def test_target_scale_out_table(cpus, expected, why):
     assert target().decide(obs(0, cpus)).desired == expected, why
 
@@ -83,12 +93,15 @@ def test_warming_instances_count_as_capacity_but_their_cpu_is_left_out():
     assert d.desired == 3 and "no CPU metrics" in d.reason
 
 
-@pytest.mark.parametrize("cpus, missing, expected, why", [
-    ([0.9, 0.9], 2, 4, "scale-out: missing count as 0: mean 0.45 → ratio 0.9 → in band, hold 4"),
-    ([1.0, 1.0], 2, 4, "scale-out: mean 0.5 → at target"),
-    ([1.0, 1.0, 1.0], 1, 6, "scale-out: mean 0.75 over 4 → 6"),
-    ([0.05, 0.05], 2, 4, "scale-in: missing count at target: mean 0.275 → 3 at most, window holds 4"),
-])
+@pytest.mark.parametrize(
+    "cpus, missing, expected, why",
+    [
+        ([0.9, 0.9], 2, 4, "scale-out: missing count as 0: mean 0.45 → ratio 0.9 → in band, hold 4"),
+        ([1.0, 1.0], 2, 4, "scale-out: mean 0.5 → at target"),
+        ([1.0, 1.0, 1.0], 1, 6, "scale-out: mean 0.75 over 4 → 6"),
+        ([0.05, 0.05], 2, 4, "scale-in: missing count at target: mean 0.275 → 3 at most, window holds 4"),
+    ],
+)
 def test_missing_metrics_are_treated_conservatively(cpus, missing, expected, why):
     assert target().decide(obs(0, cpus, missing=missing)).desired == expected, why
 
@@ -101,11 +114,14 @@ def test_missing_metrics_at_target_when_scaling_in():
     assert target(scale_in_window=0).decide(obs(0, [], missing=4)).desired == 4
 
 
-@pytest.mark.parametrize("cpus, lo, hi, expected", [
-    ([0.0] * 5, 3, 10, 3),
-    ([0.5] * 12, 1, 10, 10),
-    ([0.5], 2, 10, 2),
-])
+@pytest.mark.parametrize(
+    "cpus, lo, hi, expected",
+    [
+        ([0.0] * 5, 3, 10, 3),
+        ([0.5] * 12, 1, 10, 10),
+        ([0.5], 2, 10, 2),
+    ],
+)
 def test_min_max_clamping(cpus, lo, hi, expected):
     assert target(min_instances=lo, max_instances=hi, scale_in_window=0).decide(obs(0, cpus)).desired == expected
 
@@ -127,21 +143,25 @@ def test_no_flapping_on_a_noisy_constant_load():
 
 # --- threshold -------------------------------------------------------------------------------
 
+
 def threshold(**kw):
     base = dict(min_instances=1, max_instances=10, cpu_upper=0.7, cpu_lower=0.3, step=1, cooldown=60.0)
     base.update(kw)
     return Threshold(ThresholdSettings(**base))
 
 
-@pytest.mark.parametrize("cpus, step, expected", [
-    ([0.8] * 3, 1, 4),
-    ([0.8] * 3, 2, 5),
-    ([0.5] * 3, 1, 3),
-    ([0.2] * 3, 1, 2),
-    ([0.2] * 3, 2, 1),
-    ([0.2], 1, 1),  # min
-    ([0.9] * 10, 1, 10),  # max
-])
+@pytest.mark.parametrize(
+    "cpus, step, expected",
+    [
+        ([0.8] * 3, 1, 4),
+        ([0.8] * 3, 2, 5),
+        ([0.5] * 3, 1, 3),
+        ([0.2] * 3, 1, 2),
+        ([0.2] * 3, 2, 1),
+        ([0.2], 1, 1),  # min
+        ([0.9] * 10, 1, 10),  # max
+    ],
+)
 def test_threshold_table(cpus, step, expected):
     assert threshold(step=step).decide(obs(0, cpus)).desired == expected
 
@@ -164,7 +184,9 @@ def test_make_policy_builds_what_the_config_names():
         cfg = load_config({"HELIX_POLICY": name, "HELIX_MIN_INSTANCES": "2", "HELIX_MAX_INSTANCES": "7"}, env_file="")
         p = make_policy(cfg)
         assert isinstance(p, cls) and p.s.min_instances == 2 and p.s.max_instances == 7
-    cfg = load_config({"HELIX_CPU_UPPER": "0.8", "HELIX_CPU_LOWER": "0.2", "HELIX_STEP": "2", "HELIX_COOLDOWN": "5"}, env_file="")
+    cfg = load_config(
+        {"HELIX_CPU_UPPER": "0.8", "HELIX_CPU_LOWER": "0.2", "HELIX_STEP": "2", "HELIX_COOLDOWN": "5"}, env_file=""
+    )
     t = build_policy("threshold", cfg)
     assert (t.s.cpu_upper, t.s.cpu_lower, t.s.step, t.s.cooldown) == (0.8, 0.2, 2, 5)
     with pytest.raises(ValueError, match="policy=nope"):

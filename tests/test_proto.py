@@ -12,7 +12,10 @@ def test_generated_code_matches_proto(tmp_path):
     stale = []
     for path in written:
         name = os.path.basename(path)
-        with open(path, encoding="utf-8") as fresh, open(os.path.join(generate.HERE, name), encoding="utf-8") as committed:
+        with (
+            open(path, encoding="utf-8") as fresh,
+            open(os.path.join(generate.HERE, name), encoding="utf-8") as committed,
+        ):
             if fresh.read() != committed.read():
                 stale.append(name)
     assert not stale, f"protos/{', '.join(stale)} out of date with helix.proto: run `python -m protos.generate`"

@@ -13,7 +13,7 @@ from controller_asg.providers import make_provider
 from controller_asg.providers.base import LaunchError
 from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, PROTECTED_TAG, TOKEN_TAG, Ec2Provider, LaunchInDoubt
 from shared.config import load_config
-from tests.moto_server import CREDENTIALS, REGION, fault_proxy, moto_endpoint, reset_moto  # noqa: F401 (fixtures)
+from tests.moto_server import CREDENTIALS, REGION, reset_moto  # its fixtures come through conftest.py
 
 TOKEN = "bearer-token-for-tests"
 MOTO_AMI = "ami-12c6146b"
@@ -23,11 +23,18 @@ MOTO_AMI = "ami-12c6146b"
 def world(moto_endpoint):
     """An empty account with a VPC, two subnets in two zones, a security group and an AMI."""
     reset_moto(moto_endpoint)
-    ec2 = boto3.client("ec2", endpoint_url=moto_endpoint, region_name=REGION, aws_access_key_id="testing",
-                       aws_secret_access_key="testing")
+    ec2 = boto3.client(
+        "ec2",
+        endpoint_url=moto_endpoint,
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
     vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
-    subnets = [ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.9.{i}.0/24", AvailabilityZone=f"{REGION}{z}")["Subnet"]["SubnetId"]
-               for i, z in enumerate("ab")]
+    subnets = [
+        ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.9.{i}.0/24", AvailabilityZone=f"{REGION}{z}")["Subnet"]["SubnetId"]
+        for i, z in enumerate("ab")
+    ]
     sg = ec2.create_security_group(GroupName="helix-test", Description="t", VpcId=vpc)["GroupId"]
     # One of the AMIs moto ships (listing them all takes seconds).
     [ami] = [i["ImageId"] for i in ec2.describe_images(ImageIds=[MOTO_AMI])["Images"]]
@@ -40,10 +47,19 @@ def providers():
     made: list[Ec2Provider] = []
 
     def build(world, endpoint=None, **extra):
-        environ = {"HELIX_ENV_FILE": "", "HELIX_PROVIDER": "ec2", "HELIX_GROUP": "g1", "HELIX_TOKEN": TOKEN,
-                   "HELIX_MONITOR_ADDR": "10.9.0.5:50052", "HELIX_EC2_AMI": world["ami"],
-                   "HELIX_EC2_SUBNETS": ",".join(world["subnets"]), "HELIX_EC2_SECURITY_GROUPS": world["sg"],
-                   "HELIX_EC2_ENDPOINT_URL": endpoint or world["url"], **CREDENTIALS, **extra}
+        environ = {
+            "HELIX_ENV_FILE": "",
+            "HELIX_PROVIDER": "ec2",
+            "HELIX_GROUP": "g1",
+            "HELIX_TOKEN": TOKEN,
+            "HELIX_MONITOR_ADDR": "10.9.0.5:50052",
+            "HELIX_EC2_AMI": world["ami"],
+            "HELIX_EC2_SUBNETS": ",".join(world["subnets"]),
+            "HELIX_EC2_SECURITY_GROUPS": world["sg"],
+            "HELIX_EC2_ENDPOINT_URL": endpoint or world["url"],
+            **CREDENTIALS,
+            **extra,
+        }
         prov = make_provider(load_config(environ))
         assert isinstance(prov, Ec2Provider)
         prov.sleep = lambda s: None  # retries back off for real in production; not here
@@ -58,7 +74,8 @@ def providers():
 
 def all_instances(ec2, states=("pending", "running")) -> list[dict]:
     pages = ec2.get_paginator("describe_instances").paginate(
-        Filters=[{"Name": "instance-state-name", "Values": list(states)}])
+        Filters=[{"Name": "instance-state-name", "Values": list(states)}]
+    )
     return [i for p in pages for r in p["Reservations"] for i in r["Instances"]]
 
 
@@ -106,14 +123,20 @@ def test_restart_adopts_without_duplicates(world, providers):
 def test_foreign_instances_survive_everything(world, providers):
     ec2 = world["ec2"]
     untagged = ec2.run_instances(ImageId=world["ami"], MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
-    other = ec2.run_instances(ImageId=world["ami"], MinCount=1, MaxCount=1, TagSpecifications=[
-        {"ResourceType": "instance", "Tags": [{"Key": GROUP_TAG, "Value": "other"}]}])["Instances"][0]["InstanceId"]
+    other = ec2.run_instances(
+        ImageId=world["ami"],
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[{"ResourceType": "instance", "Tags": [{"Key": GROUP_TAG, "Value": "other"}]}],
+    )["Instances"][0]["InstanceId"]
     prov = providers(world)
     mine = [i.instance_id for i in prov.launch(2, "t")]
     assert sorted(i.instance_id for i in prov.list_instances()) == sorted(mine)
     prov.terminate([untagged, other, mine[0], "i-0123456789abcdef0"])
-    states = {i["InstanceId"]: i["State"]["Name"] for i in all_instances(ec2, ("pending", "running", "shutting-down",
-                                                                                  "terminated"))}
+    states = {
+        i["InstanceId"]: i["State"]["Name"]
+        for i in all_instances(ec2, ("pending", "running", "shutting-down", "terminated"))
+    }
     assert states[untagged] == "running" and states[other] == "running" and states[mine[1]] == "running"
     assert states[mine[0]] in ("shutting-down", "terminated")
     assert [i.instance_id for i in prov.list_instances()] == [mine[1]]
@@ -141,6 +164,7 @@ def test_launch_retried_after_lost_reply_does_not_double(world, providers, fault
             dropped.append(params["ClientToken"])
             return "drop"
         return None
+
     fault_proxy.rules.append(drop_first_run)
     prov = providers(world, endpoint=fault_proxy.url)
     launched = prov.launch(2, "lost")  # the first RunInstances' reply is lost on the way back
@@ -160,6 +184,7 @@ def test_launch_lost_twice_then_retried_by_a_restarted_controller(world, provide
         if action == "RunInstances":
             cut.append(action)
         return "drop" if cut else None
+
     fault_proxy.rules.append(cut_off)
     prov = providers(world, endpoint=fault_proxy.url, HELIX_EC2_SUBNETS=world["subnets"][0])
     with pytest.raises(Exception) as err:
@@ -186,8 +211,13 @@ def test_lost_requests_leave_the_launch_in_doubt_for_a_retry(world, providers, f
 
 def test_failing_subnet_falls_back_to_another(world, providers, fault_proxy, caplog):
     bad, good = world["subnets"]
-    fault_proxy.rules.append(lambda action, params: (500, "InsufficientInstanceCapacity", "no t3.micro here")
-                             if action == "RunInstances" and params.get("SubnetId") == bad else None)
+    fault_proxy.rules.append(
+        lambda action, params: (
+            (500, "InsufficientInstanceCapacity", "no t3.micro here")
+            if action == "RunInstances" and params.get("SubnetId") == bad
+            else None
+        )
+    )
     prov = providers(world, endpoint=fault_proxy.url)
     with caplog.at_level(logging.WARNING):
         launched = prov.launch(3, "ice")
@@ -199,8 +229,11 @@ def test_failing_subnet_falls_back_to_another(world, providers, fault_proxy, cap
 
 
 def test_every_subnet_failing_raises_and_launches_nothing(world, providers, fault_proxy):
-    fault_proxy.rules.append(lambda action, params: (500, "InsufficientInstanceCapacity", "none anywhere")
-                             if action == "RunInstances" else None)
+    fault_proxy.rules.append(
+        lambda action, params: (
+            (500, "InsufficientInstanceCapacity", "none anywhere") if action == "RunInstances" else None
+        )
+    )
     prov = providers(world, endpoint=fault_proxy.url)
     with pytest.raises(LaunchError, match="every subnet refused") as err:
         prov.launch(2, "ice")
@@ -209,8 +242,9 @@ def test_every_subnet_failing_raises_and_launches_nothing(world, providers, faul
 
 
 def test_launch_template_by_name(world, providers):
-    world["ec2"].create_launch_template(LaunchTemplateName="helix-app", LaunchTemplateData={
-        "ImageId": world["ami"], "InstanceType": "t3.small"})
+    world["ec2"].create_launch_template(
+        LaunchTemplateName="helix-app", LaunchTemplateData={"ImageId": world["ami"], "InstanceType": "t3.small"}
+    )
     prov = providers(world, HELIX_EC2_LAUNCH_TEMPLATE="helix-app", HELIX_EC2_AMI="", HELIX_EC2_SUBNETS="")
     [inst] = prov.launch(1, "lt")
     [raw] = all_instances(world["ec2"])
@@ -219,8 +253,9 @@ def test_launch_template_by_name(world, providers):
 
 
 def test_refused_launch_is_a_one_line_error_without_fallback(world, providers, fault_proxy):
-    fault_proxy.rules.append(lambda action, params: (403, "UnauthorizedOperation", "not allowed")
-                             if action == "RunInstances" else None)
+    fault_proxy.rules.append(
+        lambda action, params: (403, "UnauthorizedOperation", "not allowed") if action == "RunInstances" else None
+    )
     prov = providers(world, endpoint=fault_proxy.url)
     with pytest.raises(LaunchError, match="UnauthorizedOperation") as err:
         prov.launch(2, "denied")

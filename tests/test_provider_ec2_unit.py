@@ -20,19 +20,34 @@ from shared.config import load_config
 from tests.procs import ROOT
 
 GROUP_FILTER = {"Name": f"tag:{GROUP_TAG}", "Values": ["g1"]}
-NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.timezone.utc)
+NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 
 
 def cfg(**extra):
-    return load_config({"HELIX_ENV_FILE": "", "HELIX_PROVIDER": "ec2", "HELIX_GROUP": "g1", "HELIX_TOKEN": "tok-12345678",
-                        "HELIX_EC2_AMI": "ami-1", "HELIX_EC2_SUBNETS": "subnet-a,subnet-b", "HELIX_AWS_REGION": "us-east-1",
-                        **extra})
+    return load_config(
+        {
+            "HELIX_ENV_FILE": "",
+            "HELIX_PROVIDER": "ec2",
+            "HELIX_GROUP": "g1",
+            "HELIX_TOKEN": "tok-12345678",
+            "HELIX_EC2_AMI": "ami-1",
+            "HELIX_EC2_SUBNETS": "subnet-a,subnet-b",
+            "HELIX_AWS_REGION": "us-east-1",
+            **extra,
+        }
+    )
 
 
 def instance(iid, state="pending", subnet="subnet-a", zone="us-east-1a", tags=None):
-    return {"InstanceId": iid, "State": {"Name": state}, "SubnetId": subnet, "Placement": {"AvailabilityZone": zone},
-            "LaunchTime": NOW, "PrivateIpAddress": "10.0.0.9",
-            "Tags": [{"Key": k, "Value": v} for k, v in (tags if tags is not None else {GROUP_TAG: "g1"}).items()]}
+    return {
+        "InstanceId": iid,
+        "State": {"Name": state},
+        "SubnetId": subnet,
+        "Placement": {"AvailabilityZone": zone},
+        "LaunchTime": NOW,
+        "PrivateIpAddress": "10.0.0.9",
+        "Tags": [{"Key": k, "Value": v} for k, v in (tags if tags is not None else {GROUP_TAG: "g1"}).items()],
+    }
 
 
 @pytest.fixture
@@ -47,23 +62,37 @@ def stubbed():
 
 
 def run_params(subnet):
-    return {"MinCount": 1, "MaxCount": 1, "ClientToken": ANY, "UserData": ANY, "TagSpecifications": ANY,
-            "ImageId": "ami-1", "InstanceType": "t3.micro", "SubnetId": subnet}
+    return {
+        "MinCount": 1,
+        "MaxCount": 1,
+        "ClientToken": ANY,
+        "UserData": ANY,
+        "TagSpecifications": ANY,
+        "ImageId": "ami-1",
+        "InstanceType": "t3.micro",
+        "SubnetId": subnet,
+    }
 
 
 def test_launch_call_order_and_pending_instances(stubbed):
     prov, stub, sleeps = stubbed
     # 1. one lookup: the token's instances and the live ones (subnet-a already has one)
-    stub.add_response("describe_instances", {"Reservations": [{"Instances": [instance("i-old", "running")]}]},
-                      {"Filters": [GROUP_FILTER]})
+    stub.add_response(
+        "describe_instances",
+        {"Reservations": [{"Instances": [instance("i-old", "running")]}]},
+        {"Filters": [GROUP_FILTER]},
+    )
     # 2. the emptier subnet first, then the tie goes to the first configured; 3. nothing after:
     # no waiter for `instance_running`, no describe.
-    stub.add_response("run_instances", {"Instances": [instance("i-1", subnet="subnet-b", zone="us-east-1b")]},
-                      run_params("subnet-b"))
+    stub.add_response(
+        "run_instances", {"Instances": [instance("i-1", subnet="subnet-b", zone="us-east-1b")]}, run_params("subnet-b")
+    )
     stub.add_response("run_instances", {"Instances": [instance("i-2")]}, run_params("subnet-a"))
     got = prov.launch(2, "t-1")
-    assert [(i.instance_id, i.state, i.zone) for i in got] == [("i-1", "pending", "us-east-1b"),
-                                                               ("i-2", "pending", "us-east-1a")]
+    assert [(i.instance_id, i.state, i.zone) for i in got] == [
+        ("i-1", "pending", "us-east-1b"),
+        ("i-2", "pending", "us-east-1a"),
+    ]
     assert got[0].launched_at == NOW.timestamp() and sleeps == []
 
 
@@ -73,6 +102,7 @@ def test_run_instances_tags_and_client_token(stubbed):
 
     def capture(params, **_):
         seen.update(params)
+
     prov.client.meta.events.register("before-parameter-build.ec2.RunInstances", capture)
     stub.add_response("describe_instances", {"Reservations": []}, {"Filters": [GROUP_FILTER]})
     stub.add_response("run_instances", {"Instances": [instance("i-1")]}, run_params("subnet-a"))
@@ -88,8 +118,11 @@ def test_throttled_launch_looks_up_the_token_before_resending(stubbed):
     prov, stub, sleeps = stubbed
     stub.add_response("describe_instances", {"Reservations": []}, {"Filters": [GROUP_FILTER]})
     stub.add_client_error("run_instances", "RequestLimitExceeded", "slow down", expected_params=run_params("subnet-a"))
-    stub.add_response("describe_instances", {"Reservations": []},
-                      {"Filters": [GROUP_FILTER, {"Name": f"tag:{TOKEN_TAG}", "Values": ["t-3"]}]})
+    stub.add_response(
+        "describe_instances",
+        {"Reservations": []},
+        {"Filters": [GROUP_FILTER, {"Name": f"tag:{TOKEN_TAG}", "Values": ["t-3"]}]},
+    )
     stub.add_response("run_instances", {"Instances": [instance("i-1")]}, run_params("subnet-a"))
     assert [i.instance_id for i in prov.launch(1, "t-3")] == ["i-1"]
     assert len(sleeps) == 1
@@ -97,27 +130,57 @@ def test_throttled_launch_looks_up_the_token_before_resending(stubbed):
 
 def test_list_maps_states_and_drops_what_is_not_ours(stubbed):
     prov, stub, _ = stubbed
-    reply = {"Reservations": [{"Instances": [
-        instance("i-p", "pending"), instance("i-r", "running"), instance("i-s", "shutting-down"),
-        instance("i-stopped", "stopped"), instance("i-x", "running", tags={GROUP_TAG: "other"}),
-        instance("i-y", "running", tags={}),
-        instance("i-prot", "running", tags={GROUP_TAG: "g1", "helix:protected": "true"})]}]}
-    stub.add_response("describe_instances", reply, {"Filters": [GROUP_FILTER, {
-        "Name": "instance-state-name", "Values": ["pending", "running", "shutting-down", "stopping", "stopped"]}]})
+    reply = {
+        "Reservations": [
+            {
+                "Instances": [
+                    instance("i-p", "pending"),
+                    instance("i-r", "running"),
+                    instance("i-s", "shutting-down"),
+                    instance("i-stopped", "stopped"),
+                    instance("i-x", "running", tags={GROUP_TAG: "other"}),
+                    instance("i-y", "running", tags={}),
+                    instance("i-prot", "running", tags={GROUP_TAG: "g1", "helix:protected": "true"}),
+                ]
+            }
+        ]
+    }
+    stub.add_response(
+        "describe_instances",
+        reply,
+        {
+            "Filters": [
+                GROUP_FILTER,
+                {
+                    "Name": "instance-state-name",
+                    "Values": ["pending", "running", "shutting-down", "stopping", "stopped"],
+                },
+            ]
+        },
+    )
     got = {i.instance_id: (i.state, i.protected) for i in prov.list_instances()}
-    assert got == {"i-p": ("pending", False), "i-r": ("running", False), "i-s": ("terminating", False),
-                   "i-stopped": ("running", False), "i-prot": ("running", True)}
+    assert got == {
+        "i-p": ("pending", False),
+        "i-r": ("running", False),
+        "i-s": ("terminating", False),
+        "i-stopped": ("running", False),
+        "i-prot": ("running", True),
+    }
 
 
 def test_terminate_asks_only_for_owned_ids(stubbed):
     prov, stub, _ = stubbed
-    stub.add_response("describe_instances", {"Reservations": [{"Instances": [instance("i-1", "running")]}]},
-                      {"Filters": [GROUP_FILTER, {"Name": "instance-id", "Values": ["i-1", "i-foreign"]}]})
+    stub.add_response(
+        "describe_instances",
+        {"Reservations": [{"Instances": [instance("i-1", "running")]}]},
+        {"Filters": [GROUP_FILTER, {"Name": "instance-id", "Values": ["i-1", "i-foreign"]}]},
+    )
     stub.add_response("terminate_instances", {"TerminatingInstances": []}, {"InstanceIds": ["i-1"]})
     prov.terminate(["i-1", "i-foreign", "i-1"])
 
 
 # --- user data ----------------------------------------------------------------------------------
+
 
 def test_user_data_is_cloud_config_writing_the_agent_env():
     text = render_user_data(cfg(HELIX_MONITOR_ADDR="10.0.0.5:50052"), 'to"k\\en', {"group": "g1"})
@@ -145,6 +208,7 @@ def test_user_data_without_token_runs_the_agent_insecure_and_refuses_newlines():
 
 # --- IAM policy -------------------------------------------------------------------------------------
 
+
 def load_policy():
     with open(os.path.join(ROOT, "deploy", "iam-policy.json"), encoding="utf-8") as fh:
         return json.load(fh)
@@ -155,8 +219,11 @@ def as_list(value):
 
 
 def allowing(policy, action):
-    return [s for s in policy["Statement"] if s["Effect"] == "Allow"
-            and any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in as_list(s["Action"]))]
+    return [
+        s
+        for s in policy["Statement"]
+        if s["Effect"] == "Allow" and any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in as_list(s["Action"]))
+    ]
 
 
 def test_iam_policy_allows_every_operation_the_provider_calls_and_no_more():
@@ -175,22 +242,31 @@ def test_iam_policy_conditions_terminate_and_launch_on_the_group_tag():
     policy = load_policy()
     [term] = allowing(policy, "ec2:TerminateInstances")
     assert term["Condition"]["StringEquals"]["ec2:ResourceTag/helix:group"] == "helix"
-    on_instances = [s for s in allowing(policy, "ec2:RunInstances")
-                    if "arn:aws:ec2:*:*:instance/*" in as_list(s["Resource"])]
+    on_instances = [
+        s for s in allowing(policy, "ec2:RunInstances") if "arn:aws:ec2:*:*:instance/*" in as_list(s["Resource"])
+    ]
     assert [s["Condition"]["StringEquals"]["aws:RequestTag/helix:group"] for s in on_instances] == ["helix"]
     allowed_keys = set(on_instances[0]["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"])
     prov = Ec2Provider.__new__(Ec2Provider)
-    prov.cfg, prov.group, prov._bearer = cfg(HELIX_GROUP="helix"), "helix", "t"
-    tags = prov._run_params("subnet-a", 1, "tok", 0)["TagSpecifications"]
+    # A provider without a client: only the tags of its launch request are under test.
+    prov.cfg, prov.group, prov._bearer = cfg(HELIX_GROUP="helix"), "helix", "t"  # noqa: SLF001
+    tags = prov._run_params("subnet-a", 1, "tok", 0)["TagSpecifications"]  # noqa: SLF001
     assert {t["Key"] for spec in tags for t in spec["Tags"]} <= allowed_keys
     [tag] = allowing(policy, "ec2:CreateTags")
     assert tag["Condition"]["StringEquals"]["ec2:CreateAction"] == "RunInstances"
 
 
 def test_local_provider_does_not_import_boto3(procs):
-    proc = procs.python("import-check", ["-c", (
-        "import sys; from controller_asg.providers import make_provider; from shared.config import load_config; "
-        "import tempfile; p = make_provider(load_config({'HELIX_ENV_FILE': '', 'HELIX_STATE_DIR': tempfile.mkdtemp()})); "
-        "print(p.name, 'boto3' in sys.modules)")])
+    proc = procs.python(
+        "import-check",
+        [
+            "-c",
+            (
+                "import sys; from controller_asg.providers import make_provider; from shared.config import load_config; "
+                "import tempfile; p = make_provider(load_config({'HELIX_ENV_FILE': '', 'HELIX_STATE_DIR': tempfile.mkdtemp()})); "
+                "print(p.name, 'boto3' in sys.modules)"
+            ),
+        ],
+    )
     assert proc.wait(60) == 0, proc.output()
     assert proc.output().strip().splitlines()[-1] == "local False"

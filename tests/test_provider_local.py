@@ -30,8 +30,10 @@ FAKE_AGENT = textwrap.dedent("""
     time.sleep(300)  # outlives any test; ends by itself should a test run die without cleanup
 """)
 # A stand-in app: listens on its port so a tcp:// liveness probe finds it.
-APP_CMD = (f"{sys.executable} -c \"import socket,sys,time; s=socket.socket(); "
-           f"s.bind(('127.0.0.1',int(sys.argv[1]))); s.listen(); time.sleep(300)\" {{port}}")
+APP_CMD = (
+    f'{sys.executable} -c "import socket,sys,time; s=socket.socket(); '
+    f"s.bind(('127.0.0.1',int(sys.argv[1]))); s.listen(); time.sleep(300)\" {{port}}"
+)
 
 
 def _kill_recorded(state_dir: str) -> None:
@@ -62,8 +64,14 @@ def env_dir(tmp_path):
 
 
 def make_cfg(state_dir: str, **extra: str):
-    environ = {"HELIX_ENV_FILE": "", "HELIX_STATE_DIR": state_dir, "HELIX_TOKEN": "s3cret-token-0123",
-               "HELIX_MONITOR_ADDR": "127.0.0.1:5999", "HELIX_GROUP": "tg", **extra}
+    environ = {
+        "HELIX_ENV_FILE": "",
+        "HELIX_STATE_DIR": state_dir,
+        "HELIX_TOKEN": "s3cret-token-0123",
+        "HELIX_MONITOR_ADDR": "127.0.0.1:5999",
+        "HELIX_GROUP": "tg",
+        **extra,
+    }
     return load_config(environ)
 
 
@@ -75,6 +83,7 @@ def agent_env(env_dir: str, instance_id: str) -> dict:
     def read():
         with open(os.path.join(env_dir, instance_id + ".env.json")) as fh:
             return json.load(fh)
+
     return wait_for(read, 30, f"agent of {instance_id} to start")
 
 
@@ -152,8 +161,9 @@ def test_restarted_controller_adopts_survivors_and_forgets_the_dead(state_dir, e
 
 
 def test_terminate_only_what_was_asked_and_escalates_to_sigkill(state_dir, env_dir):
-    prov = LocalProvider(make_cfg(state_dir, HELIX_LOCAL_APP_CMD=APP_CMD), agent_argv=fake_agent(env_dir, "ignore-term"),
-                         grace=3.0)
+    prov = LocalProvider(
+        make_cfg(state_dir, HELIX_LOCAL_APP_CMD=APP_CMD), agent_argv=fake_agent(env_dir, "ignore-term"), grace=3.0
+    )
     try:
         a, b, c = prov.launch(3, "t")
         pids = {i.instance_id: int(agent_env(env_dir, i.instance_id)["PID"]) for i in (a, b, c)}
@@ -163,10 +173,19 @@ def test_terminate_only_what_was_asked_and_escalates_to_sigkill(state_dir, env_d
         states = {i.instance_id: i.state for i in prov.list_instances()}
         assert states.get(a.instance_id) in ("terminating", None)
         # The agent ignores SIGTERM: only SIGKILL after the grace period ends it.
-        wait_for(lambda: not psutil.pid_exists(pids[a.instance_id]) or
-                 psutil.Process(pids[a.instance_id]).status() == psutil.STATUS_ZOMBIE, 30, "SIGKILL after grace")
-        wait_for(lambda: {i.instance_id for i in prov.list_instances()} == {b.instance_id, c.instance_id}, 30,
-                 "the terminated one forgotten")
+        wait_for(
+            lambda: (
+                not psutil.pid_exists(pids[a.instance_id])
+                or psutil.Process(pids[a.instance_id]).status() == psutil.STATUS_ZOMBIE
+            ),
+            30,
+            "SIGKILL after grace",
+        )
+        wait_for(
+            lambda: {i.instance_id for i in prov.list_instances()} == {b.instance_id, c.instance_id},
+            30,
+            "the terminated one forgotten",
+        )
         assert psutil.pid_exists(pids[b.instance_id]) and psutil.pid_exists(pids[c.instance_id])
     finally:
         prov.close()
@@ -179,8 +198,9 @@ def test_overdue_sigkill_is_sent_by_a_restarted_controller(state_dir, env_dir):
     prov.terminate([inst.instance_id])
     prov.close()
     assert psutil.pid_exists(pid)  # SIGTERM ignored, the reaper stopped long before its grace ran out
-    later = LocalProvider(make_cfg(state_dir), agent_argv=fake_agent(env_dir), grace=600,
-                          clock=lambda: time.time() + 601)
+    later = LocalProvider(
+        make_cfg(state_dir), agent_argv=fake_agent(env_dir), grace=600, clock=lambda: time.time() + 601
+    )
     assert [i.state for i in later.list_instances()] == ["terminating"]
     wait_for(lambda: later.list_instances() == [], 30, "the overdue instance killed and forgotten")
 
@@ -188,9 +208,19 @@ def test_overdue_sigkill_is_sent_by_a_restarted_controller(state_dir, env_dir):
 def test_reused_pid_is_never_adopted_or_signalled(state_dir, env_dir):
     prov = LocalProvider(make_cfg(state_dir), agent_argv=fake_agent(env_dir))
     # A record whose pid now belongs to another process (this test runner) with another start time.
-    rec = {"instance_id": "local-tg-stale", "group": "tg", "zone": "local-a", "token": "old", "launched_at": 1.0,
-           "host": "127.0.0.1", "agent_port": 1, "app_port": 0, "pgid": os.getpid(), "terminate_at": 0.0,
-           "members": [{"role": "agent", "pid": os.getpid(), "started": 12345.0}]}
+    rec = {
+        "instance_id": "local-tg-stale",
+        "group": "tg",
+        "zone": "local-a",
+        "token": "old",
+        "launched_at": 1.0,
+        "host": "127.0.0.1",
+        "agent_port": 1,
+        "app_port": 0,
+        "pgid": os.getpid(),
+        "terminate_at": 0.0,
+        "members": [{"role": "agent", "pid": os.getpid(), "started": 12345.0}],
+    }
     with open(os.path.join(state_dir, "instances", "local-tg-stale.json"), "w") as fh:
         json.dump(rec, fh)
     prov.terminate(["local-tg-stale"])  # must not signal this very process
@@ -216,18 +246,23 @@ def test_protection_marker_and_other_groups(state_dir, env_dir):
 
 def test_bad_app_command_fails_cleanly(state_dir, env_dir):
     from controller_asg.providers.base import LaunchError
-    prov = LocalProvider(make_cfg(state_dir, HELIX_LOCAL_APP_CMD="/nonexistent/helix-app {port}"),
-                         agent_argv=fake_agent(env_dir))
+
+    prov = LocalProvider(
+        make_cfg(state_dir, HELIX_LOCAL_APP_CMD="/nonexistent/helix-app {port}"), agent_argv=fake_agent(env_dir)
+    )
     with pytest.raises(LaunchError, match="nonexistent"):
         prov.launch(1, "bad")
     assert prov.list_instances() == []
     assert os.listdir(os.path.join(state_dir, "instances")) == []
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "monitor_c", "__main__.py")),
-                    reason="the real agent (python -m monitor_c) is not written yet")
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(ROOT, "monitor_c", "__main__.py")),
+    reason="the real agent (python -m monitor_c) is not written yet",
+)
 def test_real_agent_starts_and_serves(state_dir):
     import socket
+
     prov = LocalProvider(make_cfg(state_dir, HELIX_LOCAL_APP_CMD=APP_CMD))
     try:
         [inst] = prov.launch(1, "real")
@@ -238,6 +273,7 @@ def test_real_agent_starts_and_serves(state_dir):
             assert prov.list_instances(), "the agent exited: " + open(log_path).read()[-2000:]
             socket.create_connection((host, int(port)), timeout=1).close()
             return True
+
         try:
             wait_for(serving, 60, "the real agent's gRPC port to accept connections")
         except AssertionError:

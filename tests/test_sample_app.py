@@ -23,8 +23,9 @@ def get(port: int, path: str) -> tuple[int, bytes]:
 
 def start_app(procs, work_ms: float = 10.0):
     port = free_port()
-    proc = procs.python("sample-app", ["-m", "deploy.local.sample_app", "--port", str(port), "--work-ms", str(work_ms)],
-                        base_env())
+    proc = procs.python(
+        "sample-app", ["-m", "deploy.local.sample_app", "--port", str(port), "--work-ms", str(work_ms)], base_env()
+    )
     wait_for(lambda: get(port, "/health")[0] == 200, 30, "the sample app's /health")
     return proc, port
 
@@ -59,7 +60,9 @@ def test_sigterm_exits_zero(procs):
     assert proc.wait(timeout=20) == 0
 
 
-@pytest.mark.parametrize("args, field", [(["--port", "0"], "--port=0"), (["--port", "80", "--work-ms", "-1"], "--work-ms=-1")])
+@pytest.mark.parametrize(
+    "args, field", [(["--port", "0"], "--port=0"), (["--port", "80", "--work-ms", "-1"], "--work-ms=-1")]
+)
 def test_bad_arguments_exit_2_naming_the_field(procs, args, field):
     proc = procs.python("sample-app", ["-m", "deploy.local.sample_app", *args], base_env())
     assert proc.wait(timeout=30) == 2

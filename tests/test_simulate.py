@@ -25,8 +25,14 @@ NASA_FULL = "/work/shared/traces/nasa-http-1995.rps.gz"
 
 
 def run_cli(*args, env=None, timeout=120):
-    return subprocess.run([sys.executable, "-m", "controller_asg.simulate", *args], cwd=ROOT,
-                          env=env or base_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "controller_asg.simulate", *args],
+        cwd=ROOT,
+        env=env or base_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -40,9 +46,22 @@ def small_trace(tmp_path):
 
 def test_cli_prints_table_writes_json_and_plot(small_trace, tmp_path):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
-    r = run_cli("--trace", small_trace, "--peak-instances", "10", "--policy", "predictive,k8s-hpa,oracle",
-                "--set", "HELIX_MIN_INSTANCES=1", "--set", "HELIX_MAX_INSTANCES=30",
-                "--json", str(out_json), "--plot", str(out_png))
+    r = run_cli(
+        "--trace",
+        small_trace,
+        "--peak-instances",
+        "10",
+        "--policy",
+        "predictive,k8s-hpa,oracle",
+        "--set",
+        "HELIX_MIN_INSTANCES=1",
+        "--set",
+        "HELIX_MAX_INSTANCES=30",
+        "--json",
+        str(out_json),
+        "--plot",
+        str(out_png),
+    )
     assert r.returncode == 0, r.stderr
     for word in ("predictive", "k8s-hpa", "oracle", "cost/oracle", "lost %", "θU %", "τO %", "actions"):
         assert word in r.stdout
@@ -59,19 +78,22 @@ def test_cli_settings_come_from_the_environment_and_flags_win(small_trace):
     env["HELIX_POLICY"] = "threshold"
     r = run_cli("--trace", small_trace, "--capacity", "20", "--json", "-", env=env)
     assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout[r.stdout.index("{"):])
+    doc = json.loads(r.stdout[r.stdout.index("{") :])
     assert list(doc["policies"]) == ["threshold"]
     r = run_cli("--trace", small_trace, "--capacity", "20", "--json", "-", "--set", "HELIX_MIN_INSTANCES=3", env=env)
-    assert json.loads(r.stdout[r.stdout.index("{"):])["min"] == 3
+    assert json.loads(r.stdout[r.stdout.index("{") :])["min"] == 3
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--capacity", "10", "--policy", "nope"], "--policy=nope: expected one of"),
-    (["--capacity", "-1"], "--capacity=-1.0: expected a positive number"),
-    (["--capacity", "10", "--set", "HELIX_CPU_TARGET=2"], "HELIX_CPU_TARGET=2: expected"),
-    (["--capacity", "10", "--set", "nonsense"], "--set=nonsense: expected HELIX_KEY=VALUE"),
-    (["--capacity", "10", "--start", "99"], "--start=99: expected a day within"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--capacity", "10", "--policy", "nope"], "--policy=nope: expected one of"),
+        (["--capacity", "-1"], "--capacity=-1.0: expected a positive number"),
+        (["--capacity", "10", "--set", "HELIX_CPU_TARGET=2"], "HELIX_CPU_TARGET=2: expected"),
+        (["--capacity", "10", "--set", "nonsense"], "--set=nonsense: expected HELIX_KEY=VALUE"),
+        (["--capacity", "10", "--start", "99"], "--start=99: expected a day within"),
+    ],
+)
 def test_cli_bad_input_exits_2_with_one_clear_line(small_trace, args, needle):
     r = run_cli("--trace", small_trace, *args)
     assert r.returncode == 2 and needle in r.stderr, r.stderr
@@ -143,8 +165,14 @@ def test_fleet_model_boot_billing_loss_and_observations():
 def test_elasticity_metrics_on_a_hand_made_run():
     p = FleetParams(capacity=1.0, target=0.5, min_instances=1)
     demand = np.array([1.0, 1.0, 2.0, 2.0])  # r = 2, 2, 4, 4
-    run = Run(demand=demand, in_service=np.array([2, 3, 2, 4]), billed=np.array([2, 3, 2, 4]),
-              launches=0, terminations=0, reasons=[])
+    run = Run(
+        demand=demand,
+        in_service=np.array([2, 3, 2, 4]),
+        billed=np.array([2, 3, 2, 4]),
+        launches=0,
+        terminations=0,
+        reasons=[],
+    )
     f = figures(run, p)
     assert required(demand, p).tolist() == [2, 2, 4, 4]
     assert f.theta_u == pytest.approx(100 * (0.5) / 4)  # (4-2)/4 at t=2
@@ -172,10 +200,28 @@ def test_the_live_classes_are_what_the_simulator_runs():
 
 @pytest.mark.skipif(not os.path.exists(NASA_FULL), reason="the full NASA trace is not on this machine")
 def test_cli_on_a_day_of_the_real_nasa_trace():
-    r = run_cli("--trace", NASA_FULL, "--start", "21", "--days", "1", "--smooth", "60", "--peak-instances", "20",
-                "--policy", "predictive,oracle", "--set", "HELIX_MIN_INSTANCES=2", "--set", "HELIX_MAX_INSTANCES=40",
-                "--json", "-", timeout=240)
+    r = run_cli(
+        "--trace",
+        NASA_FULL,
+        "--start",
+        "21",
+        "--days",
+        "1",
+        "--smooth",
+        "60",
+        "--peak-instances",
+        "20",
+        "--policy",
+        "predictive,oracle",
+        "--set",
+        "HELIX_MIN_INSTANCES=2",
+        "--set",
+        "HELIX_MAX_INSTANCES=40",
+        "--json",
+        "-",
+        timeout=240,
+    )
     assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout[r.stdout.index("{"):])
+    doc = json.loads(r.stdout[r.stdout.index("{") :])
     f = doc["policies"]["predictive"]
     assert f["lost_pct"] < 1.0 and 0.8 < f["cost_vs_oracle"] < 1.3

@@ -19,6 +19,9 @@ class ProviderInstance:
     state: str  # "pending" | "running" | "terminating"
     protected: bool = False  # scale-in protection: never chosen for scale-in
     address: str = ""  # private address if known
+    # The launch token it was launched under ("" if unknown): how the launch gate tells which
+    # in-doubt launch an instance answers for.
+    launch_token: str = ""
 
 
 class LaunchError(Exception):
@@ -29,7 +32,9 @@ class Provider(Protocol):
     name: str
 
     def list_instances(self) -> list[ProviderInstance]:
-        """Every live instance this group owns (pending, running, terminating)."""
+        """Every instance this group owns that may still be billed (pending, running, terminating):
+        one leaves the list only when it is gone or no longer billed (EC2 after `shutting-down`, a
+        local instance when its process group has exited). The launch gate relies on this."""
         ...
 
     def launch(self, count: int, token: str) -> list[ProviderInstance]:

@@ -150,6 +150,7 @@ class Ec2Provider:
             state=_state(inst.get("State", {}).get("Name", "pending")),
             protected=_tags(inst).get(PROTECTED_TAG, "").lower() == "true",
             address=inst.get("PrivateIpAddress", "") or "",
+            launch_token=_tags(inst).get(TOKEN_TAG, ""),
         )
 
     def list_instances(self) -> list[ProviderInstance]:

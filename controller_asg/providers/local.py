@@ -7,6 +7,8 @@ recorded under `HELIX_STATE_DIR`:
   instances/<id>.json   one record per instance (pids, pgid, ports, zone, launch token, start times
                         of the pids so a reused pid is never mistaken for ours), written atomically
   launches/<digest>.json ids launched under a launch token (a retried launch launches nothing new)
+  started/<id>          written by the instance's launcher once it may start (an id in a ledger
+                        without it never ran, and is not counted as launched)
   protected/<id>        scale-in protection: create this (empty) file to keep an instance out of
                         scale-in; remove it to lift the protection
   logs/<id>.log         the app's and the agent's output
@@ -137,7 +139,8 @@ class LocalProvider:
         self.grace = grace
         self.clock = clock
         self.state_dir = os.path.abspath(cfg.state_dir)
-        self.dirs = {d: os.path.join(self.state_dir, d) for d in ("instances", "launches", "protected", "logs")}
+        self.dirs = {d: os.path.join(self.state_dir, d)
+                     for d in ("instances", "launches", "started", "protected", "logs")}
         for path in self.dirs.values():
             os.makedirs(path, exist_ok=True)
         self._lock = threading.RLock()
@@ -203,6 +206,7 @@ class LocalProvider:
             state="terminating" if rec.terminate_at else ("running" if rec.members else "pending"),
             protected=os.path.exists(os.path.join(self.dirs["protected"], rec.instance_id)),
             address=f"{rec.host}:{rec.agent_port}",
+            launch_token=rec.token,
         )
 
     # --- the contract ------------------------------------------------------------------------
@@ -240,6 +244,13 @@ class LocalProvider:
             ledger_path = os.path.join(self.dirs["launches"], f"{digest}.json")
             launched = self._read_ledger(ledger_path)
             by_id = {i.instance_id: i for i in live}
+            # An id the ledger names but that never started (the controller died between the
+            # ledger and the launcher's "go") was not launched: launch it anew, never report it.
+            never = [i for i in launched if i not in by_id and not os.path.exists(self._started_marker(i))]
+            if never:
+                log.info("launch %s: %s never started; not counted as launched", token, ", ".join(never))
+                launched = [i for i in launched if i not in never]
+                _atomic_write(ledger_path, json.dumps({"token": token, "ids": launched, "at": self.clock()}))
             out = [by_id[i] for i in launched if i in by_id]
             missing = count - len(launched)
             if missing <= 0:
@@ -336,6 +347,18 @@ class LocalProvider:
                 if not k.startswith(_PRIVATE_PREFIXES) and k not in _PRIVATE_KEYS}
 
     def _spawn(self, instance_id: str, zone: str, token: str) -> Record:
+        """Start one instance, crash-consistently: nothing runs before its process group is on disk.
+
+        1. the record is written with no process (a crash here leaves a pid-less record: nothing to
+           kill, forgotten by `list_instances`);
+        2. a launcher `sh` starts in a new session and waits for a line on its stdin;
+        3. its pid (the group id, and the agent's pid, since it execs into the agent) is recorded;
+        4. only then does it get "go": it marks the instance started (`started/<id>`), starts the
+           app and execs the agent.
+        A controller killed before step 4 closes the launcher's stdin by dying: the launcher reads
+        end-of-file and exits without starting anything. So every running instance process is in a
+        recorded group, and a resumed launch can tell an id that never started (no marker).
+        """
         cfg = self.cfg
         host = cfg.local_host
         rec = Record(instance_id=instance_id, group=self.group, zone=zone, token=token, launched_at=self.clock(),
@@ -346,6 +369,9 @@ class LocalProvider:
             app_argv = [w.replace("{port}", str(rec.app_port)) for w in shlex.split(cfg.local_app_cmd)]
             if not app_argv:
                 raise ValueError(f"HELIX_LOCAL_APP_CMD={cfg.local_app_cmd!r}: expected a command")
+            if shutil.which(app_argv[0]) is None:
+                raise ValueError(f"HELIX_LOCAL_APP_CMD={cfg.local_app_cmd!r}: expected a command found on PATH, "
+                                 f"not {app_argv[0]!r}")
         self._write(rec)  # pid-less: a crash from here on is found and forgotten by list_instances
 
         log_path = os.path.join(self.dirs["logs"], f"{instance_id}.log")
@@ -353,17 +379,10 @@ class LocalProvider:
         base["PYTHONPATH"] = _ROOT + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
         agent_env = dict(base, **self._agent_env(rec, zone, with_app=bool(app_argv)))
         try:
-            if app_argv:
-                app_pid = self._start_pair(app_argv, agent_env, log_path, rec)  # records the agent
+            app_pid = self._start_launcher(app_argv, agent_env, log_path, rec)
+            if app_pid:
                 rec.members.append(Member("app", app_pid, _start_time(app_pid)))
-            else:
-                with open(log_path, "ab") as out:
-                    agent = subprocess.Popen(self.agent_argv, env=agent_env, stdin=subprocess.DEVNULL, stdout=out,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
-                self._children[agent.pid] = agent
-                rec.pgid = agent.pid
-                rec.members.append(Member("agent", agent.pid, _start_time(agent.pid)))
-            self._write(rec)
+                self._write(rec)
         except (OSError, ValueError):
             # Leave nothing half-started behind.
             self._kill(rec, signal.SIGKILL)
@@ -371,42 +390,54 @@ class LocalProvider:
             raise
         return rec
 
-    def _start_pair(self, app_argv: list[str], agent_env: dict[str, str], log_path: str,
-                    rec: Record) -> int:
-        """App, then agent, in one new session and process group; records the agent, returns the app's pid.
+    def _started_marker(self, instance_id: str) -> str:
+        return os.path.join(self.dirs["started"], instance_id)
 
-        A process can only join a group of its own session, so one `sh` becomes the session
-        leader: it starts the app in the background (without the agent's HELIX_ settings, the token
-        among them), reports the app's pid, and execs into the agent, which keeps its pid. The
-        agent leads the group and is the app's parent; `tree:<app pid>` leaves it out.
-        """
-        if shutil.which(app_argv[0]) is None:
-            raise ValueError(f"HELIX_LOCAL_APP_CMD={self.cfg.local_app_cmd!r}: expected a command found on PATH, "
-                             f"not {app_argv[0]!r}")
+    def _start_launcher(self, app_argv: list[str], agent_env: dict[str, str], log_path: str, rec: Record) -> int:
+        """The launcher: one `sh` in a new session and process group. It waits for "go" (see
+        `_spawn`), marks the instance started, starts the app in the background (without the
+        agent's HELIX_ settings, the token among them), reports the app's pid, and execs into the
+        agent, which keeps its pid: the agent leads the group and is the app's parent
+        (`tree:<app pid>` leaves it out). Returns the app's pid (0 with no app)."""
         unset = " ".join(f"-u {k}" for k in sorted(agent_env) if k.startswith("HELIX_"))
         script = (
-            'log=$1; shift\n'
-            f'env {unset} PORT={rec.app_port} {shlex.join(app_argv)} </dev/null >>"$log" 2>&1 &\n'
-            'echo "$!"\n'
-            'exec >>"$log" 2>&1\n'
-            'export HELIX_CPU_SOURCE="tree:$!"\n'
-            'exec "$@"\n'
+            'log=$1; marker=$2; shift 2\n'
+            'IFS= read -r go || exit 0\n'
+            '[ "$go" = go ] || exit 0\n'
+            ': >"$marker" || exit 1\n'
         )
+        if app_argv:
+            script += (
+                f'env {unset} PORT={rec.app_port} {shlex.join(app_argv)} </dev/null >>"$log" 2>&1 &\n'
+                'echo "$!"\n'
+                'exec >>"$log" 2>&1 </dev/null\n'
+                'export HELIX_CPU_SOURCE="tree:$!"\n'
+            )
+        else:
+            script += 'echo 0\nexec >>"$log" 2>&1 </dev/null\n'
+        script += 'exec "$@"\n'
         with open(log_path, "ab") as out:
-            leader = subprocess.Popen(["/bin/sh", "-c", script, "helix-instance", log_path, *self.agent_argv],
-                                      env=agent_env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=out,
+            leader = subprocess.Popen(["/bin/sh", "-c", script, "helix-instance", log_path,
+                                       self._started_marker(rec.instance_id), *self.agent_argv],
+                                      env=agent_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=out,
                                       start_new_session=True)
         self._children[leader.pid] = leader
-        rec.pgid = leader.pid
-        rec.members.append(Member("agent", leader.pid, _start_time(leader.pid)))
+        assert leader.stdin is not None and leader.stdout is not None
         try:
+            rec.pgid = leader.pid
+            rec.members.append(Member("agent", leader.pid, _start_time(leader.pid)))
+            self._write(rec)  # the group is on disk before anything in it runs
+            leader.stdin.write(b"go\n")
+            leader.stdin.close()
             # sh answers within milliseconds; the deadline only guards against a wedged machine.
             ready, _, _ = select.select([leader.stdout], [], [], 10.0)
             line = leader.stdout.readline() if ready else b""
+        except BrokenPipeError:
+            line = b""
         finally:
             leader.stdout.close()
         if not line.strip().isdigit():
-            raise OSError(f"instance {rec.instance_id}: the launcher did not report the app's pid")
+            raise OSError(f"instance {rec.instance_id}: the launcher did not start")
         return int(line)
 
     def _agent_env(self, rec: Record, zone: str, with_app: bool) -> dict[str, str]:
@@ -452,8 +483,7 @@ class LocalProvider:
 
     def _prune_ledgers(self) -> None:
         cutoff = time.time() - _LEDGER_MAX_AGE
-        for name in os.listdir(self.dirs["launches"]):
-            path = os.path.join(self.dirs["launches"], name)
+        for path in [os.path.join(self.dirs[d], name) for d in ("launches", "started") for name in os.listdir(self.dirs[d])]:
             try:
                 if os.stat(path).st_mtime < cutoff:
                     os.unlink(path)

@@ -72,7 +72,7 @@ class RunRecord:
             self.save()
 
     @classmethod
-    def load(cls, run_dir: str) -> "RunRecord | None":
+    def load(cls, run_dir: str) -> RunRecord | None:
         try:
             with open(os.path.join(run_dir, "run.json"), encoding="utf-8") as fh:
                 raw = json.load(fh)
@@ -205,8 +205,9 @@ def stop_run(record: RunRecord, grace: float = 3.0) -> None:
     for p in monitor:
         with contextlib.suppress(psutil.Error):
             spare |= {c.pid for c in p.children(recursive=True)}
-    instances = {p.pid: p for p in live_recorded(record, {"instance"}) + marked_processes(record.run_id)
-                 if p.pid not in spare}
+    instances = {
+        p.pid: p for p in live_recorded(record, {"instance"}) + marked_processes(record.run_id) if p.pid not in spare
+    }
     terminate(instances.values(), grace)
     terminate(monitor, grace)
     sweep(record)
@@ -244,8 +245,11 @@ def watch(demo_pid: int, run_dir: str, interval: float = 0.5) -> int:
         time.sleep(interval)
     record = RunRecord.load(run_dir)
     if record is not None:
-        print(f"helix demo watchdog: demo pid {demo_pid} died without cleaning up; cleaning {run_dir}",
-              file=sys.stderr, flush=True)
+        print(
+            f"helix demo watchdog: demo pid {demo_pid} died without cleaning up; cleaning {run_dir}",
+            file=sys.stderr,
+            flush=True,
+        )
         clean_run(record, grace=1.0)
     else:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -253,10 +257,15 @@ def watch(demo_pid: int, run_dir: str, interval: float = 0.5) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.local.cleanup",
-                                     description="Clean up demo runs whose demo has died.")
-    parser.add_argument("--watch", nargs=2, metavar=("DEMO_PID", "RUN_DIR"),
-                        help="stay until the demo exits; clean its run if it did not")
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.local.cleanup", description="Clean up demo runs whose demo has died."
+    )
+    parser.add_argument(
+        "--watch",
+        nargs=2,
+        metavar=("DEMO_PID", "RUN_DIR"),
+        help="stay until the demo exits; clean its run if it did not",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.watch:
         return watch(int(args.watch[0]), args.watch[1])

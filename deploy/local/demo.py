@@ -46,7 +46,7 @@ from deploy.local.loadgen import BUILTIN_CURVES, CurveError, builtin_curve, per_
 from deploy.local.plot import Sample, summarize, write_plot
 from deploy.local.view import Action, Frame, View
 from shared.config import EXIT_BAD_CONFIG, ConfigError, load_config
-from shared.table import MetricsTable, State, TableError
+from shared.table import ControllerStatus, InstanceRow, MetricsTable, State, TableError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_DURATION = 180
@@ -66,7 +66,6 @@ class DemoError(Exception):
 # Settings
 
 
-
 @dataclass
 class Tuning:
     """The demo's settings: what is tuned for a short run, and what makes this run its own."""
@@ -82,9 +81,9 @@ class Tuning:
 
     def shown(self) -> list[str]:
         """The tuned settings in effect: a value from the caller's environment wins, and says so."""
-        return [f"{k}={self.overridden[k]} (yours)" if k in self.overridden else f"{k}={v}"
-                for k, v in self.tuned.items()] + [
-            f"work {self.work_ms:g} ms CPU/request", f"peak {self.peak_rps:.0f} req/s"]
+        return [
+            f"{k}={self.overridden[k]} (yours)" if k in self.overridden else f"{k}={v}" for k, v in self.tuned.items()
+        ] + [f"work {self.work_ms:g} ms CPU/request", f"peak {self.peak_rps:.0f} req/s"]
 
 
 def tune(duration: int, work_ms: float, peak_rps: float | None) -> Tuning:
@@ -114,8 +113,19 @@ def tune(duration: int, work_ms: float, peak_rps: float | None) -> Tuning:
     return Tuning(duration, work_ms, vcpus, target, peak, tuned)
 
 
-OWN_KEYS = ("HELIX_ENV_FILE", "HELIX_TOKEN", "HELIX_TOKEN_FILE", "HELIX_SHM_NAME", "HELIX_STATE_DIR", "HELIX_GROUP",
-            "HELIX_MONITOR_LISTEN", "HELIX_MONITOR_ADDR", "HELIX_PROVIDER", "HELIX_LOCAL_APP_CMD", "HELIX_ACTIVITY_LOG")
+OWN_KEYS = (
+    "HELIX_ENV_FILE",
+    "HELIX_TOKEN",
+    "HELIX_TOKEN_FILE",
+    "HELIX_SHM_NAME",
+    "HELIX_STATE_DIR",
+    "HELIX_GROUP",
+    "HELIX_MONITOR_LISTEN",
+    "HELIX_MONITOR_ADDR",
+    "HELIX_PROVIDER",
+    "HELIX_LOCAL_APP_CMD",
+    "HELIX_ACTIVITY_LOG",
+)
 
 
 def check_environment(tuning: Tuning, environ: dict[str, str]) -> list[str]:
@@ -230,8 +240,15 @@ class Demo:
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
         log = open(self.path(f"{name}.log"), "ab")
         try:
-            proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen(
+                argv,
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         finally:
             log.close()
         self.popen[name] = proc
@@ -263,7 +280,7 @@ class Demo:
 
     # -- watching -------------------------------------------------------------------------------
 
-    def wait(self, cond: Callable[[], bool], timeout: float, what: str, view: View) -> None:
+    def wait(self, cond: Callable[[], object], timeout: float, what: str, view: View) -> None:
         deadline = time.monotonic() + timeout
         while not cond():
             self.check_parts()
@@ -274,26 +291,30 @@ class Demo:
             self.tick(view, phase=f"waiting for {what}")
             time.sleep(0.5)
 
-    def attach(self) -> bool:
+    def attach(self) -> MetricsTable | None:
+        """The table, once MonitorS has created it; None before."""
         if self.table is None:
             try:
                 self.table = MetricsTable.attach(self.shm_name)
             except TableError:
-                return False
-        return True
+                return None
+        return self.table
 
     def healthy_with_app(self) -> bool:
-        if not self.attach():
+        table = self.attach()
+        if table is None:
             return False
-        return any(r.state == State.HEALTHY and r.app_port for r in self.table.snapshot().instances())
+        return any(r.state == State.HEALTHY and r.app_port for r in table.snapshot().instances())
 
     def tick(self, view: View, phase: str = "running") -> None:
         """One look at everything: table, load stats, activity log; update the view and timeline."""
         now = time.time()
         elapsed = now - self.t0
-        instances, controller = [], None
-        if self.attach():
-            snap = self.table.snapshot()
+        instances: list[InstanceRow] = []
+        controller: ControllerStatus | None = None
+        table = self.attach()
+        if table is not None:
+            snap = table.snapshot()
             instances, controller = snap.instances(), snap.controller
         self.track_instances()
         lines, self._offsets["stats"] = _tail(self.path("loadgen.jsonl"), self._offsets["stats"])
@@ -309,24 +330,47 @@ class Demo:
         for line in lines:
             with contextlib.suppress(ValueError, KeyError):
                 rec = json.loads(line)
-                action = Action(at=float(rec["time"]) - self.t0, action=str(rec["action"]), count=int(rec.get("count", 0)),
-                                reason=str(rec.get("reason", "")), instance_ids=tuple(rec.get("instance_ids") or ()))
+                action = Action(
+                    at=float(rec["time"]) - self.t0,
+                    action=str(rec["action"]),
+                    count=int(rec.get("count", 0)),
+                    reason=str(rec.get("reason", "")),
+                    instance_ids=tuple(rec.get("instance_ids") or ()),
+                )
                 self.actions.append(action)
                 view.action(action)
         healthy = [r for r in instances if r.state == State.HEALTHY]
         mean_cpu = sum(r.cpu for r in healthy) / len(healthy) if healthy else None
         last = self._last if self.load_started is not None else {}
-        frame = Frame(elapsed=elapsed, duration=self.args.duration, demand=last.get("demand", 0.0),
-                      served=last.get("served", 0), failed=last.get("failed", 0), served_total=self.served,
-                      failed_total=self.failed, instances=instances, mean_cpu=mean_cpu,
-                      cpu_target=self.cpu_target, phase=phase)
+        frame = Frame(
+            elapsed=elapsed,
+            duration=self.args.duration,
+            demand=last.get("demand", 0.0),
+            served=last.get("served", 0),
+            failed=last.get("failed", 0),
+            served_total=self.served,
+            failed_total=self.failed,
+            instances=instances,
+            mean_cpu=mean_cpu,
+            cpu_target=self.cpu_target,
+            phase=phase,
+        )
         if controller is not None:
             frame.controller = controller
         view.update(frame)
         if phase == "running":  # the timeline covers the load only
-            self.samples.append(Sample(t=round(elapsed, 2), demand=frame.demand, served=frame.served,
-                                       failed=frame.failed, healthy=len(healthy), registered=len(instances),
-                                       desired=frame.controller.desired, mean_cpu=mean_cpu))
+            self.samples.append(
+                Sample(
+                    t=round(elapsed, 2),
+                    demand=frame.demand,
+                    served=frame.served,
+                    failed=frame.failed,
+                    healthy=len(healthy),
+                    registered=len(instances),
+                    desired=frame.controller.desired,
+                    mean_cpu=mean_cpu,
+                )
+            )
 
     # -- the whole run --------------------------------------------------------------------------
 
@@ -347,8 +391,17 @@ class Demo:
         left = int(args.duration - (time.time() - self.t0))
         if left < 10:
             raise DemoError(f"only {left}s of the {args.duration}s demo left after start-up; raise --duration")
-        gen_argv = [py, "-m", "deploy.local.loadgen", "--duration", str(left), "--peak-rps", str(self.tuning.peak_rps),
-                    "--stats", self.path("loadgen.jsonl")]
+        gen_argv = [
+            py,
+            "-m",
+            "deploy.local.loadgen",
+            "--duration",
+            str(left),
+            "--peak-rps",
+            str(self.tuning.peak_rps),
+            "--stats",
+            self.path("loadgen.jsonl"),
+        ]
         gen_argv += ["--trace", args.trace] if args.trace else ["--curve", args.curve]
         self.load_started = time.time()
         self.start("loadgen", gen_argv, env)
@@ -413,13 +466,23 @@ class Demo:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deploy.local.demo", description=__doc__.splitlines()[0])
     env_duration = os.environ.get("DEMO_DURATION", "")
-    parser.add_argument("--duration", type=int, default=None,
-                        help=f"seconds the demo runs (default $DEMO_DURATION, else {DEFAULT_DURATION})")
+    parser.add_argument(
+        "--duration",
+        type=int,
+        default=None,
+        help=f"seconds the demo runs (default $DEMO_DURATION, else {DEFAULT_DURATION})",
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--curve", choices=BUILTIN_CURVES, default="nasa", help="built-in demand curve (default nasa)")
-    source.add_argument("--trace", metavar="FILE", help="your own demand curve: one number per line, stretched over the run")
-    parser.add_argument("--peak-rps", type=float, default=None, help="requests per second at the curve's peak "
-                        "(default: what about 3.2 instances serve at the CPU target)")
+    source.add_argument(
+        "--trace", metavar="FILE", help="your own demand curve: one number per line, stretched over the run"
+    )
+    parser.add_argument(
+        "--peak-rps",
+        type=float,
+        default=None,
+        help="requests per second at the curve's peak (default: what about 3.2 instances serve at the CPU target)",
+    )
     parser.add_argument("--work-ms", type=float, default=WORK_MS, help=f"CPU ms per request (default {WORK_MS:g})")
     parser.add_argument("--out", default="demo-out", help="directory for the plot and the logs (default demo-out)")
     parser.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
@@ -474,14 +537,26 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
 
     run_dir = tempfile.mkdtemp(prefix=f"{demo.run_id}-", dir=RUNS_ROOT)
-    demo.record = RunRecord(run_dir=run_dir, run_id=demo.run_id, shm_name=demo.shm_name, demo_pid=os.getpid(),
-                            demo_started=cleanup.process_started(os.getpid()) or 0.0)
+    demo.record = RunRecord(
+        run_dir=run_dir,
+        run_id=demo.run_id,
+        shm_name=demo.shm_name,
+        demo_pid=os.getpid(),
+        demo_started=cleanup.process_started(os.getpid()) or 0.0,
+    )
     demo.record.save()
     # The watchdog carries no run marker: it must outlive the sweep that its own cleanup does.
     watchdog_env = {k: v for k, v in os.environ.items() if k != MARKER_KEY}
-    watchdog_env["PYTHONPATH"] = ROOT + (os.pathsep + watchdog_env["PYTHONPATH"] if watchdog_env.get("PYTHONPATH") else "")
-    watchdog = subprocess.Popen([sys.executable, "-m", "deploy.local.cleanup", "--watch", str(os.getpid()), run_dir],
-                                env=watchdog_env, cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True)
+    watchdog_env["PYTHONPATH"] = ROOT + (
+        os.pathsep + watchdog_env["PYTHONPATH"] if watchdog_env.get("PYTHONPATH") else ""
+    )
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "deploy.local.cleanup", "--watch", str(os.getpid()), run_dir],
+        env=watchdog_env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     demo.record.add("watchdog", watchdog.pid)
 
     t = demo.tuning
@@ -489,9 +564,12 @@ def main(argv: list[str] | None = None) -> int:
     error = ""
     try:
         demo.env = demo.build_env()
-        console.print(f"[bold]Helix demo[/bold]: {args.duration}s, {escape(args.trace or args.curve)} demand curve, peak "
-                      f"{t.peak_rps:g} req/s, {t.work_ms:g} ms CPU per request, {t.vcpus} vCPU per instance "
-                      f"(target {demo.cpu_target:g} of it)", markup=True)
+        console.print(
+            f"[bold]Helix demo[/bold]: {args.duration}s, {escape(args.trace or args.curve)} demand curve, peak "
+            f"{t.peak_rps:g} req/s, {t.work_ms:g} ms CPU per request, {t.vcpus} vCPU per instance "
+            f"(target {demo.cpu_target:g} of it)",
+            markup=True,
+        )
         console.print(f"run {demo.run_id}: segment /dev/shm/{demo.shm_name}, state {run_dir}")
         console.print("settings tuned for a short demo: " + " ".join(t.shown()))
         console.print("Ctrl-C stops it at any time and cleans up.")
@@ -512,16 +590,18 @@ def main(argv: list[str] | None = None) -> int:
     if error:
         console.print(f"[red]demo stopped: {escape(error)}[/red]", markup=True)
         if demo.failed_part:
-            with contextlib.suppress(OSError):
-                with open(os.path.join(demo.logs_dir, f"{demo.failed_part}.log"), encoding="utf-8", errors="replace") as fh:
-                    console.print(fh.read()[-3000:], markup=False)
+            log_path = os.path.join(demo.logs_dir, f"{demo.failed_part}.log")
+            with contextlib.suppress(OSError), open(log_path, encoding="utf-8", errors="replace") as fh:
+                console.print(fh.read()[-3000:], markup=False)
     elif demo.stop_reason:
         console.print(f"demo ended: {demo.stop_reason}")
     summary = summarize(demo.samples, demo.actions, demo.served, demo.failed, demo.ended - demo.t0)
     if demo.samples:
         plot = os.path.join(args.out, f"helix-demo-{demo.stamp}.png")
-        title = (f"Helix demo: {args.trace or args.curve} curve, peak {t.peak_rps:g} req/s, "
-                 f"{t.work_ms:g} ms/request, target {t.cpu_target:g} of {t.vcpus} vCPU")
+        title = (
+            f"Helix demo: {args.trace or args.curve} curve, peak {t.peak_rps:g} req/s, "
+            f"{t.work_ms:g} ms/request, target {t.cpu_target:g} of {t.vcpus} vCPU"
+        )
         summary.plot = write_plot(plot, demo.samples, demo.actions, demo.cpu_target, title)
     console.print("[bold]summary[/bold]", markup=True)
     for line in summary.lines():
@@ -535,11 +615,20 @@ def main(argv: list[str] | None = None) -> int:
         console.print(f"  left behind:       nothing (segment {demo.shm_name} and {run_dir} removed)")
     if args.summary_json:
         with open(args.summary_json, "w", encoding="utf-8") as fh:
-            json.dump(summary.as_dict() | {"run_id": demo.run_id, "shm_name": demo.shm_name, "run_dir": run_dir,
-                                           "error": error, "stop_reason": demo.stop_reason,
-                                           "procs": [p.__dict__ for p in demo.record.procs],
-                                           "samples": [s.__dict__ for s in demo.samples],
-                                           "actions": [a.__dict__ for a in demo.actions]}, fh)
+            json.dump(
+                summary.as_dict()
+                | {
+                    "run_id": demo.run_id,
+                    "shm_name": demo.shm_name,
+                    "run_dir": run_dir,
+                    "error": error,
+                    "stop_reason": demo.stop_reason,
+                    "procs": [p.__dict__ for p in demo.record.procs],
+                    "samples": [s.__dict__ for s in demo.samples],
+                    "actions": [a.__dict__ for a in demo.actions],
+                },
+                fh,
+            )
     return status
 
 

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -84,10 +83,16 @@ def read_curve(path: str) -> np.ndarray:
 def spike_curve() -> np.ndarray:
     """Quiet, a ramp to 60 %, a short spike to 100 %, back to quiet: 100 steps."""
     quiet, high = 0.2, 0.6
-    return np.concatenate([
-        np.full(15, quiet), np.linspace(quiet, high, 20), np.full(15, high),
-        np.full(15, 1.0), np.full(10, high), np.full(25, quiet),
-    ])
+    return np.concatenate(
+        [
+            np.full(15, quiet),
+            np.linspace(quiet, high, 20),
+            np.full(15, high),
+            np.full(15, 1.0),
+            np.full(10, high),
+            np.full(25, quiet),
+        ]
+    )
 
 
 def builtin_curve(name: str) -> np.ndarray:
@@ -200,7 +205,7 @@ class Counters:
     failed: int = 0
     latency_total: float = 0.0
 
-    def take(self) -> "Counters":
+    def take(self) -> Counters:
         """Copy and reset (the caller holds the lock)."""
         copy = Counters(self.sent, self.served, self.failed, self.latency_total)
         self.sent = self.served = self.failed = 0
@@ -218,7 +223,7 @@ def get(backend: Backend, path: str, timeout: float) -> int:
     try:
         try:
             conn.connect()
-        except (ConnectionRefusedError, socket.timeout, OSError) as exc:
+        except (TimeoutError, ConnectionRefusedError, OSError) as exc:
             raise _Refused(str(exc)) from exc
         conn.request("GET", path)
         resp = conn.getresponse()
@@ -301,8 +306,13 @@ class LoadGenerator:
     def close(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait, cancel_futures=True)
 
-    def run(self, rates: np.ndarray, refresh: Callable[[], list[Backend]], emit: Callable[[dict], None],
-            stop: threading.Event) -> Counters:
+    def run(
+        self,
+        rates: np.ndarray,
+        refresh: Callable[[], list[Backend]],
+        emit: Callable[[dict], None],
+        stop: threading.Event,
+    ) -> Counters:
         """Second i sends rates[i] requests, evenly spaced; backends are refreshed every second."""
         start = time.monotonic()
         due = 0.0  # seconds after start at which the next request is due
@@ -328,9 +338,17 @@ class LoadGenerator:
             if wait > 0:
                 stop.wait(wait)
             c = self.take_second()
-            emit({"t": second + 1, "demand": round(float(rate), 3), "sent": c.sent, "served": c.served,
-                  "failed": c.failed, "backends": len(self.balancer.backends),
-                  "latency_ms": round(1000 * c.latency_total / c.served, 2) if c.served else None})
+            emit(
+                {
+                    "t": second + 1,
+                    "demand": round(float(rate), 3),
+                    "sent": c.sent,
+                    "served": c.served,
+                    "failed": c.failed,
+                    "backends": len(self.balancer.backends),
+                    "latency_ms": round(1000 * c.latency_total / c.served, 2) if c.served else None,
+                }
+            )
         return self.totals
 
 
@@ -339,10 +357,14 @@ class LoadGenerator:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m deploy.local.loadgen",
-                                     description="Replay a demand curve against the healthy instances in the table.")
+    parser = argparse.ArgumentParser(
+        prog="python -m deploy.local.loadgen",
+        description="Replay a demand curve against the healthy instances in the table.",
+    )
     parser.add_argument("--duration", type=int, default=180, help="seconds to run; the curve is stretched over them")
-    parser.add_argument("--peak-rps", type=float, default=45.0, help="requests per second at the curve's busiest second")
+    parser.add_argument(
+        "--peak-rps", type=float, default=45.0, help="requests per second at the curve's busiest second"
+    )
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--curve", choices=BUILTIN_CURVES, default="nasa", help="built-in curve (default nasa)")
     source.add_argument("--trace", metavar="FILE", help="your own curve: one non-negative number per line")

@@ -65,8 +65,9 @@ def direction(action: str) -> str:
     return ""  # replace, freeze, resume, adopt: not a change of size
 
 
-def summarize(samples: Sequence[Sample], actions: Sequence[Action], served: int, failed: int,
-              duration: float) -> Summary:
+def summarize(
+    samples: Sequence[Sample], actions: Sequence[Action], served: int, failed: int, duration: float
+) -> Summary:
     cpus = [s.mean_cpu for s in samples if s.mean_cpu is not None and math.isfinite(s.mean_cpu)]
     return Summary(
         duration=duration,
@@ -81,8 +82,7 @@ def summarize(samples: Sequence[Sample], actions: Sequence[Action], served: int,
     )
 
 
-def write_plot(path: str, samples: Sequence[Sample], actions: Sequence[Action], cpu_target: float,
-               title: str) -> str:
+def write_plot(path: str, samples: Sequence[Sample], actions: Sequence[Action], cpu_target: float, title: str) -> str:
     # Imported here: matplotlib takes half a second to import, and only the end of a run needs it.
     import matplotlib
 
@@ -103,8 +103,12 @@ def write_plot(path: str, samples: Sequence[Sample], actions: Sequence[Action], 
     ax2.set_ylabel("instances")
     ax2.legend(loc="upper left", fontsize="small")
     ax2.yaxis.get_major_locator().set_params(integer=True)
-    ax3.plot(t, [float("nan") if s.mean_cpu is None else s.mean_cpu for s in samples], label="mean CPU (healthy)",
-             color="tab:red")
+    ax3.plot(
+        t,
+        [float("nan") if s.mean_cpu is None else s.mean_cpu for s in samples],
+        label="mean CPU (healthy)",
+        color="tab:red",
+    )
     ax3.axhline(cpu_target, color="black", linestyle=":", label=f"target {cpu_target:g}")
     ax3.set_ylabel("CPU (of allotment)")
     ax3.set_xlabel("seconds")

@@ -36,7 +36,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "helix-sample-app/1"
     protocol_version = "HTTP/1.1"  # keep-alive, so a load balancer may reuse connections
 
-    def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+    def do_GET(self) -> None:  # BaseHTTPRequestHandler's name for it
         url = urlsplit(self.path)
         if url.path == "/health":
             self._reply(200, b"ok\n")
@@ -84,7 +84,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m deploy.local.sample_app", description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True, help="port to listen on")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    parser.add_argument("--work-ms", type=float, default=10.0, help="CPU milliseconds each /work request burns (default 10)")
+    parser.add_argument(
+        "--work-ms", type=float, default=10.0, help="CPU milliseconds each /work request burns (default 10)"
+    )
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         parser.error(f"--port={args.port}: expected a port from 1 to 65535")

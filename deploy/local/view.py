@@ -19,8 +19,13 @@ from rich.text import Text
 
 from shared.table import ControllerStatus, InstanceRow, State
 
-STATE_STYLE = {State.HEALTHY: "green", State.REGISTERING: "yellow", State.UNHEALTHY: "red",
-               State.APP_DOWN: "magenta", State.FREE: "dim"}
+STATE_STYLE = {
+    State.HEALTHY: "green",
+    State.REGISTERING: "yellow",
+    State.UNHEALTHY: "red",
+    State.APP_DOWN: "magenta",
+    State.FREE: "dim",
+}
 
 
 @dataclass
@@ -61,9 +66,11 @@ class Frame:
 def plain_line(f: Frame) -> str:
     cpu = "-" if f.mean_cpu is None else f"{f.mean_cpu:.2f}"
     c = f.controller
-    return (f"t={f.elapsed:5.1f}s {f.phase}: demand {f.demand:5.1f} rps, served {f.served}/s failed {f.failed}/s, "
-            f"healthy {f.healthy}/{len(f.instances)}, mean CPU {cpu} (target {f.cpu_target:g}), "
-            f"desired {c.desired} in-service {c.in_service} pending {c.pending}")
+    return (
+        f"t={f.elapsed:5.1f}s {f.phase}: demand {f.demand:5.1f} rps, served {f.served}/s failed {f.failed}/s, "
+        f"healthy {f.healthy}/{len(f.instances)}, mean CPU {cpu} (target {f.cpu_target:g}), "
+        f"desired {c.desired} in-service {c.in_service} pending {c.pending}"
+    )
 
 
 def _bar(value: float, width: int = 20) -> Text:
@@ -74,25 +81,46 @@ def _bar(value: float, width: int = 20) -> Text:
 
 def render(f: Frame, actions: list[Action], settings: list[str]) -> Group:
     left = max(0.0, f.duration - f.elapsed)
-    head = Text.assemble(("Helix demo", "bold"), f"  {f.phase}, t={f.elapsed:.0f}s of {f.duration:.0f}s ({left:.0f}s left, "
-                         "Ctrl-C stops it)\n",
-                         ("demand ", "bold"), f"{f.demand:.1f} req/s   ",
-                         ("served ", "bold"), f"{f.served}/s ({f.served_total} total)   ",
-                         ("failed ", "bold"), (f"{f.failed}/s ({f.failed_total} total)", "red" if f.failed else ""))
+    head = Text.assemble(
+        ("Helix demo", "bold"),
+        f"  {f.phase}, t={f.elapsed:.0f}s of {f.duration:.0f}s ({left:.0f}s left, Ctrl-C stops it)\n",
+        ("demand ", "bold"),
+        f"{f.demand:.1f} req/s   ",
+        ("served ", "bold"),
+        f"{f.served}/s ({f.served_total} total)   ",
+        ("failed ", "bold"),
+        (f"{f.failed}/s ({f.failed_total} total)", "red" if f.failed else ""),
+    )
     c = f.controller
     cpu = "-" if f.mean_cpu is None else f"{f.mean_cpu:.2f}"
-    ctl = Text.assemble(("desired ", "bold"), str(c.desired), ("   in service ", "bold"), str(c.in_service),
-                        ("   pending ", "bold"), str(c.pending), ("   mean CPU ", "bold"), f"{cpu} (target {f.cpu_target:g})",
-                        ("   policy ", "bold"), c.policy or "-",
-                        ("\nlast decision: ", "bold"), f"{c.action or '-'}: {c.reason or '-'}")
+    ctl = Text.assemble(
+        ("desired ", "bold"),
+        str(c.desired),
+        ("   in service ", "bold"),
+        str(c.in_service),
+        ("   pending ", "bold"),
+        str(c.pending),
+        ("   mean CPU ", "bold"),
+        f"{cpu} (target {f.cpu_target:g})",
+        ("   policy ", "bold"),
+        c.policy or "-",
+        ("\nlast decision: ", "bold"),
+        f"{c.action or '-'}: {c.reason or '-'}",
+    )
     table = Table(expand=True, show_edge=False, pad_edge=False)
     for name in ("instance", "zone", "state", "CPU", "", "app port", "age"):
         table.add_column(name, no_wrap=True)
     now = time.time()
     for r in sorted(f.instances, key=lambda r: r.registered_at):
-        table.add_row(r.instance_id, r.zone, Text(r.state.label, style=STATE_STYLE.get(r.state, "")),
-                      f"{r.cpu:5.2f}", _bar(r.cpu), str(r.app_port or "-"),
-                      f"{now - r.registered_at:4.0f}s" if r.registered_at else "-")
+        table.add_row(
+            r.instance_id,
+            r.zone,
+            Text(r.state.label, style=STATE_STYLE.get(r.state, "")),
+            f"{r.cpu:5.2f}",
+            _bar(r.cpu),
+            str(r.app_port or "-"),
+            f"{now - r.registered_at:4.0f}s" if r.registered_at else "-",
+        )
     if not f.instances:
         table.add_row("(no instance registered yet)", "", "", "", "", "", "")
     decisions = Text("\n".join(a.line() for a in actions[-8:]) or "(none yet)")
@@ -117,7 +145,7 @@ class View:
         self._last_plain = -1e9
         self._live: Live | None = None
 
-    def __enter__(self) -> "View":
+    def __enter__(self) -> View:
         if self.live:
             self._live = Live(console=self.console, refresh_per_second=4, transient=False)
             self._live.__enter__()

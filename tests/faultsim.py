@@ -1,0 +1,535 @@
+"""The fault-injection harness: the real `Controller` (real policy, health, plan, gate, breaker and
+table code, a real /dev/shm table) against a simulated cloud on a simulated clock.
+
+What is simulated, and only that: the cloud (`FakeCloud`, behind `FakeProvider`, the provider
+contract), MonitorS (`SimMonitor` writes the rows and the heartbeat a real MonitorS would write
+for what the instances do) and the load. Faults are scheduled by simulated time (`Fault`), so a
+run is deterministic: the same schedule gives the same steps. Every step the invariants are
+checked; a violation is recorded with its time, never raised, so a run reports all of them.
+
+Used by tests/test_faults.py (a bounded number of Hypothesis schedules, and one test per
+reproduction of the cost-safety issue) and by `make bench BENCH_ARGS=chaos` (thousands).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from controller_asg.controller import Controller
+from controller_asg.hostlock import HostLock, HostLockHeld
+from controller_asg.policy import build_policy
+from controller_asg.providers.base import LaunchError, ProviderInstance
+from shared.config import Config, load_config
+from shared.table import InstanceRow, MetricsTable, State
+
+GROUP = "sim"
+TERMINATING_SECONDS = 5.0  # how long a terminated instance stays billable (EC2's shutting-down)
+POLL = 1.0
+UNHEALTHY_AFTER = 3
+
+FAULT_KINDS = (
+    "lost_reply",  # the next launch runs, its reply is lost
+    "launch_error",  # the next launch is refused (nothing runs)
+    "crash_before_launch",  # the controller dies between writing the intent and the launch call
+    "crash_after_launch",  # the controller dies between the launch and its reply
+    "restart",  # the controller is killed and restarted between two steps
+    "terminate_fail_once",  # the next terminate call fails
+    "terminate_fail_forever",  # one instance can never be terminated (until faults stop)
+    "throttle",  # the listing fails for `duration` seconds
+    "list_lag",  # launches in the next `duration` seconds show in the listing `value` seconds late
+    "never_register",  # the next `value` launches never register
+    "slow_app",  # the next `value` launches' apps need 15..60 s after their agent
+    "broken_image",  # every launch in the next `duration` seconds has an app that never starts
+    "agent_dies",  # one running instance's agent dies
+    "app_dies",  # one running instance's app dies
+    "monitor_down",  # MonitorS's heartbeat stops for `duration` seconds
+    "monitor_restart",  # MonitorS restarts (its start time moves; rows stay)
+    "second_controller",  # a second controller tries to start on the same group
+    "corrupt_row",  # one row gets a bad state byte and a NaN cpu
+    "corrupt_high_water",  # the header's high-water mark goes far beyond capacity for `duration` s
+    "load",  # the load changes to `value` / 10 instances' worth of work
+    "foreign",  # an instance Helix did not create appears in the account
+)
+
+
+class Crash(BaseException):
+    """The controller process dies here (a BaseException: nothing in it may catch this)."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: int  # simulated second
+    kind: str
+    duration: int = 30
+    value: int = 1
+
+
+@dataclass
+class SimInstance:
+    instance_id: str
+    token: str
+    zone: str
+    launched_at: float
+    listed_at: float
+    agent_at: float | None  # when its agent registers (None: never)
+    app_at: float | None  # when its app is live (None: never)
+    foreign: bool = False
+    state: str = "running"  # running | terminating | gone
+    terminated_at: float = 0.0
+    agent_dead: bool = False
+    unterminatable: bool = False
+
+    def billable(self) -> bool:
+        return self.state in ("running", "terminating")
+
+
+@dataclass
+class Violation:
+    at: float
+    what: str
+
+
+@dataclass
+class RunReport:
+    steps: int = 0
+    violations: list[Violation] = field(default_factory=list)
+    worst_overshoot: int = 0  # most billable instances above max at any moment (0 = never above)
+    converged_after: float | None = None  # seconds after the faults stopped (None: did not converge)
+    launches: int = 0
+    instance_seconds: float = 0.0  # billed instance-seconds over the run
+    instance_seconds_unhealthy: float = 0.0  # of those, instances not HEALTHY
+    breaker_tripped_at: float | None = None
+    restarts: int = 0
+
+
+class FakeCloud:
+    """The account: Helix's instances and others', with the faults that concern the cloud."""
+
+    def __init__(self, max_instances: int, rng: random.Random):
+        self.now = 0.0
+        self.max_instances = max_instances
+        self.rng = rng
+        self.instances: dict[str, SimInstance] = {}
+        self.by_token: dict[str, list[str]] = {}
+        self.first_count: dict[str, int] = {}
+        self.calls: list[tuple[int, str]] = []  # every launch call that reached the cloud
+        self.violations: list[Violation] = []
+        self.worst_overshoot = 0
+        self.launches = 0
+        self._n = 0
+        # faults
+        self.pending_launch_faults: list[str] = []  # consumed by the next launch calls
+        self.terminate_fail_once = 0
+        self.throttled_until = 0.0
+        self.lag_until = 0.0
+        self.lag = 0.0
+        self.never_register = 0
+        self.slow_app = 0
+        self.broken_until = -1.0
+        self.broken_image = False  # set by scenarios: every launch's app never starts
+
+    def owned(self) -> list[SimInstance]:
+        return [i for i in self.instances.values() if not i.foreign]
+
+    def billable(self) -> list[SimInstance]:
+        return [i for i in self.owned() if i.billable()]
+
+    def check_budget(self, where: str) -> None:
+        over = len(self.billable()) - self.max_instances
+        if over > 0:
+            self.worst_overshoot = max(self.worst_overshoot, over)
+            self.violations.append(Violation(self.now, f"{len(self.billable())} billable instances, max "
+                                                       f"{self.max_instances} ({where})"))
+
+    def advance(self, now: float) -> None:
+        self.now = now
+        for inst in self.instances.values():
+            if inst.state == "terminating" and now - inst.terminated_at >= TERMINATING_SECONDS:
+                inst.state = "gone"
+
+    def new_instance(self, token: str) -> SimInstance:
+        self._n += 1
+        now = self.now
+        agent_at: float | None = now + self.rng.uniform(2, 6)
+        app_at: float | None = (agent_at or now) + self.rng.uniform(0, 3)
+        if self.never_register > 0:
+            self.never_register -= 1
+            agent_at = app_at = None
+        elif self.slow_app > 0:
+            self.slow_app -= 1
+            app_at = (agent_at or now) + self.rng.uniform(15, 60)
+        if self.broken_image or now < self.broken_until:
+            app_at = None
+        lag = self.lag if now < self.lag_until else 0.0
+        inst = SimInstance(f"i-{self._n:05d}", token, f"z{self._n % 2}", now, now + lag, agent_at, app_at)
+        self.instances[inst.instance_id] = inst
+        self.launches += 1
+        return inst
+
+    def add_foreign(self) -> None:
+        self._n += 1
+        inst = SimInstance(f"i-{self._n:05d}", "", "z0", self.now, self.now, self.now, self.now, foreign=True)
+        self.instances[inst.instance_id] = inst
+
+
+class FakeProvider:
+    """The provider contract over `FakeCloud`, with the cloud's faults."""
+
+    name = "fake"
+
+    def __init__(self, cloud: FakeCloud):
+        self.cloud = cloud
+
+    def _view(self, inst: SimInstance) -> ProviderInstance:
+        return ProviderInstance(inst.instance_id, inst.zone, inst.launched_at,
+                                "terminating" if inst.state == "terminating" else "running",
+                                address="", launch_token=inst.token)
+
+    def list_instances(self) -> list[ProviderInstance]:
+        c = self.cloud
+        if c.now < c.throttled_until:
+            raise ConnectionError("RequestLimitExceeded (simulated throttling)")
+        return [self._view(i) for i in c.owned() if i.state != "gone" and c.now >= i.listed_at]
+
+    def launch(self, count: int, token: str) -> list[ProviderInstance]:
+        c = self.cloud
+        if count < 0:
+            raise ValueError(f"count={count}: expected 0 or more")
+        fault = c.pending_launch_faults.pop(0) if c.pending_launch_faults and count > 0 else ""
+        if fault == "crash_before_launch":
+            raise Crash("controller killed before the launch call")
+        if fault == "launch_error":
+            raise LaunchError("InsufficientInstanceCapacity in every zone (simulated)")
+        c.calls.append((count, token))
+        c.first_count.setdefault(token, count)
+        mine = c.by_token.setdefault(token, [])
+        for _ in range(count - len(mine)):
+            mine.append(c.new_instance(token).instance_id)
+        if len(mine) > c.first_count[token]:
+            c.violations.append(Violation(c.now, f"launch token {token} has {len(mine)} instances, first asked "
+                                                 f"for {c.first_count[token]}"))
+        c.check_budget(f"after a launch of {count}")
+        if fault == "lost_reply":
+            raise ConnectionError("launch reply lost (simulated)")
+        if fault == "crash_after_launch":
+            raise Crash("controller killed between the launch and its reply")
+        return [self._view(c.instances[i]) for i in mine if c.instances[i].state != "gone"]
+
+    def terminate(self, instance_ids: Sequence[str]) -> None:
+        c = self.cloud
+        for instance_id in instance_ids:
+            inst = c.instances.get(instance_id)
+            if inst is None or inst.foreign:
+                c.violations.append(Violation(c.now, f"asked to terminate {instance_id}, not an instance Helix "
+                                                     "created"))
+        if c.terminate_fail_once > 0:
+            c.terminate_fail_once -= 1
+            raise ConnectionError("TerminateInstances failed (simulated)")
+        stuck = [i for i in instance_ids if i in c.instances and c.instances[i].unterminatable]
+        if stuck:
+            raise PermissionError(f"OperationNotPermitted: termination protection on {', '.join(stuck)} (simulated)")
+        for instance_id in instance_ids:
+            inst = c.instances.get(instance_id)
+            if inst is not None and not inst.foreign and inst.state == "running":
+                inst.state, inst.terminated_at = "terminating", c.now
+
+    def close(self) -> None:
+        pass
+
+
+class SimMonitor:
+    """Writes what MonitorS would: a row per registered agent, the heartbeat, per poll."""
+
+    def __init__(self, cloud: FakeCloud, table: MetricsTable):
+        self.cloud = cloud
+        self.table = table
+        self.started_at = 0.0
+        self.down_until = -1.0
+        self.load = 1.0  # instances' worth of work at 100% CPU
+        self.rows: dict[str, InstanceRow] = {}
+        self.hw_restore_at = -1.0
+
+    def tick(self, now: float) -> None:
+        if now < self.down_until:
+            return
+        if 0 <= self.hw_restore_at <= now:
+            with self.table.writing() as w:  # MonitorS's start-up repair clamps it
+                w.header["high_water"] = min(int(w.header["high_water"]), self.table.capacity)
+            self.hw_restore_at = -1.0
+        live = {i.instance_id: i for i in self.cloud.owned() if i.state == "running"}
+        healthy = [i for i in live.values() if self._healthy(i, now)]
+        cpu = min(1.0, self.load / len(healthy)) if healthy else 0.0
+        for instance_id in list(self.rows):
+            if instance_id not in live:
+                self.table.free(instance_id)
+                del self.rows[instance_id]
+        for inst in live.values():
+            if inst.agent_at is None or now < inst.agent_at:
+                continue
+            row = self.rows.get(inst.instance_id)
+            if row is None:
+                row = InstanceRow(inst.instance_id, "127.0.0.1:1", State.REGISTERING, zone=inst.zone,
+                                  registered_at=now)
+                self.rows[inst.instance_id] = row
+            elif inst.agent_dead:
+                row.failures += 1
+                if row.failures >= UNHEALTHY_AFTER:
+                    row.state = State.UNHEALTHY
+            else:
+                row.failures = 0
+                row.last_seen = row.last_metrics = now
+                row.cpu = cpu if self._healthy(inst, now) else 0.02
+                if self._healthy(inst, now):
+                    row.state, row.app_down_polls, row.app_live = State.HEALTHY, 0, True
+                else:
+                    row.state, row.app_live = State.APP_DOWN, False
+                    row.app_down_polls += 1
+            try:
+                self.table.register(row)
+            except Exception:  # noqa: BLE001 - a corrupted header may refuse writes until repaired
+                pass
+        self.table.monitor_heartbeat(now, 4242, POLL, 0.0, started_at=self.started_at)
+
+    @staticmethod
+    def _healthy(inst: SimInstance, now: float) -> bool:
+        return (not inst.agent_dead and inst.agent_at is not None and now >= inst.agent_at
+                and inst.app_at is not None and now >= inst.app_at)
+
+    def is_healthy(self, instance_id: str, now: float) -> bool:
+        row = self.rows.get(instance_id)
+        return row is not None and row.state == State.HEALTHY
+
+    def corrupt_row(self, rng: random.Random) -> None:
+        """A row no MonitorS wrote: an unknown state, a NaN CPU and an id that is not UTF-8, in a
+        slot the monitor will not rewrite (it stays until MonitorS's start-up repair)."""
+        with self.table.writing() as w:
+            used = w.used()
+            free = [i for i in range(len(used)) if used[i]["state"] == State.FREE]
+            if free:
+                slot = rng.choice(free)
+            elif w.high_water < self.table.capacity:
+                slot = w.high_water
+                w.header["high_water"] = slot + 1
+            else:
+                return
+            w.rows[slot]["instance_id"] = b"\xff\xfe-garbage"
+            w.rows[slot]["state"] = 9
+            w.rows[slot]["cpu"] = float("nan")
+            w.rows[slot]["last_metrics"] = float("inf")
+
+    def corrupt_high_water(self, until: float) -> None:
+        with self.table.writing() as w:
+            w.header["high_water"] = 2**31
+        self.hw_restore_at = until
+
+
+def sim_config(state_dir: str, table_name: str, **overrides: object) -> Config:
+    env = {
+        "HELIX_ENV_FILE": "", "HELIX_SHM_NAME": table_name, "HELIX_STATE_DIR": state_dir, "HELIX_GROUP": GROUP,
+        "HELIX_MIN_INSTANCES": "2", "HELIX_MAX_INSTANCES": "8", "HELIX_POLL_INTERVAL": str(POLL),
+        "HELIX_HEALTH_GRACE": "30", "HELIX_WARMUP": "10", "HELIX_SCALE_IN_WINDOW": "60",
+        "HELIX_LAUNCH_LEAD": "10", "HELIX_ACTIVITY_LOG": "", "HELIX_INSECURE": "1",
+    }
+    env.update({k: str(v) for k, v in overrides.items()})
+    return load_config(env)
+
+
+class Harness:
+    """One simulated world and the real controller in it."""
+
+    def __init__(self, table_name: str, state_dir: str | None = None, seed: int = 0, **config: object):
+        self._tmp = None
+        if state_dir is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="helix-faultsim-")
+            state_dir = self._tmp.name
+        self.cfg = sim_config(state_dir, table_name, **config)
+        self.rng = random.Random(seed)
+        self.cloud = FakeCloud(self.cfg.max_instances, self.rng)
+        self.provider = FakeProvider(self.cloud)
+        self.table = MetricsTable.open_or_create(table_name, 64)
+        self.monitor = SimMonitor(self.cloud, self.table)
+        self.report = RunReport()
+        self.now = 0.0
+        self.controller: Controller | None = None
+        self.lock: HostLock | None = None
+        self.unterminatable_until_end: set[str] = set()
+        self._start_controller()
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+        self.table.close()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    # -- the controller's life -------------------------------------------------------------------
+
+    def _start_controller(self) -> None:
+        if self.lock is not None:
+            self.lock.release()  # the kernel drops a dead process's flock
+        self.lock = HostLock(self.cfg.state_dir, self.cfg.group_name)
+        self.lock.acquire()
+        policy = build_policy(self.cfg.policy, self.cfg)
+        self.controller = Controller(self.cfg, self.table, self.provider, policy, clock=lambda: self.now,
+                                     fence=self.lock)
+        self.controller.start()
+
+    def restart_controller(self) -> None:
+        """SIGKILL and start again: nothing of the old object is kept but what it wrote to disk."""
+        self.report.restarts += 1
+        self.controller = None
+        self._start_controller()
+
+    def try_second_controller(self) -> None:
+        second = HostLock(self.cfg.state_dir, self.cfg.group_name)
+        try:
+            second.acquire()
+        except HostLockHeld:
+            return
+        second.release()
+        self.report.violations.append(Violation(self.now, "a second controller took the host lock"))
+
+    # -- faults ----------------------------------------------------------------------------------
+
+    def inject(self, fault: Fault) -> None:
+        c, now = self.cloud, self.now
+        kind = fault.kind
+        if kind in ("lost_reply", "launch_error", "crash_before_launch", "crash_after_launch"):
+            c.pending_launch_faults.extend([kind] * max(1, fault.value))
+        elif kind == "restart":
+            self.restart_controller()
+        elif kind == "terminate_fail_once":
+            c.terminate_fail_once += max(1, fault.value)
+        elif kind == "terminate_fail_forever":
+            running = [i for i in c.owned() if i.state == "running" and not i.unterminatable]
+            if running:
+                victim = self.rng.choice(running)
+                victim.unterminatable = True
+                if fault.value % 2:  # and sometimes it is the one that is sick
+                    victim.agent_dead = True
+                self.unterminatable_until_end.add(victim.instance_id)
+        elif kind == "throttle":
+            c.throttled_until = now + fault.duration
+        elif kind == "list_lag":
+            c.lag_until, c.lag = now + fault.duration, float(min(60, 5 + fault.value * 5))
+        elif kind == "never_register":
+            c.never_register += max(1, fault.value)
+        elif kind == "slow_app":
+            c.slow_app += max(1, fault.value)
+        elif kind == "broken_image":
+            c.broken_until = now + fault.duration
+        elif kind in ("agent_dies", "app_dies"):
+            running = [i for i in c.owned() if i.state == "running" and i.agent_at is not None]
+            if running:
+                victim = self.rng.choice(running)
+                if kind == "agent_dies":
+                    victim.agent_dead = True
+                else:
+                    victim.app_at = None
+        elif kind == "monitor_down":
+            self.monitor.down_until = now + fault.duration
+        elif kind == "monitor_restart":
+            self.monitor.started_at = now
+        elif kind == "second_controller":
+            self.try_second_controller()
+        elif kind == "corrupt_row":
+            self.monitor.corrupt_row(self.rng)
+        elif kind == "corrupt_high_water":
+            self.monitor.corrupt_high_water(now + fault.duration)
+        elif kind == "load":
+            self.monitor.load = max(0.1, fault.value / 10)
+        elif kind == "foreign":
+            c.add_foreign()
+        else:
+            raise ValueError(f"fault kind={kind!r}: expected one of {', '.join(FAULT_KINDS)}")
+
+    def end_faults(self) -> None:
+        """Faults stop: the cloud behaves from now on (instances already broken stay broken)."""
+        c = self.cloud
+        c.pending_launch_faults.clear()
+        c.terminate_fail_once = 0
+        c.throttled_until = c.lag_until = 0.0
+        c.never_register = c.slow_app = 0
+        c.broken_until = -1.0
+        c.broken_image = False
+        for inst in c.instances.values():
+            inst.unterminatable = False
+        self.monitor.down_until = -1.0
+        if self.monitor.hw_restore_at >= 0:
+            self.monitor.hw_restore_at = self.now
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def step(self) -> None:
+        self.cloud.advance(self.now)
+        self.monitor.tick(self.now)
+        assert self.controller is not None
+        try:
+            self.controller.step()
+        except Crash:
+            self.restart_controller()
+        except Exception as exc:  # noqa: BLE001 - a step that raises is itself a violation
+            self.report.violations.append(Violation(self.now, f"controller step raised {exc!r}"))
+        self.report.steps += 1
+        self.cloud.check_budget("after a step")
+        billable = self.cloud.billable()
+        self.report.instance_seconds += len(billable)
+        self.report.instance_seconds_unhealthy += sum(
+            1 for i in billable if not self.monitor.is_healthy(i.instance_id, self.now))
+        if self.report.breaker_tripped_at is None and self.controller is not None and self.controller.breaker.tripped:
+            self.report.breaker_tripped_at = self.now
+
+    def run_until(self, until: float) -> None:
+        while self.now < until:
+            self.step()
+            self.now += 1.0
+
+    def converged(self) -> bool:
+        """Faults over: the billable fleet is exactly the controller's desired count, all healthy."""
+        status = self.table.snapshot().controller
+        billable = self.cloud.billable()
+        return (len(billable) == status.desired and not status.frozen
+                and all(self.monitor.is_healthy(i.instance_id, self.now) for i in billable))
+
+    def run(self, faults: Sequence[Fault], faults_end: float, settle: float = 900.0) -> RunReport:
+        """Run the schedule, then without faults until converged (for 30 s in a row) or `settle`."""
+        by_time: dict[int, list[Fault]] = {}
+        for fault in faults:
+            by_time.setdefault(int(fault.at), []).append(fault)
+        while self.now < faults_end:
+            for fault in by_time.get(int(self.now), []):
+                self.inject(fault)
+            self.step()
+            self.now += 1.0
+        self.end_faults()
+        stop_faults = self.now
+        calm_since: float | None = None
+        while self.now < stop_faults + settle:
+            self.step()
+            if self.converged():
+                calm_since = self.now if calm_since is None else calm_since
+                if self.now - calm_since >= 30:
+                    self.report.converged_after = calm_since - stop_faults
+                    break
+            else:
+                calm_since = None
+            self.now += 1.0
+        self.report.violations += self.cloud.violations
+        self.report.worst_overshoot = self.cloud.worst_overshoot
+        self.report.launches = self.cloud.launches
+        return self.report
+
+
+def quiet_logs() -> None:
+    """The harness runs thousands of steps: only errors from the controller's loggers."""
+    for name in ("controller_asg", "controller_asg.providers.local"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def unique_table_name() -> str:
+    return f"helix-faultsim-{os.getpid()}-{random.getrandbits(32):08x}"
