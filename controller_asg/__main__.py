@@ -33,13 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="decide and log as usual, act on nothing")
     args = parser.parse_args(argv)
     cfg = load_or_exit(prog="controller_asg")
-    log = setup_logging(cfg.log_level, "controller_asg")
-    if not cfg.resolved_token():
-        if not cfg.insecure:
-            print("controller_asg: bad configuration: HELIX_TOKEN=: expected a token (or HELIX_TOKEN_FILE); "
-                  "set HELIX_INSECURE=1 to run without one", file=sys.stderr)
-            return EXIT_BAD_CONFIG
-        log.warning("INSECURE: no token; instances this controller launches accept RPCs from anyone")
+    if not cfg.resolved_token() and not cfg.insecure:
+        print(
+            "controller_asg: bad configuration: HELIX_TOKEN=: expected a token (or HELIX_TOKEN_FILE); "
+            "set HELIX_INSECURE=1 to run without one",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
 
     # At most one acting controller per group on this host, before anything is touched.
     host_lock = None
@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"controller_asg: cannot take the host lock {host_lock.path}: {exc.strerror}", file=sys.stderr)
             return EXIT_BAD_CONFIG
+
+    log = setup_logging(cfg.log_level, "controller_asg")
+    if not cfg.resolved_token():
+        log.warning("INSECURE: no token; instances this controller launches accept RPCs from anyone")
 
     # Imported after the configuration is known good: the ec2 provider pulls in boto3.
     from controller_asg.controller import Controller
@@ -75,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policy = make_policy(cfg)
         controller = Controller(cfg, table, provider, policy, dry_run=args.dry_run, fence=host_lock)
-        log.info("starting: provider %s, policy %s, min %d, max %d, every %gs%s", provider.name, cfg.policy,
-                 cfg.min_instances, cfg.max_instances, cfg.effective_control_interval,
-                 " (DRY RUN: acting on nothing)" if args.dry_run else "")
+        log.info(
+            "starting: provider %s, policy %s, min %d, max %d, every %gs%s",
+            provider.name,
+            cfg.policy,
+            cfg.min_instances,
+            cfg.max_instances,
+            cfg.effective_control_interval,
+            " (DRY RUN: acting on nothing)" if args.dry_run else "",
+        )
         controller.start()
         controller.run(stop)
     finally:

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 log = logging.getLogger("controller_asg")
 
@@ -41,7 +41,7 @@ class ActivityLog:
         if not self.path:
             return
         entry = asdict(activity)
-        entry["at"] = datetime.fromtimestamp(activity.time, timezone.utc).isoformat(timespec="milliseconds")
+        entry["at"] = datetime.fromtimestamp(activity.time, UTC).isoformat(timespec="milliseconds")
         line = json.dumps(entry, separators=(",", ":")) + "\n"
         # One write of one line in append mode: concurrent readers never see half a line.
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)

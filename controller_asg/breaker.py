@@ -75,23 +75,27 @@ class ChurnBreaker:
 
     # -- what happened -------------------------------------------------------------------------
 
-    def launched(self, instance_ids: list[str], now: float) -> None:
-        """New instances of ours: each refills the slot that came due first, else a fresh one."""
+    def launched(self, instances: list[tuple[str, float]], now: float) -> None:
+        """Instances a launch answered with, as (id, launched at): each not yet watched refills the
+        slot that came due first, else a fresh one."""
         due = sorted((s for s in self.slots if s.not_before <= now), key=lambda s: s.not_before)
-        for instance_id in instance_ids:
+        for instance_id, launched_at in instances:
+            if instance_id in self.watched:
+                continue
             depth = 0
             if due:
                 slot = due.pop(0)
                 self.slots.remove(slot)
                 depth = slot.depth
-            self.watched[instance_id] = Watched(now, depth)
+            self.watched[instance_id] = Watched(min(launched_at, now) if launched_at > 0 else now, depth)
 
     def forget(self, instance_id: str) -> None:
         """We terminate it for a reason of our own (scale-in): no verdict."""
         self.watched.pop(instance_id, None)
 
-    def observe(self, healthy: set[str], present: set[str], now: float, grace: float,
-                grace_from: float = 0.0) -> list[BreakerEvent]:
+    def observe(
+        self, healthy: set[str], present: set[str], now: float, grace: float, grace_from: float = 0.0
+    ) -> list[BreakerEvent]:
         """Judge watched launches: `healthy` are ids whose row is HEALTHY, `present` every id the
         provider still lists (not terminating). Grace counts from the launch, or from `grace_from`
         when later (MonitorS restarted, a freeze ended), as the health rules count it."""
@@ -121,9 +125,13 @@ class ChurnBreaker:
         was = self.tripped
         self.consecutive, self.tripped, self.slots = 0, False, []
         if was:
-            return [BreakerEvent("closed", instance_id,
-                                 f"churn breaker closed: launch {instance_id} became healthy; launches and "
-                                 "replacements resume")]
+            return [
+                BreakerEvent(
+                    "closed",
+                    instance_id,
+                    f"churn breaker closed: launch {instance_id} became healthy; launches and replacements resume",
+                )
+            ]
         return []
 
     def _failure(self, instance_id: str, w: Watched, now: float, why: str) -> list[BreakerEvent]:
@@ -133,17 +141,26 @@ class ChurnBreaker:
         self.last_failure_at = now
         depth = w.depth + 1
         self.slots.append(Slot(depth, now + backoff(depth)))
-        events = [BreakerEvent("failed", instance_id,
-                               f"launch {instance_id} failed: {why} ({self.consecutive} in a row; refilling its "
-                               f"slot waits {backoff(depth):g}s)")]
+        events = [
+            BreakerEvent(
+                "failed",
+                instance_id,
+                f"launch {instance_id} failed: {why} ({self.consecutive} in a row; refilling its "
+                f"slot waits {backoff(depth):g}s)",
+            )
+        ]
         if not self.tripped and self.consecutive >= self.threshold:
             self.tripped, self.tripped_at = True, now
-            events.append(BreakerEvent(
-                "tripped", instance_id,
-                f"CHURN BREAKER TRIPPED: {self.consecutive} launches in a row never became healthy; no more "
-                "scale-out or replacement launches, failed launches are terminated, healthy instances kept; one "
-                "probe launch at a time with back-off; it closes when a launch becomes healthy or on "
-                "`python -m controller_asg.breaker_cli reset`"))
+            events.append(
+                BreakerEvent(
+                    "tripped",
+                    instance_id,
+                    f"CHURN BREAKER TRIPPED: {self.consecutive} launches in a row never became healthy; no more "
+                    "scale-out or replacement launches, failed launches are terminated, healthy instances kept; one "
+                    "probe launch at a time with back-off; it closes when a launch becomes healthy or on "
+                    "`python -m controller_asg.breaker_cli reset`",
+                )
+            )
         return events
 
     # -- what may go ---------------------------------------------------------------------------
@@ -162,8 +179,9 @@ class ChurnBreaker:
         blocked = sum(1 for s in self.slots if s.not_before > now)
         if blocked:
             first = min(s.not_before for s in self.slots if s.not_before > now)
-            return max(0, wanted - blocked), (f"{blocked} slot(s) of failed launches back off "
-                                              f"(next in {first - now:.0f}s)")
+            return max(0, wanted - blocked), (
+                f"{blocked} slot(s) of failed launches back off (next in {first - now:.0f}s)"
+            )
         return wanted, ""
 
     @property
@@ -181,11 +199,16 @@ class ChurnBreaker:
         decides again, at worst a few launches later)."""
         try:
             return cls(
-                threshold=threshold, window=window, consecutive=max(0, int(state.get("consecutive", 0))),
-                last_failure_at=float(state.get("last_failure_at", 0.0)), tripped=bool(state.get("tripped", False)),
+                threshold=threshold,
+                window=window,
+                consecutive=max(0, int(state.get("consecutive", 0))),
+                last_failure_at=float(state.get("last_failure_at", 0.0)),
+                tripped=bool(state.get("tripped", False)),
                 tripped_at=float(state.get("tripped_at", 0.0)),
-                watched={str(k): Watched(float(v["launched_at"]), max(0, int(v["depth"])))
-                         for k, v in dict(state.get("watched", {})).items()},
+                watched={
+                    str(k): Watched(float(v["launched_at"]), max(0, int(v["depth"])))
+                    for k, v in dict(state.get("watched", {})).items()
+                },
                 slots=[Slot(max(0, int(s["depth"])), float(s["not_before"])) for s in state.get("slots", [])],
             )
         except (TypeError, ValueError, KeyError, AttributeError):

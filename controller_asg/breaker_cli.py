@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"breaker: unreadable controller state in {folder}: {exc}")
         return 1
     word = "TRIPPED" if breaker.get("tripped") else "closed"
-    print(f"breaker: {word}, {int(breaker.get('consecutive', 0))} failed launch(es) in a row, "
-          f"{len(breaker.get('watched', {}))} launch(es) being judged, {len(breaker.get('slots', []))} slot(s) backing off")
+    print(
+        f"breaker: {word}, {int(breaker.get('consecutive', 0))} failed launch(es) in a row, "
+        f"{len(breaker.get('watched', {}))} launch(es) being judged, {len(breaker.get('slots', []))} slot(s) backing off"
+    )
     return 0
 
 

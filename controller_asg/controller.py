@@ -63,8 +63,17 @@ class _Condemned:
 
 
 class Controller:
-    def __init__(self, cfg: Config, table: MetricsTable, provider: Provider, policy: Policy, *,
-                 dry_run: bool = False, clock: Callable[[], float] = time.time, fence: Fence | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        table: MetricsTable,
+        provider: Provider,
+        policy: Policy,
+        *,
+        dry_run: bool = False,
+        clock: Callable[[], float] = time.time,
+        fence: Fence | None = None,
+    ):
         self.cfg = cfg
         self.table = table
         self.provider = provider
@@ -87,8 +96,9 @@ class Controller:
         self._replacing: dict[str, float] = {}  # replacement id -> launched at, until healthy or its grace ends
         self._ever_healthy: set[str] = set()
         self._saved_state = ""
-        self._last_status = ControllerStatus(pid=os.getpid(), policy=getattr(policy, "name", cfg.policy)[:16],
-                                             max_instances=cfg.max_instances)
+        self._last_status = ControllerStatus(
+            pid=os.getpid(), policy=getattr(policy, "name", cfg.policy)[:16], max_instances=cfg.max_instances
+        )
         self._last_logged: tuple = ()  # the last dry-run activity said
         self._said: dict[str, str] = {}  # topic -> the last thing said about it (log once per change)
         self._last_error = ("", 0.0)
@@ -103,10 +113,22 @@ class Controller:
         os.makedirs(self.state_dir, exist_ok=True)
         self._load_history()
         self._load_state()
-        owned = self.provider.list_instances()
+        try:
+            owned = self.provider.list_instances()
+        except Exception as exc:  # noqa: BLE001 - the cloud API is down at start: the steps hold until it is back
+            log.error(
+                "cannot list the %s provider's instances at start (%s); holding until it answers",
+                self.provider.name,
+                exc,
+            )
+            return
         live = [i for i in owned if i.state != "terminating"]
-        log.info("adopted %d instance(s) the %s provider owns%s", len(live), self.provider.name,
-                 f": {', '.join(i.instance_id for i in live)}" if live else "")
+        log.info(
+            "adopted %d instance(s) the %s provider owns%s",
+            len(live),
+            self.provider.name,
+            f": {', '.join(i.instance_id for i in live)}" if live else "",
+        )
 
     def run(self, stop: threading.Event) -> None:
         interval = self.cfg.effective_control_interval
@@ -122,7 +144,7 @@ class Controller:
                 next_tick = time.monotonic()
                 delay = 0
             stop.wait(delay)
-        self._save_history()
+        self.save_history()
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -146,8 +168,13 @@ class Controller:
         grace_from = max(snap.monitor.started_at if snap is not None else now, self._unfrozen_at)
         self._track_health(fleet, now, grace, grace_from, judge=not why_frozen)
         if why_frozen:
-            plan = plan_frozen(fleet, min_instances=self.cfg.min_instances, max_instances=self.cfg.max_instances,
-                               termination_policy=self.cfg.termination_policy, why=why_frozen)
+            plan = plan_frozen(
+                fleet,
+                min_instances=self.cfg.min_instances,
+                max_instances=self.cfg.max_instances,
+                termination_policy=self.cfg.termination_policy,
+                why=why_frozen,
+            )
         else:
             assert snap is not None
             plan = self._plan_live(fleet, snap, now, grace, grace_from)
@@ -155,18 +182,37 @@ class Controller:
         self._write_status(now, plan.desired, plan.action, plan.reason, fleet, snap, self._budget(listed).billable)
         self._save_state()
         if now - self._history_saved_at >= HISTORY_SAVE_SECONDS:
-            self._save_history()
+            self.save_history()
             self._history_saved_at = now
 
     def _plan_live(self, fleet: FleetView, snap: Snapshot, now: float, grace: float, monitor_started: float) -> Plan:
         cfg = self.cfg
         poll_interval = snap.monitor.poll_interval or cfg.poll_interval
         decision = self.policy.decide(fleet.observation(cfg.warmup, poll_interval, grace, monitor_started))
-        health = plan_replacements(fleet, grace=grace, app_down_after=cfg.app_down_after, desired=decision.desired,
-                                   in_flight=len(self._replacing), max_unhealthy_fraction=cfg.max_unhealthy_fraction,
-                                   monitor_started_at=monitor_started)
-        return plan_live(fleet, decision, health, termination_policy=cfg.termination_policy,
-                         breaker_tripped=self.breaker.tripped, ever_healthy=self._ever_healthy)
+        # While the breaker is tripped, an instance that was healthy once is replaced only by the
+        # next probe launch (one at a time, when its back-off allows); until then it is kept, and it
+        # must not take the place of failed launches (terminated without replacement) in the plan.
+        tripped = self.breaker.tripped
+        probe = tripped and self.breaker.allowed(1, fleet.now)[0] == 1
+        held = self._ever_healthy if tripped and not probe else set()
+        health = plan_replacements(
+            fleet,
+            grace=grace,
+            app_down_after=cfg.app_down_after,
+            desired=decision.desired,
+            in_flight=len(self._replacing),
+            max_unhealthy_fraction=cfg.max_unhealthy_fraction,
+            monitor_started_at=monitor_started,
+            skip=held,
+        )
+        return plan_live(
+            fleet,
+            decision,
+            health,
+            termination_policy=cfg.termination_policy,
+            breaker=("probe" if probe else "tripped") if tripped else "closed",
+            ever_healthy=self._ever_healthy,
+        )
 
     def _read_table(self) -> Snapshot | None:
         """A snapshot, or None when the table cannot be read (the step then fails static). Bad rows
@@ -177,8 +223,11 @@ class Controller:
             self._say("table", f"cannot read the metrics table ({exc!r}): failing static", logging.ERROR)
             return None
         problems = snap.problems
-        self._say("table", f"metrics table: {len(problems)} bad row(s) left out: {'; '.join(problems[:3])}"
-                  if problems else "", logging.WARNING)
+        self._say(
+            "table",
+            f"metrics table: {len(problems)} bad row(s) left out: {'; '.join(problems[:3])}" if problems else "",
+            logging.WARNING,
+        )
         return snap
 
     def _why_frozen(self, snap: Snapshot | None, now: float) -> str:
@@ -191,15 +240,35 @@ class Controller:
     def _track_freeze(self, why: str, now: float, fleet: FleetView) -> None:
         if why and not self.frozen:
             self.frozen = True
-            self._record(Activity(now, "freeze", 0,
-                                  f"{why} (heartbeat older than {MONITOR_STALE_INTERVALS:g} poll intervals, or no "
-                                  "table): no scale-in, no health replacement until it is back; min/max still "
-                                  "enforced", [], self._last_status.desired, fleet.capacity, self.dry_run))
+            self._record(
+                Activity(
+                    now,
+                    "freeze",
+                    0,
+                    f"{why} (heartbeat older than {MONITOR_STALE_INTERVALS:g} poll intervals, or no "
+                    "table): no scale-in, no health replacement until it is back; min/max still "
+                    "enforced",
+                    [],
+                    self._last_status.desired,
+                    fleet.capacity,
+                    self.dry_run,
+                )
+            )
         elif not why and self.frozen:
             self.frozen = False
             self._unfrozen_at = now
-            self._record(Activity(now, "resume", 0, "MonitorS heartbeat is fresh again: scaling resumes", [],
-                                  self._last_status.desired, fleet.capacity, self.dry_run))
+            self._record(
+                Activity(
+                    now,
+                    "resume",
+                    0,
+                    "MonitorS heartbeat is fresh again: scaling resumes",
+                    [],
+                    self._last_status.desired,
+                    fleet.capacity,
+                    self.dry_run,
+                )
+            )
 
     def _settle(self, listed: list[ProviderInstance], now: float) -> None:
         """Fold the provider's listing into what we remember: launches now listed, terminates now
@@ -234,8 +303,9 @@ class Controller:
             return
         action = {"failed": "launch-failed", "tripped": "breaker-tripped", "closed": "breaker-closed"}[event.kind]
         ids = [event.instance_id] if event.instance_id else []
-        self._record(Activity(now, action, 0, event.message, ids, self._last_status.desired, fleet.capacity,
-                              self.dry_run))
+        self._record(
+            Activity(now, action, 0, event.message, ids, self._last_status.desired, fleet.capacity, self.dry_run)
+        )
 
     # -- the one act path ------------------------------------------------------------------------
 
@@ -254,8 +324,11 @@ class Controller:
             if action.kind in (ActionKind.TERMINATE, ActionKind.REPLACE):
                 accepted |= self._apply_terminate(action, owned, plan, fleet, now)
             elif action.replaces and action.replaces not in accepted:
-                self._say(f"replace:{action.replaces}", f"replacement of {action.replaces} waits: its terminate "
-                          "did not go through (retried with back-off)", logging.WARNING)
+                self._say(
+                    f"replace:{action.replaces}",
+                    f"replacement of {action.replaces} waits: its terminate did not go through (retried with back-off)",
+                    logging.WARNING,
+                )
             else:
                 self._apply_launch(action, listed, plan, fleet, now)
 
@@ -268,8 +341,9 @@ class Controller:
             self._log_error(f"terminate gate: refusing {', '.join(refused)}: not listed as instances of this group")
         if not ids:
             return set()
-        self._record(Activity(now, action.kind.value, len(ids), action.cause, ids, plan.desired, fleet.capacity,
-                              self.dry_run))
+        self._record(
+            Activity(now, action.kind.value, len(ids), action.cause, ids, plan.desired, fleet.capacity, self.dry_run)
+        )
         if self.dry_run:
             return set(ids)
         if action.kind == ActionKind.TERMINATE:
@@ -277,8 +351,9 @@ class Controller:
                 self.breaker.forget(instance_id)  # our own choice, not a verdict on the launch
         return set(ids) if self._terminate(ids, action.cause, now) else set()
 
-    def _apply_launch(self, action: Action, listed: list[ProviderInstance], plan: Plan, fleet: FleetView,
-                      now: float) -> None:
+    def _apply_launch(
+        self, action: Action, listed: list[ProviderInstance], plan: Plan, fleet: FleetView, now: float
+    ) -> None:
         count, why = self._launch_gate(action.count, listed, now)
         if count < action.count:
             self._say("launch-gate", f"launch of {action.count} cut to {count}: {why}", logging.WARNING)
@@ -286,8 +361,9 @@ class Controller:
             self._say("launch-gate", "", logging.INFO)
         if count <= 0:
             return
-        self._record(Activity(now, ActionKind.LAUNCH.value, count, action.cause, [], plan.desired,
-                              fleet.capacity, self.dry_run))
+        self._record(
+            Activity(now, ActionKind.LAUNCH.value, count, action.cause, [], plan.desired, fleet.capacity, self.dry_run)
+        )
         if self.dry_run:
             return
         self._launch(Intent(self.new_token(), count, action.cause[:300], action.replaces), listed, now)
@@ -305,9 +381,11 @@ class Controller:
         count = budget.allow(wanted, token)
         why = ""
         if count < wanted:
-            why = (f"{budget.billable - budget.in_doubt.get(token, 0)} instance(s) may be billed "
-                   f"({budget.listed} listed, {budget.unlisted} launched not yet listed, "
-                   f"{sum(budget.in_doubt.values())} in doubt), HELIX_MAX_INSTANCES={budget.max_instances}")
+            why = (
+                f"{budget.billable - budget.in_doubt.get(token, 0)} instance(s) may be billed "
+                f"({budget.listed} listed, {budget.unlisted} launched not yet listed, "
+                f"{sum(budget.in_doubt.values())} in doubt), HELIX_MAX_INSTANCES={budget.max_instances}"
+            )
         if not token:  # a launch in doubt was already let through; finishing it starts nothing new
             allowed, breaker_why = self.breaker.allowed(count, now)
             if allowed < count:
@@ -327,8 +405,11 @@ class Controller:
             seen = intent.count - budget.in_doubt.get(intent.token, 0)
             extra, why = self._launch_gate(budget.in_doubt.get(intent.token, 0), listed, now, intent.token)
             if extra < budget.in_doubt.get(intent.token, 0):
-                self._say(f"intent:{intent.token}", f"resumed launch {intent.token} cut to {seen + extra}: {why}",
-                          logging.WARNING)
+                self._say(
+                    f"intent:{intent.token}",
+                    f"resumed launch {intent.token} cut to {seen + extra}: {why}",
+                    logging.WARNING,
+                )
             count = seen + extra
             if why.startswith("not acting"):
                 return
@@ -344,21 +425,28 @@ class Controller:
             self._save_state()
             return
         except Exception as exc:  # noqa: BLE001 - maybe a lost reply: in doubt, resumed next step
-            self._log_error(f"launch {intent.token} of {count} did not complete ({exc!r}); in doubt: counted as "
-                            "billable and retried with the same token")
+            self._log_error(
+                f"launch {intent.token} of {count} did not complete ({exc!r}); in doubt: counted as "
+                "billable and retried with the same token"
+            )
             return
         del self._intents[intent.token]
-        listed_ids = {i.instance_id for i in listed}
-        new = [inst for inst in launched if inst.instance_id not in listed_ids]
         for inst in launched:
             self._recent[inst.instance_id] = (inst, intent.token, now + LAUNCH_VISIBILITY_SECONDS)
             if intent.replaces:
                 self._replacing.setdefault(inst.instance_id, inst.launched_at or now)
-        self.breaker.launched([i.instance_id for i in new if i.instance_id not in self.breaker.watched], now)
+        # Every answered instance is judged once, from its own launch time (a resumed launch's
+        # instances may be listed, even healthy, by now: healthy ones pass at once).
+        self.breaker.launched(
+            [(i.instance_id, i.launched_at) for i in launched if i.instance_id not in self._ever_healthy], now
+        )
         self._save_state()
         if launched or not resumed:
-            log.info("launched %s%s", ", ".join(f"{i.instance_id} in {i.zone}" for i in launched) or "nothing",
-                     f" (resumed launch {intent.token})" if resumed else "")
+            log.info(
+                "launched %s%s",
+                ", ".join(f"{i.instance_id} in {i.zone}" for i in launched) or "nothing",
+                f" (resumed launch {intent.token})" if resumed else "",
+            )
 
     def _terminate(self, ids: list[str], cause: str, now: float) -> bool:
         for instance_id in ids:
@@ -369,10 +457,14 @@ class Controller:
             for instance_id in ids:
                 c = self._condemned[instance_id]
                 c.attempts += 1
-                c.next_try = now + min(TERMINATE_BACKOFF_CAP, self.cfg.effective_control_interval * 2 ** c.attempts)
+                c.next_try = now + min(TERMINATE_BACKOFF_CAP, self.cfg.effective_control_interval * 2**c.attempts)
                 c.error = str(exc)[:200]
-            self._say(f"terminate:{','.join(ids)}", f"terminate of {', '.join(ids)} failed ({exc}); retrying with "
-                      f"back-off, next in {self._condemned[ids[0]].next_try - now:.0f}s", logging.ERROR)
+            self._say(
+                f"terminate:{','.join(ids)}",
+                f"terminate of {', '.join(ids)} failed ({exc}); retrying with "
+                f"back-off, next in {self._condemned[ids[0]].next_try - now:.0f}s",
+                logging.ERROR,
+            )
             self._save_state()
             return False
         for instance_id in ids:
@@ -399,17 +491,34 @@ class Controller:
             self._last_logged = key
         self.activity.record(activity)
 
-    def _write_status(self, now: float, desired: int, action: str, reason: str, fleet: FleetView | None = None,
-                      snap: Snapshot | None = None, billable: int | None = None) -> None:
+    def _write_status(
+        self,
+        now: float,
+        desired: int,
+        action: str,
+        reason: str,
+        fleet: FleetView | None = None,
+        snap: Snapshot | None = None,
+        billable: int | None = None,
+    ) -> None:
         status = ControllerStatus(
-            pid=os.getpid(), desired=desired,
+            pid=os.getpid(),
+            desired=desired,
             in_service=len(fleet.in_service) if fleet else self._last_status.in_service,
             pending=len(fleet.pending) if fleet else self._last_status.pending,
-            heartbeat=now, decision_at=now, frozen=self.frozen, dry_run=self.dry_run, action=action,
-            reason=reason, policy=getattr(self.policy, "name", self.cfg.policy)[:16],
-            breaker=self.breaker.tripped, breaker_failures=self.breaker.consecutive,
-            billable=self._last_status.billable if billable is None else billable, max_instances=self.cfg.max_instances,
-            table_problems=len(snap.problems) if snap is not None else self._last_status.table_problems)
+            heartbeat=now,
+            decision_at=now,
+            frozen=self.frozen,
+            dry_run=self.dry_run,
+            action=action,
+            reason=reason,
+            policy=getattr(self.policy, "name", self.cfg.policy)[:16],
+            breaker=self.breaker.tripped,
+            breaker_failures=self.breaker.consecutive,
+            billable=self._last_status.billable if billable is None else billable,
+            max_instances=self.cfg.max_instances,
+            table_problems=len(snap.problems) if snap is not None else self._last_status.table_problems,
+        )
         try:
             self.table.write_controller(status)
         except Exception as exc:  # noqa: BLE001 - a broken table must not stop the loop
@@ -449,8 +558,18 @@ class Controller:
         if not events:
             log.info("breaker reset requested by %s: it was not tripped", who)
         for event in events:
-            self._record(Activity(now, "breaker-closed", 0, event.message, [], self._last_status.desired,
-                                  self._last_status.in_service + self._last_status.pending, self.dry_run))
+            self._record(
+                Activity(
+                    now,
+                    "breaker-closed",
+                    0,
+                    event.message,
+                    [],
+                    self._last_status.desired,
+                    self._last_status.in_service + self._last_status.pending,
+                    self.dry_run,
+                )
+            )
         self._save_state()
 
     # -- persistence -----------------------------------------------------------------------------
@@ -458,8 +577,10 @@ class Controller:
     def _state(self) -> dict:
         return {
             "intents": [asdict(it) for it in self._intents.values()],
-            "recent": {i: {"instance": asdict(inst), "token": token, "until": until}
-                       for i, (inst, token, until) in self._recent.items()},
+            "recent": {
+                i: {"instance": asdict(inst), "token": token, "until": until}
+                for i, (inst, token, until) in self._recent.items()
+            },
             "condemned": {i: asdict(c) for i, c in self._condemned.items()},
             "replacing": self._replacing,
             "ever_healthy": sorted(self._ever_healthy),
@@ -499,8 +620,9 @@ class Controller:
         try:  # the single-intent file of earlier versions
             with open(self.legacy_intent_path, encoding="utf-8") as fh:
                 old = json.load(fh)
-            intents.append({"token": old.get("token"), "count": old.get("count"), "cause": old.get("reason", ""),
-                            "replaces": ""})
+            intents.append(
+                {"token": old.get("token"), "count": old.get("count"), "cause": old.get("reason", ""), "replaces": ""}
+            )
         except FileNotFoundError:
             pass
         except (OSError, ValueError, AttributeError) as exc:
@@ -509,8 +631,11 @@ class Controller:
             intent = self._valid_intent(raw)
             if intent is not None:
                 self._intents[intent.token] = intent
-                log.info("resuming launch %s of %d interrupted by a restart (same token: nothing doubles)",
-                         intent.token, intent.count)
+                log.info(
+                    "resuming launch %s of %d interrupted by a restart (same token: nothing doubles)",
+                    intent.token,
+                    intent.count,
+                )
         try:
             for i, r in dict(state.get("recent", {})).items():
                 self._recent[str(i)] = (ProviderInstance(**r["instance"]), str(r["token"]), float(r["until"]))
@@ -520,11 +645,15 @@ class Controller:
             self._ever_healthy = {str(i) for i in state.get("ever_healthy", [])}
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             log.warning("ignoring part of the controller state %s: %s", self.state_path, exc)
-        self.breaker = ChurnBreaker.from_state(dict(state.get("breaker", {}) or {}), self.cfg.breaker_failures,
-                                               self.cfg.breaker_window)
+        self.breaker = ChurnBreaker.from_state(
+            dict(state.get("breaker", {}) or {}), self.cfg.breaker_failures, self.cfg.breaker_window
+        )
         if self.breaker.tripped:
-            log.warning("the churn breaker is still tripped (%d launches in a row failed); "
-                        "`python -m controller_asg.breaker_cli reset` closes it", self.breaker.consecutive)
+            log.warning(
+                "the churn breaker is still tripped (%d launches in a row failed); "
+                "`python -m controller_asg.breaker_cli reset` closes it",
+                self.breaker.consecutive,
+            )
         self._save_state()
         try:
             os.unlink(self.legacy_intent_path)
@@ -538,16 +667,29 @@ class Controller:
             return None
         token, count = raw.get("token"), raw.get("count")
         if not valid_token(token, self.cfg.group_name):
-            log.warning("dropping launch intent %r: token=%r, expected %s followed by %d hex digits", raw, token,
-                        token_prefix(self.cfg.group_name), TOKEN_HEX)
+            log.warning(
+                "dropping launch intent %r: token=%r, expected %s followed by %d hex digits",
+                raw,
+                token,
+                token_prefix(self.cfg.group_name),
+                TOKEN_HEX,
+            )
             return None
         if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= self.cfg.max_instances:
-            log.warning("dropping launch intent %s: count=%r, expected an integer from 1 to HELIX_MAX_INSTANCES=%d",
-                        token, count, self.cfg.max_instances)
+            log.warning(
+                "dropping launch intent %s: count=%r, expected an integer from 1 to HELIX_MAX_INSTANCES=%d",
+                token,
+                count,
+                self.cfg.max_instances,
+            )
             return None
         assert isinstance(token, str)
-        return Intent(token, count, str(raw.get("cause", ""))[:300] or "resuming a launch interrupted by a restart",
-                      str(raw.get("replaces", ""))[:128])
+        return Intent(
+            token,
+            count,
+            str(raw.get("cause", ""))[:300] or "resuming a launch interrupted by a restart",
+            str(raw.get("replaces", ""))[:128],
+        )
 
     def _load_history(self) -> None:
         try:
@@ -560,7 +702,7 @@ class Controller:
         except Exception as exc:  # noqa: BLE001 - a corrupt history costs learning, not the fleet
             log.warning("ignoring unreadable policy history %s: %s", self.history_path, exc)
 
-    def _save_history(self) -> None:
+    def save_history(self) -> None:
         try:
             _write_json(self.history_path, json.dumps(self.policy.export_state()), sync=True)
         except Exception as exc:  # noqa: BLE001

@@ -73,8 +73,9 @@ class FleetView:
     def capacity(self) -> int:
         return len(self.members)
 
-    def observation(self, warmup: float, poll_interval: float, grace: float = float("inf"),
-                    monitor_started_at: float = 0.0) -> Observation:
+    def observation(
+        self, warmup: float, poll_interval: float, grace: float = float("inf"), monitor_started_at: float = 0.0
+    ) -> Observation:
         """Reduce to what a policy sees. The rules, as Kubernetes' HPA states them for pods:
         - only in-service, HEALTHY instances past HELIX_WARMUP with fresh metrics give CPU samples;
         - instances inside the warm-up count as capacity, their CPU is left out (a booting app's
@@ -100,13 +101,20 @@ class FleetView:
                 samples.append(min(1.0, max(0.0, float(row.cpu))))
         in_service = len(self.in_service)
         pending = sum(1 for m in self.pending if not grace_expired(m, self.now, grace, monitor_started_at))
-        return Observation(now=self.now, capacity=self.capacity, in_service=in_service,
-                           pending=pending, cpu_samples=tuple(samples), missing=missing,
-                           warming=warming)
+        return Observation(
+            now=self.now,
+            capacity=self.capacity,
+            in_service=in_service,
+            pending=pending,
+            cpu_samples=tuple(samples),
+            missing=missing,
+            warming=warming,
+        )
 
 
-def build_fleet(snapshot: Snapshot | None, instances: list[ProviderInstance], now: float,
-                condemned: Collection[str] = ()) -> FleetView:
+def build_fleet(
+    snapshot: Snapshot | None, instances: list[ProviderInstance], now: float, condemned: Collection[str] = ()
+) -> FleetView:
     """`snapshot` None: the table could not be read (every instance looks unregistered).
     `condemned`: ids the controller decided to terminate and the provider does not list as
     terminating yet; they count with the terminating ones, never as capacity."""

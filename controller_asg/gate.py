@@ -32,7 +32,7 @@ def valid_token(token: object, group: str) -> bool:
     """A launch token this controller could have made (see Controller.new_token)."""
     if not isinstance(token, str) or not token.startswith(token_prefix(group)):
         return False
-    return re.fullmatch(f"[0-9a-f]{{{TOKEN_HEX}}}", token[len(token_prefix(group)):]) is not None
+    return re.fullmatch(f"[0-9a-f]{{{TOKEN_HEX}}}", token[len(token_prefix(group)) :]) is not None
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ class Budget:
     in_doubt: dict[str, int]  # token -> instances that launch may have started that we do not see
 
     @classmethod
-    def build(cls, max_instances: int, listed: list[ProviderInstance], recent: dict[str, str],
-              intents: list[Intent]) -> Budget:
+    def build(
+        cls, max_instances: int, listed: list[ProviderInstance], recent: dict[str, str], intents: list[Intent]
+    ) -> Budget:
         """`recent`: ids a launch call returned -> their token; `intents`: launches in doubt."""
         listed_ids = {i.instance_id for i in listed}
         seen: dict[str, set[str]] = {}

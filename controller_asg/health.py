@@ -17,6 +17,7 @@ Rules, in the order they act:
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from controller_asg.fleet import FleetMember, FleetView, grace_expired
@@ -50,10 +51,22 @@ def _cause(member: FleetMember, now: float, grace: float, monitor_started_at: fl
     return ""
 
 
-def plan_replacements(fleet: FleetView, *, grace: float, app_down_after: int, desired: int, in_flight: int,
-                      max_unhealthy_fraction: float, monitor_started_at: float) -> HealthPlan:
+def plan_replacements(
+    fleet: FleetView,
+    *,
+    grace: float,
+    app_down_after: int,
+    desired: int,
+    in_flight: int,
+    max_unhealthy_fraction: float,
+    monitor_started_at: float,
+    skip: Collection[str] = (),
+) -> HealthPlan:
+    """`skip`: ids not to replace whatever their health (they take no place in the limits)."""
     found = []
     for member in fleet.members:
+        if member.instance_id in skip:
+            continue
         cause = _cause(member, fleet.now, grace, monitor_started_at, app_down_after)
         if cause:
             found.append(Replacement(member.instance_id, cause))
@@ -70,7 +83,9 @@ def plan_replacements(fleet: FleetView, *, grace: float, app_down_after: int, de
     # One sick instance is just a sick instance, whatever the fleet's size.
     if sick >= 2 and sick / len(in_service) > max_unhealthy_fraction:
         budget = min(budget, 1)
-        note = (f"{sick} of {len(in_service)} in-service instances look unhealthy at once "
-                f"(more than {max_unhealthy_fraction:.0%}): likely a monitoring or network fault, "
-                "replacing at most one per interval")
+        note = (
+            f"{sick} of {len(in_service)} in-service instances look unhealthy at once "
+            f"(more than {max_unhealthy_fraction:.0%}): likely a monitoring or network fault, "
+            "replacing at most one per interval"
+        )
     return HealthPlan(tuple(found[:budget]), len(found), note)

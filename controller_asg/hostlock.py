@@ -49,8 +49,10 @@ class HostLock:
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 who = f"pid {holder}" if holder else "another process"
-                raise HostLockHeld(f"another controller ({who}) already acts for this group: it holds {self.path}; "
-                                   "stop it first, or run this one with --dry-run") from None
+                raise HostLockHeld(
+                    f"another controller ({who}) already acts for this group: it holds {self.path}; "
+                    "stop it first, or run this one with --dry-run"
+                ) from None
             raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from controller_asg.fleet import FleetView
 from controller_asg.health import HealthPlan
 from controller_asg.policy.base import Decision
 from controller_asg.termination import choose_victims
+from shared.table import State
 
 
-class ActionKind(str, Enum):
+class ActionKind(StrEnum):
     LAUNCH = "launch"  # `count` new instances (`replaces`: for a health replacement)
     TERMINATE = "terminate"  # scale-in or above max: `instance_ids`
     REPLACE = "replace"  # terminate one unhealthy instance; its LAUNCH follows in the same plan
@@ -41,15 +42,25 @@ class Plan:
     notes: tuple[str, ...] = ()  # conditions worth one log line when they change
 
 
-def plan_live(fleet: FleetView, decision: Decision, health: HealthPlan, *, termination_policy: str,
-              breaker_tripped: bool = False, ever_healthy: Collection[str] = ()) -> Plan:
+def plan_live(
+    fleet: FleetView,
+    decision: Decision,
+    health: HealthPlan,
+    *,
+    termination_policy: str,
+    breaker: str = "closed",
+    ever_healthy: Collection[str] = (),
+) -> Plan:
     """The policy's desired count and the health plan, as actions.
 
     - Each replacement is a REPLACE (terminate) followed by a LAUNCH of one, in that order: the
       controller launches it only once the terminate was accepted.
-    - While the churn breaker is tripped, replacing means only terminating launches that never
-      became healthy (they serve nothing and cost money); an instance that was healthy once is
-      kept (it may recover, and replacing it would only churn); nothing is launched for either.
+    - `breaker` "tripped" (the churn breaker is open and no probe may go now): replacing means
+      only terminating launches that never became healthy (they serve nothing and cost money),
+      with nothing launched; `health` must have left out instances that were healthy once
+      (`plan_replacements(skip=...)`): they are kept, as they may recover.
+    - `breaker` "probe" (tripped, and one probe launch may go now): one replacement, as usual;
+      its launch is the probe.
     - Then the policy's delta, counted on the fleet as it will be after the replacements.
     """
     desired = decision.desired
@@ -57,26 +68,40 @@ def plan_live(fleet: FleetView, decision: Decision, health: HealthPlan, *, termi
     notes: list[str] = []
     if health.note:
         notes.append(f"health: {health.note}")
+    tripped = breaker == "tripped"
+    replacements = health.replace[:1] if breaker == "probe" else health.replace
     replaced: set[str] = set()
-    held: list[str] = []
-    for repl in health.replace:
-        if breaker_tripped and repl.instance_id in ever_healthy:
-            held.append(repl.instance_id)
-            continue
+    for repl in replacements:
         replaced.add(repl.instance_id)
-        if breaker_tripped:
-            actions.append(Action(ActionKind.REPLACE, f"{repl.cause}; a failed launch, not replaced while the churn "
-                                  "breaker is tripped", 1, (repl.instance_id,)))
+        if tripped:
+            actions.append(
+                Action(
+                    ActionKind.REPLACE,
+                    f"{repl.cause}; a failed launch, not replaced while the churn breaker is tripped",
+                    1,
+                    (repl.instance_id,),
+                )
+            )
         else:
             actions.append(Action(ActionKind.REPLACE, repl.cause, 1, (repl.instance_id,)))
-            actions.append(Action(ActionKind.LAUNCH, f"replacing {repl.instance_id}: {repl.cause}", 1,
-                                  replaces=repl.instance_id))
-    if held:
-        notes.append(f"churn breaker tripped: not replacing {', '.join(sorted(held))} (healthy once)")
+            actions.append(
+                Action(ActionKind.LAUNCH, f"replacing {repl.instance_id}: {repl.cause}", 1, replaces=repl.instance_id)
+            )
+    if tripped:
+        held = sorted(
+            m.instance_id
+            for m in fleet.members
+            if m.instance_id in ever_healthy and m.row is not None and m.row.state != State.HEALTHY
+        )
+        if held:
+            notes.append(
+                f"churn breaker tripped: {', '.join(held)} not replaced until the next probe launch "
+                "(healthy once; may recover)"
+            )
 
     # Replacements keep the count (or, with the breaker tripped, lower it: refilled by the policy
     # when launches may go again, through the same gate).
-    capacity = fleet.capacity - (len(replaced) if breaker_tripped else 0)
+    capacity = fleet.capacity - (len(replaced) if tripped else 0)
     delta = desired - capacity
     word = "hold"
     if delta > 0:
@@ -89,26 +114,37 @@ def plan_live(fleet: FleetView, decision: Decision, health: HealthPlan, *, termi
             notes.append(f"want {-delta} fewer instances but only {len(victims)} are unprotected")
         if victims:
             word = "terminate"
-            actions.append(Action(ActionKind.TERMINATE, decision.reason, len(victims),
-                                  tuple(v.instance_id for v in victims)))
+            actions.append(
+                Action(ActionKind.TERMINATE, decision.reason, len(victims), tuple(v.instance_id for v in victims))
+            )
     if replaced and word == "hold":
         word = "replace"
     return Plan(desired, word, decision.reason, tuple(actions), tuple(notes))
 
 
-def plan_frozen(fleet: FleetView, *, min_instances: int, max_instances: int, termination_policy: str,
-                why: str) -> Plan:
+def plan_frozen(fleet: FleetView, *, min_instances: int, max_instances: int, termination_policy: str, why: str) -> Plan:
     """Fail static: no metric-driven action, no health replacement; min and max still hold on the
     provider's own count (`why`: what froze us, for the reason text)."""
     capacity = fleet.capacity
     desired = min(max(capacity, min_instances), max_instances)
     actions: list[Action] = []
     if desired > capacity:
-        actions.append(Action(ActionKind.LAUNCH, f"{capacity} instances, below HELIX_MIN_INSTANCES={min_instances} "
-                              f"({why})", desired - capacity))
+        actions.append(
+            Action(
+                ActionKind.LAUNCH,
+                f"{capacity} instances, below HELIX_MIN_INSTANCES={min_instances} ({why})",
+                desired - capacity,
+            )
+        )
     elif desired < capacity:
         victims = choose_victims(list(fleet.members), capacity - desired, termination_policy)
         if victims:
-            actions.append(Action(ActionKind.TERMINATE, f"{capacity} instances, above HELIX_MAX_INSTANCES="
-                                  f"{max_instances} ({why})", len(victims), tuple(v.instance_id for v in victims)))
+            actions.append(
+                Action(
+                    ActionKind.TERMINATE,
+                    f"{capacity} instances, above HELIX_MAX_INSTANCES={max_instances} ({why})",
+                    len(victims),
+                    tuple(v.instance_id for v in victims),
+                )
+            )
     return Plan(desired, "frozen", f"{why}: holding the fleet, only min/max enforced", tuple(actions))

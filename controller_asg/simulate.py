@@ -18,44 +18,70 @@ import json
 import sys
 import time
 
-import numpy as np
-
 from controller_asg.policy import BASELINES, LIVE_POLICIES
 from controller_asg.sim.runner import capacity_for_peak, compare, params_from
 from controller_asg.sim.trace import TraceError, load_trace, smooth
 from shared.config import ConfigError, load_config
 
 DAY = 86400
-COLUMNS = [("instance_hours", "inst-h", "{:.0f}"), ("cost_vs_oracle", "cost/oracle", "{:.3f}"),
-           ("lost_pct", "lost %", "{:.3f}"), ("hot_pct", ">90% CPU %", "{:.2f}"), ("theta_u", "θU %", "{:.2f}"),
-           ("theta_o", "θO %", "{:.1f}"), ("tau_u", "τU %", "{:.2f}"), ("tau_o", "τO %", "{:.1f}"),
-           ("actions", "actions", "{:d}")]
+COLUMNS = [
+    ("instance_hours", "inst-h", "{:.0f}"),
+    ("cost_vs_oracle", "cost/oracle", "{:.3f}"),
+    ("lost_pct", "lost %", "{:.3f}"),
+    ("hot_pct", ">90% CPU %", "{:.2f}"),
+    ("theta_u", "θU %", "{:.2f}"),
+    ("theta_o", "θO %", "{:.1f}"),
+    ("tau_u", "τU %", "{:.2f}"),
+    ("tau_o", "τO %", "{:.1f}"),
+    ("actions", "actions", "{:d}"),
+]
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
     head = ["policy"] + [c[1] for c in COLUMNS]
     body = [[name] + [fmt.format(fig[key]) for key, _, fmt in COLUMNS] for name, fig in rows]
     widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths, strict=True)))]
     for r in body:
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        lines.append(
+            "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m controller_asg.simulate", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--trace", required=True, help="rates, one per line (per second or per --step s), .gz ok, or CSV timestamp,rate")
+    ap.add_argument(
+        "--trace", required=True, help="rates, one per line (per second or per --step s), .gz ok, or CSV timestamp,rate"
+    )
     ap.add_argument("--step", type=float, default=1.0, help="seconds per trace line (default 1)")
-    ap.add_argument("--policy", default="", help=f"policy to run (default HELIX_POLICY); one of {', '.join(LIVE_POLICIES + BASELINES)}, oracle; comma-separated for several")
+    ap.add_argument(
+        "--policy",
+        default="",
+        help=f"policy to run (default HELIX_POLICY); one of {', '.join(LIVE_POLICIES + BASELINES)}, oracle; comma-separated for several",
+    )
     cap = ap.add_mutually_exclusive_group(required=True)
     cap.add_argument("--capacity", type=float, help="requests/s one instance serves at 100%% CPU")
-    cap.add_argument("--peak-instances", type=float, help="instead of --capacity: scale so the busiest second of the (smoothed) slice needs this many instances at the target")
+    cap.add_argument(
+        "--peak-instances",
+        type=float,
+        help="instead of --capacity: scale so the busiest second of the (smoothed) slice needs this many instances at the target",
+    )
     ap.add_argument("--boot-time", type=float, default=90.0, help="seconds from launch to in service (default 90)")
     ap.add_argument("--days", type=float, default=0.0, help="days of trace to simulate (default: all)")
     ap.add_argument("--start", type=float, default=0.0, help="day of the trace to start at (default 0)")
-    ap.add_argument("--history-days", type=float, default=0.0, help="days before --start the policy learns from first (not measured)")
-    ap.add_argument("--smooth", type=int, default=0, help="moving average of the demand over this many seconds (default: none)")
-    ap.add_argument("--set", action="append", default=[], metavar="HELIX_KEY=VALUE", help="override a setting (repeatable)")
+    ap.add_argument(
+        "--history-days",
+        type=float,
+        default=0.0,
+        help="days before --start the policy learns from first (not measured)",
+    )
+    ap.add_argument(
+        "--smooth", type=int, default=0, help="moving average of the demand over this many seconds (default: none)"
+    )
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="HELIX_KEY=VALUE", help="override a setting (repeatable)"
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON ('-' for stdout)")
     ap.add_argument("--plot", metavar="FILE.png", help="plot demand, fleet and CPU")
     ap.add_argument("--reasons", action="store_true", help="print every scaling action with its reason")
@@ -81,9 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in (args.policy or cfg.policy).split(",") if n.strip()]
     for n in names:
         if n not in LIVE_POLICIES + BASELINES + ("oracle",):
-            print(f"{prog}: --policy={n}: expected one of {', '.join(LIVE_POLICIES + BASELINES + ('oracle',))}", file=sys.stderr)
+            print(
+                f"{prog}: --policy={n}: expected one of {', '.join(LIVE_POLICIES + BASELINES + ('oracle',))}",
+                file=sys.stderr,
+            )
             return 2
-    for flag, value in (("--boot-time", args.boot_time), ("--capacity", args.capacity), ("--peak-instances", args.peak_instances)):
+    for flag, value in (
+        ("--boot-time", args.boot_time),
+        ("--capacity", args.capacity),
+        ("--peak-instances", args.peak_instances),
+    ):
         if value is not None and not value > 0 and not (flag == "--boot-time" and value == 0):
             print(f"{prog}: {flag}={value}: expected a positive number", file=sys.stderr)
             return 2
@@ -96,19 +129,24 @@ def main(argv: list[str] | None = None) -> int:
     history = min(begin, int(args.history_days * DAY))
     end = begin + int(args.days * DAY) if args.days > 0 else len(demand)
     if begin >= len(demand) or end <= begin:
-        print(f"{prog}: --start={args.start:g}: expected a day within the trace's {len(demand) / DAY:.2f} days", file=sys.stderr)
+        print(
+            f"{prog}: --start={args.start:g}: expected a day within the trace's {len(demand) / DAY:.2f} days",
+            file=sys.stderr,
+        )
         return 2
-    demand = smooth(demand[begin - history:end], args.smooth)
+    demand = smooth(demand[begin - history : end], args.smooth)
     capacity = args.capacity or capacity_for_peak(demand[history:], args.peak_instances, cfg.cpu_target)
     p = params_from(cfg, capacity, args.boot_time)
     started = time.monotonic()
     outcomes = compare(names, demand, p, cfg, measure_from=history, keep_reasons=args.reasons)
     elapsed = time.monotonic() - started
     simulated = (len(demand) - history) / DAY
-    print(f"{simulated:.2f} days from day {args.start:g} of {args.trace}"
-          + (f" (after {history / DAY:g} days of history)" if history else "")
-          + f"; capacity {capacity:.4g} req/s per instance; boot {args.boot_time:g} s; target {cfg.cpu_target:g};"
-          f" min {cfg.min_instances}, max {cfg.max_instances}; simulated in {elapsed:.1f} s")
+    print(
+        f"{simulated:.2f} days from day {args.start:g} of {args.trace}"
+        + (f" (after {history / DAY:g} days of history)" if history else "")
+        + f"; capacity {capacity:.4g} req/s per instance; boot {args.boot_time:g} s; target {cfg.cpu_target:g};"
+        f" min {cfg.min_instances}, max {cfg.max_instances}; simulated in {elapsed:.1f} s"
+    )
     print(table([(o.name, o.figures.as_dict()) for o in outcomes]))
     if args.reasons:
         for o in outcomes:
@@ -116,9 +154,17 @@ def main(argv: list[str] | None = None) -> int:
                 if t >= history:
                     print(f"{o.name} t={t - history:.0f}s {a}->{b}: {why}")
     if args.json:
-        doc = {"trace": args.trace, "start_day": args.start, "days": simulated, "capacity": capacity,
-               "boot_time": args.boot_time, "target": cfg.cpu_target, "min": cfg.min_instances, "max": cfg.max_instances,
-               "policies": {o.name: o.figures.as_dict() for o in outcomes}}
+        doc = {
+            "trace": args.trace,
+            "start_day": args.start,
+            "days": simulated,
+            "capacity": capacity,
+            "boot_time": args.boot_time,
+            "target": cfg.cpu_target,
+            "min": cfg.min_instances,
+            "max": cfg.max_instances,
+            "policies": {o.name: o.figures.as_dict() for o in outcomes},
+        }
         text = json.dumps(doc, indent=2)
         if args.json == "-":
             print(text)

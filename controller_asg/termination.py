@@ -10,11 +10,12 @@ Order of the rules, as EC2 Auto Scaling applies its own:
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 
 from controller_asg.fleet import FleetMember
 
 
-def _policy_key(policy: str):
+def _policy_key(policy: str) -> Callable[[FleetMember], tuple[float | str, ...]]:
     if policy == "oldest":
         return lambda m: (m.instance.launched_at, m.instance_id)
     if policy == "newest":

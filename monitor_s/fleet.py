@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -29,8 +30,17 @@ from monitor_s.validation import Refusal, check_instance_id
 from protos import helix_pb2, helix_pb2_grpc
 from shared import rpc_security
 from shared.config import Config, Invalid, parse_host_port
-from shared.table import (DETAIL_BYTES, ROW_DTYPE, VERSION_BYTES, ZONE_BYTES, InstanceRow, MetricsTable, State,
-                          clip_text, encode_text)
+from shared.table import (
+    DETAIL_BYTES,
+    ROW_DTYPE,
+    VERSION_BYTES,
+    ZONE_BYTES,
+    InstanceRow,
+    MetricsTable,
+    State,
+    clip_text,
+    encode_text,
+)
 
 FLUSH_EVERY = 0.05
 BATCH_ROWS = 512
@@ -71,6 +81,11 @@ class Entry:
     mem: float = 0.0
 
 
+# One poll's outcome: the entry, what came back (the metrics, the exception of a failed call, or in
+# stream mode why no sample came), and the latency in seconds.
+PollResult = tuple[Entry, helix_pb2.Metrics | Exception | str, float]
+
+
 class Fleet:
     def __init__(self, cfg: Config, table: MetricsTable, auth: rpc_security.Auth, log: logging.Logger):
         self.cfg = cfg
@@ -83,7 +98,7 @@ class Fleet:
         self.polls_ok = 0
         self.polls_failed = 0
         self.last_cycle = 0.0
-        self.latency_observer = None  # set by the Prometheus exporter: callable(list[float])
+        self.latency_observer: Callable[[list[float]], None] | None = None  # set by the Prometheus exporter
         # A row whose agent has not answered for HELIX_FORGET_AFTER is freed: the controller
         # replaced that instance long ago (it acts on UNHEALTHY within seconds), and an agent that
         # is in fact alive registers again by itself once it notices it is not polled. Without
@@ -121,14 +136,23 @@ class Fleet:
                 why = exc.message if isinstance(exc, Refusal) else f"address: {row.address[:80]!r}, expected {exc}"
                 self.log.warning("table repair: freed slot %d: %s", slot, why)
                 continue
-            entry = Entry(row.instance_id, row.address, slot=slot, registered_at=row.registered_at, zone=row.zone,
-                          state=row.state, failures=row.failures, app_down_polls=row.app_down_polls,
-                          failing_since=time.time() if row.failures else 0.0)
+            entry = Entry(
+                row.instance_id,
+                row.address,
+                slot=slot,
+                registered_at=row.registered_at,
+                zone=row.zone,
+                state=row.state,
+                failures=row.failures,
+                app_down_polls=row.app_down_polls,
+                failing_since=time.time() if row.failures else 0.0,
+            )
             self.entries[row.instance_id] = self.connect(entry)
         return len(self.entries)
 
-    def register(self, instance_id: str, address: str, vcpus: int, agent_version: str, zone: str, app_port: int,
-                 now: float) -> tuple[Entry, bool]:
+    def register(
+        self, instance_id: str, address: str, vcpus: int, agent_version: str, zone: str, app_port: int, now: float
+    ) -> tuple[Entry, bool]:
         """Add or refresh an agent. Idempotent: the same id keeps its row and `registered_at`; a new
         address starts a fresh REGISTERING row. Raises TableFull / ValueError (nothing changed)."""
         old = self.entries.get(instance_id)
@@ -144,8 +168,16 @@ class Fleet:
             old.zone = zone
             return old, False
         registered_at = old.registered_at if old is not None else now
-        row = InstanceRow(instance_id=instance_id, address=address, state=State.REGISTERING, zone=zone,
-                          agent_version=agent_version, registered_at=registered_at, vcpus=vcpus, app_port=app_port)
+        row = InstanceRow(
+            instance_id=instance_id,
+            address=address,
+            state=State.REGISTERING,
+            zone=zone,
+            agent_version=agent_version,
+            registered_at=registered_at,
+            vcpus=vcpus,
+            app_port=app_port,
+        )
         slot = self.table.register(row)
         if old is not None:
             self._close(old)
@@ -184,8 +216,10 @@ class Fleet:
 
     # -- polling ---------------------------------------------------------------------------------
 
-    async def _poll(self, entry: Entry, results: list) -> None:
+    async def _poll(self, entry: Entry, results: list[PollResult]) -> None:
+        assert entry.stub is not None  # set by connect(), which every entry in the registry went through
         started = time.perf_counter()
+        answer: helix_pb2.Metrics | Exception
         try:
             answer = await entry.stub.GetMetrics(entry.request, timeout=self.deadline, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:
@@ -197,6 +231,7 @@ class Fleet:
     async def _watch(self, entry: Entry) -> None:
         """Stream mode: keep one WatchMetrics stream open to the agent, reopening it after a break."""
         request = helix_pb2.WatchMetricsRequest(instance_id=entry.instance_id, interval_seconds=self.cfg.poll_interval)
+        assert entry.stub is not None  # connect() sets the stub before it starts this task
         loop = asyncio.get_running_loop()
         while True:
             try:
@@ -215,11 +250,12 @@ class Fleet:
         loop_now = asyncio.get_running_loop().time()
         stale_before = loop_now - STREAM_SILENCE * self.cfg.poll_interval
         wall = time.time()
-        results = []
+        results: list[PollResult] = []
         for entry in self.entries.values():
             if entry.latest_at > entry.consumed_at:
                 entry.consumed_at = entry.latest_at
                 sample = entry.latest
+                assert sample is not None  # latest_at only moves past consumed_at when a sample arrives
                 results.append((entry, sample, max(wall - sample.sample_time, 0.0)))
             elif entry.latest_at < stale_before:
                 results.append((entry, entry.stream_error, 0.0))
@@ -234,7 +270,7 @@ class Fleet:
             self.last_cycle = time.perf_counter() - started
             return self.last_cycle
         entries = list(self.entries.values())
-        results: list = []
+        results: list[PollResult] = []
         if entries:
             gathered = asyncio.gather(*(self._poll(e, results) for e in entries))
             while not gathered.done():
@@ -247,12 +283,12 @@ class Fleet:
         self.last_cycle = time.perf_counter() - started
         return self.last_cycle
 
-    def write(self, results: list) -> None:
+    def write(self, results: list[PollResult]) -> None:
         """Apply a batch of poll results to the in-memory entries and the table."""
         now = time.time()
         ok_rows: list[tuple[Entry, helix_pb2.Metrics, float]] = []
         failed: list[Entry] = []
-        latencies = []
+        latencies: list[float] = []
         for entry, answer, latency in results:
             if self.entries.get(entry.instance_id) is not entry:
                 continue  # deregistered or replaced while the call was in flight
@@ -298,9 +334,9 @@ class Fleet:
             failed = [e for e in failed if id(e) not in gone]
         lost: list[Entry] = []
         for start in range(0, len(ok_rows), BATCH_ROWS):
-            lost += self._write_ok(ok_rows[start:start + BATCH_ROWS], now)
+            lost += self._write_ok(ok_rows[start : start + BATCH_ROWS], now)
         for start in range(0, len(failed), BATCH_ROWS):
-            chunk = failed[start:start + BATCH_ROWS]
+            chunk = failed[start : start + BATCH_ROWS]
             slots = np.fromiter((e.slot for e in chunk), dtype=np.int64, count=len(chunk))
             keys = np.array([e.instance_id.encode() for e in chunk], dtype=ROW_DTYPE["instance_id"])
             with self.table.writing() as w:
@@ -308,33 +344,45 @@ class Fleet:
                 mask = _owned(rows, slots, keys)
                 rows["failures"][slots[mask]] = np.array([e.failures for e in chunk])[mask]
                 rows["state"][slots[mask]] = np.array([int(e.state) for e in chunk])[mask]
-            lost += [e for e, ok in zip(chunk, mask) if not ok]
+            lost += [e for e, ok in zip(chunk, mask, strict=True) if not ok]
         for entry in lost:
             self.forget(entry, "its row was freed by someone else")
 
-    def _write_ok(self, chunk: list, now: float) -> list[Entry]:
+    def _write_ok(self, chunk: list[tuple[Entry, helix_pb2.Metrics, float]], now: float) -> list[Entry]:
         """Write successful polls; returns the entries whose row no longer holds them."""
         n = len(chunk)
         keys = np.array([e.instance_id.encode() for e, _, _ in chunk], dtype=ROW_DTYPE["instance_id"])
         slots = np.fromiter((e.slot for e, _, _ in chunk), dtype=np.int64, count=n)
-        cols = {name: np.fromiter((getattr(m, attr) for _, m, _ in chunk), dtype=np.float64, count=n)
-                for name, attr in (("cpu", "cpu"), ("mem", "mem"), ("disk", "disk"), ("load1", "load1"),
-                                   ("load5", "load5"), ("load15", "load15"), ("net_rx", "net_rx_bps"),
-                                   ("net_tx", "net_tx_bps"), ("sample_time", "sample_time"))}
+        cols = {
+            name: np.fromiter((getattr(m, attr) for _, m, _ in chunk), dtype=np.float64, count=n)
+            for name, attr in (
+                ("cpu", "cpu"),
+                ("mem", "mem"),
+                ("disk", "disk"),
+                ("load1", "load1"),
+                ("load5", "load5"),
+                ("load15", "load15"),
+                ("net_rx", "net_rx_bps"),
+                ("net_tx", "net_tx_bps"),
+                ("sample_time", "sample_time"),
+            )
+        }
         np.clip(cols["cpu"], 0.0, 1.0, out=cols["cpu"])
         latency = np.fromiter((lat for _, _, lat in chunk), dtype=np.float64, count=n)
         vcpus = np.fromiter((min(m.vcpus, 65535) for _, m, _ in chunk), dtype=np.int64, count=n)
         state = np.fromiter((int(e.state) for e, _, _ in chunk), dtype=np.int64, count=n)
         down = np.fromiter((e.app_down_polls for e, _, _ in chunk), dtype=np.int64, count=n)
         live = np.fromiter((m.app_live for _, m, _ in chunk), dtype=np.int64, count=n)
-        detail = np.array([clip_text(m.app_detail, DETAIL_BYTES).encode("utf-8") for _, m, _ in chunk],
-                          dtype=ROW_DTYPE["app_detail"])
+        detail = np.array(
+            [clip_text(m.app_detail, DETAIL_BYTES).encode("utf-8") for _, m, _ in chunk], dtype=ROW_DTYPE["app_detail"]
+        )
         with self.table.writing() as w:
             rows = w.rows
             mask = _owned(rows, slots, keys)
             if not mask.all():
                 slots, latency, vcpus, state, down, live, detail = (
-                    a[mask] for a in (slots, latency, vcpus, state, down, live, detail))
+                    a[mask] for a in (slots, latency, vcpus, state, down, live, detail)
+                )
                 cols = {name: values[mask] for name, values in cols.items()}
             for name, values in cols.items():
                 rows[name][slots] = values
@@ -347,7 +395,7 @@ class Fleet:
             rows["app_down_polls"][slots] = down
             rows["app_live"][slots] = live
             rows["app_detail"][slots] = detail
-        return [e for (e, _, _), ok in zip(chunk, mask) if not ok]
+        return [e for (e, _, _), ok in zip(chunk, mask, strict=True) if not ok]
 
 
 def _owned(rows: np.ndarray, slots: np.ndarray, keys: np.ndarray) -> np.ndarray:

@@ -23,14 +23,17 @@ class FleetCollector:
     def __init__(self, fleet: Fleet):
         self.fleet = fleet
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         entries = list(self.fleet.entries.values())
         labels = ["instance_id", "zone"]
-        cpu = GaugeMetricFamily("helix_instance_cpu_ratio", "CPU utilisation 0..1 over the agent's last interval.", labels=labels)
+        cpu = GaugeMetricFamily(
+            "helix_instance_cpu_ratio", "CPU utilisation 0..1 over the agent's last interval.", labels=labels
+        )
         mem = GaugeMetricFamily("helix_instance_memory_ratio", "Memory used 0..1.", labels=labels)
         up = GaugeMetricFamily("helix_instance_up", "1 if the last poll of the agent succeeded.", labels=labels)
-        healthy = GaugeMetricFamily("helix_instance_healthy", "1 if the instance is healthy (agent answers, app live).",
-                                    labels=labels)
+        healthy = GaugeMetricFamily(
+            "helix_instance_healthy", "1 if the instance is healthy (agent answers, app live).", labels=labels
+        )
         for e in entries:
             values = [e.instance_id, e.zone]
             cpu.add_metric(values, e.cpu)
@@ -42,7 +45,9 @@ class FleetCollector:
         yield up
         yield healthy
         yield GaugeMetricFamily("helix_registered_instances", "Agents registered with MonitorS.", value=len(entries))
-        yield GaugeMetricFamily("helix_poll_cycle_seconds", "Duration of the last poll cycle.", value=self.fleet.last_cycle)
+        yield GaugeMetricFamily(
+            "helix_poll_cycle_seconds", "Duration of the last poll cycle.", value=self.fleet.last_cycle
+        )
         polls = CounterMetricFamily("helix_polls", "Polls of agents by result.", labels=["result"])
         polls.add_metric(["ok"], self.fleet.polls_ok)
         polls.add_metric(["error"], self.fleet.polls_failed)
@@ -53,22 +58,40 @@ class FleetCollector:
         """What the table says beyond MonitorS's own fleet: its bad rows now, and the controller's
         section. A snapshot per scrape is a lock and a byte copy; it never raises on the contents."""
         snap = self.fleet.table.snapshot()
-        yield GaugeMetricFamily("helix_table_bad_rows", "Occupied rows of the metrics table that fail validation "
-                                "(every reader leaves them out).", value=len(snap.row_problems))
+        yield GaugeMetricFamily(
+            "helix_table_bad_rows",
+            "Occupied rows of the metrics table that fail validation (every reader leaves them out).",
+            value=len(snap.row_problems),
+        )
         ctl = snap.controller
         if not ctl.pid:
             return  # no controller has written its section yet: no value rather than a made-up 0
         gauges = (
-            ("helix_controller_breaker_tripped", "1 while the controller's launch breaker is tripped.",
-             1.0 if ctl.breaker else 0.0),
-            ("helix_controller_breaker_failures", "Consecutive failed launches the controller counts.",
-             ctl.breaker_failures),
-            ("helix_controller_billable_instances", "Instances that may be billed, as the controller's launch "
-             "gate counts them.", ctl.billable),
-            ("helix_controller_max_instances", "The maximum number of instances the controller enforces.",
-             ctl.max_instances),
-            ("helix_controller_table_bad_rows", "Bad rows the controller's last snapshot of the table left out.",
-             ctl.table_problems),
+            (
+                "helix_controller_breaker_tripped",
+                "1 while the controller's launch breaker is tripped.",
+                1.0 if ctl.breaker else 0.0,
+            ),
+            (
+                "helix_controller_breaker_failures",
+                "Consecutive failed launches the controller counts.",
+                ctl.breaker_failures,
+            ),
+            (
+                "helix_controller_billable_instances",
+                "Instances that may be billed, as the controller's launch gate counts them.",
+                ctl.billable,
+            ),
+            (
+                "helix_controller_max_instances",
+                "The maximum number of instances the controller enforces.",
+                ctl.max_instances,
+            ),
+            (
+                "helix_controller_table_bad_rows",
+                "Bad rows the controller's last snapshot of the table left out.",
+                ctl.table_problems,
+            ),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)
@@ -78,8 +101,9 @@ def start_exporter(fleet: Fleet, port: int, host: str = "0.0.0.0") -> CollectorR
     """Serve /metrics on `port` in a background thread; raises OSError if the port is taken."""
     registry = CollectorRegistry()
     registry.register(FleetCollector(fleet))
-    latency = Histogram("helix_poll_latency_seconds", "Latency of successful agent polls.", buckets=LATENCY_BUCKETS,
-                        registry=registry)
+    latency = Histogram(
+        "helix_poll_latency_seconds", "Latency of successful agent polls.", buckets=LATENCY_BUCKETS, registry=registry
+    )
 
     def observe(values: list[float]) -> None:
         for value in values:

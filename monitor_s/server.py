@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -26,32 +27,50 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
         self.cfg = cfg
         self.log = log
 
-    async def _refuse(self, context, what: str, refusal: Refusal):
+    async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any], what: str, refusal: Refusal) -> NoReturn:
         self.log.warning("refused %s from %s: %s %s", what, context.peer(), refusal.code.name, refusal.message)
         await context.abort(refusal.code, refusal.message)
 
-    async def Register(self, request, context):
+    async def Register(
+        self,
+        request: helix_pb2.RegisterRequest,
+        context: grpc.aio.ServicerContext[helix_pb2.RegisterRequest, helix_pb2.RegisterResponse],
+    ) -> helix_pb2.RegisterResponse:
         try:
             reg = check_register(request)
             check_caller("address", reg.host, context.peer(), self.cfg.trust_advertised)
         except Refusal as refusal:
             await self._refuse(context, "Register", refusal)
         try:
-            entry, new = self.fleet.register(reg.instance_id, reg.address, reg.vcpus, reg.agent_version, reg.zone,
-                                             reg.app_port, time.time())
+            entry, new = self.fleet.register(
+                reg.instance_id, reg.address, reg.vcpus, reg.agent_version, reg.zone, reg.app_port, time.time()
+            )
         except TableFull as exc:
             self.log.error("refused Register of %s: %s", reg.instance_id, exc)
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except ValueError as exc:
             await self._refuse(context, "Register", Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
         if new:
-            self.log.info("registered %s at %s (zone %s, %d vCPUs, agent %s, slot %d)", reg.instance_id, reg.address,
-                          reg.zone or "-", reg.vcpus, reg.agent_version or "-", entry.slot)
+            self.log.info(
+                "registered %s at %s (zone %s, %d vCPUs, agent %s, slot %d)",
+                reg.instance_id,
+                reg.address,
+                reg.zone or "-",
+                reg.vcpus,
+                reg.agent_version or "-",
+                entry.slot,
+            )
         else:
             self.log.info("%s registered again at %s (slot %d)", reg.instance_id, reg.address, entry.slot)
-        return helix_pb2.RegisterResponse(slot=entry.slot, poll_interval=self.cfg.poll_interval, server_time=time.time())
+        return helix_pb2.RegisterResponse(
+            slot=entry.slot, poll_interval=self.cfg.poll_interval, server_time=time.time()
+        )
 
-    async def Deregister(self, request, context):
+    async def Deregister(
+        self,
+        request: helix_pb2.DeregisterRequest,
+        context: grpc.aio.ServicerContext[helix_pb2.DeregisterRequest, helix_pb2.DeregisterResponse],
+    ) -> helix_pb2.DeregisterResponse:
         try:
             instance_id = check_instance_id(request.instance_id)
             reason = check_reason(request.reason)
@@ -62,7 +81,9 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
         except Refusal as refusal:
             await self._refuse(context, "Deregister", refusal)
         found = self.fleet.deregister(instance_id) is not None
-        self.log.info("deregistered %s (%s)%s", instance_id, reason or "no reason given", "" if found else ": was not registered")
+        self.log.info(
+            "deregistered %s (%s)%s", instance_id, reason or "no reason given", "" if found else ": was not registered"
+        )
         return helix_pb2.DeregisterResponse(found=found)
 
 
@@ -78,7 +99,9 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
         try:
             start_exporter(fleet, cfg.metrics_port)
         except OSError as exc:
-            log.error("cannot serve Prometheus metrics on port %d: %s (HELIX_METRICS_PORT)", cfg.metrics_port, exc.strerror)
+            log.error(
+                "cannot serve Prometheus metrics on port %d: %s (HELIX_METRICS_PORT)", cfg.metrics_port, exc.strerror
+            )
             await fleet.close()
             return 1
 
@@ -96,10 +119,18 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
     await server.start()
     for name in ("", "helix.v1.Registry"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("MonitorS serving Registry on %s, table '%s' (%d rows, %d resumed), %s every %gs, "
-             "unhealthy after %d failures, metrics port %s", cfg.monitor_listen, table.name, table.capacity, resumed,
-             "polling" if cfg.poll_mode == "poll" else "streaming", cfg.poll_interval,
-             cfg.unhealthy_after, cfg.metrics_port or "off")
+    log.info(
+        "MonitorS serving Registry on %s, table '%s' (%d rows, %d resumed), %s every %gs, "
+        "unhealthy after %d failures, metrics port %s",
+        cfg.monitor_listen,
+        table.name,
+        table.capacity,
+        resumed,
+        "polling" if cfg.poll_mode == "poll" else "streaming",
+        cfg.poll_interval,
+        cfg.unhealthy_after,
+        cfg.metrics_port or "off",
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

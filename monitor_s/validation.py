@@ -9,6 +9,7 @@ from urllib.parse import unquote
 
 import grpc
 
+from protos import helix_pb2
 from shared.config import Invalid, parse_host_port
 
 ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -51,7 +52,9 @@ class Registration:
 
 def check_instance_id(value: str) -> str:
     if not ID_RE.match(value):
-        raise _bad("instance_id", value, "1 to 64 of letters, digits, '.', '_', ':' or '-', starting with a letter or digit")
+        raise _bad(
+            "instance_id", value, "1 to 64 of letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
+        )
     return value
 
 
@@ -59,7 +62,7 @@ def _printable(value: str) -> bool:
     return value.isprintable()
 
 
-def check_register(req) -> Registration:
+def check_register(req: helix_pb2.RegisterRequest) -> Registration:
     """Validate a RegisterRequest; raise Refusal(INVALID_ARGUMENT) naming the first bad field."""
     instance_id = check_instance_id(req.instance_id)
     address = req.address
@@ -92,7 +95,9 @@ def check_register(req) -> Registration:
         if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 65535:
             raise _bad("labels[app_port]", raw, "an integer from 1 to 65535")
         app_port = int(raw)
-    return Registration(instance_id, address, host.strip("[]"), port, req.vcpus, req.agent_version, zone, app_port, labels)
+    return Registration(
+        instance_id, address, host.strip("[]"), port, req.vcpus, req.agent_version, zone, app_port, labels
+    )
 
 
 def check_reason(value: str) -> str:
@@ -131,15 +136,19 @@ def check_caller(field: str, host: str, peer: str, trust_advertised: bool) -> No
     caller = peer_ip(peer)
     wanted = _normal(host)
     if wanted is None:
-        raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
-                      f"{field}: host {host!r} is not an IP address; expected the caller's own IP {caller} "
-                      "(or set HELIX_TRUST_ADVERTISED=1 on MonitorS)")
+        raise Refusal(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{field}: host {host!r} is not an IP address; expected the caller's own IP {caller} "
+            "(or set HELIX_TRUST_ADVERTISED=1 on MonitorS)",
+        )
     caller_ip = _normal(caller) if caller else None
     # Loopback to loopback is one host talking to itself: the kernel picks 127.0.0.1 as the source
     # even for an agent listening on 127.0.0.2, and only a local process can reach either.
     if caller_ip is not None and caller_ip.is_loopback and wanted.is_loopback:
         return
     if caller_ip is None or caller_ip != wanted:
-        raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
-                      f"{field}: host {host} is not the caller's IP {caller}; expected the agent's own address "
-                      "(or set HELIX_TRUST_ADVERTISED=1 on MonitorS)")
+        raise Refusal(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{field}: host {host} is not the caller's IP {caller}; expected the agent's own address "
+            "(or set HELIX_TRUST_ADVERTISED=1 on MonitorS)",
+        )

@@ -58,32 +58,39 @@ def snapshot_dict(snap: Snapshot, now: float) -> dict[str, Any]:
     }
     instances = []
     for row in snap.instances():
-        instances.append({
-            "instance_id": row.instance_id,
-            "address": row.address,
-            "zone": row.zone,
-            "state": row.state.label,
-            "cpu": round(row.cpu, 4),
-            "mem": round(row.mem, 4),
-            "disk": round(row.disk, 4),
-            "load": [round(row.load1, 2), round(row.load5, 2), round(row.load15, 2)],
-            "net_rx_bps": round(row.net_rx, 1),
-            "net_tx_bps": round(row.net_tx, 1),
-            "vcpus": row.vcpus,
-            "app_live": row.app_live,
-            "app_detail": row.app_detail,
-            "app_port": row.app_port,
-            "registered_age_s": _age(now, row.registered_at),
-            "last_seen_age_s": _age(now, row.last_seen),
-            "failures": row.failures,
-            "app_down_polls": row.app_down_polls,
-            "poll_latency_ms": round(row.poll_latency * 1000, 2),
-            "agent_version": row.agent_version,
-        })
+        instances.append(
+            {
+                "instance_id": row.instance_id,
+                "address": row.address,
+                "zone": row.zone,
+                "state": row.state.label,
+                "cpu": round(row.cpu, 4),
+                "mem": round(row.mem, 4),
+                "disk": round(row.disk, 4),
+                "load": [round(row.load1, 2), round(row.load5, 2), round(row.load15, 2)],
+                "net_rx_bps": round(row.net_rx, 1),
+                "net_tx_bps": round(row.net_tx, 1),
+                "vcpus": row.vcpus,
+                "app_live": row.app_live,
+                "app_detail": row.app_detail,
+                "app_port": row.app_port,
+                "registered_age_s": _age(now, row.registered_at),
+                "last_seen_age_s": _age(now, row.last_seen),
+                "failures": row.failures,
+                "app_down_polls": row.app_down_polls,
+                "poll_latency_ms": round(row.poll_latency * 1000, 2),
+                "agent_version": row.agent_version,
+            }
+        )
     # The header's problems, then the left-out rows' (the clamped high-water mark is in both lists).
     problems = list(dict.fromkeys(snap.header_problems + snap.problems))
-    return {"table": {"capacity": snap.capacity, "seq": snap.seq}, "monitor": monitor,
-            "controller": controller, "instances": instances, "problems": problems}
+    return {
+        "table": {"capacity": snap.capacity, "seq": snap.seq},
+        "monitor": monitor,
+        "controller": controller,
+        "instances": instances,
+        "problems": problems,
+    }
 
 
 def _fmt_age(age: float | None) -> str:
@@ -95,16 +102,20 @@ def render_text(name: str, data: dict[str, Any]) -> str:
     lines = [f"table {name}: {len(rows)} of {data['table']['capacity']} rows in use, seq {data['table']['seq']}"]
     if mon["pid"]:
         state = "alive" if mon["alive"] else "NOT RESPONDING"
-        lines.append(f"monitor: pid {mon['pid']} {state}, heartbeat {_fmt_age(mon['heartbeat_age_s'])} ago, "
-                     f"poll every {mon['poll_interval_s']:g}s, last cycle {mon['cycle_s'] * 1000:.1f} ms")
+        lines.append(
+            f"monitor: pid {mon['pid']} {state}, heartbeat {_fmt_age(mon['heartbeat_age_s'])} ago, "
+            f"poll every {mon['poll_interval_s']:g}s, last cycle {mon['cycle_s'] * 1000:.1f} ms"
+        )
     else:
         lines.append("monitor: has not written a heartbeat yet")
     if ctl["pid"]:
         flags = "".join([" FROZEN (fail static)" if ctl["frozen"] else "", " dry-run" if ctl["dry_run"] else ""])
         state = "alive" if ctl["alive"] else "NOT RESPONDING"
-        lines.append(f"controller: pid {ctl['pid']} {state}, heartbeat {_fmt_age(ctl['heartbeat_age_s'])} ago, "
-                     f"policy {ctl['policy'] or '?'}; desired {ctl['desired']}, in service {ctl['in_service']}, "
-                     f"pending {ctl['pending']}{flags}")
+        lines.append(
+            f"controller: pid {ctl['pid']} {state}, heartbeat {_fmt_age(ctl['heartbeat_age_s'])} ago, "
+            f"policy {ctl['policy'] or '?'}; desired {ctl['desired']}, in service {ctl['in_service']}, "
+            f"pending {ctl['pending']}{flags}"
+        )
         if ctl["max_instances"]:  # 0: a controller from before these fields
             lines.append(f"  billable {ctl['billable']} of max {ctl['max_instances']} instances")
         if ctl["breaker"]["tripped"]:
@@ -113,8 +124,10 @@ def render_text(name: str, data: dict[str, Any]) -> str:
         if ctl["table_problems"]:
             lines.append(f"  its last snapshot left out {ctl['table_problems']} bad row(s)")
         if ctl["last_action"] or ctl["last_reason"]:
-            lines.append(f"  last decision {_fmt_age(ctl['last_decision_age_s'])} ago: "
-                         f"{ctl['last_action'] or '-'}: {ctl['last_reason']}")
+            lines.append(
+                f"  last decision {_fmt_age(ctl['last_decision_age_s'])} ago: "
+                f"{ctl['last_action'] or '-'}: {ctl['last_reason']}"
+            )
     else:
         lines.append("controller: not running (no heartbeat)")
     problems = data["problems"]
@@ -129,9 +142,11 @@ def render_text(name: str, data: dict[str, Any]) -> str:
         app = "live" if r["app_live"] else "down"
         if r["app_detail"]:
             app += f" ({r['app_detail']})"
-        lines.append(f"{r['instance_id']:<22} {r['address']:<22} {r['zone']:<12} {r['state']:<12} "
-                     f"{r['cpu'] * 100:6.1f} {r['mem'] * 100:6.1f} {_fmt_age(r['last_seen_age_s']):>7} "
-                     f"{r['failures']:>4}  {app}")
+        lines.append(
+            f"{r['instance_id']:<22} {r['address']:<22} {r['zone']:<12} {r['state']:<12} "
+            f"{r['cpu'] * 100:6.1f} {r['mem'] * 100:6.1f} {_fmt_age(r['last_seen_age_s']):>7} "
+            f"{r['failures']:>4}  {app}"
+        )
     return "\n".join(lines)
 
 

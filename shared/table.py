@@ -39,6 +39,7 @@ from dataclasses import dataclass, fields
 from enum import IntEnum
 from functools import cached_property
 from multiprocessing import resource_tracker, shared_memory
+from typing import Any
 
 import numpy as np
 
@@ -107,32 +108,40 @@ _header_core = np.dtype(_HEADER_FIELDS)
 HEADER_DTYPE = np.dtype(_HEADER_FIELDS + [("_reserved", f"V{HEADER_SIZE - _header_core.itemsize}")])
 assert HEADER_DTYPE.itemsize == HEADER_SIZE, "the header outgrew HEADER_SIZE: take fewer bytes from _reserved"
 
-ROW_DTYPE = np.dtype([
-    ("instance_id", f"S{ID_BYTES}"),
-    ("address", f"S{ADDRESS_BYTES}"),
-    ("zone", f"S{ZONE_BYTES}"),
-    ("agent_version", f"S{VERSION_BYTES}"),
-    ("app_detail", f"S{DETAIL_BYTES}"),
-    ("registered_at", "<f8"),
-    ("last_seen", "<f8"),  # last successful poll (any answer)
-    ("last_metrics", "<f8"),  # last metrics written
-    ("sample_time", "<f8"),  # the agent's own clock at sampling
-    ("net_rx", "<f8"),  # bytes/s
-    ("net_tx", "<f8"),
-    ("failures", "<u4"),  # consecutive failed polls
-    ("app_down_polls", "<u4"),  # consecutive polls with the app not live
-    ("cpu", "<f4"),  # 0..1 over the agent's last interval
-    ("mem", "<f4"),  # 0..1
-    ("disk", "<f4"),  # 0..1
-    ("load1", "<f4"),
-    ("load5", "<f4"),
-    ("load15", "<f4"),
-    ("poll_latency", "<f4"),  # seconds, last successful poll
-    ("vcpus", "<u2"),
-    ("app_port", "<u2"),  # where the instance's app listens (label app_port), 0 if unknown
-    ("state", "u1"),
-    ("app_live", "u1"),
-])
+ROW_DTYPE = np.dtype(
+    [
+        ("instance_id", f"S{ID_BYTES}"),
+        ("address", f"S{ADDRESS_BYTES}"),
+        ("zone", f"S{ZONE_BYTES}"),
+        ("agent_version", f"S{VERSION_BYTES}"),
+        ("app_detail", f"S{DETAIL_BYTES}"),
+        ("registered_at", "<f8"),
+        ("last_seen", "<f8"),  # last successful poll (any answer)
+        ("last_metrics", "<f8"),  # last metrics written
+        ("sample_time", "<f8"),  # the agent's own clock at sampling
+        ("net_rx", "<f8"),  # bytes/s
+        ("net_tx", "<f8"),
+        ("failures", "<u4"),  # consecutive failed polls
+        ("app_down_polls", "<u4"),  # consecutive polls with the app not live
+        ("cpu", "<f4"),  # 0..1 over the agent's last interval
+        ("mem", "<f4"),  # 0..1
+        ("disk", "<f4"),  # 0..1
+        ("load1", "<f4"),
+        ("load5", "<f4"),
+        ("load15", "<f4"),
+        ("poll_latency", "<f4"),  # seconds, last successful poll
+        ("vcpus", "<u2"),
+        ("app_port", "<u2"),  # where the instance's app listens (label app_port), 0 if unknown
+        ("state", "u1"),
+        ("app_live", "u1"),
+    ]
+)
+# numpy types `names`/`fields` as Optional (None for a plain dtype); both structured dtypes have
+# them, so they are checked once here and the narrowed values used below.
+assert HEADER_DTYPE.names is not None and ROW_DTYPE.names is not None and ROW_DTYPE.fields is not None
+_HEADER_NAMES: tuple[str, ...] = HEADER_DTYPE.names
+_ROW_NAMES: tuple[str, ...] = ROW_DTYPE.names
+_ROW_FIELDS = ROW_DTYPE.fields
 
 
 class TableError(Exception):
@@ -178,8 +187,8 @@ def clip_text(value: str, size: int) -> str:
 
 
 # Derived from the layout, so a column added to ROW_DTYPE is encoded and checked without edits here.
-_TEXT_FIELDS = {name: ROW_DTYPE[name].itemsize for name in ROW_DTYPE.names if ROW_DTYPE[name].kind == "S"}
-_INT_FIELDS = {name for name in ROW_DTYPE.names if ROW_DTYPE[name].kind in "ui"}
+_TEXT_FIELDS = {name: ROW_DTYPE[name].itemsize for name in _ROW_NAMES if ROW_DTYPE[name].kind == "S"}
+_INT_FIELDS = {name for name in _ROW_NAMES if ROW_DTYPE[name].kind in "ui"}
 
 
 @dataclass
@@ -214,7 +223,7 @@ class InstanceRow:
     def to_record(self) -> tuple:
         """The row as a tuple in ROW_DTYPE order; raises ValueError naming a field that does not fit."""
         values = []
-        for name in ROW_DTYPE.names:
+        for name in _ROW_NAMES:
             value = getattr(self, name)
             if name in _TEXT_FIELDS:
                 value = encode_text(name, value, _TEXT_FIELDS[name])
@@ -227,8 +236,8 @@ class InstanceRow:
         return tuple(values)
 
     @classmethod
-    def from_record(cls, rec: np.void) -> "InstanceRow":
-        kwargs = {}
+    def from_record(cls, rec: np.void) -> InstanceRow:
+        kwargs: dict[str, Any] = {}  # one type per field, as `fields(cls)` declares them
         for f in fields(cls):
             value = rec[f.name]
             if f.name in _TEXT_FIELDS:
@@ -260,19 +269,21 @@ class InstanceRow:
 RATIO_MAX = 1.5
 ROW_BOUNDS: dict[str, tuple[float, float]] = {
     name: (0.0, RATIO_MAX if name in ("cpu", "mem", "disk") else float(np.finfo(ROW_DTYPE[name]).max))
-    for name in ROW_DTYPE.names
+    for name in _ROW_NAMES
     if ROW_DTYPE[name].kind == "f"
 }
 # MonitorS keys its registry by the id and dials the address: neither may be empty, hold a NUL or
 # fail to decode (a replacement character would name a different instance).
 _IDENTITY_FIELDS = ("instance_id", "address")
 # _identity_shape reads both in one pass: two adjacent 64-byte columns, each packed into one word.
-_IDENTITY_SPAN = slice(ROW_DTYPE.fields["instance_id"][1], ROW_DTYPE.fields["instance_id"][1] + 2 * 64)
-assert [ROW_DTYPE.fields[name][:2] for name in _IDENTITY_FIELDS] == [
-    (np.dtype("S64"), _IDENTITY_SPAN.start), (np.dtype("S64"), _IDENTITY_SPAN.start + 64)], "identity columns moved"
+_IDENTITY_SPAN = slice(_ROW_FIELDS["instance_id"][1], _ROW_FIELDS["instance_id"][1] + 2 * 64)
+assert [_ROW_FIELDS[name][:2] for name in _IDENTITY_FIELDS] == [
+    (np.dtype("S64"), _IDENTITY_SPAN.start),
+    (np.dtype("S64"), _IDENTITY_SPAN.start + 64),
+], "identity columns moved"
 _STATE_MAX = int(max(State))
 _STATE_EXPECTED = f"a state from 0 to {_STATE_MAX} ({', '.join(s.label for s in State)})"
-_HEADER_FLOATS = tuple(name for name in HEADER_DTYPE.names if HEADER_DTYPE[name].kind == "f")
+_HEADER_FLOATS = tuple(name for name in _HEADER_NAMES if HEADER_DTYPE[name].kind == "f")
 
 
 def _float_runs() -> list[tuple[int, int, np.dtype, int]]:
@@ -284,7 +295,7 @@ def _float_runs() -> list[tuple[int, int, np.dtype, int]]:
     runs: list[tuple[int, int, np.dtype, int]] = []
     for name, (low, high) in ROW_BOUNDS.items():
         assert low == 0.0, "the bit-pattern test needs a lower bound of 0"
-        dtype, offset = ROW_DTYPE.fields[name][:2]
+        dtype, offset = _ROW_FIELDS[name][:2]
         uint = np.dtype(f"<u{dtype.itemsize}")
         bits = int(np.array(high, dtype=dtype).view(uint))
         if runs and runs[-1][0] + runs[-1][1] == offset and runs[-1][2] == uint and runs[-1][3] == bits:
@@ -303,7 +314,7 @@ def _byte_view(rows: np.ndarray) -> np.ndarray:
 
 
 def _text_bytes(raw: np.ndarray, name: str) -> np.ndarray:
-    offset = ROW_DTYPE.fields[name][1]
+    offset = _ROW_FIELDS[name][1]
     return raw[:, offset : offset + ROW_DTYPE[name].itemsize]
 
 
@@ -384,10 +395,10 @@ def check_rows(rows: np.ndarray) -> RowCheck:
         failing.append((name, empty[:, column], "a non-empty value"))
         failing.append((name, nul_inside[:, column], "no NUL byte inside"))
     for name, (low, high) in ROW_BOUNDS.items():
-        column = rows[name]
-        bounded = high < np.finfo(column.dtype).max
+        values = rows[name]
+        bounded = high < np.finfo(values.dtype).max
         within = f"a number from {low:g} to {high:g}" if bounded else f"a finite number >= {low:g}"
-        failing.append((name, ~((column >= low) & (column <= high)), within))
+        failing.append((name, ~((values >= low) & (values <= high)), within))
     problems: list[RowProblem] = []
     done = ~occupied  # free rows, and rows already described
     for name, fails, expected in failing:
@@ -506,8 +517,10 @@ class Snapshot:
         high_water = int(self.header["high_water"])
         if high_water <= len(self.rows):
             return ()
-        return (f"header: high_water {high_water}, expected at most the capacity {len(self.rows)}; "
-                f"read the first {len(self.rows)} rows",)
+        return (
+            f"header: high_water {high_water}, expected at most the capacity {len(self.rows)}; "
+            f"read the first {len(self.rows)} rows",
+        )
 
     @cached_property
     def header_problems(self) -> tuple[str, ...]:
@@ -532,21 +545,35 @@ class Snapshot:
     @property
     def monitor(self) -> MonitorStatus:
         h = self.header
-        return MonitorStatus(int(h["monitor_pid"]), int(h["registered"]), _sane_time(float(h["monitor_started_at"])),
-                             _sane_time(float(h["monitor_heartbeat"])), _sane_time(float(h["poll_interval"])),
-                             _sane_time(float(h["cycle_seconds"])))
+        return MonitorStatus(
+            int(h["monitor_pid"]),
+            int(h["registered"]),
+            _sane_time(float(h["monitor_started_at"])),
+            _sane_time(float(h["monitor_heartbeat"])),
+            _sane_time(float(h["poll_interval"])),
+            _sane_time(float(h["cycle_seconds"])),
+        )
 
     @property
     def controller(self) -> ControllerStatus:
         h = self.header
         return ControllerStatus(
-            pid=int(h["controller_pid"]), desired=int(h["desired"]), in_service=int(h["in_service"]),
-            pending=int(h["pending"]), heartbeat=_sane_time(float(h["controller_heartbeat"])),
-            decision_at=_sane_time(float(h["decision_at"])), frozen=bool(h["frozen"]), dry_run=bool(h["dry_run"]),
-            action=decode_text(bytes(h["decision_action"])), reason=decode_text(bytes(h["decision_reason"])),
-            policy=decode_text(bytes(h["policy"])), breaker=bool(h["breaker"]),
-            breaker_failures=int(h["breaker_failures"]), billable=int(h["billable"]),
-            max_instances=int(h["max_instances"]), table_problems=int(h["table_problems"]),
+            pid=int(h["controller_pid"]),
+            desired=int(h["desired"]),
+            in_service=int(h["in_service"]),
+            pending=int(h["pending"]),
+            heartbeat=_sane_time(float(h["controller_heartbeat"])),
+            decision_at=_sane_time(float(h["decision_at"])),
+            frozen=bool(h["frozen"]),
+            dry_run=bool(h["dry_run"]),
+            action=decode_text(bytes(h["decision_action"])),
+            reason=decode_text(bytes(h["decision_reason"])),
+            policy=decode_text(bytes(h["policy"])),
+            breaker=bool(h["breaker"]),
+            breaker_failures=int(h["breaker_failures"]),
+            billable=int(h["billable"]),
+            max_instances=int(h["max_instances"]),
+            table_problems=int(h["table_problems"]),
         )
 
     @property
@@ -568,7 +595,7 @@ def lock_path(name: str) -> str:
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
     # See the module docstring: the tracker would unlink the segment when this process exits.
-    resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001 (the tracker's own key)
+    resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]  # noqa: SLF001 (the tracker's own key)
 
 
 class _Writer:
@@ -592,6 +619,7 @@ class MetricsTable:
     def __init__(self, name: str, shm: shared_memory.SharedMemory, lock_fd: int, capacity: int):
         self.name = name
         self._shm = shm
+        self._closed = False
         self._lock_fd = lock_fd
         self._thread_lock = threading.Lock()
         self.capacity = capacity
@@ -602,7 +630,7 @@ class MetricsTable:
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def attach(cls, name: str) -> "MetricsTable":
+    def attach(cls, name: str) -> MetricsTable:
         """Attach to an existing table (readers, ControllerASG). Raises TableNotFound or LayoutMismatch."""
         try:
             shm = shared_memory.SharedMemory(name=name, create=False)
@@ -618,7 +646,7 @@ class MetricsTable:
         return cls(name, shm, lock_fd, capacity)
 
     @classmethod
-    def open_or_create(cls, name: str, capacity: int, *, reset: bool = False, pid: int = 0) -> "MetricsTable":
+    def open_or_create(cls, name: str, capacity: int, *, reset: bool = False, pid: int = 0) -> MetricsTable:
         """MonitorS: re-attach a table whose layout matches (the registry survives a restart), or
         create one. A mismatched layout raises LayoutMismatch unless `reset` is set."""
         lock_fd = os.open(lock_path(name), os.O_RDWR | os.O_CREAT, 0o600)
@@ -634,7 +662,7 @@ class MetricsTable:
         return table
 
     @classmethod
-    def _open_or_create_locked(cls, name: str, capacity: int, reset: bool, lock_fd: int) -> "MetricsTable":
+    def _open_or_create_locked(cls, name: str, capacity: int, reset: bool, lock_fd: int) -> MetricsTable:
         try:
             shm = shared_memory.SharedMemory(name=name, create=False)
         except FileNotFoundError:
@@ -664,8 +692,10 @@ class MetricsTable:
     @staticmethod
     def _check_layout(name: str, shm: shared_memory.SharedMemory, expected_capacity: int | None = None) -> int:
         if shm.size < HEADER_SIZE:
-            raise LayoutMismatch(f"table '{name}': segment is {shm.size} bytes, smaller than a header; "
-                                 "set HELIX_SHM_RESET=1 to replace it")
+            raise LayoutMismatch(
+                f"table '{name}': segment is {shm.size} bytes, smaller than a header; "
+                "set HELIX_SHM_RESET=1 to replace it"
+            )
         header = np.ndarray((), dtype=HEADER_DTYPE, buffer=shm.buf)
         magic, version = int(header["magic"]), int(header["layout_version"])
         capacity, row_size = int(header["capacity"]), int(header["row_size"])
@@ -682,17 +712,18 @@ class MetricsTable:
         elif shm.size < segment_size(capacity):
             problems.append(f"segment of {shm.size} bytes, expected {segment_size(capacity)}")
         if problems:
-            raise LayoutMismatch(f"table '{name}' has {problems[0]}; set HELIX_SHM_RESET=1 to replace it "
-                                 "(agents register again)")
+            raise LayoutMismatch(
+                f"table '{name}' has {problems[0]}; set HELIX_SHM_RESET=1 to replace it (agents register again)"
+            )
         return capacity
 
     def close(self) -> None:
         """Detach. Never unlinks: the table outlives every process but its remover."""
-        if self._shm is None:
+        if self._closed:
             return
         del self._header, self._rows
         self._shm.close()
-        self._shm = None
+        self._closed = True
         os.close(self._lock_fd)
 
     @staticmethod
@@ -710,7 +741,7 @@ class MetricsTable:
             os.unlink(lock_path(name))
         return found
 
-    def __enter__(self) -> "MetricsTable":
+    def __enter__(self) -> MetricsTable:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -744,6 +775,7 @@ class MetricsTable:
         because of what the table holds: a mark beyond the capacity is read as the capacity (and
         reported in `Snapshot.problems`), and rows are checked by the snapshot, not here."""
         buf = self._shm.buf
+        assert buf is not None, f"table '{self.name}' is closed"  # SharedMemory drops its buffer only on close()
         with self._locked(fcntl.LOCK_SH):
             high_water = min(int(self._header["high_water"]), self.capacity)
             data = bytes(buf[: HEADER_SIZE + high_water * ROW_DTYPE.itemsize])
@@ -771,8 +803,9 @@ class MetricsTable:
                     slot = w.high_water
                     w.header["high_water"] = slot + 1
                 else:
-                    raise TableFull(f"table '{self.name}' is full: all {self.capacity} rows in use "
-                                    "(raise HELIX_SHM_CAPACITY)")
+                    raise TableFull(
+                        f"table '{self.name}' is full: all {self.capacity} rows in use (raise HELIX_SHM_CAPACITY)"
+                    )
             was_new = w.rows[slot]["state"] == State.FREE
             w.rows[slot] = record
             if was_new:
@@ -806,8 +839,9 @@ class MetricsTable:
             beyond = np.flatnonzero(w.rows["state"][high_water:] != State.FREE)
             if beyond.size:
                 raised = high_water + int(beyond[-1]) + 1
-                notes.append(f"high_water {high_water} leaves out occupied rows up to slot {raised - 1}: "
-                             f"raised to {raised}")
+                notes.append(
+                    f"high_water {high_water} leaves out occupied rows up to slot {raised - 1}: raised to {raised}"
+                )
                 high_water = raised
             w.header["high_water"] = high_water
             rows = w.rows[:high_water]
@@ -818,8 +852,13 @@ class MetricsTable:
             for slot in map(int, np.flatnonzero(check.good)):  # once per start: a plain loop reads best
                 key = bytes(ids[slot])
                 if key in first_slot:
-                    freed.append((slot, f"slot {slot} ({decode_text(key)!r}): instance_id repeats slot "
-                                        f"{first_slot[key]}'s, expected each id once"))
+                    freed.append(
+                        (
+                            slot,
+                            f"slot {slot} ({decode_text(key)!r}): instance_id repeats slot "
+                            f"{first_slot[key]}'s, expected each id once",
+                        )
+                    )
                 else:
                     first_slot[key] = slot
             for slot, why in sorted(freed):
@@ -831,8 +870,9 @@ class MetricsTable:
                 w.header["registered"] = registered
         return notes
 
-    def monitor_heartbeat(self, now: float, pid: int, poll_interval: float, cycle_seconds: float = 0.0,
-                          started_at: float | None = None) -> None:
+    def monitor_heartbeat(
+        self, now: float, pid: int, poll_interval: float, cycle_seconds: float = 0.0, started_at: float | None = None
+    ) -> None:
         with self.writing() as w:
             h = w.header
             h["monitor_pid"] = pid

@@ -143,8 +143,9 @@ class FakeCloud:
         over = len(self.billable()) - self.max_instances
         if over > 0:
             self.worst_overshoot = max(self.worst_overshoot, over)
-            self.violations.append(Violation(self.now, f"{len(self.billable())} billable instances, max "
-                                                       f"{self.max_instances} ({where})"))
+            self.violations.append(
+                Violation(self.now, f"{len(self.billable())} billable instances, max {self.max_instances} ({where})")
+            )
 
     def advance(self, now: float) -> None:
         self.now = now
@@ -186,9 +187,14 @@ class FakeProvider:
         self.cloud = cloud
 
     def _view(self, inst: SimInstance) -> ProviderInstance:
-        return ProviderInstance(inst.instance_id, inst.zone, inst.launched_at,
-                                "terminating" if inst.state == "terminating" else "running",
-                                address="", launch_token=inst.token)
+        return ProviderInstance(
+            inst.instance_id,
+            inst.zone,
+            inst.launched_at,
+            "terminating" if inst.state == "terminating" else "running",
+            address="",
+            launch_token=inst.token,
+        )
 
     def list_instances(self) -> list[ProviderInstance]:
         c = self.cloud
@@ -211,8 +217,11 @@ class FakeProvider:
         for _ in range(count - len(mine)):
             mine.append(c.new_instance(token).instance_id)
         if len(mine) > c.first_count[token]:
-            c.violations.append(Violation(c.now, f"launch token {token} has {len(mine)} instances, first asked "
-                                                 f"for {c.first_count[token]}"))
+            c.violations.append(
+                Violation(
+                    c.now, f"launch token {token} has {len(mine)} instances, first asked for {c.first_count[token]}"
+                )
+            )
         c.check_budget(f"after a launch of {count}")
         if fault == "lost_reply":
             raise ConnectionError("launch reply lost (simulated)")
@@ -225,8 +234,9 @@ class FakeProvider:
         for instance_id in instance_ids:
             inst = c.instances.get(instance_id)
             if inst is None or inst.foreign:
-                c.violations.append(Violation(c.now, f"asked to terminate {instance_id}, not an instance Helix "
-                                                     "created"))
+                c.violations.append(
+                    Violation(c.now, f"asked to terminate {instance_id}, not an instance Helix created")
+                )
         if c.terminate_fail_once > 0:
             c.terminate_fail_once -= 1
             raise ConnectionError("TerminateInstances failed (simulated)")
@@ -273,8 +283,7 @@ class SimMonitor:
                 continue
             row = self.rows.get(inst.instance_id)
             if row is None:
-                row = InstanceRow(inst.instance_id, "127.0.0.1:1", State.REGISTERING, zone=inst.zone,
-                                  registered_at=now)
+                row = InstanceRow(inst.instance_id, "127.0.0.1:1", State.REGISTERING, zone=inst.zone, registered_at=now)
                 self.rows[inst.instance_id] = row
             elif inst.agent_dead:
                 row.failures += 1
@@ -297,8 +306,13 @@ class SimMonitor:
 
     @staticmethod
     def _healthy(inst: SimInstance, now: float) -> bool:
-        return (not inst.agent_dead and inst.agent_at is not None and now >= inst.agent_at
-                and inst.app_at is not None and now >= inst.app_at)
+        return (
+            not inst.agent_dead
+            and inst.agent_at is not None
+            and now >= inst.agent_at
+            and inst.app_at is not None
+            and now >= inst.app_at
+        )
 
     def is_healthy(self, instance_id: str, now: float) -> bool:
         row = self.rows.get(instance_id)
@@ -330,10 +344,19 @@ class SimMonitor:
 
 def sim_config(state_dir: str, table_name: str, **overrides: object) -> Config:
     env = {
-        "HELIX_ENV_FILE": "", "HELIX_SHM_NAME": table_name, "HELIX_STATE_DIR": state_dir, "HELIX_GROUP": GROUP,
-        "HELIX_MIN_INSTANCES": "2", "HELIX_MAX_INSTANCES": "8", "HELIX_POLL_INTERVAL": str(POLL),
-        "HELIX_HEALTH_GRACE": "30", "HELIX_WARMUP": "10", "HELIX_SCALE_IN_WINDOW": "60",
-        "HELIX_LAUNCH_LEAD": "10", "HELIX_ACTIVITY_LOG": "", "HELIX_INSECURE": "1",
+        "HELIX_ENV_FILE": "",
+        "HELIX_SHM_NAME": table_name,
+        "HELIX_STATE_DIR": state_dir,
+        "HELIX_GROUP": GROUP,
+        "HELIX_MIN_INSTANCES": "2",
+        "HELIX_MAX_INSTANCES": "8",
+        "HELIX_POLL_INTERVAL": str(POLL),
+        "HELIX_HEALTH_GRACE": "30",
+        "HELIX_WARMUP": "10",
+        "HELIX_SCALE_IN_WINDOW": "60",
+        "HELIX_LAUNCH_LEAD": "10",
+        "HELIX_ACTIVITY_LOG": "",
+        "HELIX_INSECURE": "1",
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return load_config(env)
@@ -375,8 +398,9 @@ class Harness:
         self.lock = HostLock(self.cfg.state_dir, self.cfg.group_name)
         self.lock.acquire()
         policy = build_policy(self.cfg.policy, self.cfg)
-        self.controller = Controller(self.cfg, self.table, self.provider, policy, clock=lambda: self.now,
-                                     fence=self.lock)
+        self.controller = Controller(
+            self.cfg, self.table, self.provider, policy, clock=lambda: self.now, fence=self.lock
+        )
         self.controller.start()
 
     def restart_controller(self) -> None:
@@ -480,7 +504,8 @@ class Harness:
         billable = self.cloud.billable()
         self.report.instance_seconds += len(billable)
         self.report.instance_seconds_unhealthy += sum(
-            1 for i in billable if not self.monitor.is_healthy(i.instance_id, self.now))
+            1 for i in billable if not self.monitor.is_healthy(i.instance_id, self.now)
+        )
         if self.report.breaker_tripped_at is None and self.controller is not None and self.controller.breaker.tripped:
             self.report.breaker_tripped_at = self.now
 
@@ -493,8 +518,11 @@ class Harness:
         """Faults over: the billable fleet is exactly the controller's desired count, all healthy."""
         status = self.table.snapshot().controller
         billable = self.cloud.billable()
-        return (len(billable) == status.desired and not status.frozen
-                and all(self.monitor.is_healthy(i.instance_id, self.now) for i in billable))
+        return (
+            len(billable) == status.desired
+            and not status.frozen
+            and all(self.monitor.is_healthy(i.instance_id, self.now) for i in billable)
+        )
 
     def run(self, faults: Sequence[Fault], faults_end: float, settle: float = 900.0) -> RunReport:
         """Run the schedule, then without faults until converged (for 30 s in a row) or `settle`."""

@@ -26,10 +26,26 @@ def inst(i: str, zone: str = "a", launched: float = NOW - 1000, state: str = "ru
     return ProviderInstance(i, zone, launched, state, protected)
 
 
-def row(i: str, state: State = State.HEALTHY, cpu: float = 0.5, registered: float = NOW - 500,
-        metrics_age: float = 0.5, failures: int = 0, app_down: int = 0) -> InstanceRow:
-    return InstanceRow(i, "127.0.0.1:1", state, registered_at=registered, last_seen=NOW - metrics_age,
-                       last_metrics=NOW - metrics_age, cpu=cpu, failures=failures, app_down_polls=app_down)
+def row(
+    i: str,
+    state: State = State.HEALTHY,
+    cpu: float = 0.5,
+    registered: float = NOW - 500,
+    metrics_age: float = 0.5,
+    failures: int = 0,
+    app_down: int = 0,
+) -> InstanceRow:
+    return InstanceRow(
+        i,
+        "127.0.0.1:1",
+        state,
+        registered_at=registered,
+        last_seen=NOW - metrics_age,
+        last_metrics=NOW - metrics_age,
+        cpu=cpu,
+        failures=failures,
+        app_down_polls=app_down,
+    )
 
 
 class FakeSnap:
@@ -42,16 +58,30 @@ class FakeSnap:
 
 # -- fleet -----------------------------------------------------------------------------------------
 
+
 def test_observation_rules_warmup_missing_pending():
-    fleet = build_fleet(FakeSnap([
-        row("ok", cpu=0.9),
-        row("warm", cpu=1.0, registered=NOW - 5),
-        row("stale", cpu=0.1, metrics_age=60),
-        row("sick", State.UNHEALTHY),
-        row("reg", State.REGISTERING),
-        row("stranger"),
-    ]), [inst("ok"), inst("warm"), inst("stale"), inst("sick"), inst("reg"), inst("new"),
-         inst("going", state="terminating")], NOW)
+    fleet = build_fleet(
+        FakeSnap(
+            [
+                row("ok", cpu=0.9),
+                row("warm", cpu=1.0, registered=NOW - 5),
+                row("stale", cpu=0.1, metrics_age=60),
+                row("sick", State.UNHEALTHY),
+                row("reg", State.REGISTERING),
+                row("stranger"),
+            ]
+        ),
+        [
+            inst("ok"),
+            inst("warm"),
+            inst("stale"),
+            inst("sick"),
+            inst("reg"),
+            inst("new"),
+            inst("going", state="terminating"),
+        ],
+        NOW,
+    )
     obs = fleet.observation(warmup=60, poll_interval=1)
     assert obs.cpu_samples == (pytest.approx(0.9),)
     assert (obs.capacity, obs.in_service, obs.pending, obs.warming, obs.missing) == (6, 4, 2, 1, 2)
@@ -61,17 +91,32 @@ def test_observation_rules_warmup_missing_pending():
 
 # -- health ----------------------------------------------------------------------------------------
 
+
 def plan(rows, instances, desired=10, in_flight=0, monitor_started=NOW - 3600, fraction=0.45):
     fleet = build_fleet(FakeSnap(rows), instances, NOW)
-    return plan_replacements(fleet, grace=30, app_down_after=3, desired=desired, in_flight=in_flight,
-                             max_unhealthy_fraction=fraction, monitor_started_at=monitor_started)
+    return plan_replacements(
+        fleet,
+        grace=30,
+        app_down_after=3,
+        desired=desired,
+        in_flight=in_flight,
+        max_unhealthy_fraction=fraction,
+        monitor_started_at=monitor_started,
+    )
 
 
 def test_health_causes():
-    p = plan([row("sick", State.UNHEALTHY, failures=3), row("app", State.APP_DOWN, app_down=3),
-              row("app-new", State.APP_DOWN, app_down=2)] + [row(f"h{i}") for i in range(7)],
-             [inst("sick"), inst("app"), inst("app-new"), inst("unreg"), inst("young", launched=NOW - 10)]
-             + [inst(f"h{i}") for i in range(7)], desired=30)
+    p = plan(
+        [
+            row("sick", State.UNHEALTHY, failures=3),
+            row("app", State.APP_DOWN, app_down=3),
+            row("app-new", State.APP_DOWN, app_down=2),
+        ]
+        + [row(f"h{i}") for i in range(7)],
+        [inst("sick"), inst("app"), inst("app-new"), inst("unreg"), inst("young", launched=NOW - 10)]
+        + [inst(f"h{i}") for i in range(7)],
+        desired=30,
+    )
     causes = {r.instance_id: r.cause for r in p.replace}
     assert set(causes) == {"sick", "app", "unreg"}
     assert "3 failed polls" in causes["sick"] and "down for 3 polls" in causes["app"]
@@ -96,14 +141,18 @@ def test_at_most_ten_percent_in_flight_and_mass_failure_one_at_a_time():
 
 # -- termination -----------------------------------------------------------------------------------
 
+
 def members(*specs):
-    return [FleetMember(inst(i, zone=z, launched=t, protected=p), row(i, cpu=c) if c is not None else None)
-            for i, z, t, c, p in specs]
+    return [
+        FleetMember(inst(i, zone=z, launched=t, protected=p), row(i, cpu=c) if c is not None else None)
+        for i, z, t, c, p in specs
+    ]
 
 
 def test_victims_protection_zone_balance_then_policy():
-    ms = members(("a1", "a", 1, 0.9, False), ("a2", "a", 2, 0.1, False), ("a3", "a", 3, 0.5, True),
-                 ("b1", "b", 4, 0.0, False))
+    ms = members(
+        ("a1", "a", 1, 0.9, False), ("a2", "a", 2, 0.1, False), ("a3", "a", 3, 0.5, True), ("b1", "b", 4, 0.0, False)
+    )
     assert [m.instance_id for m in choose_victims(ms, 1, "least-busy")] == ["a2"]  # zone a is fuller
     assert [m.instance_id for m in choose_victims(ms, 1, "oldest")] == ["a1"]
     assert [m.instance_id for m in choose_victims(ms, 1, "newest")] == ["a2"]  # a3 is protected
@@ -115,6 +164,7 @@ def test_victims_protection_zone_balance_then_policy():
 
 
 # -- controller steps ------------------------------------------------------------------------------
+
 
 class MemoryProvider:
     name = "memory"
@@ -170,9 +220,16 @@ class FixedPolicy:
 
 @pytest.fixture
 def setup(table_name, tmp_path):
-    cfg = load_config({"HELIX_ENV_FILE": "", "HELIX_SHM_NAME": table_name, "HELIX_STATE_DIR": str(tmp_path),
-                       "HELIX_MIN_INSTANCES": "1", "HELIX_MAX_INSTANCES": "5",
-                       "HELIX_ACTIVITY_LOG": str(tmp_path / "activity.jsonl")})
+    cfg = load_config(
+        {
+            "HELIX_ENV_FILE": "",
+            "HELIX_SHM_NAME": table_name,
+            "HELIX_STATE_DIR": str(tmp_path),
+            "HELIX_MIN_INSTANCES": "1",
+            "HELIX_MAX_INSTANCES": "5",
+            "HELIX_ACTIVITY_LOG": str(tmp_path / "activity.jsonl"),
+        }
+    )
     table = MetricsTable.open_or_create(table_name, 16)
     yield cfg, table
     table.close()
@@ -196,7 +253,7 @@ def test_frozen_without_monitor_heartbeat_enforces_only_min(setup, tmp_path):
     table.monitor_heartbeat(NOW, 1, 1.0, started_at=NOW - 100)
     ctl.step()  # fresh heartbeat: resumes, the policy's 4 applies
     assert not ctl.frozen and len(provider.instances) == 4
-    actions = [json.loads(l)["action"] for l in open(tmp_path / "activity.jsonl")]
+    actions = [json.loads(line)["action"] for line in open(tmp_path / "activity.jsonl")]
     assert actions == ["freeze", "launch", "resume", "launch"]
 
 
@@ -207,7 +264,7 @@ def test_dry_run_acts_on_nothing_and_says_so_once(setup, tmp_path):
     for _ in range(3):
         ctl.step()
     assert provider.calls == []
-    entries = [json.loads(l) for l in open(tmp_path / "activity.jsonl")]
+    entries = [json.loads(line) for line in open(tmp_path / "activity.jsonl")]
     assert [(e["action"], e["count"], e["dry_run"]) for e in entries] == [("launch", 3, True)]
     assert table.snapshot().controller.dry_run
 
@@ -247,7 +304,7 @@ def test_scale_in_terminates_least_busy_and_history_survives(setup, tmp_path):
     policy.desired = 2
     ctl.step()
     assert provider.calls[-1] == ("terminate", ("m-1",))
-    ctl._save_history()
+    ctl.save_history()
     fresh = FixedPolicy(0)
     Controller(cfg, table, provider, fresh, clock=lambda: NOW).start()
     assert fresh.desired == 2

@@ -54,6 +54,7 @@ def assert_clean(report, *, converge: bool = True) -> None:
 
 # -- the reproductions -----------------------------------------------------------------------------
 
+
 def test_a_terminate_that_fails_forever_does_not_grow_the_fleet(harness):
     """Was: the replacement launched although the terminate failed, every step: ~1,580 launches/h."""
     h = harness(HELIX_MIN_INSTANCES=5, HELIX_MAX_INSTANCES=10)
@@ -82,13 +83,16 @@ def test_in_doubt_launches_are_counted(harness):
     assert len(h.cloud.billable()) == 10
 
 
-@pytest.mark.parametrize("intent", [
-    {"token": "sim-" + "a" * 20, "count": 40},
-    {"token": "sim-" + "b" * 20, "count": -1},
-    {"token": "sim-" + "c" * 20, "count": "3"},
-    {"token": "../../etc", "count": 2},
-    {"token": "sim-" + "d" * 20, "count": True},
-])
+@pytest.mark.parametrize(
+    "intent",
+    [
+        {"token": "sim-" + "a" * 20, "count": 40},
+        {"token": "sim-" + "b" * 20, "count": -1},
+        {"token": "sim-" + "c" * 20, "count": "3"},
+        {"token": "../../etc", "count": 2},
+        {"token": "sim-" + "d" * 20, "count": True},
+    ],
+)
 def test_a_bad_resumed_intent_is_dropped(harness, tmp_path, intent):
     """Was: a resumed intent of 40 launched 40 (43 running, max 10); -1 was retried every step."""
     folder = tmp_path / "controller"
@@ -252,13 +256,26 @@ fault_strategy = st.builds(
 )
 
 
-@settings(max_examples=int(os.environ.get("HELIX_FAULT_EXAMPLES", "25")), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-@given(faults=st.lists(fault_strategy, min_size=1, max_size=40), seed=st.integers(0, 2**16),
-       policy=st.sampled_from(["predictive", "target"]))
+@settings(
+    max_examples=int(os.environ.get("HELIX_FAULT_EXAMPLES", "25")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    faults=st.lists(fault_strategy, min_size=1, max_size=40),
+    seed=st.integers(0, 2**16),
+    policy=st.sampled_from(["predictive", "target"]),
+)
 def test_random_fault_schedules_keep_every_invariant(table_name, tmp_path_factory, faults, seed, policy):
-    h = Harness(table_name, str(tmp_path_factory.mktemp("faults")), seed=seed, HELIX_POLICY=policy,
-                HELIX_MIN_INSTANCES=2, HELIX_MAX_INSTANCES=6)
+    h = Harness(
+        table_name,
+        str(tmp_path_factory.mktemp("faults")),
+        seed=seed,
+        HELIX_POLICY=policy,
+        HELIX_MIN_INSTANCES=2,
+        HELIX_MAX_INSTANCES=6,
+    )
     try:
         report = h.run(faults, FAULTS_END, settle=SETTLE)
     finally:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from protos import helix_pb2, helix_pb2_grpc
-from shared.table import ControllerStatus, InstanceRow, MetricsTable, State
+from shared.table import ControllerStatus, InstanceRow, MetricsTable, State, TableNotFound
 from tests.procs import base_env, free_port, wait_for
 
 TOKEN = "test-token-0123456789"
@@ -29,18 +29,30 @@ pytestmark = pytest.mark.slow
 
 
 def monitor_env(table_name: str, port: int, **overrides) -> dict[str, str]:
-    settings = dict(HELIX_TOKEN=TOKEN, HELIX_SHM_NAME=table_name, HELIX_SHM_CAPACITY=64,
-                    HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}", HELIX_POLL_INTERVAL=POLL,
-                    HELIX_UNHEALTHY_AFTER=UNHEALTHY_AFTER, HELIX_METRICS_PORT=0)
+    settings = dict(
+        HELIX_TOKEN=TOKEN,
+        HELIX_SHM_NAME=table_name,
+        HELIX_SHM_CAPACITY=64,
+        HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}",
+        HELIX_POLL_INTERVAL=POLL,
+        HELIX_UNHEALTHY_AFTER=UNHEALTHY_AFTER,
+        HELIX_METRICS_PORT=0,
+    )
     settings.update(overrides)
     return base_env(**settings)
 
 
 def agent_env(instance_id: str, monitor_port: int, **overrides) -> dict[str, str]:
     port = free_port()
-    settings = dict(HELIX_TOKEN=TOKEN, HELIX_INSTANCE_ID=instance_id, HELIX_AGENT_LISTEN=f"127.0.0.1:{port}",
-                    HELIX_ADVERTISE_ADDR=f"127.0.0.1:{port}", HELIX_MONITOR_ADDR=f"127.0.0.1:{monitor_port}",
-                    HELIX_IMDS_URL="", HELIX_VCPUS=1)
+    settings = dict(
+        HELIX_TOKEN=TOKEN,
+        HELIX_INSTANCE_ID=instance_id,
+        HELIX_AGENT_LISTEN=f"127.0.0.1:{port}",
+        HELIX_ADVERTISE_ADDR=f"127.0.0.1:{port}",
+        HELIX_MONITOR_ADDR=f"127.0.0.1:{monitor_port}",
+        HELIX_IMDS_URL="",
+        HELIX_VCPUS=1,
+    )
     settings.update(overrides)
     return base_env(**settings)
 
@@ -65,13 +77,20 @@ def wait_state(table_name: str, instance_id: str, state: State, timeout: float =
     def check():
         row = rows(table_name).get(instance_id)
         return row if row is not None and row.state == state else None
+
     return wait_for(check, timeout, f"{instance_id} to be {state.label}")
 
 
 def inspect_json(table_name: str) -> dict:
     """The table as an operator sees it: `python -m shared.inspect --json` in a real process."""
-    out = subprocess.run([sys.executable, "-m", "shared.inspect", "--name", table_name, "--json"], env=base_env(),
-                         capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "shared.inspect", "--name", table_name, "--json"],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
@@ -93,12 +112,23 @@ def test_fleet_lifecycle(procs, table_name):
     busy = procs.python("busy", ["-c", "while True: pass"])
     wait_for(lambda: app.alive() and "Serving HTTP" in app.output(), 30, "the app to listen")
 
-    a = procs.python("agent-a", ["-m", "monitor_c"], agent_env(
-        "i-a", port, HELIX_LABELS=f"zone=z1,app_port={app_port}", HELIX_APP_CHECK=f"http://127.0.0.1:{app_port}/"))
-    b = procs.python("agent-b", ["-m", "monitor_c"], agent_env(
-        "i-b", port, HELIX_LABELS="zone=z2", HELIX_APP_CHECK=f"tcp://127.0.0.1:{app_port}"))
-    c = procs.python("agent-c", ["-m", "monitor_c"], agent_env(
-        "i-c", port, HELIX_LABELS="zone=z1", HELIX_CPU_SOURCE=f"tree:{busy.pid}"))
+    a = procs.python(
+        "agent-a",
+        ["-m", "monitor_c"],
+        agent_env(
+            "i-a", port, HELIX_LABELS=f"zone=z1,app_port={app_port}", HELIX_APP_CHECK=f"http://127.0.0.1:{app_port}/"
+        ),
+    )
+    b = procs.python(
+        "agent-b",
+        ["-m", "monitor_c"],
+        agent_env("i-b", port, HELIX_LABELS="zone=z2", HELIX_APP_CHECK=f"tcp://127.0.0.1:{app_port}"),
+    )
+    c = procs.python(
+        "agent-c",
+        ["-m", "monitor_c"],
+        agent_env("i-c", port, HELIX_LABELS="zone=z1", HELIX_CPU_SOURCE=f"tree:{busy.pid}"),
+    )
 
     for iid in ("i-a", "i-b", "i-c"):
         wait_state(table_name, iid, State.HEALTHY)
@@ -118,8 +148,14 @@ def test_fleet_lifecycle(procs, table_name):
 
     # The app dies: both agents probing it say so, app_down_polls counts up.
     app.kill_group()
-    wait_for(lambda: all(rows(table_name)[i].state == State.APP_DOWN and rows(table_name)[i].app_down_polls >= 2
-                         for i in ("i-a", "i-b")), 30, "i-a and i-b to be app-down for 2 polls")
+    wait_for(
+        lambda: all(
+            rows(table_name)[i].state == State.APP_DOWN and rows(table_name)[i].app_down_polls >= 2
+            for i in ("i-a", "i-b")
+        ),
+        30,
+        "i-a and i-b to be app-down for 2 polls",
+    )
     assert rows(table_name)["i-c"].state == State.HEALTHY
 
     # SIGKILL: no goodbye, the row turns unhealthy after UNHEALTHY_AFTER failed polls.
@@ -138,8 +174,11 @@ def test_fleet_lifecycle(procs, table_name):
     before = rows(table_name)
     assert set(before) == {"i-a", "i-c"}
     monitor = start_monitor(procs, table_name, port)
-    wait_for(lambda: rows(table_name)["i-c"].last_seen > before["i-c"].last_seen + POLL, 30,
-             "the restarted MonitorS to poll i-c")
+    wait_for(
+        lambda: rows(table_name)["i-c"].last_seen > before["i-c"].last_seen + POLL,
+        30,
+        "the restarted MonitorS to poll i-c",
+    )
     after = rows(table_name)
     assert after["i-c"].registered_at == before["i-c"].registered_at
     assert after["i-a"].state == State.UNHEALTHY
@@ -149,8 +188,10 @@ def test_fleet_lifecycle(procs, table_name):
 def test_hung_agent_does_not_slow_the_others(procs, table_name):
     port = free_port()
     monitor = start_monitor(procs, table_name, port, HELIX_POLL_INTERVAL=1.0)
-    agents = [procs.python(f"agent-{i}", ["-m", "monitor_c"], agent_env(f"i-{i}", port, HELIX_LABELS="zone=z"))
-              for i in range(3)]
+    agents = [
+        procs.python(f"agent-{i}", ["-m", "monitor_c"], agent_env(f"i-{i}", port, HELIX_LABELS="zone=z"))
+        for i in range(3)
+    ]
     for i in range(3):
         wait_state(table_name, f"i-{i}", State.HEALTHY)
     agents[0].signal(signal.SIGSTOP)  # hung: the kernel accepts, nobody answers
@@ -159,8 +200,11 @@ def test_hung_agent_does_not_slow_the_others(procs, table_name):
         seen = {i: rows(table_name)[f"i-{i}"].last_seen for i in (1, 2)}
         status = monitor_status(table_name)
         # The others keep being polled every cycle and answered long before the hung call's deadline.
-        wait_for(lambda: all(rows(table_name)[f"i-{i}"].last_seen >= seen[i] + 2 for i in (1, 2)), 30,
-                 "the healthy agents to be polled for two more cycles")
+        wait_for(
+            lambda: all(rows(table_name)[f"i-{i}"].last_seen >= seen[i] + 2 for i in (1, 2)),
+            30,
+            "the healthy agents to be polled for two more cycles",
+        )
         table = rows(table_name)
         for i in (1, 2):
             assert table[f"i-{i}"].state == State.HEALTHY and table[f"i-{i}"].failures == 0
@@ -197,12 +241,19 @@ def test_refusals_change_nothing(procs, table_name):
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
         # Malformed registrations: each names its field.
         cases = [
-            ({"instance_id": "bad id!"}, "instance_id"), ({"instance_id": "x" * 65}, "instance_id"),
-            ({"instance_id": ""}, "instance_id"), ({"address": "127.0.0.1:70000"}, "address"),
-            ({"address": "no-port"}, "address"), ({"address": "127.0.0.1:" + "1" * 70}, "address"),
-            ({"vcpus": 0}, "vcpus"), ({"vcpus": 5000}, "vcpus"), ({"agent_version": "v 1"}, "agent_version"),
-            ({"labels": {f"k{i}": "v" for i in range(17)}}, "labels"), ({"labels": {"zone": "z" * 40}}, "labels[zone]"),
-            ({"labels": {"app_port": "http"}}, "labels[app_port]"), ({"labels": {"bad key": "v"}}, "labels"),
+            ({"instance_id": "bad id!"}, "instance_id"),
+            ({"instance_id": "x" * 65}, "instance_id"),
+            ({"instance_id": ""}, "instance_id"),
+            ({"address": "127.0.0.1:70000"}, "address"),
+            ({"address": "no-port"}, "address"),
+            ({"address": "127.0.0.1:" + "1" * 70}, "address"),
+            ({"vcpus": 0}, "vcpus"),
+            ({"vcpus": 5000}, "vcpus"),
+            ({"agent_version": "v 1"}, "agent_version"),
+            ({"labels": {f"k{i}": "v" for i in range(17)}}, "labels"),
+            ({"labels": {"zone": "z" * 40}}, "labels[zone]"),
+            ({"labels": {"app_port": "http"}}, "labels[app_port]"),
+            ({"labels": {"bad key": "v"}}, "labels"),
             ({"labels": {"note": "a\nb"}}, "labels[note]"),
         ]
         for change, field in cases:
@@ -218,28 +269,38 @@ def test_refusals_change_nothing(procs, table_name):
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     # The standard health service answers, behind the same token.
     from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
         health = health_pb2_grpc.HealthStub(ch)
-        assert health.Check(health_pb2.HealthCheckRequest(service="helix.v1.Registry"), metadata=AUTH,
-                            timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health.Check(health_pb2.HealthCheckRequest(service="helix.v1.Registry"), metadata=AUTH, timeout=10).status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
         with pytest.raises(grpc.RpcError) as info:
             health.Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with grpc.insecure_channel(agent_addr) as ch:
-        assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service="helix.v1.Agent"), metadata=AUTH,
-                                                    timeout=10).status == health_pb2.HealthCheckResponse.SERVING
+        assert (
+            health_pb2_grpc.HealthStub(ch)
+            .Check(health_pb2.HealthCheckRequest(service="helix.v1.Agent"), metadata=AUTH, timeout=10)
+            .status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
     # The agent side refuses a wrong token too.
     with grpc.insecure_channel(agent_addr) as ch:
         with pytest.raises(grpc.RpcError) as info:
-            helix_pb2_grpc.AgentStub(ch).GetMetrics(helix_pb2.GetMetricsRequest(), timeout=10,
-                                                    metadata=(("authorization", "Bearer nope-nope-nope"),))
+            helix_pb2_grpc.AgentStub(ch).GetMetrics(
+                helix_pb2.GetMetricsRequest(), timeout=10, metadata=(("authorization", "Bearer nope-nope-nope"),)
+            )
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        m = helix_pb2_grpc.AgentStub(ch).GetMetrics(helix_pb2.GetMetricsRequest(instance_id="i-ok"), timeout=10,
-                                                    metadata=AUTH)
+        m = helix_pb2_grpc.AgentStub(ch).GetMetrics(
+            helix_pb2.GetMetricsRequest(instance_id="i-ok"), timeout=10, metadata=AUTH
+        )
         assert m.instance_id == "i-ok" and m.vcpus == 1
         with pytest.raises(grpc.RpcError) as info:
-            helix_pb2_grpc.AgentStub(ch).GetMetrics(helix_pb2.GetMetricsRequest(instance_id="i-other"), timeout=10,
-                                                    metadata=AUTH)
+            helix_pb2_grpc.AgentStub(ch).GetMetrics(
+                helix_pb2.GetMetricsRequest(instance_id="i-other"), timeout=10, metadata=AUTH
+            )
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     table = rows(table_name)
     assert set(table) == {"i-ok"} and table["i-ok"].state == State.HEALTHY
@@ -268,13 +329,20 @@ def test_agent_registers_again_when_forgotten(procs, table_name):
     channel, stub = registry_stub(port)
     with channel:
         # Register is idempotent: the same id and address keep the row, its state and registered_at.
-        again = helix_pb2.RegisterRequest(instance_id="i-back", address=first.address, vcpus=3, agent_version="0.2.0",
-                                          labels={"zone": "z2", "app_port": "8081"})
+        again = helix_pb2.RegisterRequest(
+            instance_id="i-back",
+            address=first.address,
+            vcpus=3,
+            agent_version="0.2.0",
+            labels={"zone": "z2", "app_port": "8081"},
+        )
         stub.Register(again, metadata=AUTH, timeout=10)
         row = rows(table_name)["i-back"]
         assert (row.zone, row.app_port, row.agent_version) == ("z2", 8081, "0.2.0")  # (polls rewrite vcpus)
         assert row.registered_at == first.registered_at and row.state == State.HEALTHY
-        resp = stub.Deregister(helix_pb2.DeregisterRequest(instance_id="i-back", reason="test"), metadata=AUTH, timeout=10)
+        resp = stub.Deregister(
+            helix_pb2.DeregisterRequest(instance_id="i-back", reason="test"), metadata=AUTH, timeout=10
+        )
     assert resp.found and "i-back" not in rows(table_name)
     again = wait_state(table_name, "i-back", State.HEALTHY, timeout=40)
     assert again.registered_at > first.registered_at and again.app_port == 8080 and again.zone == "z"
@@ -303,15 +371,20 @@ def test_restart_on_a_damaged_table_repairs_it(procs, table_name):
             w.header["monitor_heartbeat"] = float("nan")
             w.header["monitor_pid"] = 1
     monitor = start_monitor(procs, table_name, port)
-    kept = wait_for(lambda: (r := rows(table_name)) and all(r[i].failures >= 1 for i in ("i-0", "i-2", "i-4")) and r,
-                    30, "MonitorS to poll the rows it kept")
+    kept = wait_for(
+        lambda: (r := rows(table_name)) and all(r[i].failures >= 1 for i in ("i-0", "i-2", "i-4")) and r,
+        30,
+        "MonitorS to poll the rows it kept",
+    )
     assert set(kept) == {"i-0", "i-2", "i-4"}
     assert [kept[i].registered_at for i in ("i-0", "i-2", "i-4")] == [1000.0, 1002.0, 1004.0]
     repairs = [line for line in monitor.output().splitlines() if "table repair:" in line]
     assert len(repairs) == 4, monitor.output()
     assert repairs[0].endswith("table repair: high_water 4294967295 is beyond the capacity 64: clamped to 64")
-    assert repairs[1].endswith("table repair: freed slot 1 ('i-1'): state 9, expected a state from 0 to 4 "
-                               "(free, registering, healthy, unhealthy, app-down)")
+    assert repairs[1].endswith(
+        "table repair: freed slot 1 ('i-1'): state 9, expected a state from 0 to 4 "
+        "(free, registering, healthy, unhealthy, app-down)"
+    )
     assert repairs[2].endswith("table repair: freed slot 3 ('i-3'): cpu nan, expected a number from 0 to 1.5")
     assert repairs[3].endswith("table repair: registered 5 recounted as 3")
     with MetricsTable.attach(table_name) as table:
@@ -327,8 +400,9 @@ def test_restart_on_a_damaged_table_repairs_it(procs, table_name):
 
 
 def test_prometheus_exposition(procs, table_name):
-    from prometheus_client.parser import text_string_to_metric_families
     import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
 
     port, metrics_port = free_port(), free_port()
     start_monitor(procs, table_name, port, HELIX_METRICS_PORT=metrics_port)
@@ -354,8 +428,18 @@ def test_prometheus_exposition(procs, table_name):
 
     # A controller writes its section, and a stray write leaves a bad row MonitorS does not own.
     with MetricsTable.attach(table_name) as table:
-        table.write_controller(ControllerStatus(pid=4321, heartbeat=time.time(), policy="target", breaker=True,
-                                                breaker_failures=3, billable=2, max_instances=5, table_problems=1))
+        table.write_controller(
+            ControllerStatus(
+                pid=4321,
+                heartbeat=time.time(),
+                policy="target",
+                breaker=True,
+                breaker_failures=3,
+                billable=2,
+                max_instances=5,
+                table_problems=1,
+            )
+        )
         with table.writing() as w:
             slot = w.high_water
             w.rows[slot] = InstanceRow("i-junk", "127.0.0.1:1").to_record()
@@ -372,6 +456,7 @@ def test_prometheus_exposition(procs, table_name):
     assert samples["helix_registered_instances"] == 1.0  # MonitorS itself carries on
     import shutil
     import subprocess
+
     if shutil.which("promtool"):
         check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stdout + check.stderr
@@ -389,7 +474,7 @@ def test_bad_config_and_missing_token_exit_2(procs, table_name, module):
         assert proc.wait(timeout=30) == 2, proc.output()
         key = next(iter(change))
         assert key in proc.output() and proc.output().count("\n") <= 2, proc.output()
-    with pytest.raises(Exception):
+    with pytest.raises(TableNotFound):
         MetricsTable.attach(table_name)  # nothing was created
 
 
@@ -412,13 +497,18 @@ def test_stream_mode(procs, table_name):
     """HELIX_POLL_MODE=stream: agents push over WatchMetrics; the rows mean the same as when polled."""
     port = free_port()
     start_monitor(procs, table_name, port, HELIX_POLL_MODE="stream")
-    agents = {iid: procs.python(iid, ["-m", "monitor_c"], agent_env(iid, port, HELIX_LABELS="zone=s"))
-              for iid in ("i-s1", "i-s2", "i-s3")}
+    agents = {
+        iid: procs.python(iid, ["-m", "monitor_c"], agent_env(iid, port, HELIX_LABELS="zone=s"))
+        for iid in ("i-s1", "i-s2", "i-s3")
+    }
     for iid in agents:
         wait_state(table_name, iid, State.HEALTHY)
     first = rows(table_name)
-    wait_for(lambda: all(rows(table_name)[i].last_seen >= first[i].last_seen + 3 * POLL for i in agents), 30,
-             "pushed samples to keep arriving")
+    wait_for(
+        lambda: all(rows(table_name)[i].last_seen >= first[i].last_seen + 3 * POLL for i in agents),
+        30,
+        "pushed samples to keep arriving",
+    )
     agents["i-s1"].signal(signal.SIGKILL)
     agents["i-s2"].signal(signal.SIGSTOP)
     try:

@@ -21,13 +21,21 @@ from tests.procs import free_port
 
 class Answering(helix_pb2_grpc.AgentServicer):
     async def GetMetrics(self, request, context):
-        return helix_pb2.Metrics(cpu=0.5, vcpus=2, mem=0.25, app_live=True, app_detail="ok", sample_time=time.time(),
-                                 instance_id=request.instance_id)
+        return helix_pb2.Metrics(
+            cpu=0.5,
+            vcpus=2,
+            mem=0.25,
+            app_live=True,
+            app_detail="ok",
+            sample_time=time.time(),
+            instance_id=request.instance_id,
+        )
 
 
 def make_fleet(table_name: str) -> Fleet:
-    cfg = load_config({"HELIX_ENV_FILE": "", "HELIX_UNHEALTHY_AFTER": "1", "HELIX_POLL_INTERVAL": "1",
-                       "HELIX_INSECURE": "1"})
+    cfg = load_config(
+        {"HELIX_ENV_FILE": "", "HELIX_UNHEALTHY_AFTER": "1", "HELIX_POLL_INTERVAL": "1", "HELIX_INSECURE": "1"}
+    )
     return Fleet(cfg, MetricsTable.open_or_create(table_name, 16), Auth(""), logging.getLogger("test"))
 
 
@@ -98,6 +106,7 @@ class Collect(logging.Handler):
 def test_load_repairs_the_table_and_resumes_the_good_rows(table_name):
     """Bytes no Register would have written: freed, one log line each; the good rows are resumed in
     their own slots (and polled there), and the table is whole again."""
+
     async def scenario():
         server = grpc.aio.server()
         helix_pb2_grpc.add_AgentServicer_to_server(Answering(), server)

@@ -283,3 +283,105 @@ def test_real_agent_starts_and_serves(state_dir):
         wait_for(lambda: prov.list_instances() == [], 60, "the real agent to stop")
     finally:
         prov.close()
+
+
+# -- crash consistency: a controller SIGKILLed at every point of a spawn --------------------------
+
+# The controller-like process launches one instance and SIGKILLs itself at `point`:
+#   before-group: the launcher runs but its group id is not recorded yet;
+#   before-go:    the group id is recorded, the launcher has not been told to start;
+#   before-app:   the launcher started the app and the agent, the app's pid is not recorded.
+CRASH_SCRIPT = """
+import os, signal, sys
+from controller_asg.providers import local
+from shared.config import load_config
+point, state_dir, agent = sys.argv[1], sys.argv[2], sys.argv[3:]
+cfg = load_config({"HELIX_ENV_FILE": "", "HELIX_STATE_DIR": state_dir, "HELIX_TOKEN": "x-token-0123",
+                   "HELIX_GROUP": "tg", "HELIX_LOCAL_APP_CMD": %r})
+p = local.LocalProvider(cfg, agent_argv=agent)
+real_write = p._write
+def write(rec):
+    roles = [m.role for m in rec.members]
+    if point == "before-group" and rec.pgid:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_write(rec)
+    if point == "before-go" and rec.pgid and roles == ["agent"]:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if point == "before-app" and roles == ["agent"]:
+        p._write = lambda r: os.kill(os.getpid(), signal.SIGKILL)
+p._write = write
+p.launch(1, "crash-token")
+""".replace("%r", repr(APP_CMD))
+
+
+def _instance_processes(instance_id: str) -> list[int]:
+    """Pids of live processes started for `instance_id`: its launcher/agent carries the id in its
+    environment, and the app is in the agent's process group."""
+    agents = []
+    for proc in psutil.process_iter(["pid", "environ", "status"]):
+        try:
+            env = proc.info["environ"] or {}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if env.get("HELIX_INSTANCE_ID") == instance_id and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            agents.append(proc.info["pid"])
+    groups = set()
+    for pid in agents:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            pass
+    members = set(agents)
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.info["pid"]) in groups and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.add(proc.info["pid"])
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return sorted(members)
+
+
+@pytest.mark.parametrize("point", ["before-group", "before-go"])
+def test_a_controller_killed_mid_spawn_leaves_no_orphan_and_the_launch_is_redone(state_dir, env_dir, procs, point):
+    """Was: the record named no group while the instance ran; 30 s later it was forgotten, the orphan
+    kept running (and served, and was never scaled in), and the resumed launch said "already done"
+    for an id that never existed."""
+    ctl = procs.python("controller", ["-c", CRASH_SCRIPT, point, state_dir, *fake_agent(env_dir)], env=base_env())
+    assert ctl.wait(60) == -signal.SIGKILL, ctl.output()
+    ledger = glob.glob(os.path.join(state_dir, "launches", "*.json"))
+    assert len(ledger) == 1
+    (dead,) = json.load(open(ledger[0]))["ids"]
+    # The launcher read end-of-file when its parent died: nothing of the instance runs, ever.
+    wait_for(lambda: _instance_processes(dead) == [], 30, f"nothing of {dead} running")
+    assert not os.path.exists(os.path.join(env_dir, dead + ".env.json")), "the agent never started"
+
+    prov = LocalProvider(
+        make_cfg(state_dir, HELIX_LOCAL_APP_CMD=APP_CMD), agent_argv=fake_agent(env_dir), clock=lambda: time.time() + 60
+    )  # past the pid-less record's age
+    assert prov.list_instances() == [], "the dead record is forgotten"
+    (again,) = prov.launch(1, "crash-token")  # the restarted controller resumes the launch
+    assert again.instance_id != dead, "an id that never started is not reported as launched"
+    agent_env(env_dir, again.instance_id)
+    assert [i.instance_id for i in prov.list_instances()] == [again.instance_id]
+    assert prov.launch(1, "crash-token")[0].instance_id == again.instance_id  # and never twice
+
+
+def test_a_controller_killed_after_the_start_finds_its_instance_again(state_dir, env_dir, procs):
+    ctl = procs.python(
+        "controller", ["-c", CRASH_SCRIPT, "before-app", state_dir, *fake_agent(env_dir)], env=base_env()
+    )
+    assert ctl.wait(60) == -signal.SIGKILL, ctl.output()
+    (path,) = glob.glob(os.path.join(state_dir, "instances", "*.json"))
+    rec = json.load(open(path))
+    running = wait_for(
+        lambda: len(_instance_processes(rec["instance_id"])) >= 2 and _instance_processes(rec["instance_id"]),
+        30,
+        "the agent and the app",
+    )
+    assert all(os.getpgid(pid) == rec["pgid"] for pid in running), "every process is in the recorded group"
+
+    prov = LocalProvider(make_cfg(state_dir, HELIX_LOCAL_APP_CMD=APP_CMD), agent_argv=fake_agent(env_dir))
+    assert [i.instance_id for i in prov.list_instances()] == [rec["instance_id"]]
+    assert [i.instance_id for i in prov.launch(1, "crash-token")] == [rec["instance_id"]], "not launched twice"
+    prov.terminate([rec["instance_id"]])
+    wait_for(lambda: _instance_processes(rec["instance_id"]) == [], 30, "the whole group gone, app included")

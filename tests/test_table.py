@@ -9,10 +9,22 @@ import sys
 import numpy as np
 import psutil
 import pytest
-from hypothesis import given, settings as hsettings, strategies as st
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 
-from shared.table import (ADDRESS_BYTES, ID_BYTES, ROW_DTYPE, InstanceRow, LayoutMismatch, MetricsTable,
-                          State, TableFull, TableNotFound, lock_path)
+from shared.table import (
+    ADDRESS_BYTES,
+    ID_BYTES,
+    ROW_DTYPE,
+    InstanceRow,
+    LayoutMismatch,
+    MetricsTable,
+    State,
+    TableFull,
+    TableNotFound,
+    lock_path,
+)
 from tests.procs import ROOT, base_env, wait_for
 from tests.table_worker import ROWS, consistent_row
 
@@ -24,9 +36,16 @@ def worker(procs, role: str, name: str, *args: str):
 
 
 def ready_line(proc) -> str:
-    return wait_for(lambda: next((l for l in proc.output().splitlines() if l.startswith("ready")), None)
-                    or (None if proc.alive() else (_ for _ in ()).throw(AssertionError(proc.output()))),
-                    60, f"{proc.name} to get ready")
+    line = wait_for(
+        lambda: (
+            next((line for line in proc.output().splitlines() if line.startswith("ready")), None)
+            or (None if proc.alive() else (_ for _ in ()).throw(AssertionError(proc.output())))
+        ),
+        60,
+        f"{proc.name} to get ready",
+    )
+    assert line is not None  # wait_for returns only a truthy value
+    return line
 
 
 def exists(name: str) -> bool:
@@ -34,6 +53,7 @@ def exists(name: str) -> bool:
 
 
 # -- lifecycle -----------------------------------------------------------------------------------
+
 
 def test_attach_then_exit_never_unlinks(procs, table_name):
     table = MetricsTable.open_or_create(table_name, 8)
@@ -55,8 +75,11 @@ def test_sigkilled_creator_keeps_the_registry(procs, table_name):
     creator.wait(30)
     # Python's resource tracker notices its parent is gone and cleans up what it tracked, then
     # exits: once it is gone, whatever it would have unlinked is gone too.
-    wait_for(lambda: not psutil.pid_exists(tracker_pid) or psutil.Process(tracker_pid).status() == "zombie",
-             60, "the creator's resource tracker to finish")
+    wait_for(
+        lambda: not psutil.pid_exists(tracker_pid) or psutil.Process(tracker_pid).status() == "zombie",
+        60,
+        "the creator's resource tracker to finish",
+    )
     assert exists(table_name)
     reader = worker(procs, "snapshot", table_name)
     assert ready_line(reader) == "ready i-survivor"
@@ -75,9 +98,10 @@ def test_reattach_keeps_rows_and_mismatch_needs_reset(table_name):
 
 
 def test_foreign_segment_is_a_layout_mismatch(table_name):
-    from multiprocessing import shared_memory, resource_tracker
+    from multiprocessing import resource_tracker, shared_memory
+
     shm = shared_memory.SharedMemory(name=table_name, create=True, size=4096)
-    resource_tracker.unregister(shm._name, "shared_memory")
+    resource_tracker.unregister(shm._name, "shared_memory")  # noqa: SLF001 - the tracker's own key
     shm.buf[:8] = b"NOTHELIX"
     shm.close()
     with pytest.raises(LayoutMismatch, match="magic"):
@@ -102,6 +126,7 @@ def test_remove_unlinks_segment_and_lock(table_name):
 
 # -- rows ------------------------------------------------------------------------------------------
 
+
 def test_full_table_refuses_and_reregistering_reuses_the_slot(table_name):
     with MetricsTable.open_or_create(table_name, 2) as table:
         assert table.register(InstanceRow("i-1", "10.0.0.1:1")) == 0
@@ -124,12 +149,19 @@ def test_seq_bumps_on_every_write(table_name):
         assert table.snapshot().seq == s0 + 2
 
 
-text_ids = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=80)
+text_ids = st.text(alphabet=st.characters(blacklist_characters="\x00", blacklist_categories=["Cs"]), max_size=80)
 
 
 @hsettings(max_examples=300, deadline=None)
-@given(instance_id=text_ids, address=text_ids, cpu=st.floats(0, 1, width=32), failures=st.integers(0, 2**32 - 1),
-       vcpus=st.integers(0, 65535), state=st.sampled_from(list(State)), net=st.floats(0, 1e12))
+@given(
+    instance_id=text_ids,
+    address=text_ids,
+    cpu=st.floats(0, 1, width=32),
+    failures=st.integers(0, 2**32 - 1),
+    vcpus=st.integers(0, 65535),
+    state=st.sampled_from(list(State)),
+    net=st.floats(0, 1e12),
+)
 def test_row_roundtrip_or_clear_rejection(instance_id, address, cpu, failures, vcpus, state, net):
     row = InstanceRow(instance_id, address, state=state, cpu=cpu, failures=failures, vcpus=vcpus, net_rx=net)
     too_long = len(instance_id.encode()) > ID_BYTES or len(address.encode()) > ADDRESS_BYTES
@@ -161,6 +193,7 @@ def test_ids_at_and_beyond_the_limit(length, table_name):
 
 # -- concurrency across processes ----------------------------------------------------------------
 
+
 def test_sigkilled_lock_holder_never_wedges_readers(procs, table_name):
     MetricsTable.open_or_create(table_name, 8).close()
     holder = worker(procs, "hold-lock", table_name)
@@ -189,23 +222,41 @@ def test_concurrent_writer_and_readers_never_see_torn_rows(procs, table_name):
 
 # -- inspect ---------------------------------------------------------------------------------------
 
+
 def run_inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.inspect", *args], env=base_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "shared.inspect", *args],
+        env=base_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_inspect_without_table_is_one_line_and_status_1(table_name):
     result = run_inspect("--name", table_name)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        f"inspect: no metrics table '{table_name}' in /dev/shm (is MonitorS running?)"]
+        f"inspect: no metrics table '{table_name}' in /dev/shm (is MonitorS running?)"
+    ]
     assert not exists(table_name)
 
 
 def test_inspect_json_and_text_change_nothing(table_name):
     with MetricsTable.open_or_create(table_name, 8) as table:
-        table.register(InstanceRow("i-0abc", "10.0.0.7:50051", State.HEALTHY, zone="us-east-1a", cpu=0.42,
-                                   mem=0.5, app_live=True, last_seen=1.0))
+        table.register(
+            InstanceRow(
+                "i-0abc",
+                "10.0.0.7:50051",
+                State.HEALTHY,
+                zone="us-east-1a",
+                cpu=0.42,
+                mem=0.5,
+                app_live=True,
+                last_seen=1.0,
+            )
+        )
         table.monitor_heartbeat(1.0, 1234, 1.0)
         before = table.snapshot()
     result = run_inspect("--name", table_name, "--json")

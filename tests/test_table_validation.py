@@ -35,9 +35,27 @@ NOW = 1_700_000_000.0
 
 
 def good_row(i: int, **changes) -> InstanceRow:
-    row = InstanceRow(f"i-{i}", f"10.0.0.{i}:50051", State.HEALTHY, zone="z1", registered_at=NOW - 60,
-                      last_seen=NOW - 1, last_metrics=NOW - 1, sample_time=NOW - 1, net_rx=1e4, net_tx=2e4, cpu=0.5,
-                      mem=0.25, disk=0.1, load1=0.5, load5=0.4, load15=0.3, poll_latency=0.002, vcpus=2, app_live=True)
+    row = InstanceRow(
+        f"i-{i}",
+        f"10.0.0.{i}:50051",
+        State.HEALTHY,
+        zone="z1",
+        registered_at=NOW - 60,
+        last_seen=NOW - 1,
+        last_metrics=NOW - 1,
+        sample_time=NOW - 1,
+        net_rx=1e4,
+        net_tx=2e4,
+        cpu=0.5,
+        mem=0.25,
+        disk=0.1,
+        load1=0.5,
+        load5=0.4,
+        load15=0.3,
+        poll_latency=0.002,
+        vcpus=2,
+        app_live=True,
+    )
     return dataclasses.replace(row, **changes)
 
 
@@ -55,30 +73,44 @@ def ids(snap) -> list[str]:
 
 # -- rows ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field, value, line", [
-    ("state", 9, "slot 1 ('i-1'): state 9, expected a state from 0 to 4 "
-                 "(free, registering, healthy, unhealthy, app-down)"),
-    ("state", 255, "slot 1 ('i-1'): state 255, expected a state from 0 to 4 "
-                   "(free, registering, healthy, unhealthy, app-down)"),
-    ("cpu", np.nan, "slot 1 ('i-1'): cpu nan, expected a number from 0 to 1.5"),
-    ("cpu", 2.0, "slot 1 ('i-1'): cpu 2.0, expected a number from 0 to 1.5"),
-    ("mem", -0.5, "slot 1 ('i-1'): mem -0.5, expected a number from 0 to 1.5"),
-    ("disk", np.inf, "slot 1 ('i-1'): disk inf, expected a number from 0 to 1.5"),
-    ("load15", -np.inf, "slot 1 ('i-1'): load15 -inf, expected a finite number >= 0"),
-    ("poll_latency", np.nan, "slot 1 ('i-1'): poll_latency nan, expected a finite number >= 0"),
-    ("registered_at", -1.0, "slot 1 ('i-1'): registered_at -1.0, expected a finite number >= 0"),
-    ("last_seen", np.nan, "slot 1 ('i-1'): last_seen nan, expected a finite number >= 0"),
-    ("last_metrics", np.inf, "slot 1 ('i-1'): last_metrics inf, expected a finite number >= 0"),
-    ("sample_time", -1e300, "slot 1 ('i-1'): sample_time -1e+300, expected a finite number >= 0"),
-    ("net_tx", np.nan, "slot 1 ('i-1'): net_tx nan, expected a finite number >= 0"),
-    ("instance_id", b"", "slot 1: instance_id b'', expected a non-empty value"),
-    ("instance_id", b"\x00i-1", "slot 1: instance_id b'\\x00i-1', expected no NUL byte inside"),
-    ("instance_id", b"i-\x001", "slot 1: instance_id b'i-\\x001', expected no NUL byte inside"),
-    ("instance_id", b"i-\xff", "slot 1: instance_id b'i-\\xff', expected valid UTF-8"),
-    ("address", b"", "slot 1 ('i-1'): address b'', expected a non-empty value"),
-    ("address", b"10.0.0.1:\x0050051", "slot 1 ('i-1'): address b'10.0.0.1:\\x0050051', expected no NUL byte inside"),
-    ("address", b"\xc3(:1", "slot 1 ('i-1'): address b'\\xc3(:1', expected valid UTF-8"),
-])
+
+@pytest.mark.parametrize(
+    "field, value, line",
+    [
+        (
+            "state",
+            9,
+            "slot 1 ('i-1'): state 9, expected a state from 0 to 4 (free, registering, healthy, unhealthy, app-down)",
+        ),
+        (
+            "state",
+            255,
+            "slot 1 ('i-1'): state 255, expected a state from 0 to 4 (free, registering, healthy, unhealthy, app-down)",
+        ),
+        ("cpu", np.nan, "slot 1 ('i-1'): cpu nan, expected a number from 0 to 1.5"),
+        ("cpu", 2.0, "slot 1 ('i-1'): cpu 2.0, expected a number from 0 to 1.5"),
+        ("mem", -0.5, "slot 1 ('i-1'): mem -0.5, expected a number from 0 to 1.5"),
+        ("disk", np.inf, "slot 1 ('i-1'): disk inf, expected a number from 0 to 1.5"),
+        ("load15", -np.inf, "slot 1 ('i-1'): load15 -inf, expected a finite number >= 0"),
+        ("poll_latency", np.nan, "slot 1 ('i-1'): poll_latency nan, expected a finite number >= 0"),
+        ("registered_at", -1.0, "slot 1 ('i-1'): registered_at -1.0, expected a finite number >= 0"),
+        ("last_seen", np.nan, "slot 1 ('i-1'): last_seen nan, expected a finite number >= 0"),
+        ("last_metrics", np.inf, "slot 1 ('i-1'): last_metrics inf, expected a finite number >= 0"),
+        ("sample_time", -1e300, "slot 1 ('i-1'): sample_time -1e+300, expected a finite number >= 0"),
+        ("net_tx", np.nan, "slot 1 ('i-1'): net_tx nan, expected a finite number >= 0"),
+        ("instance_id", b"", "slot 1: instance_id b'', expected a non-empty value"),
+        ("instance_id", b"\x00i-1", "slot 1: instance_id b'\\x00i-1', expected no NUL byte inside"),
+        ("instance_id", b"i-\x001", "slot 1: instance_id b'i-\\x001', expected no NUL byte inside"),
+        ("instance_id", b"i-\xff", "slot 1: instance_id b'i-\\xff', expected valid UTF-8"),
+        ("address", b"", "slot 1 ('i-1'): address b'', expected a non-empty value"),
+        (
+            "address",
+            b"10.0.0.1:\x0050051",
+            "slot 1 ('i-1'): address b'10.0.0.1:\\x0050051', expected no NUL byte inside",
+        ),
+        ("address", b"\xc3(:1", "slot 1 ('i-1'): address b'\\xc3(:1', expected valid UTF-8"),
+    ],
+)
 def test_a_bad_row_is_left_out_and_described(table_name, field, value, line):
     with filled(table_name) as table:
         with table.writing() as w:  # straight into the segment, as a stray write would
@@ -134,8 +166,11 @@ def test_a_fresh_table_and_an_empty_one_have_no_problems(table_name):
 
 # A plain per-row restatement of the rules, to hold the vectorised check (and its whole-array
 # shortcut for clean tables) to.
-BOUNDS = {name: 1.5 if name in ("cpu", "mem", "disk") else math.inf
-          for name in ROW_DTYPE.names or () if ROW_DTYPE[name].kind == "f"}
+BOUNDS = {
+    name: 1.5 if name in ("cpu", "mem", "disk") else math.inf
+    for name in ROW_DTYPE.names or ()
+    if ROW_DTYPE[name].kind == "f"
+}
 
 
 def reference_good(rec) -> bool:
@@ -153,10 +188,13 @@ def reference_good(rec) -> bool:
 
 
 SPECIAL_FLOATS = [math.nan, math.inf, -math.inf, -0.0, -1.0, 1.5, 1.5000001, 2.0, 1e300]
-patches = st.lists(st.one_of(
-    st.tuples(st.just("byte"), st.integers(0, 7), st.integers(0, ROW_DTYPE.itemsize - 1), st.integers(0, 255)),
-    st.tuples(st.just("float"), st.integers(0, 7), st.sampled_from(list(BOUNDS)), st.sampled_from(SPECIAL_FLOATS)),
-), max_size=6)
+patches = st.lists(
+    st.one_of(
+        st.tuples(st.just("byte"), st.integers(0, 7), st.integers(0, ROW_DTYPE.itemsize - 1), st.integers(0, 255)),
+        st.tuples(st.just("float"), st.integers(0, 7), st.sampled_from(list(BOUNDS)), st.sampled_from(SPECIAL_FLOATS)),
+    ),
+    max_size=6,
+)
 
 
 @hsettings(max_examples=400, deadline=None)
@@ -182,6 +220,7 @@ def test_check_rows_agrees_with_the_plain_rules_and_never_raises(patches, free):
 
 
 # -- header ----------------------------------------------------------------------------------------
+
 
 def test_huge_high_water_is_clamped_not_raised(table_name):
     with filled(table_name, n=3, capacity=8) as table:
@@ -211,12 +250,15 @@ def test_a_bad_heartbeat_is_not_alive(table_name, heartbeat):
         assert snap.monitor.heartbeat == 0.0  # read as 'never written'
 
 
-@pytest.mark.parametrize("poll_interval, problem", [
-    (math.nan, "header: poll_interval nan, expected a finite number >= 0"),
-    (math.inf, "header: poll_interval inf, expected a finite number >= 0"),
-    (-1.0, "header: poll_interval -1.0, expected a finite number >= 0"),
-    (0.0, "header: poll_interval 0.0, expected a number > 0 once MonitorS writes heartbeats"),
-])
+@pytest.mark.parametrize(
+    "poll_interval, problem",
+    [
+        (math.nan, "header: poll_interval nan, expected a finite number >= 0"),
+        (math.inf, "header: poll_interval inf, expected a finite number >= 0"),
+        (-1.0, "header: poll_interval -1.0, expected a finite number >= 0"),
+        (0.0, "header: poll_interval 0.0, expected a number > 0 once MonitorS writes heartbeats"),
+    ],
+)
 def test_a_bad_poll_interval_is_not_alive(table_name, poll_interval, problem):
     with filled(table_name) as table:
         with table.writing() as w:
@@ -254,11 +296,31 @@ def test_header_floats_and_registered_are_checked(table_name):
 
 # -- the controller's new header fields ------------------------------------------------------------
 
-V1_OFFSETS = {"magic": 0, "layout_version": 8, "capacity": 12, "row_size": 16, "high_water": 20, "seq": 24,
-              "monitor_pid": 32, "registered": 36, "monitor_started_at": 40, "monitor_heartbeat": 48,
-              "poll_interval": 56, "cycle_seconds": 64, "controller_pid": 72, "desired": 76, "in_service": 80,
-              "pending": 84, "controller_heartbeat": 88, "decision_at": 96, "frozen": 104, "dry_run": 105,
-              "decision_action": 106, "decision_reason": 122, "policy": 522}
+V1_OFFSETS = {
+    "magic": 0,
+    "layout_version": 8,
+    "capacity": 12,
+    "row_size": 16,
+    "high_water": 20,
+    "seq": 24,
+    "monitor_pid": 32,
+    "registered": 36,
+    "monitor_started_at": 40,
+    "monitor_heartbeat": 48,
+    "poll_interval": 56,
+    "cycle_seconds": 64,
+    "controller_pid": 72,
+    "desired": 76,
+    "in_service": 80,
+    "pending": 84,
+    "controller_heartbeat": 88,
+    "decision_at": 96,
+    "frozen": 104,
+    "dry_run": 105,
+    "decision_action": 106,
+    "decision_reason": 122,
+    "policy": 522,
+}
 
 
 def test_new_header_fields_come_from_the_reserved_tail():
@@ -272,8 +334,19 @@ def test_new_header_fields_come_from_the_reserved_tail():
 def test_controller_fields_roundtrip_and_default_to_zero(table_name):
     with filled(table_name) as table:
         assert table.snapshot().controller == ControllerStatus()  # a table from before them reads defaults
-        status = ControllerStatus(pid=77, desired=3, heartbeat=NOW, decision_at=NOW, action="hold", policy="target",
-                                  breaker=True, breaker_failures=3, billable=4, max_instances=10, table_problems=2)
+        status = ControllerStatus(
+            pid=77,
+            desired=3,
+            heartbeat=NOW,
+            decision_at=NOW,
+            action="hold",
+            policy="target",
+            breaker=True,
+            breaker_failures=3,
+            billable=4,
+            max_instances=10,
+            table_problems=2,
+        )
         table.write_controller(status)
         assert table.snapshot().controller == status
         table.write_controller(ControllerStatus(pid=77, breaker_failures=-1, billable=2**40, table_problems=2**40))
@@ -282,6 +355,7 @@ def test_controller_fields_roundtrip_and_default_to_zero(table_name):
 
 
 # -- repair (what MonitorS runs at start) ----------------------------------------------------------
+
 
 def test_repair_frees_bad_rows_and_duplicates_and_recounts(table_name):
     with filled(table_name, n=6, capacity=8) as table:
@@ -320,9 +394,16 @@ def test_repair_raises_a_mark_that_hides_occupied_rows(table_name):
 
 # -- inspect ---------------------------------------------------------------------------------------
 
+
 def run_inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.inspect", *args], env=base_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "shared.inspect", *args],
+        env=base_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_inspect_shows_a_damaged_table_and_changes_nothing(table_name):
@@ -356,15 +437,30 @@ def test_inspect_shows_a_damaged_table_and_changes_nothing(table_name):
 
 def test_inspect_shows_the_breaker_and_billable(table_name):
     with filled(table_name) as table:
-        table.write_controller(ControllerStatus(pid=77, heartbeat=time.time(), policy="target", billable=4,
-                                                max_instances=10))
+        table.write_controller(
+            ControllerStatus(pid=77, heartbeat=time.time(), policy="target", billable=4, max_instances=10)
+        )
         text = run_inspect("--name", table_name).stdout
         assert "billable 4 of max 10 instances" in text and "breaker" not in text
-        table.write_controller(ControllerStatus(pid=77, heartbeat=time.time(), policy="target", breaker=True,
-                                                breaker_failures=3, billable=4, max_instances=10, table_problems=1))
+        table.write_controller(
+            ControllerStatus(
+                pid=77,
+                heartbeat=time.time(),
+                policy="target",
+                breaker=True,
+                breaker_failures=3,
+                billable=4,
+                max_instances=10,
+                table_problems=1,
+            )
+        )
         text = run_inspect("--name", table_name).stdout
         assert "breaker: TRIPPED after 3 failed launches" in text
         assert "its last snapshot left out 1 bad row(s)" in text
         data = json.loads(run_inspect("--name", table_name, "--json").stdout)["controller"]
         assert (data["breaker"], data["billable"], data["max_instances"], data["table_problems"]) == (
-            {"tripped": True, "failures": 3}, 4, 10, 1)
+            {"tripped": True, "failures": 3},
+            4,
+            10,
+            1,
+        )

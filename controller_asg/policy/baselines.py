@@ -42,15 +42,23 @@ class SeedLoop:
 
     def decide(self, obs: Observation) -> Decision:
         if obs.pending:
-            return Decision(clamp(obs.capacity, self.l.min_instances, self.l.max_instances), "blocked until the launch runs")
+            return Decision(
+                clamp(obs.capacity, self.l.min_instances, self.l.max_instances), "blocked until the launch runs"
+            )
         if obs.now < self._next or not obs.cpu_samples:
             return Decision(clamp(obs.capacity, self.l.min_instances, self.l.max_instances), "waiting")
         self._next = obs.now + self.period
         mean = sum(obs.cpu_samples) / len(obs.cpu_samples)
         if mean > self.upper:
-            return Decision(clamp(obs.capacity + 1, self.l.min_instances, self.l.max_instances), f"mean CPU {mean:.2f} > {self.upper}")
+            return Decision(
+                clamp(obs.capacity + 1, self.l.min_instances, self.l.max_instances),
+                f"mean CPU {mean:.2f} > {self.upper}",
+            )
         if mean < self.lower:
-            return Decision(clamp(obs.capacity - 1, self.l.min_instances, self.l.max_instances), f"mean CPU {mean:.2f} < {self.lower}")
+            return Decision(
+                clamp(obs.capacity - 1, self.l.min_instances, self.l.max_instances),
+                f"mean CPU {mean:.2f} < {self.lower}",
+            )
         return Decision(clamp(obs.capacity, self.l.min_instances, self.l.max_instances), f"mean CPU {mean:.2f}")
 
     def export_state(self) -> dict[str, Any]:
@@ -120,13 +128,17 @@ class AwsTargetTracking:
         if len(pts) >= 3 and all(m > self.target for m, _ in list(pts)[-3:]):
             metric, warmed = pts[-1]
             want = ceil_units(max(1, warmed) * metric / self.target)
-            return Decision(self._clamp(max(obs.capacity, want)), f"AlarmHigh: CPU {metric:.2f} > {self.target} for 3 min")
+            return Decision(
+                self._clamp(max(obs.capacity, want)), f"AlarmHigh: CPU {metric:.2f} > {self.target} for 3 min"
+            )
         if len(pts) == 15 and all(m < 0.9 * self.target for m, _ in pts):
             if self._launched or obs.pending:
                 return Decision(self._clamp(obs.capacity), "AlarmLow, but instances are warming up")
             metric, warmed = pts[-1]
             want = ceil_units(max(1, warmed) * metric / self.target)
-            return Decision(self._clamp(min(obs.capacity, want)), f"AlarmLow: CPU {metric:.2f} < {0.9 * self.target:.2f} for 15 min")
+            return Decision(
+                self._clamp(min(obs.capacity, want)), f"AlarmLow: CPU {metric:.2f} < {0.9 * self.target:.2f} for 15 min"
+            )
         return None
 
     def export_state(self) -> dict[str, Any]:

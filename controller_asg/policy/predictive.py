@@ -14,7 +14,7 @@ Scale-out (at once, as far as the plan says, when the plan exceeds capacity × (
   sample noise: a burst still launches within a second, a lone noisy second launches nothing
   that the scale-in rule would hand back the moment it came into service;
 - prediction: what recent days needed over the next `lead` seconds at this time of day (per-minute
-  peaks of the smoothed need, the lower of yesterday's and last week's same weekday, × 
+  peaks of the smoothed need, the lower of yesterday's and last week's same weekday, ×
   `floor_fraction`), so a rise that recurs daily is met by launches a boot time ahead.
 
 Scale-in (patient, and sized from the noise):
@@ -93,9 +93,13 @@ class PredictiveSettings:
     noise_window: float = 0.0  # … measured over this many seconds (0: twice the scale-in window)
     hold_launches: bool = False  # a scale-out counts as a recommendation the scale-in window remembers
     prelaunch: bool = True  # launch ahead of what recent days needed over the next lead
-    in_slack: float = 0.25  # instances: rounding slack of the scale-in need (a tiny fleet's one-instance step is already hysteresis)
+    in_slack: float = (
+        0.25  # instances: rounding slack of the scale-in need (a tiny fleet's one-instance step is already hysteresis)
+    )
     in_margin: float = 0.13  # … or this fraction of the need, whichever is more: ceil(need + headroom − in_slack)
-    hot_confirm: int = 2  # samples in a row a hot reading must last before the fast path trusts its whole raw need (1: at once) …
+    hot_confirm: int = (
+        2  # samples in a row a hot reading must last before the fast path trusts its whole raw need (1: at once) …
+    )
     hot_z: float = 3.0  # … unless it is this many σ of the need's sample-to-sample jitter beyond the hot line; unconfirmed, it plans for the raw need less that
     full_z: float = 4.0  # the fleet at 100% CPU serves the smoothed need plus this many σ of the jitter (0: off)
 
@@ -169,8 +173,10 @@ class Predictive:
             s = self.s
             self._dt = dt
             noise = s.noise_window if s.noise_window > 0 else 2 * s.scale_in_window
-            self._a = tuple(1.0 if tau <= 0 else 1 - math.exp(-dt / tau)
-                            for tau in (s.trend_fast, s.trend_slow, s.up_smooth, s.in_smooth, noise))
+            self._a = tuple(
+                1.0 if tau <= 0 else 1 - math.exp(-dt / tau)
+                for tau in (s.trend_fast, s.trend_slow, s.up_smooth, s.in_smooth, noise)
+            )
         return self._a
 
     def decide(self, obs: Observation) -> Decision:
@@ -184,7 +190,10 @@ class Predictive:
             self._started = True
             self._window_seed(obs)
         if known + obs.missing == 0:
-            return Decision(clamp(cap, lo, hi), f"no CPU metrics yet ({obs.in_service} in service, {obs.warming} warming, {obs.pending} pending)")
+            return Decision(
+                clamp(cap, lo, hi),
+                f"no CPU metrics yet ({obs.in_service} in service, {obs.warming} warming, {obs.pending} pending)",
+            )
         total = sum(obs.cpu_samples)
         n = obs.in_service
         # Missing metrics: 0 when scaling out, at target when scaling in (see module docstring).
@@ -266,8 +275,20 @@ class Predictive:
             if s.hold_launches:
                 self._window.push(now, want)
             if want > cap:
-                return Decision(want, self._why(obs, total, known, f"; planning for {plan_up:.1f} instances at target"
-                                                + (f" (recent days needed {usual_ahead:.1f} within {s.lead:g} s)" if plan_up == expected else "")))
+                return Decision(
+                    want,
+                    self._why(
+                        obs,
+                        total,
+                        known,
+                        f"; planning for {plan_up:.1f} instances at target"
+                        + (
+                            f" (recent days needed {usual_ahead:.1f} within {s.lead:g} s)"
+                            if plan_up == expected
+                            else ""
+                        ),
+                    ),
+                )
             return Decision(clamp(cap, lo, hi), "at the maximum")
         # Sample noise that a small fleet cannot absorb: n instances serve n / target instances'
         # worth of need at 100% CPU, and a second above that loses requests. Keep that line
@@ -278,7 +299,10 @@ class Predictive:
         if known and full_line > cap * (1 + s.tolerance):
             want = clamp(ceil_units(full_line), lo, hi)
             if want > cap:
-                return Decision(want, self._why(obs, total, known, f"; its sample noise needs {full_line:.1f} instances at 100% CPU"))
+                return Decision(
+                    want,
+                    self._why(obs, total, known, f"; its sample noise needs {full_line:.1f} instances at 100% CPU"),
+                )
         plan_in = self._in_avg + (plan_up - need if plan_up > need else 0.0)
         # Headroom sized from the observed burstiness: z standard deviations of how far the raw need
         # wanders from its average, or a fixed fraction of the need when the load is smooth (the
@@ -305,14 +329,25 @@ class Predictive:
             return Decision(desired, "no change")
         if desired > cap:
             return Decision(desired, f"keep within [{lo}, {hi}]")
-        return Decision(desired, self._why(obs, total, known, f"; the highest need of the last {s.scale_in_window:g} s is {allowed}"
-                                           + (f" (recent days needed {usual_now:.1f} now)" if allowed == floor else "")))
+        return Decision(
+            desired,
+            self._why(
+                obs,
+                total,
+                known,
+                f"; the highest need of the last {s.scale_in_window:g} s is {allowed}"
+                + (f" (recent days needed {usual_now:.1f} now)" if allowed == floor else ""),
+            ),
+        )
 
     def _why(self, obs: Observation, total: float, known: int, tail: str) -> str:
         mean = total / known if known else 0.0
-        return (f"mean CPU {mean:.2f} over {known} in-service instance{'s' if known != 1 else ''}"
-                + (f" ({obs.missing} without metrics)" if obs.missing else "")
-                + f", target {self.s.cpu_target:.2f}" + tail)
+        return (
+            f"mean CPU {mean:.2f} over {known} in-service instance{'s' if known != 1 else ''}"
+            + (f" ({obs.missing} without metrics)" if obs.missing else "")
+            + f", target {self.s.cpu_target:.2f}"
+            + tail
+        )
 
     # --- persistence -----------------------------------------------------------------------
     def export_state(self) -> dict[str, Any]:

@@ -39,7 +39,10 @@ class TargetTracking:
         known = len(obs.cpu_samples)
         if known + obs.missing == 0:
             # Nothing measured (all warming, or none in service): hold what we have.
-            return obs.capacity, f"no CPU metrics yet ({obs.in_service} in service, {obs.warming} warming, {obs.pending} pending)"
+            return (
+                obs.capacity,
+                f"no CPU metrics yet ({obs.in_service} in service, {obs.warming} warming, {obs.pending} pending)",
+            )
         total = sum(obs.cpu_samples)
         # Warming instances serve traffic too, so the fleet's size is every in-service instance.
         n = obs.in_service
@@ -52,9 +55,11 @@ class TargetTracking:
         unmeasured = obs.missing + obs.warming
         mean_out = total / (known + unmeasured)
         mean_in = (total + s.cpu_target * unmeasured) / (known + unmeasured)
-        what = (f"mean CPU {mean_known:.2f} over {known} in-service instance{'s' if known != 1 else ''}"
-                + (f" ({obs.missing} without metrics)" if obs.missing else "")
-                + f", target {s.cpu_target:.2f}")
+        what = (
+            f"mean CPU {mean_known:.2f} over {known} in-service instance{'s' if known != 1 else ''}"
+            + (f" ({obs.missing} without metrics)" if obs.missing else "")
+            + f", target {s.cpu_target:.2f}"
+        )
         if known and mean_out / s.cpu_target > 1 + s.tolerance:
             want = ceil_units(n * mean_out / s.cpu_target)
             return want, what

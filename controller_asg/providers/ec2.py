@@ -29,6 +29,7 @@ those): with another HELIX_GROUP, put that name there.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import logging
 import re
@@ -50,11 +51,18 @@ PROTECTED_TAG = "helix:protected"
 OPERATIONS = ("DescribeInstances", "RunInstances", "TerminateInstances", "CreateTags")
 LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 # Errors that concern one subnet/zone: try the next subnet.
-ZONE_ERRORS = frozenset({
-    "InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
-    "InsufficientFreeAddressesInSubnet", "InsufficientCapacityOnHost", "Unsupported",
-    "InvalidSubnetID.NotFound", "InvalidSubnet",
-})
+ZONE_ERRORS = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientHostCapacity",
+        "InsufficientFreeAddressesInSubnet",
+        "InsufficientCapacityOnHost",
+        "Unsupported",
+        "InvalidSubnetID.NotFound",
+        "InvalidSubnet",
+    }
+)
 # A RunInstances whose reply may have been lost: the instances may exist; look before resending.
 _LAUNCH_ATTEMPTS = 3
 _IDS_PER_CALL = 100
@@ -84,8 +92,9 @@ def _client_token(token: str, subnet: str, count: int, done: int) -> str:
 class Ec2Provider:
     name = "ec2"
 
-    def __init__(self, cfg: Config, *, client: Any = None, launch_client: Any = None,
-                 sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self, cfg: Config, *, client: Any = None, launch_client: Any = None, sleep: Callable[[float], None] = time.sleep
+    ):
         self.cfg = cfg
         self.group = cfg.group_name
         self.sleep = sleep
@@ -114,13 +123,16 @@ class Ec2Provider:
         )
         common = dict(connect_timeout=5, read_timeout=20, user_agent_extra="helix-controller")
         endpoint = cfg.ec2_endpoint_url or None
-        client = session.client("ec2", endpoint_url=endpoint,
-                                config=BotoConfig(retries={"mode": "adaptive", "max_attempts": 5}, **common))
+        client = session.client(
+            "ec2", endpoint_url=endpoint, config=BotoConfig(retries={"mode": "adaptive", "max_attempts": 5}, **common)
+        )
         # RunInstances is not idempotent on every endpoint: no blind retries, the token lookup
         # decides (adaptive mode still rate-limits it client-side).
-        launch_client = session.client("ec2", endpoint_url=endpoint,
-                                       config=BotoConfig(retries={"mode": "adaptive", "total_max_attempts": 1},
-                                                         **common))
+        launch_client = session.client(
+            "ec2",
+            endpoint_url=endpoint,
+            config=BotoConfig(retries={"mode": "adaptive", "total_max_attempts": 1}, **common),
+        )
         return client, launch_client
 
     def _record_operation(self, model: Any = None, **_: Any) -> None:
@@ -146,7 +158,7 @@ class Ec2Provider:
         return ProviderInstance(
             instance_id=inst["InstanceId"],
             zone=inst.get("Placement", {}).get("AvailabilityZone", ""),
-            launched_at=launched.timestamp() if hasattr(launched, "timestamp") else time.time(),
+            launched_at=launched.timestamp() if isinstance(launched, dt.datetime) else time.time(),
             state=_state(inst.get("State", {}).get("Name", "pending")),
             protected=_tags(inst).get(PROTECTED_TAG, "").lower() == "true",
             address=inst.get("PrivateIpAddress", "") or "",
@@ -174,8 +186,9 @@ class Ec2Provider:
         missing = count - len(mine)
         if missing <= 0:
             if mine:
-                log.info("launch %s already done (%s); nothing new launched", token,
-                         ", ".join(i["InstanceId"] for i in mine))
+                log.info(
+                    "launch %s already done (%s); nothing new launched", token, ", ".join(i["InstanceId"] for i in mine)
+                )
             return out
 
         known = {i["InstanceId"] for i in mine}
@@ -205,8 +218,14 @@ class Ec2Provider:
             except _ZoneError as exc:
                 failed[subnet] = str(exc)
                 others = sorted((s for s in subnets if s not in failed), key=lambda s: used[s] + plan.get(s, 0))
-                log.warning("launch %s: subnet %s refused %d instance(s) (%s); %s", token, subnet, n, exc,
-                            f"trying {others[0]}" if others else "no subnet left")
+                log.warning(
+                    "launch %s: subnet %s refused %d instance(s) (%s); %s",
+                    token,
+                    subnet,
+                    n,
+                    exc,
+                    f"trying {others[0]}" if others else "no subnet left",
+                )
                 if others:
                     plan[others[0]] = plan.get(others[0], 0) + n
                 else:
@@ -234,12 +253,15 @@ class Ec2Provider:
         in_doubt = False
         for attempt in range(_LAUNCH_ATTEMPTS):
             if attempt:
-                self.sleep(min(2.0, 0.25 * 2 ** attempt))
+                self.sleep(min(2.0, 0.25 * 2**attempt))
                 found = self._describe([{"Name": f"tag:{TOKEN_TAG}", "Values": [token]}])
                 new = [i for i in found if i["InstanceId"] not in known]
                 if new:
-                    log.info("launch %s: the RunInstances whose reply was lost had launched %s; not resent", token,
-                             ", ".join(i["InstanceId"] for i in new))
+                    log.info(
+                        "launch %s: the RunInstances whose reply was lost had launched %s; not resent",
+                        token,
+                        ", ".join(i["InstanceId"] for i in new),
+                    )
                     return [self._to_instance(i) for i in new]
             try:
                 reply = self.launch_client.run_instances(**params)
@@ -257,26 +279,36 @@ class Ec2Provider:
                 log.warning("launch %s: RunInstances reply lost (%s); looking before resending", token, exc)
                 continue
             got = [self._to_instance(i) for i in reply.get("Instances", [])]
-            log.info("launched %s in %s (launch %s)", ", ".join(i.instance_id for i in got),
-                     subnet or "the template's placement", token)
+            log.info(
+                "launched %s in %s (launch %s)",
+                ", ".join(i.instance_id for i in got),
+                subnet or "the template's placement",
+                token,
+            )
             return got
         if in_doubt:
             # Not a LaunchError: the instances may exist, so the caller must retry with this token.
-            raise LaunchInDoubt(f"launch {token}: RunInstances replies lost {_LAUNCH_ATTEMPTS} times and no instance "
-                                f"found yet: {last}")
+            raise LaunchInDoubt(
+                f"launch {token}: RunInstances replies lost {_LAUNCH_ATTEMPTS} times and no instance found yet: {last}"
+            )
         raise LaunchError(f"launch {token}: RunInstances failed {_LAUNCH_ATTEMPTS} times: {last}")
 
     def _run_params(self, subnet: str | None, n: int, token: str, done: int) -> dict:
         cfg = self.cfg
-        tags = [{"Key": GROUP_TAG, "Value": self.group}, {"Key": "Name", "Value": f"helix-{self.group}"},
-                {"Key": TOKEN_TAG, "Value": token}]
+        tags = [
+            {"Key": GROUP_TAG, "Value": self.group},
+            {"Key": "Name", "Value": f"helix-{self.group}"},
+            {"Key": TOKEN_TAG, "Value": token},
+        ]
         params: dict[str, Any] = {
             "MinCount": n,
             "MaxCount": n,
             "ClientToken": _client_token(token, subnet or "", n, done),
             "UserData": render_user_data(cfg, self._bearer, {"group": self.group}),
-            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags},
-                                  {"ResourceType": "volume", "Tags": tags[:2]}],
+            "TagSpecifications": [
+                {"ResourceType": "instance", "Tags": tags},
+                {"ResourceType": "volume", "Tags": tags[:2]},
+            ],
         }
         if cfg.ec2_launch_template:
             key = "LaunchTemplateId" if cfg.ec2_launch_template.startswith("lt-") else "LaunchTemplateName"
@@ -307,14 +339,14 @@ class Ec2Provider:
             return
         owned: set[str] = set()
         for start in range(0, len(asked), _IDS_PER_CALL):  # EC2 caps the values of one filter
-            chunk = asked[start:start + _IDS_PER_CALL]
+            chunk = asked[start : start + _IDS_PER_CALL]
             owned.update(i["InstanceId"] for i in self._describe([{"Name": "instance-id", "Values": chunk}]))
         refused = [i for i in asked if i not in owned]
         if refused:
             log.warning("terminate refused for %s: not instances of group %s", ", ".join(refused), self.group)
         targets = [i for i in asked if i in owned]
         for start in range(0, len(targets), _IDS_PER_CALL):
-            chunk = targets[start:start + _IDS_PER_CALL]
+            chunk = targets[start : start + _IDS_PER_CALL]
             self.client.terminate_instances(InstanceIds=chunk)
             log.info("terminating %s", ", ".join(chunk))
 

@@ -60,6 +60,7 @@ _PRIVATE_KEYS = {"ACCESS_KEY", "SECRET_KEY", "SESSION_TOKEN", "AWS_ACCESS_KEY", 
 @dataclass
 class Member:
     """One process of an instance; `started` is psutil's create_time, to tell a reused pid apart."""
+
     role: str  # "app" | "agent"
     pid: int
     started: float
@@ -80,7 +81,7 @@ class Record:
     terminate_at: float = 0.0  # when SIGTERM was sent; 0 = not terminating
 
     @classmethod
-    def from_json(cls, data: dict) -> "Record":
+    def from_json(cls, data: dict) -> Record:
         data = dict(data)
         data["members"] = [Member(**m) for m in data.get("members", [])]
         return cls(**data)
@@ -110,7 +111,7 @@ def _member_alive(member: Member) -> bool:
         return False
 
 
-def _pid_reused(rec: "Record", pid: int) -> bool:
+def _pid_reused(rec: Record, pid: int) -> bool:
     """True when `pid` now belongs to a process other than the member recorded with it."""
     member = next((m for m in rec.members if m.pid == pid), None)
     if member is None:
@@ -131,16 +132,23 @@ def _start_time(pid: int) -> float:
 class LocalProvider:
     name = "local"
 
-    def __init__(self, cfg: Config, *, agent_argv: Sequence[str] | None = None, grace: float = 5.0,
-                 clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        agent_argv: Sequence[str] | None = None,
+        grace: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.cfg = cfg
         self.group = cfg.group_name
         self.agent_argv = list(agent_argv or AGENT_ARGV)
         self.grace = grace
         self.clock = clock
         self.state_dir = os.path.abspath(cfg.state_dir)
-        self.dirs = {d: os.path.join(self.state_dir, d)
-                     for d in ("instances", "launches", "started", "protected", "logs")}
+        self.dirs = {
+            d: os.path.join(self.state_dir, d) for d in ("instances", "launches", "started", "protected", "logs")
+        }
         for path in self.dirs.values():
             os.makedirs(path, exist_ok=True)
         self._lock = threading.RLock()
@@ -278,8 +286,16 @@ class LocalProvider:
                     continue
                 zones_used[zone] += 1
                 out.append(self._to_instance(rec))
-                log.info("launched %s in %s (agent %s:%d, app port %s, pgid %d, launch %s)", instance_id, zone,
-                         rec.host, rec.agent_port, rec.app_port or "-", rec.pgid, token)
+                log.info(
+                    "launched %s in %s (agent %s:%d, app port %s, pgid %d, launch %s)",
+                    instance_id,
+                    zone,
+                    rec.host,
+                    rec.agent_port,
+                    rec.app_port or "-",
+                    rec.pgid,
+                    token,
+                )
             if errors and len(out) == 0:
                 raise LaunchError(f"local launch {token}: every start failed: {errors[0]}")
             return out
@@ -343,8 +359,7 @@ class LocalProvider:
             self._reap_children()
 
     def _child_env(self) -> dict[str, str]:
-        return {k: v for k, v in os.environ.items()
-                if not k.startswith(_PRIVATE_PREFIXES) and k not in _PRIVATE_KEYS}
+        return {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_PREFIXES) and k not in _PRIVATE_KEYS}
 
     def _spawn(self, instance_id: str, zone: str, token: str) -> Record:
         """Start one instance, crash-consistently: nothing runs before its process group is on disk.
@@ -361,8 +376,15 @@ class LocalProvider:
         """
         cfg = self.cfg
         host = cfg.local_host
-        rec = Record(instance_id=instance_id, group=self.group, zone=zone, token=token, launched_at=self.clock(),
-                     host=host, agent_port=_free_port(host))
+        rec = Record(
+            instance_id=instance_id,
+            group=self.group,
+            zone=zone,
+            token=token,
+            launched_at=self.clock(),
+            host=host,
+            agent_port=_free_port(host),
+        )
         app_argv: list[str] = []
         if cfg.local_app_cmd:
             rec.app_port = _free_port(host)
@@ -370,8 +392,9 @@ class LocalProvider:
             if not app_argv:
                 raise ValueError(f"HELIX_LOCAL_APP_CMD={cfg.local_app_cmd!r}: expected a command")
             if shutil.which(app_argv[0]) is None:
-                raise ValueError(f"HELIX_LOCAL_APP_CMD={cfg.local_app_cmd!r}: expected a command found on PATH, "
-                                 f"not {app_argv[0]!r}")
+                raise ValueError(
+                    f"HELIX_LOCAL_APP_CMD={cfg.local_app_cmd!r}: expected a command found on PATH, not {app_argv[0]!r}"
+                )
         self._write(rec)  # pid-less: a crash from here on is found and forgotten by list_instances
 
         log_path = os.path.join(self.dirs["logs"], f"{instance_id}.log")
@@ -401,10 +424,7 @@ class LocalProvider:
         (`tree:<app pid>` leaves it out). Returns the app's pid (0 with no app)."""
         unset = " ".join(f"-u {k}" for k in sorted(agent_env) if k.startswith("HELIX_"))
         script = (
-            'log=$1; marker=$2; shift 2\n'
-            'IFS= read -r go || exit 0\n'
-            '[ "$go" = go ] || exit 0\n'
-            ': >"$marker" || exit 1\n'
+            'log=$1; marker=$2; shift 2\nIFS= read -r go || exit 0\n[ "$go" = go ] || exit 0\n: >"$marker" || exit 1\n'
         )
         if app_argv:
             script += (
@@ -417,10 +437,22 @@ class LocalProvider:
             script += 'echo 0\nexec >>"$log" 2>&1 </dev/null\n'
         script += 'exec "$@"\n'
         with open(log_path, "ab") as out:
-            leader = subprocess.Popen(["/bin/sh", "-c", script, "helix-instance", log_path,
-                                       self._started_marker(rec.instance_id), *self.agent_argv],
-                                      env=agent_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=out,
-                                      start_new_session=True)
+            leader = subprocess.Popen(
+                [
+                    "/bin/sh",
+                    "-c",
+                    script,
+                    "helix-instance",
+                    log_path,
+                    self._started_marker(rec.instance_id),
+                    *self.agent_argv,
+                ],
+                env=agent_env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=out,
+                start_new_session=True,
+            )
         self._children[leader.pid] = leader
         assert leader.stdin is not None and leader.stdout is not None
         try:
@@ -464,7 +496,11 @@ class LocalProvider:
         else:
             env["HELIX_INSECURE"] = "1"
         # The agent speaks to MonitorS with the same TLS material as the rest of the manager.
-        for key, value in (("HELIX_TLS_CA", cfg.tls_ca), ("HELIX_TLS_CERT", cfg.tls_cert), ("HELIX_TLS_KEY", cfg.tls_key)):
+        for key, value in (
+            ("HELIX_TLS_CA", cfg.tls_ca),
+            ("HELIX_TLS_CERT", cfg.tls_cert),
+            ("HELIX_TLS_KEY", cfg.tls_key),
+        ):
             if value:
                 env[key] = os.path.abspath(value)
         return env
@@ -483,7 +519,9 @@ class LocalProvider:
 
     def _prune_ledgers(self) -> None:
         cutoff = time.time() - _LEDGER_MAX_AGE
-        for path in [os.path.join(self.dirs[d], name) for d in ("launches", "started") for name in os.listdir(self.dirs[d])]:
+        for path in [
+            os.path.join(self.dirs[d], name) for d in ("launches", "started") for name in os.listdir(self.dirs[d])
+        ]:
             try:
                 if os.stat(path).st_mtime < cutoff:
                     os.unlink(path)

@@ -47,18 +47,20 @@ def render_user_data(cfg: Config, token: str, labels: Mapping[str, str]) -> str:
     """A `#cloud-config` document writing /etc/helix/helix.env (0600 root) and restarting the agent."""
     content = render_env_file(cfg, token, labels)
     q = json.dumps
-    doc = "\n".join([
-        "#cloud-config",
-        "write_files:",
-        f"  - path: {q(ENV_PATH)}",
-        f"    permissions: {q('0600')}",
-        f"    owner: {q('root:root')}",
-        f"    content: {q(content)}",
-        "runcmd:",
-        f"  - [{q('systemctl')}, {q('daemon-reload')}]",
-        f"  - [{q('systemctl')}, {q('restart')}, {q(AGENT_UNIT)}]",
-        "",
-    ])
+    doc = "\n".join(
+        [
+            "#cloud-config",
+            "write_files:",
+            f"  - path: {q(ENV_PATH)}",
+            f"    permissions: {q('0600')}",
+            f"    owner: {q('root:root')}",
+            f"    content: {q(content)}",
+            "runcmd:",
+            f"  - [{q('systemctl')}, {q('daemon-reload')}]",
+            f"  - [{q('systemctl')}, {q('restart')}, {q(AGENT_UNIT)}]",
+            "",
+        ]
+    )
     if len(doc.encode()) > MAX_USER_DATA:
         raise ValueError(f"user data: expected at most {MAX_USER_DATA} bytes, got {len(doc.encode())}")
     return doc

@@ -53,8 +53,14 @@ def required(demand: np.ndarray, p: FleetParams) -> np.ndarray:
     return np.clip(need, p.min_instances, None)
 
 
-def simulate(demand: np.ndarray, policy: Policy, p: FleetParams, initial: int | None = None,
-             keep_reasons: bool = False, measure_from: int = 0) -> Run:
+def simulate(
+    demand: np.ndarray,
+    policy: Policy,
+    p: FleetParams,
+    initial: int | None = None,
+    keep_reasons: bool = False,
+    measure_from: int = 0,
+) -> Run:
     """Run `policy` against `demand` (requests/s, one value per second).
 
     The first `measure_from` seconds only warm the policy up (it learns history from them); the
@@ -94,8 +100,15 @@ def simulate(demand: np.ndarray, policy: Policy, p: FleetParams, initial: int | 
                 else:
                     break
             capacity = n + len(pending)
-            obs = Observation(now=now, capacity=capacity, in_service=n, pending=len(pending),
-                              cpu_samples=(cpu_seen,) * (n - warming), missing=0, warming=warming)
+            obs = Observation(
+                now=now,
+                capacity=capacity,
+                in_service=n,
+                pending=len(pending),
+                cpu_samples=(cpu_seen,) * (n - warming),
+                missing=0,
+                warming=warming,
+            )
             dec = policy.decide(obs)
             want = dec.desired
             if want != capacity:
@@ -120,7 +133,11 @@ def simulate(demand: np.ndarray, policy: Policy, p: FleetParams, initial: int | 
         in_service[t] = n
         billed[t] = n + len(pending)
     m = measure_from
-    return Run(demand=np.asarray(demand[m:], dtype=float),
-               in_service=np.frombuffer(in_service, dtype=np.int32)[m:].astype(np.int64),
-               billed=np.frombuffer(billed, dtype=np.int32)[m:].astype(np.int64), launches=launches,
-               terminations=terminations, reasons=reasons)
+    return Run(
+        demand=np.asarray(demand[m:], dtype=float),
+        in_service=np.frombuffer(in_service, dtype=np.int32)[m:].astype(np.int64),
+        billed=np.frombuffer(billed, dtype=np.int32)[m:].astype(np.int64),
+        launches=launches,
+        terminations=terminations,
+        reasons=reasons,
+    )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from controller_asg.sim.fleet import FleetParams, required
+from controller_asg.sim.runner import Outcome
 
 
-def plot(path: str, outcomes, p: FleetParams, title: str = "") -> None:
+def plot(path: str, outcomes: Sequence[Outcome], p: FleetParams, title: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -10,6 +10,7 @@ from controller_asg.policy import build_policy
 from controller_asg.sim.fleet import FleetParams, Run, required, simulate
 from controller_asg.sim.metrics import Figures, figures
 from controller_asg.sim.oracle import Oracle
+from shared.config import Config
 
 
 @dataclass
@@ -19,18 +20,26 @@ class Outcome:
     figures: Figures
 
 
-def params_from(cfg, capacity: float, boot_time: float) -> FleetParams:
-    return FleetParams(capacity=capacity, boot_time=boot_time, poll_interval=cfg.poll_interval,
-                       control_interval=cfg.effective_control_interval, warmup=cfg.warmup,
-                       min_instances=cfg.min_instances, max_instances=cfg.max_instances, target=cfg.cpu_target)
+def params_from(cfg: Config, capacity: float, boot_time: float) -> FleetParams:
+    return FleetParams(
+        capacity=capacity,
+        boot_time=boot_time,
+        poll_interval=cfg.poll_interval,
+        control_interval=cfg.effective_control_interval,
+        warmup=cfg.warmup,
+        min_instances=cfg.min_instances,
+        max_instances=cfg.max_instances,
+        target=cfg.cpu_target,
+    )
 
 
 def run_oracle(demand: np.ndarray, p: FleetParams, measure_from: int = 0) -> Run:
     return simulate(demand, Oracle(required(demand, p), p.boot_time, p.max_instances), p, measure_from=measure_from)
 
 
-def compare(names: list[str], demand: np.ndarray, p: FleetParams, cfg, measure_from: int = 0,
-            keep_reasons: bool = False) -> list[Outcome]:
+def compare(
+    names: list[str], demand: np.ndarray, p: FleetParams, cfg: Config, measure_from: int = 0, keep_reasons: bool = False
+) -> list[Outcome]:
     """Simulate each policy (by name, built from `cfg`) and the oracle; figures relative to the oracle.
 
     The first `measure_from` seconds are history the policies learn from; figures cover the rest."""

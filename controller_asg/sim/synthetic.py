@@ -28,8 +28,15 @@ def diurnal(days: float, base: float, peak: float, seed: int = 1, noise: float =
     return (base + (peak - base) * day_shape * weekday) * _noise(n, rng, noise)
 
 
-def flash_crowd(hours: float = 6.0, base: float = 10.0, factor: float = 10.0, at: float = 3 * 3600,
-                rise: float = 60.0, hold: float = 20 * 60, seed: int = 2) -> np.ndarray:
+def flash_crowd(
+    hours: float = 6.0,
+    base: float = 10.0,
+    factor: float = 10.0,
+    at: float = 3 * 3600,
+    rise: float = 60.0,
+    hold: float = 20 * 60,
+    seed: int = 2,
+) -> np.ndarray:
     """Steady `base` requests/s; at `at` seconds it climbs to `factor` × base within `rise` seconds,
     holds for `hold` seconds, then falls back as fast."""
     n = int(hours * 3600)
@@ -40,9 +47,17 @@ def flash_crowd(hours: float = 6.0, base: float = 10.0, factor: float = 10.0, at
     return level * _noise(n, np.random.default_rng(seed), 0.03)
 
 
-def recurring_bursts(days: float = 8.0, base: float = 10.0, peak: float = 30.0, burst: float = 4.0,
-                     times: tuple[float, ...] = (9.5, 14.0, 20.0), jitter: float = 600.0,
-                     rise: float = 45.0, hold: float = 15 * 60, seed: int = 3) -> np.ndarray:
+def recurring_bursts(
+    days: float = 8.0,
+    base: float = 10.0,
+    peak: float = 30.0,
+    burst: float = 4.0,
+    times: tuple[float, ...] = (9.5, 14.0, 20.0),
+    jitter: float = 600.0,
+    rise: float = 45.0,
+    hold: float = 15 * 60,
+    seed: int = 3,
+) -> np.ndarray:
     """A diurnal load with bursts that recur every day at about the same times of day (± `jitter`
     seconds): each multiplies the load by `burst` within `rise` seconds and holds for `hold`."""
     rng = np.random.default_rng(seed)
@@ -61,7 +76,9 @@ def recurring_bursts(days: float = 8.0, base: float = 10.0, peak: float = 30.0, 
     return d * mult
 
 
-def ramps(hours: float = 4.0, low: float = 10.0, high: float = 100.0, ramp: float = 1800.0, seed: int = 4) -> np.ndarray:
+def ramps(
+    hours: float = 4.0, low: float = 10.0, high: float = 100.0, ramp: float = 1800.0, seed: int = 4
+) -> np.ndarray:
     """Low, a linear ramp to high over `ramp` seconds, high, a ramp back down, low."""
     n = int(hours * 3600)
     t = np.arange(n, dtype=float)
