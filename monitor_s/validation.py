@@ -51,7 +51,7 @@ class Registration:
 
 
 def check_instance_id(value: str) -> str:
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         raise _bad(
             "instance_id", value, "1 to 64 of letters, digits, '.', '_', ':' or '-', starting with a letter or digit"
         )
@@ -74,14 +74,14 @@ def check_register(req: helix_pb2.RegisterRequest) -> Registration:
         raise _bad("address", address, str(exc)) from None
     if not 1 <= req.vcpus <= MAX_VCPUS:
         raise _bad("vcpus", req.vcpus, f"an integer from 1 to {MAX_VCPUS}")
-    if req.agent_version and not VERSION_RE.match(req.agent_version):
+    if req.agent_version and not VERSION_RE.fullmatch(req.agent_version):
         raise _bad("agent_version", req.agent_version, "at most 16 of letters, digits, '.', '+', '_' or '-'")
     if len(req.labels) > MAX_LABELS:
         raise _bad("labels", f"{len(req.labels)} labels", f"at most {MAX_LABELS}")
     labels: dict[str, str] = {}
     for key in sorted(req.labels):
         value = req.labels[key]
-        if not LABEL_KEY_RE.match(key):
+        if not LABEL_KEY_RE.fullmatch(key):
             raise _bad("labels", key, "keys of 1 to 32 letters, digits, '_', '.' or '-', starting with a letter")
         if len(value.encode()) > MAX_LABEL_VALUE_BYTES or not _printable(value):
             raise _bad(f"labels[{key}]", value, f"printable text of at most {MAX_LABEL_VALUE_BYTES} bytes")

@@ -143,7 +143,7 @@ _SHM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 
 def shm_segment_name(raw: str) -> str:
-    if not _SHM_NAME.match(raw):
+    if not _SHM_NAME.fullmatch(raw):
         raise Invalid("a segment name of letters, digits, '.', '_' or '-' (no '/'), 1 to 201 characters")
     return raw
 
@@ -163,7 +163,7 @@ def app_check_spec(raw: str) -> str:
     value = raw.strip()
     if not value:
         return ""
-    if value.startswith(("http://", "https://")) and len(value) > 8:
+    if value.startswith(("http://", "https://")) and value.partition("://")[2]:
         return value
     if value.startswith("tcp://"):
         parse_host_port(value[6:])
@@ -200,9 +200,9 @@ def parse_host_port(value: str) -> tuple[str, int]:
         host, sep, port_text = value.rpartition(":")
         if not sep or not host or ":" in host:
             raise Invalid(expected)
-        if not re.match(r"^[A-Za-z0-9.-]{1,253}$", host):
+        if not re.fullmatch(r"[A-Za-z0-9.-]{1,253}", host):
             raise Invalid(expected)
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise Invalid(expected)
     return host, int(port_text)
 

@@ -380,8 +380,12 @@ class Harness:
         self.now = 0.0
         self.controller: Controller | None = None
         self.lock: HostLock | None = None
-        self.unterminatable_until_end: set[str] = set()
-        self._start_controller()
+        try:
+            self._start_controller()
+        except BaseException:
+            self.close()
+            MetricsTable.remove(table_name)
+            raise
 
     def close(self) -> None:
         if self.lock is not None:
@@ -436,7 +440,6 @@ class Harness:
                 victim.unterminatable = True
                 if fault.value % 2:  # and sometimes it is the one that is sick
                     victim.agent_dead = True
-                self.unterminatable_until_end.add(victim.instance_id)
         elif kind == "throttle":
             c.throttled_until = now + fault.duration
         elif kind == "list_lag":
