@@ -62,7 +62,8 @@ def plan_replacements(
     monitor_started_at: float,
     skip: Collection[str] = (),
 ) -> HealthPlan:
-    """`skip`: ids not to replace whatever their health (they take no place in the limits)."""
+    """`skip`: ids not to replace whatever their health. They take no place in the per-interval
+    budget, but still count as sick for the mass-failure guard: their health is evidence too."""
     found = []
     for member in fleet.members:
         if member.instance_id in skip:

@@ -45,6 +45,7 @@ MODULE_TESTS: dict[str, list[str]] = {
     "controller_asg/health.py": [
         "tests/test_controller_unit.py",
         "tests/test_cost_safety_rules.py",
+        "tests/test_act_path_rules.py",
         "tests/test_health*.py",
     ],
     "controller_asg/fleet.py": [
@@ -59,9 +60,21 @@ MODULE_TESTS: dict[str, list[str]] = {
     "monitor_s/validation.py": ["tests/test_monitor_validation.py", "tests/test_register_validation_rules.py"],
     "shared/config.py": ["tests/test_config.py", "tests/test_config_parsers.py"],
     "controller_asg/sim/metrics.py": ["tests/test_simulate.py", "tests/test_sim_metrics.py"],
-    "controller_asg/gate.py": ["tests/test_cost_safety_rules.py", "tests/test_gate*.py"],
-    "controller_asg/breaker.py": ["tests/test_cost_safety_rules.py", "tests/test_breaker*.py"],
-    "controller_asg/plan.py": ["tests/test_cost_safety_rules.py", "tests/test_controller_unit.py"],
+    "controller_asg/gate.py": [
+        "tests/test_cost_safety_rules.py",
+        "tests/test_act_path_rules.py",
+        "tests/test_gate*.py",
+    ],
+    "controller_asg/breaker.py": [
+        "tests/test_cost_safety_rules.py",
+        "tests/test_act_path_rules.py",
+        "tests/test_breaker*.py",
+    ],
+    "controller_asg/plan.py": [
+        "tests/test_cost_safety_rules.py",
+        "tests/test_controller_unit.py",
+        "tests/test_act_path_rules.py",
+    ],
 }
 
 # Only these functions of a module are mutated (all of them when a module is not listed here).
