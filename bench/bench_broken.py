@@ -26,10 +26,11 @@ def main() -> None:
     activity = os.path.join(tmp, "activity.jsonl")
     state = os.path.join(tmp, "state")
     common = dict(
+        HELIX_STATE_DIR=os.path.join(tmp, "state"),
         HELIX_SHM_NAME=name,
         HELIX_TOKEN="bench-token-0123456789",
         HELIX_POLL_INTERVAL="1",
-        HELIX_METRICS_PORT="0",
+        HELIX_METRICS_LISTEN="",
         HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}",
         HELIX_MONITOR_ADDR=f"127.0.0.1:{port}",
     )
@@ -44,7 +45,6 @@ def main() -> None:
             base_env(
                 **common,
                 HELIX_PROVIDER="local",
-                HELIX_STATE_DIR=state,
                 HELIX_MIN_INSTANCES="2",
                 HELIX_MAX_INSTANCES="6",
                 HELIX_HEALTH_GRACE="10",

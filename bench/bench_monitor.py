@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import os
 import resource
+import shutil
 import signal
 import statistics
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -44,6 +47,17 @@ async def _sim(count: int, monitor: str, prefix: str) -> None:
 
     from protos import helix_pb2, helix_pb2_grpc
 
+    credentials: dict[str, bytes] = {}  # instance id -> the bearer its Register answer gave it
+
+    def authorized(instance_id: str, context: grpc.aio.ServicerContext) -> bool:
+        # As a real agent does (shared/rpc_security.py): its own credential, compared in constant time.
+        expected = credentials.get(instance_id, b"")
+        return any(
+            key == "authorization"
+            and hmac.compare_digest(value if isinstance(value, bytes) else value.encode(), expected)
+            for key, value in context.invocation_metadata() or ()
+        )
+
     class SimAgent(helix_pb2_grpc.AgentServicer):
         async def Heartbeat(
             self, request: helix_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
@@ -53,11 +67,15 @@ async def _sim(count: int, monitor: str, prefix: str) -> None:
         async def GetMetrics(
             self, request: helix_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
         ) -> helix_pb2.Metrics:
+            if not authorized(request.instance_id, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer")
             return self.metrics(request.instance_id)
 
         async def WatchMetrics(
             self, request: helix_pb2.WatchMetricsRequest, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[helix_pb2.Metrics]:
+            if not authorized(request.instance_id, context):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer")
             while True:
                 yield self.metrics(request.instance_id)
                 await asyncio.sleep(request.interval_seconds)
@@ -88,7 +106,7 @@ async def _sim(count: int, monitor: str, prefix: str) -> None:
     async with grpc.aio.insecure_channel(monitor) as channel:
         stub = helix_pb2_grpc.RegistryStub(channel)
         for start in range(0, count, 200):
-            await asyncio.gather(
+            answers = await asyncio.gather(
                 *(
                     stub.Register(
                         helix_pb2.RegisterRequest(
@@ -104,6 +122,8 @@ async def _sim(count: int, monitor: str, prefix: str) -> None:
                     for i in range(start, min(start + 200, count))
                 )
             )
+            for i, answer in zip(range(start, min(start + 200, count)), answers, strict=True):
+                credentials[f"{prefix}-{i}"] = f"Bearer {answer.credential}".encode()
     print(f"registered {count}", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -146,16 +166,22 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
 
     _raise_fd_limit()
     name = f"helix-bench-{os.getpid()}"
+    state_dir = tempfile.mkdtemp(prefix="helix-bench-monitor-")
     port, metrics_port = free_port(), free_port()
     pool = ProcessPool()
     env = base_env(
         HELIX_TOKEN=TOKEN,
         HELIX_SHM_NAME=name,
+        HELIX_STATE_DIR=state_dir,  # MonitorS's credential key
         HELIX_SHM_CAPACITY=max(steps) + 16,
         HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}",
         HELIX_POLL_INTERVAL=interval,
-        HELIX_METRICS_PORT=metrics_port,
+        HELIX_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
         HELIX_LOG_LEVEL="error",
+        # Thousands of simulated agents on one loopback address and no controller: no roster and no
+        # per-source registration limit (the poll cycle is what is measured).
+        HELIX_ROSTER="off",
+        HELIX_REGISTER_RATE=0,
     )
     env["HELIX_POLL_MODE"] = mode
     table = None
@@ -295,6 +321,7 @@ def run(steps: list[int], cycles: int, interval: float, mode: str) -> None:
         if table is not None:
             table.close()
         MetricsTable.remove(name)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,10 +40,11 @@ def main() -> None:
     port = free_port()
     activity = os.path.join(tmp, "activity.jsonl")
     common = dict(
+        HELIX_STATE_DIR=os.path.join(tmp, "state"),
         HELIX_SHM_NAME=name,
         HELIX_TOKEN="bench-token-0123456789",
         HELIX_POLL_INTERVAL="1",
-        HELIX_METRICS_PORT="0",
+        HELIX_METRICS_LISTEN="",
         HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}",
         HELIX_MONITOR_ADDR=f"127.0.0.1:{port}",
     )
@@ -57,7 +58,6 @@ def main() -> None:
             base_env(
                 **common,
                 HELIX_PROVIDER="local",
-                HELIX_STATE_DIR=os.path.join(tmp, "state"),
                 HELIX_MIN_INSTANCES="1",
                 HELIX_MAX_INSTANCES="2",
                 HELIX_LOCAL_VCPUS="1",

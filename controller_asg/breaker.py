@@ -13,11 +13,12 @@ Rules, in the order they act:
   BACKOFF_CAP). Launches beyond the failed slots (real scale-out) are not held.
 - The breaker trips after HELIX_BREAKER_FAILURES consecutive failures, each within
   HELIX_BREAKER_WINDOW of the one before (ECS's deployment circuit breaker counts the same way):
-  no scale-out and no replacement launches any more, one loud log line. While tripped, one probe
-  launch is allowed at a time, and only `backoff(consecutive failures)` after the last failure,
-  so a fixed image is noticed without an operator, and a broken one costs a fraction of one
-  instance. Healthy instances are kept (min still holds with them); launches that failed are
-  terminated by the planner, not replaced.
+  one loud log line, then no scale-out and no replacement launches beyond what HELIX_MIN_INSTANCES
+  needs. Min is still kept (a tripped breaker never leaves the service down), but refilling a
+  failed slot still waits its back-off, which is what bounds the cost of a broken image to a
+  fraction of min. Above min, one probe launch is allowed at a time, `backoff(consecutive
+  failures)` after the last failure, so a fixed image is noticed without an operator. Healthy
+  instances are kept; launches that failed are terminated by the planner.
 - It closes when any launched instance becomes HEALTHY, or when the operator resets it.
 """
 
@@ -165,18 +166,24 @@ class ChurnBreaker:
 
     # -- what may go ---------------------------------------------------------------------------
 
-    def allowed(self, wanted: int, now: float) -> tuple[int, str]:
-        """How many of `wanted` launches may go now, and why fewer when fewer."""
+    def allowed(self, wanted: int, now: float, below_min: int = 0) -> tuple[int, str]:
+        """How many of `wanted` launches may go now, and why fewer when fewer. `below_min`: how
+        many instances the fleet lacks to reach HELIX_MIN_INSTANCES."""
         if wanted <= 0:
             return 0, ""
+        blocked = sum(1 for s in self.slots if s.not_before > now)
         if self.tripped:
+            # Min is kept even now (a tripped breaker must never leave the service down), but only
+            # as fast as the failed slots' back-off allows: that is what bounds the churn.
+            refill = max(0, min(wanted, below_min) - blocked)
+            if refill:
+                return refill, f"churn breaker tripped: only refilling HELIX_MIN_INSTANCES ({refill} now)"
             if self.watched:
                 return 0, "churn breaker tripped: a probe launch is still being judged"
             wait = self.last_failure_at + backoff(self.consecutive) - now
             if wait > 0:
                 return 0, f"churn breaker tripped: next probe launch in {wait:.0f}s"
             return 1, "churn breaker tripped: one probe launch"
-        blocked = sum(1 for s in self.slots if s.not_before > now)
         if blocked:
             first = min(s.not_before for s in self.slots if s.not_before > now)
             return max(0, wanted - blocked), (

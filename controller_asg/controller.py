@@ -33,7 +33,7 @@ from controller_asg.plan import Action, ActionKind, Plan, plan_frozen, plan_live
 from controller_asg.policy.base import Policy
 from controller_asg.providers.base import LaunchError, Provider, ProviderInstance
 from shared.config import Config
-from shared.table import ControllerStatus, MetricsTable, Snapshot, State
+from shared.table import ControllerStatus, MetricsTable, RosterEntry, Snapshot, State
 
 log = logging.getLogger("controller_asg")
 
@@ -160,6 +160,7 @@ class Controller:
             return
         self._settle(listed, now)
         known = listed + [inst for inst, _, _ in self._recent.values()]
+        self._publish_roster(known, now)
         fleet = build_fleet(snap, known, now, condemned=self._condemned)
         grace = self.cfg.effective_health_grace
         why_frozen = self._why_frozen(snap, now)
@@ -229,6 +230,26 @@ class Controller:
             logging.WARNING,
         )
         return snap
+
+    def _publish_roster(self, known: list[ProviderInstance], now: float) -> None:
+        """Tell MonitorS which instances this group owns and where (it registers only those, from
+        there). Published every step, dry run included: it changes nothing in the cloud."""
+        entries = []
+        for inst in known:
+            try:
+                digest = bytes.fromhex(inst.secret_digest) if inst.secret_digest else b""
+                entry = RosterEntry(inst.instance_id, inst.address, digest)
+                entry.to_record()
+            except ValueError as exc:
+                self._say(f"roster:{inst.instance_id}", f"{inst.instance_id} left off the roster: {exc}", logging.ERROR)
+                continue
+            entries.append(entry)
+        try:
+            self.table.publish_roster(entries, now)
+        except Exception as exc:  # noqa: BLE001 - agents then wait to register; the fleet is still governed
+            self._say("roster", f"cannot publish the roster to the table: {exc!r}", logging.ERROR)
+        else:
+            self._say("roster", "", logging.INFO)
 
     def _why_frozen(self, snap: Snapshot | None, now: float) -> str:
         if snap is None:
@@ -354,7 +375,8 @@ class Controller:
     def _apply_launch(
         self, action: Action, listed: list[ProviderInstance], plan: Plan, fleet: FleetView, now: float
     ) -> None:
-        count, why = self._launch_gate(action.count, listed, now)
+        below_min = max(0, self.cfg.min_instances - fleet.capacity)
+        count, why = self._launch_gate(action.count, listed, now, below_min=below_min)
         if count < action.count:
             self._say("launch-gate", f"launch of {action.count} cut to {count}: {why}", logging.WARNING)
         else:
@@ -372,7 +394,9 @@ class Controller:
         recent = {instance_id: token for instance_id, (_, token, _) in self._recent.items()}
         return Budget.build(self.cfg.max_instances, listed, recent, list(self._intents.values()))
 
-    def _launch_gate(self, wanted: int, listed: list[ProviderInstance], now: float, token: str = "") -> tuple[int, str]:
+    def _launch_gate(
+        self, wanted: int, listed: list[ProviderInstance], now: float, token: str = "", below_min: int = 0
+    ) -> tuple[int, str]:
         """How many of `wanted` may launch now, and why fewer. Every launch asks here."""
         fenced = "" if self.dry_run else self.fence.may_act()
         if fenced:
@@ -387,7 +411,7 @@ class Controller:
                 f"{sum(budget.in_doubt.values())} in doubt), HELIX_MAX_INSTANCES={budget.max_instances}"
             )
         if not token:  # a launch in doubt was already let through; finishing it starts nothing new
-            allowed, breaker_why = self.breaker.allowed(count, now)
+            allowed, breaker_why = self.breaker.allowed(count, now, below_min)
             if allowed < count:
                 count, why = allowed, breaker_why
         return count, why

@@ -59,7 +59,7 @@ def main() -> int:
     log = setup_logging(cfg.log_level, "monitor_c")
     from shared import rpc_security
 
-    auth = rpc_security.auth_from_config(cfg, log, prog="monitor_c")
+    auth = rpc_security.auth_from_config(cfg, log, prog="monitor_c", identity=bool(cfg.instance_secret))
     from monitor_c.agent import Agent
 
     async def run() -> int:

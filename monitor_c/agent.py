@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -131,10 +132,23 @@ class Agent:
         self.log = log
         self.stop_event = asyncio.Event()
         self.register_sent = False
+        # The per-agent credential MonitorS handed out at registration: once set, the only bearer
+        # this agent accepts (the fleet token, if any, no longer opens it).
+        self.credential = ""
+        self._refuse_all = secrets.token_urlsafe(32)
+
+    def accepted_bearer(self) -> str:
+        if self.credential:
+            return self.credential
+        if self.auth.token:
+            return self.auth.token
+        # Not registered yet and no token: refuse everything (an impossible bearer), unless the
+        # operator asked for an insecure agent.
+        return "" if self.cfg.insecure else self._refuse_all
 
     async def run(self) -> int:
         cfg, log = self.cfg, self.log
-        interceptors = [rpc_security.BearerAuthInterceptor(self.auth.token, log)] if self.auth.enabled else []
+        interceptors = [rpc_security.BearerAuthInterceptor(self.accepted_bearer, log)]
         server = grpc.aio.server(interceptors=interceptors, options=rpc_security.SERVER_OPTIONS)
         try:
             port = rpc_security.add_port(server, cfg.agent_listen, cfg)
@@ -207,6 +221,7 @@ class Agent:
             vcpus=self.state.vcpus,
             agent_version=AGENT_VERSION,
             labels=ident.labels,
+            instance_secret=self.cfg.instance_secret,
         )
 
     async def _registration_loop(self) -> None:
@@ -244,6 +259,8 @@ class Agent:
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_FIRST
+            if resp.credential:
+                self.credential = resp.credential
             st.poll_interval = resp.poll_interval or 1.0
             st.last_polled = time.monotonic()
             log.info(
@@ -266,6 +283,7 @@ class Agent:
             resp = await self.registry.Deregister(
                 helix_pb2.DeregisterRequest(instance_id=self.state.identity.instance_id, reason=reason),
                 timeout=DEREGISTER_TIMEOUT,
+                metadata=((rpc_security.AUTH_KEY, f"Bearer {self.credential}"),) if self.credential else None,
             )
             self.log.info(
                 "deregistered from %s (row %s)", self.cfg.monitor_addr, "freed" if resp.found else "already gone"

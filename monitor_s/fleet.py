@@ -5,7 +5,9 @@ the table at start (a restart re-attaches the table and resumes polling every ro
 cycle polls every agent concurrently on one asyncio loop, one persistent channel per agent, with
 a per-call deadline shorter than the interval; results are written as they arrive, every
 FLUSH_EVERY seconds, in batches of at most BATCH_ROWS rows per lock hold, so a hung agent delays
-nobody else's row and readers never wait long.
+nobody else's row and readers never wait long. What a poll does to a row's state is the pure rule
+in `monitor_s/rowstate.py`; the rows are written only through the table's writer methods
+(`write_samples`, `mark_failures`, `update_registration`).
 
 Stream mode (HELIX_POLL_MODE=stream): instead of one GetMetrics per agent per interval, MonitorS
 opens one WatchMetrics stream per agent and the agent pushes a sample every interval (cheaper per
@@ -18,29 +20,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import grpc
 import grpc.aio
-import numpy as np
 
+from monitor_s.credentials import KEY_BYTES, CredentialIssuer
+from monitor_s.rowstate import Poll, RowHealth, next_health
 from monitor_s.validation import Refusal, check_instance_id
 from protos import helix_pb2, helix_pb2_grpc
 from shared import rpc_security
 from shared.config import Config, Invalid, parse_host_port
-from shared.table import (
-    DETAIL_BYTES,
-    ROW_DTYPE,
-    VERSION_BYTES,
-    ZONE_BYTES,
-    InstanceRow,
-    MetricsTable,
-    State,
-    clip_text,
-    encode_text,
-)
+from shared.table import InstanceRow, MetricsTable, PollFailure, PollSample, State
 
 FLUSH_EVERY = 0.05
 BATCH_ROWS = 512
@@ -69,6 +63,7 @@ class Entry:
     channel: grpc.aio.Channel | None = None
     stub: helix_pb2_grpc.AgentStub | None = None
     request: helix_pb2.GetMetricsRequest = field(default_factory=helix_pb2.GetMetricsRequest)
+    metadata: tuple[tuple[str, str], ...] = ()  # the agent's own credential, on every poll
     # stream mode: the watching task and the newest pushed sample (loop time of arrival)
     watch: asyncio.Task | None = None
     latest: helix_pb2.Metrics | None = None
@@ -87,7 +82,16 @@ PollResult = tuple[Entry, helix_pb2.Metrics | Exception | str, float]
 
 
 class Fleet:
-    def __init__(self, cfg: Config, table: MetricsTable, auth: rpc_security.Auth, log: logging.Logger):
+    def __init__(
+        self,
+        cfg: Config,
+        table: MetricsTable,
+        auth: rpc_security.Auth,
+        log: logging.Logger,
+        issuer: CredentialIssuer | None = None,
+    ):
+        # Per-agent credentials (monitor_s/credentials.py); a throwaway key when none is given (tests).
+        self.issuer = issuer or CredentialIssuer(os.urandom(KEY_BYTES))
         self.cfg = cfg
         self.table = table
         self.auth = auth
@@ -111,6 +115,7 @@ class Fleet:
         entry.channel = rpc_security.open_channel(entry.address, self.cfg, options=CHANNEL_OPTIONS)
         entry.stub = helix_pb2_grpc.AgentStub(entry.channel)
         entry.request = helix_pb2.GetMetricsRequest(instance_id=entry.instance_id)
+        entry.metadata = self.issuer.metadata(entry.instance_id, entry.registered_at)
         if self.cfg.poll_mode == "stream":
             loop = asyncio.get_running_loop()
             entry.latest_at = loop.time()  # grace: a new stream has STREAM_SILENCE intervals to deliver
@@ -154,17 +159,16 @@ class Fleet:
         self, instance_id: str, address: str, vcpus: int, agent_version: str, zone: str, app_port: int, now: float
     ) -> tuple[Entry, bool]:
         """Add or refresh an agent. Idempotent: the same id keeps its row and `registered_at`; a new
-        address starts a fresh REGISTERING row. Raises TableFull / ValueError (nothing changed)."""
+        address, or a row someone else freed meanwhile, starts a fresh REGISTERING row (keeping
+        `registered_at`). Raises TableFull / ValueError (nothing changed)."""
         old = self.entries.get(instance_id)
-        if old is not None and old.address == address:
-            version_bytes = encode_text("agent_version", agent_version, VERSION_BYTES)
-            zone_bytes = encode_text("zone", zone, ZONE_BYTES)
-            with self.table.writing() as w:
-                row = w.rows[old.slot]  # a view: the assignments write the segment
-                row["vcpus"] = vcpus
-                row["agent_version"] = version_bytes
-                row["zone"] = zone_bytes
-                row["app_port"] = app_port
+        # A refresh writes only into a row that still holds this agent (see MetricsTable._holds); if
+        # someone else freed it meanwhile, the agent takes a row again below.
+        if (
+            old is not None
+            and old.address == address
+            and self.table.update_registration(old.slot, instance_id, vcpus, agent_version, zone, app_port)
+        ):
             old.zone = zone
             return old, False
         registered_at = old.registered_at if old is not None else now
@@ -221,7 +225,7 @@ class Fleet:
         started = time.perf_counter()
         answer: helix_pb2.Metrics | Exception
         try:
-            answer = await entry.stub.GetMetrics(entry.request, timeout=self.deadline, metadata=self.metadata)
+            answer = await entry.stub.GetMetrics(entry.request, timeout=self.deadline, metadata=entry.metadata)
         except grpc.aio.AioRpcError as exc:
             answer = exc
         except Exception as exc:  # noqa: BLE001 - a closed channel mid-cycle: a failed poll, not a crash
@@ -235,7 +239,7 @@ class Fleet:
         loop = asyncio.get_running_loop()
         while True:
             try:
-                async for sample in entry.stub.WatchMetrics(request, metadata=self.metadata):
+                async for sample in entry.stub.WatchMetrics(request, metadata=entry.metadata):
                     entry.latest, entry.latest_at = sample, loop.time()
                 entry.stream_error = "stream ended"
             except grpc.aio.AioRpcError as exc:
@@ -299,29 +303,25 @@ class Fleet:
                 failed.append(entry)
                 if entry.failures == 0 or (entry.failures + 1) == self.cfg.unhealthy_after:
                     self.log.warning("poll of %s at %s failed: %s", entry.instance_id, entry.address, _describe(answer))
-        unhealthy_after = self.cfg.unhealthy_after
         for entry, m, _ in ok_rows:
             if entry.state == State.UNHEALTHY:
                 self.log.info("%s answers again", entry.instance_id)
-            entry.failures, entry.failing_since = 0, 0.0
+            if not m.app_live and entry.app_down_polls == 0:
+                self.log.warning("%s: app not live (%s)", entry.instance_id, m.app_detail)
+            self._judge(entry, Poll.APP_LIVE if m.app_live else Poll.APP_DOWN)
+            entry.failing_since = 0.0
             entry.up = True
             entry.cpu, entry.mem = m.cpu, m.mem
-            if m.app_live:
-                entry.state, entry.app_down_polls = State.HEALTHY, 0
-            else:
-                if entry.app_down_polls == 0:
-                    self.log.warning("%s: app not live (%s)", entry.instance_id, m.app_detail)
-                entry.state, entry.app_down_polls = State.APP_DOWN, entry.app_down_polls + 1
         forgotten = []
         for entry in failed:
             if entry.failures == 0:
                 entry.failing_since = now
-            entry.failures += 1
+            was = entry.state
+            self._judge(entry, Poll.FAILED)
             entry.up = False
             if now - entry.failing_since >= self.forget_after:
                 forgotten.append(entry)
-            if entry.failures >= unhealthy_after and entry.state != State.UNHEALTHY:
-                entry.state = State.UNHEALTHY
+            if entry.state == State.UNHEALTHY and was != State.UNHEALTHY:
                 self.log.warning("%s marked unhealthy after %d failed polls", entry.instance_id, entry.failures)
         self.polls_ok += len(ok_rows)
         self.polls_failed += len(failed)
@@ -332,77 +332,47 @@ class Fleet:
         if forgotten:
             gone = set(map(id, forgotten))
             failed = [e for e in failed if id(e) not in gone]
+        # One lock hold per BATCH_ROWS rows; the table leaves out rows freed by someone else meanwhile.
         lost: list[Entry] = []
         for start in range(0, len(ok_rows), BATCH_ROWS):
-            lost += self._write_ok(ok_rows[start : start + BATCH_ROWS], now)
+            answered = ok_rows[start : start + BATCH_ROWS]
+            missed = self.table.write_samples([_sample(e, m, latency) for e, m, latency in answered], now)
+            lost += [answered[i][0] for i in missed]
         for start in range(0, len(failed), BATCH_ROWS):
             chunk = failed[start : start + BATCH_ROWS]
-            slots = np.fromiter((e.slot for e in chunk), dtype=np.int64, count=len(chunk))
-            keys = np.array([e.instance_id.encode() for e in chunk], dtype=ROW_DTYPE["instance_id"])
-            with self.table.writing() as w:
-                rows = w.rows
-                mask = _owned(rows, slots, keys)
-                rows["failures"][slots[mask]] = np.array([e.failures for e in chunk])[mask]
-                rows["state"][slots[mask]] = np.array([int(e.state) for e in chunk])[mask]
-            lost += [e for e, ok in zip(chunk, mask, strict=True) if not ok]
+            missed = self.table.mark_failures([PollFailure(e.slot, e.instance_id, e.state, e.failures) for e in chunk])
+            lost += [chunk[i] for i in missed]
         for entry in lost:
             self.forget(entry, "its row was freed by someone else")
 
-    def _write_ok(self, chunk: list[tuple[Entry, helix_pb2.Metrics, float]], now: float) -> list[Entry]:
-        """Write successful polls; returns the entries whose row no longer holds them."""
-        n = len(chunk)
-        keys = np.array([e.instance_id.encode() for e, _, _ in chunk], dtype=ROW_DTYPE["instance_id"])
-        slots = np.fromiter((e.slot for e, _, _ in chunk), dtype=np.int64, count=n)
-        cols = {
-            name: np.fromiter((getattr(m, attr) for _, m, _ in chunk), dtype=np.float64, count=n)
-            for name, attr in (
-                ("cpu", "cpu"),
-                ("mem", "mem"),
-                ("disk", "disk"),
-                ("load1", "load1"),
-                ("load5", "load5"),
-                ("load15", "load15"),
-                ("net_rx", "net_rx_bps"),
-                ("net_tx", "net_tx_bps"),
-                ("sample_time", "sample_time"),
-            )
-        }
-        np.clip(cols["cpu"], 0.0, 1.0, out=cols["cpu"])
-        latency = np.fromiter((lat for _, _, lat in chunk), dtype=np.float64, count=n)
-        vcpus = np.fromiter((min(m.vcpus, 65535) for _, m, _ in chunk), dtype=np.int64, count=n)
-        state = np.fromiter((int(e.state) for e, _, _ in chunk), dtype=np.int64, count=n)
-        down = np.fromiter((e.app_down_polls for e, _, _ in chunk), dtype=np.int64, count=n)
-        live = np.fromiter((m.app_live for _, m, _ in chunk), dtype=np.int64, count=n)
-        detail = np.array(
-            [clip_text(m.app_detail, DETAIL_BYTES).encode("utf-8") for _, m, _ in chunk], dtype=ROW_DTYPE["app_detail"]
+    def _judge(self, entry: Entry, poll: Poll) -> None:
+        """Move the entry's row health on by one poll (monitor_s/rowstate.py holds the rules)."""
+        health = next_health(
+            RowHealth(entry.state, entry.failures, entry.app_down_polls), poll, self.cfg.unhealthy_after
         )
-        with self.table.writing() as w:
-            rows = w.rows
-            mask = _owned(rows, slots, keys)
-            if not mask.all():
-                slots, latency, vcpus, state, down, live, detail = (
-                    a[mask] for a in (slots, latency, vcpus, state, down, live, detail)
-                )
-                cols = {name: values[mask] for name, values in cols.items()}
-            for name, values in cols.items():
-                rows[name][slots] = values
-            rows["last_seen"][slots] = now
-            rows["last_metrics"][slots] = now
-            rows["poll_latency"][slots] = latency
-            rows["failures"][slots] = 0
-            rows["vcpus"][slots] = vcpus
-            rows["state"][slots] = state
-            rows["app_down_polls"][slots] = down
-            rows["app_live"][slots] = live
-            rows["app_detail"][slots] = detail
-        return [e for (e, _, _), ok in zip(chunk, mask, strict=True) if not ok]
+        entry.state, entry.failures, entry.app_down_polls = health.state, health.failures, health.app_down_polls
 
 
-def _owned(rows: np.ndarray, slots: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Which slots still hold the agent MonitorS thinks they hold. MonitorS is the only writer of
-    rows, but if anyone else frees one (an operator tool), writing into it would resurrect a
-    half-empty row; such entries are dropped instead."""
-    return (rows["instance_id"][slots] == keys) & (rows["state"][slots] != State.FREE)
+def _sample(entry: Entry, m: helix_pb2.Metrics, latency: float) -> PollSample:
+    return PollSample(
+        slot=entry.slot,
+        instance_id=entry.instance_id,
+        state=entry.state,
+        app_down_polls=entry.app_down_polls,
+        poll_latency=latency,
+        cpu=m.cpu,
+        mem=m.mem,
+        disk=m.disk,
+        load1=m.load1,
+        load5=m.load5,
+        load15=m.load15,
+        net_rx=m.net_rx_bps,
+        net_tx=m.net_tx_bps,
+        sample_time=m.sample_time,
+        vcpus=m.vcpus,
+        app_live=m.app_live,
+        app_detail=m.app_detail,
+    )
 
 
 def _describe(answer: object) -> str:

@@ -13,12 +13,17 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from monitor_s.admission import RateLimiter, admit
+from monitor_s.credentials import CredentialIssuer
 from monitor_s.fleet import Fleet
-from monitor_s.validation import Refusal, check_caller, check_instance_id, check_reason, check_register
+from monitor_s.validation import Refusal, check_caller, check_instance_id, check_reason, check_register, peer_ip
 from protos import helix_pb2, helix_pb2_grpc
 from shared import rpc_security
 from shared.config import Config
-from shared.table import MetricsTable, TableFull
+from shared.rpc_security import bearer_matches
+from shared.table import MetricsTable, NotPrivate, Roster, TableFull
+
+FLOOD_QUIET_SECONDS = 60.0
 
 
 class RegistryService(helix_pb2_grpc.RegistryServicer):
@@ -26,9 +31,22 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
         self.fleet = fleet
         self.cfg = cfg
         self.log = log
+        self.limiter = RateLimiter(cfg.register_rate)
+        self._flooding: dict[str, float] = {}  # source -> when it was last refused for rate
+        self._roster: Roster | None = None
+
+    def roster(self) -> Roster:
+        """The roster, re-read only when the controller published a new one (a fleet registering at
+        once costs one copy per publish, not one per agent)."""
+        at = self.fleet.table.roster_published_at()
+        if self._roster is None or self._roster.published_at != at:
+            self._roster = self.fleet.table.roster()
+        return self._roster
 
     async def _refuse(self, context: grpc.aio.ServicerContext[Any, Any], what: str, refusal: Refusal) -> NoReturn:
-        self.log.warning("refused %s from %s: %s %s", what, context.peer(), refusal.code.name, refusal.message)
+        # Not on the roster yet is the normal race of a new instance with the controller's next publish.
+        level = logging.INFO if refusal.code == grpc.StatusCode.UNAVAILABLE else logging.WARNING
+        self.log.log(level, "refused %s from %s: %s %s", what, context.peer(), refusal.code.name, refusal.message)
         await context.abort(refusal.code, refusal.message)
 
     async def Register(
@@ -36,9 +54,27 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
         request: helix_pb2.RegisterRequest,
         context: grpc.aio.ServicerContext[helix_pb2.RegisterRequest, helix_pb2.RegisterResponse],
     ) -> helix_pb2.RegisterResponse:
+        source = peer_ip(context.peer()) or context.peer()
+        now = time.monotonic()
+        if not self.limiter.allow(source, now):
+            # One line per flood: again only once the source has been refused nothing for a minute.
+            last = self._flooding.get(source)
+            if last is None or now - last > FLOOD_QUIET_SECONDS:
+                self.log.warning(
+                    "refusing registrations from %s: more than HELIX_REGISTER_RATE=%g per second (said once per flood)",
+                    source,
+                    self.cfg.register_rate,
+                )
+            self._flooding[source] = now
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"registrations from {source}: more than {self.cfg.register_rate:g} per second; retry later",
+            )
         try:
             reg = check_register(request)
             check_caller("address", reg.host, context.peer(), self.cfg.trust_advertised)
+            if self.cfg.roster == "required":
+                admit(reg, request.instance_secret, self.roster())
         except Refusal as refusal:
             await self._refuse(context, "Register", refusal)
         try:
@@ -63,7 +99,10 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
         else:
             self.log.info("%s registered again at %s (slot %d)", reg.instance_id, reg.address, entry.slot)
         return helix_pb2.RegisterResponse(
-            slot=entry.slot, poll_interval=self.cfg.poll_interval, server_time=time.time()
+            slot=entry.slot,
+            poll_interval=self.cfg.poll_interval,
+            server_time=time.time(),
+            credential=self.fleet.issuer.credential(entry.instance_id, entry.registered_at),
         )
 
     async def Deregister(
@@ -78,6 +117,16 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
             if entry is not None:
                 host = entry.address.rpartition(":")[0].strip("[]")
                 check_caller("instance_id", host, context.peer(), self.cfg.trust_advertised)
+                # The agent's own credential (or, from a legacy agent, the fleet token) removes its row.
+                accepted = [self.fleet.issuer.credential(entry.instance_id, entry.registered_at), self.fleet.auth.token]
+                if (self.fleet.auth.enabled or self.cfg.roster == "required") and not bearer_matches(
+                    context.invocation_metadata(), accepted
+                ):
+                    raise Refusal(
+                        grpc.StatusCode.UNAUTHENTICATED,
+                        f"instance_id: {instance_id!r}: expected its own "
+                        "credential (from its Register answer) as the bearer",
+                    )
         except Refusal as refusal:
             await self._refuse(context, "Deregister", refusal)
         found = self.fleet.deregister(instance_id) is not None
@@ -87,25 +136,51 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
         return helix_pb2.DeregisterResponse(found=found)
 
 
+def forget_off_roster(fleet: Fleet, roster: Roster, off_since: dict[str, float], now: float, grace: float) -> None:
+    """Free the rows of instances that left the roster (terminated, or never this group's) once they
+    have been off it for `grace` seconds (a listing that lags for a moment frees nothing). Without
+    this a SIGKILLed instance's row would be polled for HELIX_FORGET_AFTER."""
+    if roster.published_at <= 0:
+        return
+    for instance_id in list(off_since):
+        if instance_id in roster.entries or instance_id not in fleet.entries:
+            del off_since[instance_id]
+    for instance_id, entry in list(fleet.entries.items()):
+        if instance_id in roster.entries:
+            continue
+        since = off_since.setdefault(instance_id, now)
+        if now - since >= grace:
+            del off_since[instance_id]
+            fleet.forget(entry, f"no longer on the controller's roster (for {now - since:.0f}s)")
+
+
 async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: logging.Logger) -> int:
-    fleet = Fleet(cfg, table, auth, log)
+    try:
+        issuer = CredentialIssuer.from_state_dir(cfg.state_dir)
+    except (OSError, NotPrivate) as exc:
+        log.error("cannot use the per-agent credential key under %s: %s (HELIX_STATE_DIR)", cfg.state_dir, exc)
+        return 1
+    fleet = Fleet(cfg, table, auth, log, issuer)
     resumed = fleet.load()
     started_at = time.time()
     pid = os.getpid()
     table.monitor_heartbeat(started_at, pid, cfg.poll_interval, 0.0, started_at=started_at)
-    if cfg.metrics_port:
-        from monitor_s.prom import start_exporter
+    metrics = "off"
+    if cfg.effective_metrics_listen:
+        from monitor_s.prom import ExporterError, start_exporter
 
         try:
-            start_exporter(fleet, cfg.metrics_port)
-        except OSError as exc:
-            log.error(
-                "cannot serve Prometheus metrics on port %d: %s (HELIX_METRICS_PORT)", cfg.metrics_port, exc.strerror
-            )
+            metrics = start_exporter(fleet, cfg, log)
+        except ExporterError as exc:
+            log.error("cannot serve Prometheus metrics: %s", exc)
             await fleet.close()
             return 1
 
-    interceptors = [rpc_security.BearerAuthInterceptor(auth.token, log)] if auth.enabled else []
+    # With the roster required, Register authenticates the caller itself (the roster, the caller's
+    # address, the instance's secret) and Deregister checks the agent's own credential: agents need
+    # no fleet token. Every other call (health) still needs the token.
+    exempt = ("/helix.v1.Registry/Register", "/helix.v1.Registry/Deregister") if cfg.roster == "required" else ()
+    interceptors = [rpc_security.BearerAuthInterceptor(auth.token, log, exempt=exempt)] if auth.enabled else []
     server = grpc.aio.server(interceptors=interceptors, options=rpc_security.SERVER_OPTIONS)
     helix_pb2_grpc.add_RegistryServicer_to_server(RegistryService(fleet, cfg, log), server)
     health_servicer = health.aio.HealthServicer()
@@ -121,7 +196,7 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "MonitorS serving Registry on %s, table '%s' (%d rows, %d resumed), %s every %gs, "
-        "unhealthy after %d failures, metrics port %s",
+        "unhealthy after %d failures, metrics %s",
         cfg.monitor_listen,
         table.name,
         table.capacity,
@@ -129,7 +204,7 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
         "polling" if cfg.poll_mode == "poll" else "streaming",
         cfg.poll_interval,
         cfg.unhealthy_after,
-        cfg.metrics_port or "off",
+        metrics,
     )
 
     stop = asyncio.Event()
@@ -143,6 +218,7 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
         loop.add_signal_handler(sig, on_signal, sig)
 
     next_tick = loop.time()
+    off_roster: dict[str, float] = {}  # registered id -> when it was first seen missing from the roster
     stopping = asyncio.ensure_future(stop.wait())
     while not stop.is_set():
         cycle = asyncio.ensure_future(fleet.cycle())
@@ -152,6 +228,8 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
             await asyncio.gather(cycle, return_exceptions=True)
             break
         cycle_seconds = cycle.result()
+        if cfg.roster == "required":
+            forget_off_roster(fleet, table.roster(), off_roster, time.time(), max(10.0, 3 * cfg.poll_interval))
         table.monitor_heartbeat(time.time(), pid, cfg.poll_interval, cycle_seconds)
         if cycle_seconds > cfg.poll_interval:
             log.warning("poll cycle took %.3fs, longer than HELIX_POLL_INTERVAL=%g", cycle_seconds, cfg.poll_interval)

@@ -21,6 +21,7 @@ MAX_LABEL_VALUE_BYTES = 64
 MAX_ZONE_BYTES = 32
 MAX_VCPUS = 4096
 MAX_REASON_BYTES = 200
+MAX_SECRET_BYTES = 256
 
 
 class Refusal(Exception):
@@ -89,6 +90,12 @@ def check_register(req: helix_pb2.RegisterRequest) -> Registration:
     zone = labels.get("zone", "")
     if len(zone.encode()) > MAX_ZONE_BYTES:
         raise _bad("labels[zone]", zone, f"at most {MAX_ZONE_BYTES} bytes")
+    if len(req.instance_secret.encode()) > MAX_SECRET_BYTES:
+        # Never echoed: the value of a secret stays out of logs and status messages.
+        raise Refusal(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"instance_secret: {len(req.instance_secret.encode())} bytes, expected at most {MAX_SECRET_BYTES}",
+        )
     app_port = 0
     if "app_port" in labels:
         raw = labels["app_port"]
@@ -118,7 +125,7 @@ def peer_ip(peer: str) -> str | None:
     return None
 
 
-def _normal(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+def normal_ip(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         addr = ipaddress.ip_address(ip.split("%")[0])
     except ValueError:
@@ -134,14 +141,14 @@ def check_caller(field: str, host: str, peer: str, trust_advertised: bool) -> No
     if trust_advertised:
         return
     caller = peer_ip(peer)
-    wanted = _normal(host)
+    wanted = normal_ip(host)
     if wanted is None:
         raise Refusal(
             grpc.StatusCode.PERMISSION_DENIED,
             f"{field}: host {host!r} is not an IP address; expected the caller's own IP {caller} "
             "(or set HELIX_TRUST_ADVERTISED=1 on MonitorS)",
         )
-    caller_ip = _normal(caller) if caller else None
+    caller_ip = normal_ip(caller) if caller else None
     # Loopback to loopback is one host talking to itself: the kernel picks 127.0.0.1 as the source
     # even for an agent listening on 127.0.0.2, and only a local process can reach either.
     if caller_ip is not None and caller_ip.is_loopback and wanted.is_loopback:

@@ -13,23 +13,30 @@ Within one source a `HELIX_…` key wins over its seed alias.
 
 Bad configuration never half-applies: `load_config` collects every problem, each as
 `KEY=value: expected …`, and raises `ConfigError`; `load_or_exit` prints them and exits 2 before
-the caller has touched a segment, a socket or a cloud API.
+the caller has touched a segment, a socket or a cloud API. A secret never appears in a problem:
+not the value of a secret setting, not that of an unknown `HELIX_` key (it may be a misspelt
+secret), not a `.env` line that does not parse. Files holding a secret (token, private keys,
+basic-auth password) must be readable by their owner only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import io
 import ipaddress
 import math
 import os
 import re
+import ssl
+import stat
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 
 ENV_FILE_KEY = "HELIX_ENV_FILE"
 DEFAULT_ENV_FILE = ".env"
@@ -122,6 +129,32 @@ def host_port(optional: bool = False) -> Parser:
             return ""
         parse_host_port(value)
         return value
+
+    return parse
+
+
+def listen_or_off(raw: str) -> str:
+    """A listen address, or '' for off (written as empty, `0` or `off`)."""
+    value = raw.strip()
+    if value.lower() in ("", "0", "off"):
+        return ""
+    try:
+        parse_host_port(value)
+    except Invalid:
+        raise Invalid("host:port with a port from 1 to 65535 (IPv6 as [addr]:port), or empty, 0 or off") from None
+    return value
+
+
+def optional_integer(lo: int, hi: int) -> Parser:
+    """An integer from lo to hi, or None when empty (the setting is not given)."""
+
+    def parse(raw: str) -> int | None:
+        if not raw.strip():
+            return None
+        try:
+            return integer(lo, hi)(raw)
+        except Invalid:
+            raise Invalid(f"an integer from {lo} to {hi}, or empty") from None
 
     return parse
 
@@ -272,7 +305,11 @@ class Config:
         group="security",
     )
     token_file: str = setting(
-        "HELIX_TOKEN_FILE", "", "File holding the bearer token (first line).", text(), group="security"
+        "HELIX_TOKEN_FILE",
+        "",
+        "File holding the bearer token (first line); only its owner may read it (mode 600 or 400).",
+        text(),
+        group="security",
     )
     insecure: bool = setting(
         "HELIX_INSECURE",
@@ -284,7 +321,13 @@ class Config:
     tls_cert: str = setting(
         "HELIX_TLS_CERT", "", "PEM certificate this process serves with (enables TLS).", text(), group="security"
     )
-    tls_key: str = setting("HELIX_TLS_KEY", "", "PEM private key for HELIX_TLS_CERT.", text(), group="security")
+    tls_key: str = setting(
+        "HELIX_TLS_KEY",
+        "",
+        "PEM private key for HELIX_TLS_CERT; only its owner may read it (mode 600 or 400).",
+        text(),
+        group="security",
+    )
     tls_ca: str = setting(
         "HELIX_TLS_CA",
         "",
@@ -356,6 +399,14 @@ class Config:
     imds_url: str = setting(
         "HELIX_IMDS_URL", "http://169.254.169.254", "EC2 instance-metadata endpoint (IMDSv2).", text(256), group="agent"
     )
+    instance_secret: str = setting(
+        "HELIX_INSTANCE_SECRET",
+        "",
+        "Per-instance secret the agent proves its identity with at registration (the `local` provider sets it).",
+        text(256),
+        secret=True,
+        group="agent",
+    )
 
     # --- MonitorS -------------------------------------------------------------------------------
     monitor_listen: str = setting(
@@ -386,11 +437,42 @@ class Config:
         number(10, 30 * 86400, unit="seconds"),
         group="monitor",
     )
-    metrics_port: int = setting(
+    metrics_listen: str = setting(
+        "HELIX_METRICS_LISTEN",
+        "127.0.0.1:9464",
+        "Address MonitorS serves Prometheus metrics on (`/metrics`; what they expose: the README's Prometheus "
+        "section); `0.0.0.0:9464` opens them to the network; empty, `0` or `off` turns them off.",
+        listen_or_off,
+        group="monitor",
+    )
+    metrics_port: int | None = setting(
         "HELIX_METRICS_PORT",
-        "9464",
-        "Prometheus metrics port of MonitorS; 0 turns it off.",
-        integer(0, 65535),
+        "",
+        "Deprecated, use HELIX_METRICS_LISTEN (not both): `0` turns the metrics off, a port N means "
+        "`127.0.0.1:N` (loopback only; it used to be every interface).",
+        optional_integer(0, 65535),
+        group="monitor",
+    )
+    metrics_tls_cert: str = setting(
+        "HELIX_METRICS_TLS_CERT",
+        "",
+        "PEM certificate (chain) the metrics endpoint serves HTTPS with; set with HELIX_METRICS_TLS_KEY.",
+        text(),
+        group="monitor",
+    )
+    metrics_tls_key: str = setting(
+        "HELIX_METRICS_TLS_KEY",
+        "",
+        "PEM private key for HELIX_METRICS_TLS_CERT; only its owner may read it (mode 600 or 400).",
+        text(),
+        group="monitor",
+    )
+    metrics_basic_auth_file: str = setting(
+        "HELIX_METRICS_BASIC_AUTH_FILE",
+        "",
+        "File whose first line is `user:password` (password at least 8 characters): the metrics endpoint then "
+        "answers only requests with that HTTP basic auth (401 otherwise). Only its owner may read it.",
+        text(),
         group="monitor",
     )
     poll_mode: str = setting(
@@ -403,8 +485,25 @@ class Config:
     trust_advertised: bool = setting(
         "HELIX_TRUST_ADVERTISED",
         "0",
-        "Accept an advertised host that is not the caller's own IP (behind NAT or a proxy).",
+        "Accept an advertised host that is not the caller's own IP (behind NAT or a proxy); the host must still be "
+        "the instance's address on the roster.",
         flag,
+        group="monitor",
+    )
+    roster: str = setting(
+        "HELIX_ROSTER",
+        "required",
+        "`required`: register only instances on the controller's roster (owned by this group), from their address "
+        "there; `off`: any caller with the token (a MonitorS without a controller, for monitoring only).",
+        choice("required", "off"),
+        group="monitor",
+    )
+    register_rate: float = setting(
+        "HELIX_REGISTER_RATE",
+        "20",
+        "Registrations per second each source address may make (bursts up to 5 s worth); more are refused with "
+        "RESOURCE_EXHAUSTED. 0: no limit.",
+        number(0, 1_000_000),
         group="monitor",
     )
 
@@ -633,6 +732,20 @@ class Config:
     ec2_instance_profile: str = setting(
         "HELIX_EC2_INSTANCE_PROFILE", "", "`ec2`: optional IAM instance profile name or ARN.", text(2048), group="ec2"
     )
+    ec2_role_arn: str = setting(
+        "HELIX_EC2_ROLE_ARN",
+        "",
+        "`ec2`: ARN of the IAM role in HELIX_EC2_INSTANCE_PROFILE, the one role the policy `python -m controller_asg.iam` prints lets Helix pass (required there when a profile is set).",
+        text(2048),
+        group="ec2",
+    )
+    ec2_manager_instance_id: str = setting(
+        "HELIX_EC2_MANAGER_INSTANCE_ID",
+        "",
+        "`ec2`: the manager's own instance id, never counted or terminated; empty: asked once from instance metadata (HELIX_IMDS_URL; no answer: not on EC2).",
+        text(64),
+        group="ec2",
+    )
     ec2_app_check: str = setting(
         "HELIX_EC2_APP_CHECK",
         "",
@@ -698,6 +811,22 @@ class Config:
                 return fh.readline().strip()
         return ""
 
+    @property
+    def effective_metrics_listen(self) -> str:
+        """Where MonitorS serves Prometheus metrics ('' for off): the deprecated HELIX_METRICS_PORT,
+        when given, still means what it says, but on loopback only."""
+        if self.metrics_port is not None:
+            return f"127.0.0.1:{self.metrics_port}" if self.metrics_port else ""
+        return self.metrics_listen
+
+    def metrics_basic_auth(self) -> tuple[str, str] | None:
+        """(user, password) from HELIX_METRICS_BASIC_AUTH_FILE, None when unset; OSError, or Invalid
+        for a malformed file."""
+        if not self.metrics_basic_auth_file:
+            return None
+        with open(self.metrics_basic_auth_file, encoding="utf-8") as fh:
+            return parse_basic_auth(fh.readline())
+
     def replace(self, **changes: Any) -> Config:
         return dataclasses.replace(self, **changes)
 
@@ -731,6 +860,37 @@ def settings() -> list[SettingInfo]:
     ]
 
 
+BASIC_AUTH_MIN_PASSWORD = 8
+
+
+def parse_basic_auth(line: str) -> tuple[str, str]:
+    """`user:password` (one line, surrounding whitespace ignored) -> (user, password); Invalid
+    otherwise. The message never repeats the line: it holds a password."""
+    user, sep, password = line.strip().partition(":")
+    printable = all(ch.isprintable() for ch in user + password)
+    if not sep or not user or len(password) < BASIC_AUTH_MIN_PASSWORD or not printable:
+        raise Invalid(
+            f"a file whose first line is user:password, the password at least {BASIC_AUTH_MIN_PASSWORD} "
+            "printable characters"
+        )
+    return user, password
+
+
+def private_file_problem(path: str) -> str | None:
+    """What is wrong with `path` as a file holding a secret (None when nothing): it must be a
+    regular file that neither its group nor others may read or write, so a secret never sits in a
+    file another account can read (or swap for its own)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        return f"a readable file ({exc.strerror})"
+    if not stat.S_ISREG(st.st_mode):
+        return "a regular file"
+    if st.st_mode & 0o077:
+        return f"a file only its owner can read (mode {stat.S_IMODE(st.st_mode):04o}; chmod 600 it)"
+    return None
+
+
 # Keys read by tools around the processes rather than by `Config` itself; known, so not typos.
 OTHER_KEYS = {ENV_FILE_KEY}
 
@@ -739,8 +899,14 @@ def _show(info: SettingInfo, raw: str) -> str:
     return f"<hidden, {len(raw)} characters>" if info.secret else raw
 
 
-def _cross_checks(cfg: Config) -> list[tuple[set[str], str]]:
-    """Contradictions between settings, each with the fields it involves."""
+def _no_passphrase() -> bytes:
+    # Given to load_cert_chain so an encrypted key fails to load instead of prompting on a terminal.
+    return b""
+
+
+def _cross_checks(cfg: Config, given: frozenset[str] = frozenset()) -> list[tuple[set[str], str]]:
+    """Contradictions between settings (and the files they name), each with the fields it
+    involves; `given` names the settings a source set (rather than left to their default)."""
     found: list[tuple[set[str], str]] = []
 
     def bad(names: set[str], message: str) -> None:
@@ -762,31 +928,105 @@ def _cross_checks(cfg: Config) -> list[tuple[set[str], str]]:
             f"HELIX_TOKEN_FILE={cfg.token_file}: expected only one of HELIX_TOKEN and HELIX_TOKEN_FILE to be set",
         )
     elif cfg.token_file:
-        try:
-            with open(cfg.token_file, encoding="utf-8") as fh:
-                if not fh.readline().strip():
-                    bad(
-                        {"token_file"},
-                        f"HELIX_TOKEN_FILE={cfg.token_file}: expected a file whose first line is the token",
-                    )
-        except OSError as exc:
-            bad({"token_file"}, f"HELIX_TOKEN_FILE={cfg.token_file}: expected a readable file ({exc.strerror})")
-    if bool(cfg.tls_cert) != bool(cfg.tls_key):
-        key, value = ("HELIX_TLS_KEY", cfg.tls_key) if cfg.tls_cert else ("HELIX_TLS_CERT", cfg.tls_cert)
-        bad({"tls_cert", "tls_key"}, f"{key}={value}: expected HELIX_TLS_CERT and HELIX_TLS_KEY to be set together")
+        problem = private_file_problem(cfg.token_file)
+        if problem:
+            bad({"token_file"}, f"HELIX_TOKEN_FILE={cfg.token_file}: expected {problem}")
+        else:
+            try:
+                with open(cfg.token_file, encoding="utf-8") as fh:
+                    if not fh.readline().strip():
+                        bad(
+                            {"token_file"},
+                            f"HELIX_TOKEN_FILE={cfg.token_file}: expected a file whose first line is the token",
+                        )
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                bad({"token_file"}, f"HELIX_TOKEN_FILE={cfg.token_file}: expected a readable file ({reason})")
+    for prefix, cert_name, key_name in (
+        ("HELIX_", "tls_cert", "tls_key"),
+        ("HELIX_METRICS_", "metrics_tls_cert", "metrics_tls_key"),
+    ):
+        cert, key = getattr(cfg, cert_name), getattr(cfg, key_name)
+        if bool(cert) != bool(key):
+            shown = f"{prefix}TLS_KEY={key}" if cert else f"{prefix}TLS_CERT={cert}"
+            bad({cert_name, key_name}, f"{shown}: expected {prefix}TLS_CERT and {prefix}TLS_KEY to be set together")
     for name, key, path in (
         ("tls_cert", "HELIX_TLS_CERT", cfg.tls_cert),
         ("tls_key", "HELIX_TLS_KEY", cfg.tls_key),
         ("tls_ca", "HELIX_TLS_CA", cfg.tls_ca),
+        ("metrics_tls_cert", "HELIX_METRICS_TLS_CERT", cfg.metrics_tls_cert),
+        ("metrics_tls_key", "HELIX_METRICS_TLS_KEY", cfg.metrics_tls_key),
     ):
         if path and not os.path.isfile(path):
             bad({name}, f"{key}={path}: expected a readable PEM file")
+        elif path and name.endswith("_key") and (problem := private_file_problem(path)):
+            bad({name}, f"{key}={path}: expected {problem}")
+    metrics_tls = {"metrics_tls_cert", "metrics_tls_key"}
+    if cfg.metrics_tls_cert and cfg.metrics_tls_key and not any(names & metrics_tls for names, _ in found):
+        # Load them now, so a wrong pair stops the process before it has touched anything.
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+                cfg.metrics_tls_cert, cfg.metrics_tls_key, password=_no_passphrase
+            )
+        except OSError as exc:  # ssl.SSLError is one
+            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+            bad(
+                {"metrics_tls_cert", "metrics_tls_key"},
+                f"HELIX_METRICS_TLS_CERT={cfg.metrics_tls_cert}: expected a PEM certificate whose key is the "
+                f"unencrypted PEM key in HELIX_METRICS_TLS_KEY ({reason})",
+            )
+    if cfg.metrics_basic_auth_file:
+        path = cfg.metrics_basic_auth_file
+        problem = private_file_problem(path)
+        if not problem:
+            try:
+                cfg.metrics_basic_auth()
+            except Invalid as exc:
+                problem = str(exc)
+            except (OSError, UnicodeDecodeError) as exc:
+                problem = f"a readable file ({exc.strerror if isinstance(exc, OSError) else 'not UTF-8 text'})"
+        if problem:
+            bad({"metrics_basic_auth_file"}, f"HELIX_METRICS_BASIC_AUTH_FILE={path}: expected {problem}")
+    if cfg.metrics_port is not None and "metrics_listen" in given:
+        bad(
+            {"metrics_port", "metrics_listen"},
+            f"HELIX_METRICS_PORT={cfg.metrics_port}: expected only one of HELIX_METRICS_LISTEN and the deprecated "
+            "HELIX_METRICS_PORT to be set",
+        )
     if cfg.provider == "ec2" and not cfg.ec2_launch_template and not (cfg.ec2_ami and cfg.ec2_subnets):
         bad(
             {"provider", "ec2_launch_template", "ec2_ami", "ec2_subnets"},
             "HELIX_PROVIDER=ec2: expected HELIX_EC2_LAUNCH_TEMPLATE, or HELIX_EC2_AMI with HELIX_EC2_SUBNETS",
         )
     return found
+
+
+def _first_line(original: str, line: int) -> int:
+    # dotenv numbers a statement from the blank lines it skipped before it; count past them.
+    leading = original[: len(original) - len(original.lstrip())]
+    return line + leading.count("\n") + leading.replace("\r\n", "\n").count("\r")
+
+
+def read_env_file(path: str) -> tuple[dict[str, str], list[str]]:
+    """The .env file's values and its problems, one line each. python-dotenv silently skips a
+    line it cannot parse (and keeps `KEY` with no '=' as a key without a value): here either is a
+    config error naming the line, never showing it, since the line may hold a secret."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            content = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        return {}, [f"{ENV_FILE_KEY}={path}: expected a readable .env file ({reason})"]
+    errors = [
+        f"{ENV_FILE_KEY}={path}: line {_first_line(b.original.string, b.original.line)}: expected KEY=VALUE, "
+        "export KEY=VALUE, a # comment or a blank line (the line is not shown: it may hold a secret)"
+        for b in parse_stream(io.StringIO(content))
+        if b.error or (b.key is not None and b.value is None)
+    ]
+    if errors:
+        return {}, errors
+    # Parsed again by dotenv_values itself for its ${VAR} interpolation; the text is the same.
+    return {k: v or "" for k, v in dotenv_values(stream=io.StringIO(content)).items()}, []
 
 
 def load_config(environ: Mapping[str, str] | None = None, env_file: str | None = None) -> Config:
@@ -798,10 +1038,8 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
     path = env_file if env_file is not None else environ.get(ENV_FILE_KEY, DEFAULT_ENV_FILE)
     file_values: dict[str, str] = {}
     if path and os.path.exists(path):
-        try:
-            file_values = {k: v or "" for k, v in dotenv_values(path).items()}
-        except (OSError, UnicodeDecodeError) as exc:
-            errors.append(f"{ENV_FILE_KEY}={path}: expected a readable .env file ({exc})")
+        file_values, file_errors = read_env_file(path)
+        errors += file_errors
     elif explicit and path:
         errors.append(f"{ENV_FILE_KEY}={path}: expected an existing .env file")
 
@@ -826,12 +1064,14 @@ def load_config(environ: Mapping[str, str] | None = None, env_file: str | None =
         for key in sorted(k for k in source if k.startswith("HELIX_") and k not in known):
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            errors.append(f"{key}={source[key]}: expected a known HELIX_ setting{hint}")
+            # Never the value: a misspelt secret key (HELIX_TOKN=…) would print the secret.
+            errors.append(f"{key}=<hidden, {len(source[key])} characters>: expected a known HELIX_ setting{hint}")
 
     # Contradictions are checked on the valid values (defaults standing in for invalid ones), and
     # only reported when every setting they involve parsed, so one run lists every problem.
     cfg = Config(**values)
-    errors += [message for names, message in _cross_checks(cfg) if not names & invalid]
+    given = frozenset(values) | invalid
+    errors += [message for names, message in _cross_checks(cfg, given) if not names & invalid]
     if errors:
         raise ConfigError(errors)
     return cfg
@@ -855,7 +1095,7 @@ def main() -> int:
     for info in settings():
         value = getattr(cfg, info.name)
         shown = ("<hidden>" if value else "") if info.secret else value
-        print(f"{info.key}={shown}")
+        print(f"{info.key}={'' if shown is None else shown}")
     return 0
 
 

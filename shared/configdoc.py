@@ -118,9 +118,11 @@ ENV_HEADER = """\
 #
 # Format: one KEY=value per line, no spaces around '='; a value may be double-quoted. A bad value
 # stops the process with exit status 2 and one line per bad key (`KEY=value: expected ...`); an
-# unknown HELIX_ key is an error too, so a typo never goes unnoticed. The seed project's keys are
-# accepted as aliases (noted below); in one file the HELIX_ key wins over its alias, and the
-# process environment wins over any file.
+# unknown HELIX_ key is an error too, so a typo never goes unnoticed (its value is never printed),
+# and so is a line the loader cannot parse (named by its number, never shown). The seed project's
+# keys are accepted as aliases (noted below); in one file the HELIX_ key wins over its alias, and
+# the process environment wins over any file. Files a setting names that hold a secret (token,
+# private keys, the metrics password) must be readable by their owner only (chmod 600).
 #
 # Under systemd two defaults differ from the ones below, unless this file sets them: the manager
 # units set HELIX_STATE_DIR=/var/lib/helix (their StateDirectory), and every unit sets an empty

@@ -151,7 +151,7 @@ def render_text(name: str, data: dict[str, Any]) -> str:
 
 
 def read_once(name: str) -> dict[str, Any]:
-    table = MetricsTable.attach(name)
+    table = MetricsTable.attach(name, private=False)  # a read-only look: any readable table
     try:
         snap = table.snapshot()
     finally:

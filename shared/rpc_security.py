@@ -18,7 +18,7 @@ import hmac
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,8 +57,10 @@ def _token_problem(token: str) -> str | None:
     return None
 
 
-def auth_from_config(cfg: Config, log: logging.Logger, *, prog: str) -> Auth:
-    """The token this process uses, or exit 2 when there is none and HELIX_INSECURE is not set."""
+def auth_from_config(cfg: Config, log: logging.Logger, *, prog: str, identity: bool = False) -> Auth:
+    """The token this process uses, or exit 2 when there is none and HELIX_INSECURE is not set.
+    `identity`: the process proves who it is another way (an agent with HELIX_INSTANCE_SECRET),
+    so no token is fine."""
     try:
         token = cfg.resolved_token()
     except OSError as exc:  # the file vanished since the config check
@@ -73,7 +75,7 @@ def auth_from_config(cfg: Config, log: logging.Logger, *, prog: str) -> Auth:
         shown = f"<hidden, {len(token)} characters>" if cfg.token else cfg.token_file
         print(f"{prog}: bad configuration: {key}={shown}: expected a token of {problem}", file=sys.stderr)
         sys.exit(EXIT_BAD_CONFIG)
-    if not token:
+    if not token and not identity:
         if not cfg.insecure:
             print(
                 f"{prog}: bad configuration: HELIX_TOKEN=: expected a bearer token (HELIX_TOKEN or HELIX_TOKEN_FILE), "
@@ -88,22 +90,37 @@ def auth_from_config(cfg: Config, log: logging.Logger, *, prog: str) -> Auth:
 
 
 def check_bearer(metadata: Sequence[tuple[str, str | bytes]] | None, token: str) -> bool:
-    """True when `metadata` carries exactly `Bearer <token>` (constant-time comparison)."""
+    """True when `metadata` carries `Bearer <token>` (constant-time comparison); an agent's call may
+    carry its own credential beside the fleet token, so every `authorization` header is looked at."""
     if not token:
         return True
-    expected = f"Bearer {token}".encode()
+    return bearer_matches(metadata, [token])
+
+
+def bearer_matches(metadata: Iterable[tuple[str, str | bytes]] | None, accepted: Sequence[str]) -> bool:
+    """True when any `authorization` header in `metadata` is `Bearer <one of accepted>` (each compared
+    in constant time; empty strings in `accepted` are ignored)."""
+    wanted = [f"Bearer {a}".encode() for a in accepted if a]
+    found = False
     for key, value in metadata or ():
         if key == AUTH_KEY:
             got = value if isinstance(value, bytes) else value.encode("utf-8", "replace")
-            return hmac.compare_digest(got, expected)
-    return False
+            for expected in wanted:
+                found |= hmac.compare_digest(got, expected)
+    return found
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses every call without the right bearer token with UNAUTHENTICATED."""
+    """Refuses every call without the right bearer token with UNAUTHENTICATED.
 
-    def __init__(self, token: str, log: logging.Logger):
-        self._token = token
+    `token` is the token, or a callable giving the one accepted right now (an agent accepts its
+    own per-agent credential once it has one); an empty token accepts every call (HELIX_INSECURE).
+    `exempt`: full method names whose handler authenticates the caller itself (MonitorS's
+    Register, bound to the roster and the instance's secret)."""
+
+    def __init__(self, token: str | Callable[[], str], log: logging.Logger, exempt: Sequence[str] = ()):
+        self._token = token if callable(token) else (lambda: token)
+        self._exempt = frozenset(exempt)
         self._log = log
         self._refused = 0
         self._last_log = 0.0
@@ -114,7 +131,9 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or check_bearer(handler_call_details.invocation_metadata, self._token):
+        if handler is None or handler_call_details.method in self._exempt:
+            return handler
+        if check_bearer(handler_call_details.invocation_metadata, self._token()):
             return handler
         self._refused += 1
         now = time.monotonic()

@@ -34,7 +34,7 @@ import fcntl
 import math
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from functools import cached_property
@@ -44,7 +44,9 @@ from typing import Any
 import numpy as np
 
 MAGIC = 0x31425458494C4548  # b"HELIXTB1" little-endian
-LAYOUT_VERSION = 1
+# 2: the roster region after the rows (the controller's list of owned instances, which MonitorS
+# registers against); a version-1 table is refused until HELIX_SHM_RESET=1 replaces it.
+LAYOUT_VERSION = 2
 HEADER_SIZE = 1024
 SHM_DIR = "/dev/shm"
 
@@ -103,6 +105,8 @@ _HEADER_FIELDS = [
     ("billable", "<i4"),  # instances that may be billed, as the launch gate counts them
     ("max_instances", "<i4"),  # the maximum the controller enforces
     ("table_problems", "<u4"),  # bad rows the controller's last snapshot left out
+    ("roster_count", "<u4"),  # entries in the roster region (written by ControllerASG with the region)
+    ("roster_at", "<f8"),  # when ControllerASG last published the roster (0: never)
 ]
 _header_core = np.dtype(_HEADER_FIELDS)
 HEADER_DTYPE = np.dtype(_HEADER_FIELDS + [("_reserved", f"V{HEADER_SIZE - _header_core.itemsize}")])
@@ -136,6 +140,20 @@ ROW_DTYPE = np.dtype(
         ("app_live", "u1"),
     ]
 )
+# The roster: every instance the controller's provider owns, as the cloud reports it. Written by
+# ControllerASG only (each publish replaces it whole), read by MonitorS, which registers only
+# instances on it, from the address on it.
+ROSTER_DTYPE = np.dtype(
+    [
+        ("instance_id", f"S{ID_BYTES}"),
+        ("address", f"S{ADDRESS_BYTES}"),  # "host" (EC2: the private IP) or "host:port" (local: the agent's)
+        # SHA-256 of a per-instance secret the provider gave the agent (raw bytes: "V", since numpy's
+        # "S" strips trailing NULs and a digest may end in one); `has_secret` 0: none.
+        ("secret_digest", "V32"),
+        ("has_secret", "u1"),
+        ("state", "u1"),  # 1: on the roster
+    ]
+)
 # numpy types `names`/`fields` as Optional (None for a plain dtype); both structured dtypes have
 # them, so they are checked once here and the narrowed values used below.
 assert HEADER_DTYPE.names is not None and ROW_DTYPE.names is not None and ROW_DTYPE.fields is not None
@@ -154,6 +172,40 @@ class TableNotFound(TableError):
 
 class LayoutMismatch(TableError):
     pass
+
+
+class NotPrivate(TableError):
+    """The segment or its lock file is not this user's alone (planted by someone else?)."""
+
+
+def check_private(fd: int, path: str, what: str) -> None:
+    """Refuse a file another user owns or others may read or write, as sshd's StrictModes does:
+    anyone who could plant the segment (or hold its lock) before MonitorS starts could feed the
+    controller rows, or stall it. Raises NotPrivate with one line naming the file."""
+    st = os.fstat(fd)
+    uid = os.geteuid()
+    if st.st_uid != uid:
+        raise NotPrivate(
+            f"{what} {path} is owned by uid {st.st_uid}, expected uid {uid} (this user): "
+            "refusing it; remove it if it is not Helix's"
+        )
+    if st.st_mode & 0o077:
+        raise NotPrivate(
+            f"{what} {path} has mode {st.st_mode & 0o777:04o}, expected 0600 (only its owner may "
+            f"read or write it): refusing it; remove it, or chmod 600 it if it is Helix's"
+        )
+
+
+def _open_lock(name: str) -> int:
+    """The lock file: created 0600 if absent, never followed through a symlink, and ours alone."""
+    path = lock_path(name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        check_private(fd, path, "lock file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 class TableFull(TableError):
@@ -251,6 +303,40 @@ class InstanceRow:
             else:
                 kwargs[f.name] = float(value)
         return cls(**kwargs)
+
+
+@dataclass(slots=True)
+class PollSample:
+    """One answered poll as MonitorS writes it (`MetricsTable.write_samples`): the agent's metrics
+    and the row's health after it. `slot` is where MonitorS holds `instance_id`."""
+
+    slot: int
+    instance_id: str
+    state: State
+    app_down_polls: int
+    poll_latency: float  # seconds
+    cpu: float  # written clipped to 0..1
+    mem: float
+    disk: float
+    load1: float
+    load5: float
+    load15: float
+    net_rx: float
+    net_tx: float
+    sample_time: float
+    vcpus: int  # written capped at 65535
+    app_live: bool
+    app_detail: str  # written clipped to DETAIL_BYTES
+
+
+@dataclass(slots=True)
+class PollFailure:
+    """One failed poll as MonitorS writes it (`MetricsTable.mark_failures`)."""
+
+    slot: int
+    instance_id: str
+    state: State
+    failures: int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,6 +555,51 @@ class ControllerStatus:
     table_problems: int = 0  # bad rows the controller's last snapshot left out
 
 
+@dataclass(frozen=True)
+class RosterEntry:
+    """One instance the controller's provider owns: where it is, and how it proves who it is."""
+
+    instance_id: str
+    address: str  # "host" (any port) or "host:port"
+    secret_digest: bytes = b""  # SHA-256 of the per-instance secret its agent was given; b"": none
+
+    def to_record(self) -> tuple[bytes, bytes, bytes, int, int]:
+        if len(self.secret_digest) not in (0, 32):
+            raise ValueError(f"secret_digest: {len(self.secret_digest)} bytes, expected 0 or 32 (SHA-256)")
+        return (
+            encode_text("instance_id", self.instance_id, ID_BYTES),
+            encode_text("address", self.address, ADDRESS_BYTES),
+            self.secret_digest.ljust(32, b"\0"),
+            1 if self.secret_digest else 0,
+            1,
+        )
+
+    @property
+    def host(self) -> str:
+        """The host part: the address itself, or what is before its port."""
+        if self.address.startswith("["):
+            return self.address[1:].partition("]")[0]
+        if self.address.count(":") == 1:
+            return self.address.rpartition(":")[0]
+        return self.address
+
+    @property
+    def port(self) -> int | None:
+        if self.address.startswith("["):
+            rest = self.address.partition("]")[2]
+            return int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else None
+        if self.address.count(":") == 1:
+            port = self.address.rpartition(":")[2]
+            return int(port) if port.isascii() and port.isdigit() else None
+        return None
+
+
+@dataclass(frozen=True)
+class Roster:
+    published_at: float  # 0.0: the controller never published one
+    entries: dict[str, RosterEntry]
+
+
 @dataclass
 class Snapshot:
     """A consistent, private copy of the table. `rows` holds every used slot (free ones too, below
@@ -586,6 +717,10 @@ class Snapshot:
 
 
 def segment_size(capacity: int) -> int:
+    return HEADER_SIZE + capacity * (ROW_DTYPE.itemsize + ROSTER_DTYPE.itemsize)
+
+
+def roster_offset(capacity: int) -> int:
     return HEADER_SIZE + capacity * ROW_DTYPE.itemsize
 
 
@@ -626,20 +761,25 @@ class MetricsTable:
         self._size = segment_size(capacity)
         self._header = np.ndarray((), dtype=HEADER_DTYPE, buffer=shm.buf, offset=0)
         self._rows = np.ndarray((capacity,), dtype=ROW_DTYPE, buffer=shm.buf, offset=HEADER_SIZE)
+        self._roster = np.ndarray((capacity,), dtype=ROSTER_DTYPE, buffer=shm.buf, offset=roster_offset(capacity))
 
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def attach(cls, name: str) -> MetricsTable:
-        """Attach to an existing table (readers, ControllerASG). Raises TableNotFound or LayoutMismatch."""
+    def attach(cls, name: str, *, private: bool = True) -> MetricsTable:
+        """Attach to an existing table (ControllerASG; readers). Raises TableNotFound, LayoutMismatch,
+        or NotPrivate when the segment or its lock is not this user's alone (`private`, the default;
+        a read-only look such as `inspect` may pass False)."""
         try:
             shm = shared_memory.SharedMemory(name=name, create=False)
         except FileNotFoundError:
             raise TableNotFound(f"no metrics table '{name}' in {SHM_DIR} (is MonitorS running?)") from None
         _untrack(shm)
         try:
+            if private:
+                check_private(shm._fd, os.path.join(SHM_DIR, name), "metrics table")  # type: ignore[attr-defined]  # noqa: SLF001 - SharedMemory keeps its fd private
             capacity = cls._check_layout(name, shm)
-            lock_fd = os.open(lock_path(name), os.O_RDWR | os.O_CREAT, 0o600)
+            lock_fd = _open_lock(name) if private else os.open(lock_path(name), os.O_RDONLY | os.O_NOFOLLOW)
         except BaseException:
             shm.close()
             raise
@@ -648,8 +788,9 @@ class MetricsTable:
     @classmethod
     def open_or_create(cls, name: str, capacity: int, *, reset: bool = False, pid: int = 0) -> MetricsTable:
         """MonitorS: re-attach a table whose layout matches (the registry survives a restart), or
-        create one. A mismatched layout raises LayoutMismatch unless `reset` is set."""
-        lock_fd = os.open(lock_path(name), os.O_RDWR | os.O_CREAT, 0o600)
+        create one. A mismatched layout raises LayoutMismatch unless `reset` is set; a segment or lock
+        file that is not this user's alone raises NotPrivate (reset does not help: remove it)."""
+        lock_fd = _open_lock(name)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
@@ -668,6 +809,12 @@ class MetricsTable:
         except FileNotFoundError:
             shm = None
         if shm is not None:
+            try:
+                check_private(shm._fd, os.path.join(SHM_DIR, name), "metrics table")  # type: ignore[attr-defined]  # noqa: SLF001 - SharedMemory keeps its fd private
+            except NotPrivate:
+                _untrack(shm)
+                shm.close()
+                raise
             try:
                 found = cls._check_layout(name, shm, expected_capacity=capacity)
             except LayoutMismatch:
@@ -721,7 +868,7 @@ class MetricsTable:
         """Detach. Never unlinks: the table outlives every process but its remover."""
         if self._closed:
             return
-        del self._header, self._rows
+        del self._header, self._rows, self._roster
         self._shm.close()
         self._closed = True
         os.close(self._lock_fd)
@@ -870,6 +1017,115 @@ class MetricsTable:
                 w.header["registered"] = registered
         return notes
 
+    def update_registration(
+        self, slot: int, instance_id: str, vcpus: int, agent_version: str, zone: str, app_port: int
+    ) -> bool:
+        """An agent registered again from the same address: refresh what it reports about itself,
+        leaving its state, counts and metrics alone. False (nothing written) if the slot no longer
+        holds `instance_id`; ValueError for a field that does not fit (nothing written)."""
+        version_bytes = encode_text("agent_version", agent_version, VERSION_BYTES)
+        zone_bytes = encode_text("zone", zone, ZONE_BYTES)
+        for name, value in (("vcpus", vcpus), ("app_port", app_port)):
+            limit = np.iinfo(ROW_DTYPE[name]).max
+            if not 0 <= value <= limit:
+                raise ValueError(f"{name}: {value} expected an integer from 0 to {limit}")
+        key = encode_text("instance_id", instance_id, ID_BYTES)
+        with self.writing() as w:
+            row = w.rows[slot]  # a view: the assignments write the segment
+            if row["instance_id"] != key or row["state"] == State.FREE:
+                return False
+            row["vcpus"] = vcpus
+            row["agent_version"] = version_bytes
+            row["zone"] = zone_bytes
+            row["app_port"] = app_port
+        return True
+
+    def write_samples(self, samples: Sequence[PollSample], now: float) -> list[int]:
+        """Write answered polls under one lock hold (MonitorS passes a few hundred at a time): the
+        metrics, the row's state and app fields, `failures` 0, `last_seen` and `last_metrics` `now`.
+        A row that no longer holds its sample's instance is left alone (see `_holds`); returns the
+        positions in `samples` of those."""
+        n = len(samples)
+        if not n:
+            return []
+        keys = np.array([s.instance_id.encode() for s in samples], dtype=ROW_DTYPE["instance_id"])
+        slots = np.fromiter((s.slot for s in samples), dtype=np.int64, count=n)
+        # The float columns in one pass over the records (faster than one pass per column), in this order.
+        float_names = (
+            "cpu",
+            "mem",
+            "disk",
+            "load1",
+            "load5",
+            "load15",
+            "net_rx",
+            "net_tx",
+            "sample_time",
+            "poll_latency",
+        )
+        floats = np.array(
+            [
+                (s.cpu, s.mem, s.disk, s.load1, s.load5, s.load15, s.net_rx, s.net_tx, s.sample_time, s.poll_latency)
+                for s in samples
+            ],
+            dtype=np.float64,
+        )
+        # What an agent reports is never trusted into a row the controller would then leave out (and,
+        # after its grace, replace): a NaN or infinity becomes 0, fractions are clipped to 0..1, and
+        # loads, rates and times to non-negative values.
+        np.nan_to_num(floats, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        np.clip(floats[:, 0:3], 0.0, 1.0, out=floats[:, 0:3])
+        np.clip(floats[:, 3:], 0.0, 1e9, out=floats[:, 3:])  # within float32 for the f4 columns
+        ints = {
+            "vcpus": np.minimum(np.fromiter((s.vcpus for s in samples), dtype=np.int64, count=n), 65535),
+            "state": np.fromiter((s.state for s in samples), dtype=np.int64, count=n),
+            "app_down_polls": np.fromiter((s.app_down_polls for s in samples), dtype=np.int64, count=n),
+            "app_live": np.fromiter((s.app_live for s in samples), dtype=np.int64, count=n),
+        }
+        detail = np.array(
+            [clip_text(s.app_detail, DETAIL_BYTES).encode("utf-8") for s in samples], dtype=ROW_DTYPE["app_detail"]
+        )
+        with self.writing() as w:
+            rows = w.rows
+            mask = self._holds(rows, slots, keys)
+            if not mask.all():
+                slots, floats, detail = slots[mask], floats[mask], detail[mask]
+                ints = {name: values[mask] for name, values in ints.items()}
+            for k, name in enumerate(float_names):
+                rows[name][slots] = floats[:, k]
+            for name, values in ints.items():
+                rows[name][slots] = values
+            rows["app_detail"][slots] = detail
+            rows["last_seen"][slots] = now
+            rows["last_metrics"][slots] = now
+            rows["failures"][slots] = 0
+        return np.flatnonzero(~mask).tolist()
+
+    def mark_failures(self, failures: Sequence[PollFailure]) -> list[int]:
+        """Write failed polls under one lock hold: each row's `failures` and state, nothing else (its
+        last metrics stay as they were). A row that no longer holds the instance is left alone (see
+        `_holds`); returns the positions in `failures` of those."""
+        n = len(failures)
+        if not n:
+            return []
+        keys = np.array([f.instance_id.encode() for f in failures], dtype=ROW_DTYPE["instance_id"])
+        slots = np.fromiter((f.slot for f in failures), dtype=np.int64, count=n)
+        counts = np.fromiter((f.failures for f in failures), dtype=np.int64, count=n)
+        states = np.fromiter((int(f.state) for f in failures), dtype=np.int64, count=n)
+        with self.writing() as w:
+            rows = w.rows
+            mask = self._holds(rows, slots, keys)
+            rows["failures"][slots[mask]] = counts[mask]
+            rows["state"][slots[mask]] = states[mask]
+        return np.flatnonzero(~mask).tolist()
+
+    @staticmethod
+    def _holds(rows: np.ndarray, slots: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """Which slots still hold the instance MonitorS thinks they hold. MonitorS is the only writer
+        of rows, but if anyone else frees one (an operator tool), writing into it would resurrect a
+        half-empty row; such writes are left out instead."""
+        return (rows["instance_id"][slots] == keys) & (rows["state"][slots] != State.FREE)
+
     def monitor_heartbeat(
         self, now: float, pid: int, poll_interval: float, cycle_seconds: float = 0.0, started_at: float | None = None
     ) -> None:
@@ -881,6 +1137,56 @@ class MetricsTable:
             h["cycle_seconds"] = cycle_seconds
             if started_at is not None:
                 h["monitor_started_at"] = started_at
+
+    # -- the roster (ControllerASG writes, MonitorS reads) ------------------------------------------
+
+    def publish_roster(self, entries: Sequence[RosterEntry], now: float) -> None:
+        """Replace the roster with `entries` (ControllerASG). Raises TableFull when they do not fit,
+        ValueError for a field that does not (nothing written either way)."""
+        if len(entries) > self.capacity:
+            raise TableFull(
+                f"table '{self.name}': a roster of {len(entries)} instances does not fit in "
+                f"{self.capacity} (raise HELIX_SHM_CAPACITY)"
+            )
+        records = np.zeros(len(entries), dtype=ROSTER_DTYPE)
+        for i, entry in enumerate(entries):
+            records[i] = entry.to_record()
+        with self.writing() as w:
+            old = int(w.header["roster_count"])
+            self._roster[: len(entries)] = records
+            if old > len(entries):
+                self._roster[len(entries) : min(old, self.capacity)] = np.zeros((), dtype=ROSTER_DTYPE)
+            w.header["roster_count"] = len(entries)
+            w.header["roster_at"] = now
+
+    def roster_published_at(self) -> float:
+        """When the roster was last published (0.0: never): a cheap check before re-reading it."""
+        with self._locked(fcntl.LOCK_SH):
+            return float(self._header["roster_at"])
+
+    def roster(self) -> Roster:
+        """A private copy of the roster. Never raises because of what the table holds: a count
+        beyond the capacity is read as the capacity, an entry that does not decode is left out."""
+        buf = self._shm.buf
+        assert buf is not None, f"table '{self.name}' is closed"
+        with self._locked(fcntl.LOCK_SH):
+            count = min(int(self._header["roster_count"]), self.capacity)
+            published_at = float(self._header["roster_at"])
+            start = roster_offset(self.capacity)
+            data = bytes(buf[start : start + count * ROSTER_DTYPE.itemsize])
+        records = np.frombuffer(data, dtype=ROSTER_DTYPE, count=count)
+        entries: dict[str, RosterEntry] = {}
+        for rec in records[records["state"] == 1]:
+            try:
+                digest = bytes(rec["secret_digest"]) if rec["has_secret"] else b""
+                entry = RosterEntry(
+                    bytes(rec["instance_id"]).decode("utf-8"), bytes(rec["address"]).decode("utf-8"), digest
+                )
+            except UnicodeDecodeError:
+                continue
+            if entry.instance_id:
+                entries[entry.instance_id] = entry
+        return Roster(published_at if math.isfinite(published_at) else 0.0, entries)
 
     # -- ControllerASG's writes ------------------------------------------------------------------
 

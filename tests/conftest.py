@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 
 import pytest
 
 from shared.table import MetricsTable
 from tests.moto_server import fault_proxy, moto_endpoint  # noqa: F401 - fixtures, for test_provider_ec2.py
-from tests.procs import ProcessPool
+from tests.procs import ProcessPool, state_dir_for
 
 
 @pytest.fixture
@@ -34,3 +35,4 @@ def table_name():
     name = f"helix-test-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     yield name
     MetricsTable.remove(name)
+    shutil.rmtree(state_dir_for(name), ignore_errors=True)

@@ -374,6 +374,9 @@ class Harness:
         self.rng = random.Random(seed)
         self.cloud = FakeCloud(self.cfg.max_instances, self.rng)
         self.provider = FakeProvider(self.cloud)
+        # A fresh segment every time: rows a previous run left under the same name (Hypothesis runs
+        # many schedules in one test) would otherwise speak for this run's instances.
+        MetricsTable.remove(table_name)
         self.table = MetricsTable.open_or_create(table_name, 64)
         self.monitor = SimMonitor(self.cloud, self.table)
         self.report = RunReport()
@@ -556,10 +559,19 @@ class Harness:
         return self.report
 
 
-def quiet_logs() -> None:
-    """The harness runs thousands of steps: only errors from the controller's loggers."""
+def quiet_logs() -> dict[str, int]:
+    """The harness runs thousands of steps: nothing below CRITICAL from the controller's loggers.
+    Returns the levels before, for `restore_logs`."""
+    before = {}
     for name in ("controller_asg", "controller_asg.providers.local"):
+        before[name] = logging.getLogger(name).level
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    return before
+
+
+def restore_logs(before: dict[str, int]) -> None:
+    for name, level in before.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def unique_table_name() -> str:

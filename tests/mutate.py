@@ -75,6 +75,16 @@ MODULE_TESTS: dict[str, list[str]] = {
         "tests/test_controller_unit.py",
         "tests/test_act_path_rules.py",
     ],
+    "monitor_s/rowstate.py": ["tests/test_rowstate.py"],
+    "monitor_s/admission.py": [
+        f"tests/test_registration_binding.py::{name}"
+        for name in (
+            "test_admission_rules",
+            "test_rate_limiter_buckets",
+            "test_admission_messages_and_non_ip_hosts",
+            "test_rate_limiter_edges",
+        )
+    ],
 }
 
 # Only these functions of a module are mutated (all of them when a module is not listed here).

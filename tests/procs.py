@@ -63,6 +63,11 @@ def kill_local_instances(state_dir: str) -> None:
             pass
 
 
+def state_dir_for(table_name: str) -> str:
+    """A test's HELIX_STATE_DIR, beside its table: removed with it by the `table_name` fixture."""
+    return os.path.join(tempfile.gettempdir(), f"{table_name}-state")
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

@@ -391,3 +391,12 @@ def test_the_host_lock_is_exclusive_names_its_holder_and_dies_with_it(tmp_path):
     again = HostLock(str(tmp_path), "g/1")
     again.acquire()
     again.release()
+
+
+def test_a_tripped_breaker_still_refills_min_as_fast_as_the_slots_back_off():
+    """Found by `make chaos`: a tripped breaker held the fleet at 0 with min 2 (an outage)."""
+    b = ChurnBreaker(threshold=3, consecutive=3, tripped=True, last_failure_at=100.0, slots=[Slot(2, 150.0)])
+    assert b.allowed(5, 120.0, below_min=2)[0] == 1, "one slot still backs off"
+    assert b.allowed(5, 150.0, below_min=2) == (2, "churn breaker tripped: only refilling HELIX_MIN_INSTANCES (2 now)")
+    assert b.allowed(1, 150.0, below_min=2)[0] == 1
+    assert b.allowed(5, 120.0, below_min=0)[0] == 0, "above min: only the probe, after its back-off"

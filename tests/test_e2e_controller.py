@@ -54,12 +54,12 @@ def stack(procs, table_name, tmp_path):
         HELIX_UNHEALTHY_AFTER="3",
         HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}",
         HELIX_MONITOR_ADDR=f"127.0.0.1:{port}",
+        HELIX_STATE_DIR=str(tmp_path / "state"),  # the controller's, and MonitorS's credential key
     )
     monitor_env = base_env(**common)
     controller_env = base_env(
         **common,
         HELIX_PROVIDER="local",
-        HELIX_STATE_DIR=str(tmp_path / "state"),
         HELIX_MIN_INSTANCES="1",
         HELIX_MAX_INSTANCES="4",
         HELIX_CONTROL_INTERVAL="1",

@@ -14,7 +14,7 @@ import pytest
 
 from protos import helix_pb2, helix_pb2_grpc
 from shared.table import ControllerStatus, InstanceRow, MetricsTable, State, TableNotFound
-from tests.procs import base_env, free_port, wait_for
+from tests.procs import base_env, free_port, state_dir_for, wait_for
 
 TOKEN = "test-token-0123456789"
 POLL = 0.5
@@ -36,7 +36,11 @@ def monitor_env(table_name: str, port: int, **overrides) -> dict[str, str]:
         HELIX_MONITOR_LISTEN=f"127.0.0.1:{port}",
         HELIX_POLL_INTERVAL=POLL,
         HELIX_UNHEALTHY_AFTER=UNHEALTHY_AFTER,
-        HELIX_METRICS_PORT=0,
+        HELIX_METRICS_LISTEN="",  # off, unless a test asks for it
+        HELIX_STATE_DIR=state_dir_for(table_name),  # MonitorS's credential key lives there
+        # No controller runs in these tests, so nobody publishes a roster: register on the token
+        # alone. The roster tests (tests/test_registration_binding.py) publish one and require it.
+        HELIX_ROSTER="off",
     )
     settings.update(overrides)
     return base_env(**settings)
@@ -279,27 +283,33 @@ def test_refusals_change_nothing(procs, table_name):
         with pytest.raises(grpc.RpcError) as info:
             health.Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # A registered agent accepts only its own credential (what MonitorS's Register answer gave it;
+    # an idempotent Register returns the same one): not a wrong one, and no longer the fleet token.
+    channel, stub = registry_stub(port)
+    with channel:
+        row = rows(table_name)["i-ok"]
+        again = helix_pb2.RegisterRequest(instance_id="i-ok", address=row.address, vcpus=1)
+        credential = stub.Register(again, metadata=AUTH, timeout=10).credential
+    own = (("authorization", f"Bearer {credential}"),)
     with grpc.insecure_channel(agent_addr) as ch:
         assert (
             health_pb2_grpc.HealthStub(ch)
-            .Check(health_pb2.HealthCheckRequest(service="helix.v1.Agent"), metadata=AUTH, timeout=10)
+            .Check(health_pb2.HealthCheckRequest(service="helix.v1.Agent"), metadata=own, timeout=10)
             .status
             == health_pb2.HealthCheckResponse.SERVING
         )
-    # The agent side refuses a wrong token too.
     with grpc.insecure_channel(agent_addr) as ch:
-        with pytest.raises(grpc.RpcError) as info:
-            helix_pb2_grpc.AgentStub(ch).GetMetrics(
-                helix_pb2.GetMetricsRequest(), timeout=10, metadata=(("authorization", "Bearer nope-nope-nope"),)
-            )
-        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        for wrong in ((("authorization", "Bearer nope-nope-nope"),), AUTH, ()):
+            with pytest.raises(grpc.RpcError) as info:
+                helix_pb2_grpc.AgentStub(ch).GetMetrics(helix_pb2.GetMetricsRequest(), timeout=10, metadata=wrong)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, wrong
         m = helix_pb2_grpc.AgentStub(ch).GetMetrics(
-            helix_pb2.GetMetricsRequest(instance_id="i-ok"), timeout=10, metadata=AUTH
+            helix_pb2.GetMetricsRequest(instance_id="i-ok"), timeout=10, metadata=own
         )
         assert m.instance_id == "i-ok" and m.vcpus == 1
         with pytest.raises(grpc.RpcError) as info:
             helix_pb2_grpc.AgentStub(ch).GetMetrics(
-                helix_pb2.GetMetricsRequest(instance_id="i-other"), timeout=10, metadata=AUTH
+                helix_pb2.GetMetricsRequest(instance_id="i-other"), timeout=10, metadata=own
             )
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
     table = rows(table_name)
@@ -400,18 +410,17 @@ def test_restart_on_a_damaged_table_repairs_it(procs, table_name):
 
 
 def test_prometheus_exposition(procs, table_name):
-    import urllib.request
-
     from prometheus_client.parser import text_string_to_metric_families
 
     port, metrics_port = free_port(), free_port()
-    start_monitor(procs, table_name, port, HELIX_METRICS_PORT=metrics_port)
+    start_monitor(procs, table_name, port, HELIX_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
     procs.python("agent", ["-m", "monitor_c"], agent_env("i-prom", port, HELIX_LABELS="zone=z9"))
     wait_state(table_name, "i-prom", State.HEALTHY)
 
     def scrape():
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
-            return resp.read().decode()
+        status, body, _ = http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+        assert status == 200, (status, body)
+        return body
 
     text = wait_for(lambda: (t := scrape()) and "helix_poll_latency_seconds_count" in t and t, 30, "a latency sample")
     families = {f.name: f for f in text_string_to_metric_families(text)}
@@ -454,12 +463,197 @@ def test_prometheus_exposition(procs, table_name):
     assert samples["helix_controller_max_instances"] == 5.0
     assert samples["helix_controller_table_bad_rows"] == 1.0
     assert samples["helix_registered_instances"] == 1.0  # MonitorS itself carries on
+    assert_promtool_valid(text)
+    # The README says what the endpoint exposes: every family served, and nothing it leaves out.
+    import os
+
+    from tests.procs import ROOT
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        section = fh.read().partition("## Prometheus metrics")[2].partition("\n## ")[0]
+    served = {f.name for f in text_string_to_metric_families(text)}
+    assert served and not [name for name in served if f"`{name}" not in section]
+
+
+# ---------------------------------------------------------------------------------------------
+# The Prometheus endpoint: the address it listens on, TLS, basic auth.
+
+METRICS_USER, METRICS_PASSWORD = "prometheus", "scrape-pass-0123456789"
+
+
+def http_get(url: str, *, auth=None, headers=None, context=None, timeout: float = 10.0):
+    """(status, body, headers) of a GET, 4xx/5xx included; never through a proxy from the environment."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    handlers: list = [urllib.request.ProxyHandler({})]
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    request = urllib.request.Request(url, headers=dict(headers or {}))
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode())
+    try:
+        with urllib.request.build_opener(*handlers).open(request, timeout=timeout) as resp:
+            return resp.status, resp.read().decode(), resp.headers
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, exc.read().decode(), exc.headers
+
+
+def assert_promtool_valid(text: str) -> None:
     import shutil
-    import subprocess
 
     if shutil.which("promtool"):
         check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
         assert check.returncode == 0, check.stdout + check.stderr
+
+
+def write_private(path, text: str, mode: int = 0o600) -> str:
+    """Write `text` to a file created with `mode` (then set exactly, whatever the umask)."""
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(path, mode)
+    return str(path)
+
+
+def self_signed_tls(directory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and localhost (its own CA, so a client can trust
+    exactly it) and its private key (mode 600), as PEM files in `directory`."""
+    pytest.importorskip("cryptography")
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "helix metrics test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_path = directory / "metrics-cert.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return str(cert_path), write_private(directory / "metrics-key.pem", pem.decode())
+
+
+def test_metrics_are_served_on_the_chosen_address_only(procs, table_name):
+    port, metrics_port = free_port(), free_port()
+    # 127.0.0.2 is loopback too (all of 127/8 is), so "this address only" is testable here.
+    monitor = start_monitor(procs, table_name, port, HELIX_METRICS_LISTEN=f"127.0.0.2:{metrics_port}")
+    status, body, _ = wait_for(lambda: http_get(f"http://127.0.0.2:{metrics_port}/metrics"), 30, "metrics")
+    assert status == 200 and "helix_registered_instances 0.0" in body
+    with pytest.raises(OSError):  # connection refused: nothing listens on 127.0.0.1's port
+        http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+    wait_for(
+        lambda: f"metrics http://127.0.0.2:{metrics_port}/metrics (no auth)" in monitor.output(), 30, "the start line"
+    )
+    monitor.kill_group()  # (its exit status is another test's business)
+
+    # The deprecated HELIX_METRICS_PORT still works, on loopback only (it used to be 0.0.0.0).
+    env = monitor_env(table_name, port, HELIX_METRICS_PORT=metrics_port)
+    del env["HELIX_METRICS_LISTEN"]
+    monitor = procs.python("monitor_s", ["-m", "monitor_s"], env)
+    wait_for(lambda: http_get(f"http://127.0.0.1:{metrics_port}/metrics")[0] == 200, 30, "metrics on the old port")
+    with pytest.raises(OSError):
+        http_get(f"http://127.0.0.2:{metrics_port}/metrics")
+    assert "HELIX_METRICS_PORT is deprecated" in monitor.output()
+
+
+def test_metrics_basic_auth(procs, table_name, tmp_path):
+    import base64
+    import os
+
+    port, metrics_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    auth_file = write_private(tmp_path / "metrics-auth", f"{METRICS_USER}:{METRICS_PASSWORD}\n", mode=0o644)
+    settings = dict(HELIX_METRICS_LISTEN=f"127.0.0.1:{metrics_port}", HELIX_METRICS_BASIC_AUTH_FILE=auth_file)
+
+    # A password file others can read is refused before anything is touched, and never shown.
+    refused = procs.python("monitor_s", ["-m", "monitor_s"], monitor_env(table_name, port, **settings))
+    assert refused.wait(timeout=30) == 2, refused.output()
+    assert (
+        f"HELIX_METRICS_BASIC_AUTH_FILE={auth_file}: expected a file only its owner can read (mode 0644; chmod 600 it)"
+        in refused.output()
+    )
+    assert METRICS_PASSWORD not in refused.output()
+    with pytest.raises(TableNotFound):
+        MetricsTable.attach(table_name)
+
+    os.chmod(auth_file, 0o600)
+    monitor = start_monitor(procs, table_name, port, **settings)
+    status, body, headers = wait_for(lambda: http_get(url), 30, "the metrics endpoint")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Basic ") and "helix_" not in body
+    wrong = [
+        (METRICS_USER, "wrong-password-0000"),
+        ("someone", METRICS_PASSWORD),
+        (METRICS_USER, METRICS_PASSWORD[:-1]),
+        (METRICS_USER, METRICS_PASSWORD + "x"),
+        ("", ""),
+    ]
+    for auth in wrong:
+        status, body, _ = http_get(url, auth=auth)
+        assert status == 401 and "helix_" not in body, auth
+    good = base64.b64encode(f"{METRICS_USER}:{METRICS_PASSWORD}".encode()).decode()
+    for header in (f"Bearer {good}", f"Basic {good}!", "Basic", good):  # right secret, wrong form
+        assert http_get(url, headers={"Authorization": header})[0] == 401, header
+    status, text, _ = http_get(url, auth=(METRICS_USER, METRICS_PASSWORD))
+    assert status == 200 and "helix_registered_instances" in text
+    assert_promtool_valid(text)
+    wait_for(lambda: f"metrics {url} (basic auth as '{METRICS_USER}')" in monitor.output(), 30, "the start line")
+    assert METRICS_PASSWORD not in monitor.output()
+
+
+def test_metrics_over_tls(procs, table_name, tmp_path):
+    import http.client
+    import socket
+    import ssl
+
+    cert, key = self_signed_tls(tmp_path)
+    port, metrics_port = free_port(), free_port()
+    monitor = start_monitor(
+        procs,
+        table_name,
+        port,
+        HELIX_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
+        HELIX_METRICS_TLS_CERT=cert,
+        HELIX_METRICS_TLS_KEY=key,
+    )
+    url = f"https://127.0.0.1:{metrics_port}/metrics"
+    trusting = ssl.create_default_context(cafile=cert)
+    status, text, _ = wait_for(lambda: http_get(url, context=trusting), 30, "metrics over https")
+    assert status == 200 and "helix_registered_instances" in text
+    assert_promtool_valid(text)
+    # Plain HTTP to the same port gets nothing.
+    with pytest.raises((OSError, http.client.HTTPException)):
+        http_get(f"http://127.0.0.1:{metrics_port}/metrics")
+    # A client that does not trust this certificate refuses the server.
+    with pytest.raises(OSError, match="CERTIFICATE_VERIFY_FAILED"):
+        http_get(url, context=ssl.create_default_context())
+    # A client that connects and never starts its handshake does not hold up the others.
+    with socket.create_connection(("127.0.0.1", metrics_port), timeout=10):
+        assert http_get(url, context=trusting, timeout=5)[0] == 200
+    wait_for(lambda: f"metrics {url} (no auth)" in monitor.output(), 30, "the start line")
+    assert monitor.alive()
 
 
 @pytest.mark.parametrize("module", ["monitor_s", "monitor_c"])

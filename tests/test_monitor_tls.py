@@ -53,6 +53,7 @@ def pki(tmp_path):
     paths["key"].write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    paths["key"].chmod(0o600)  # Helix refuses a private key its group or others can read
     return {k: str(v) for k, v in paths.items()}
 
 

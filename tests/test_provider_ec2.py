@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import pytest
 import yaml
 
+from controller_asg.iam import policy_for
 from controller_asg.providers import make_provider
 from controller_asg.providers.base import LaunchError
 from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, PROTECTED_TAG, TOKEN_TAG, Ec2Provider, LaunchInDoubt
 from shared.config import load_config
+from tests.iam_eval import Request, allowed, denied, ec2_requests
 from tests.moto_server import CREDENTIALS, REGION, reset_moto  # its fixtures come through conftest.py
 
 TOKEN = "bearer-token-for-tests"
 MOTO_AMI = "ami-12c6146b"
+MOTO_AMI_2 = "ami-1b8a7d15"  # another of the AMIs moto ships
+MOTO_ACCOUNT = "123456789012"  # the account moto answers as
+EVERY_STATE = ("pending", "running", "shutting-down", "stopping", "stopped", "terminated")
 
 
 @pytest.fixture
@@ -43,8 +51,10 @@ def world(moto_endpoint):
 
 @pytest.fixture
 def providers():
-    """Builds providers; at the end checks each called only the operations the IAM policy covers."""
-    made: list[Ec2Provider] = []
+    """Builds providers; at the end checks each called only the operations in OPERATIONS, and that
+    the policy `python -m controller_asg.iam` generates for its configuration allows every request
+    it sent (each IAM request AWS would authorize for it, built from what moto holds)."""
+    made: list[tuple[Ec2Provider, dict]] = []
 
     def build(world, endpoint=None, **extra):
         environ = {
@@ -57,19 +67,63 @@ def providers():
             "HELIX_EC2_SUBNETS": ",".join(world["subnets"]),
             "HELIX_EC2_SECURITY_GROUPS": world["sg"],
             "HELIX_EC2_ENDPOINT_URL": endpoint or world["url"],
+            "HELIX_IMDS_URL": "",  # not on EC2 unless a test says so
             **CREDENTIALS,
             **extra,
         }
         prov = make_provider(load_config(environ))
         assert isinstance(prov, Ec2Provider)
         prov.sleep = lambda s: None  # retries back off for real in production; not here
-        made.append(prov)
+        made.append((prov, world))
         return prov
 
     yield build
-    for prov in made:
+    for prov, world in made:
         prov.close()
         assert prov.operations_called <= set(OPERATIONS), prov.operations_called - set(OPERATIONS)
+        assert prov.calls and len(prov.calls) < prov.calls.maxlen  # none forgotten
+        policy = policy_for(prov.cfg, MOTO_ACCOUNT)
+        for call in prov.calls:
+            refused = denied(policy, iam_requests(world, call))
+            assert not refused, f"{call.operation} {call.params}: the generated policy denies {refused}"
+
+
+def iam_requests(world, call) -> list[Request]:
+    """The IAM requests AWS authorizes for one recorded call, filled in from moto's state."""
+    ec2 = world["ec2"]
+    everything = all_instances(ec2, EVERY_STATE)
+
+    def template_arn(spec):
+        if "LaunchTemplateId" in spec:
+            found = ec2.describe_launch_templates(LaunchTemplateIds=[spec["LaunchTemplateId"]])
+        else:
+            found = ec2.describe_launch_templates(LaunchTemplateNames=[spec["LaunchTemplateName"]])
+        [template] = found["LaunchTemplates"]
+        return f"arn:aws:ec2:{REGION}:{MOTO_ACCOUNT}:launch-template/{template['LaunchTemplateId']}"
+
+    def role_of(profile):
+        name = profile.get("Name") or profile["Arn"].rsplit("/", 1)[1]
+        [role] = iam_client(world).get_instance_profile(InstanceProfileName=name)["InstanceProfile"]["Roles"]
+        return role["Arn"]
+
+    return ec2_requests(
+        call,
+        MOTO_ACCOUNT,
+        launched=lambda token: [i for i in everything if i.get("ClientToken") == token],
+        tags_of=lambda iid: next((tags(i) for i in everything if i["InstanceId"] == iid), {}),
+        template_arn=template_arn,
+        role_of=role_of,
+    )
+
+
+def iam_client(world):
+    return boto3.client(
+        "iam",
+        endpoint_url=world["url"],
+        region_name=REGION,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
 
 
 def all_instances(ec2, states=("pending", "running")) -> list[dict]:
@@ -262,3 +316,186 @@ def test_refused_launch_is_a_one_line_error_without_fallback(world, providers, f
     assert "\n" not in str(err.value)
     assert fault_proxy.seen.count(("RunInstances", "UnauthorizedOperation")) == 1  # not a zone problem: no retry
     assert all_instances(world["ec2"]) == []
+
+
+# --- ownership: launch evidence and the manager's own instance --------------------------------
+
+
+@pytest.fixture
+def imds():
+    """A stand-in for EC2's instance metadata (IMDSv2: token PUT, then GET with the token), the one
+    fake: the real service cannot run here. Set `.instance_id` to what it answers."""
+
+    class Imds:
+        instance_id = ""
+        requests: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status, body=""):
+            data = body.encode()
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_PUT(self):
+            Imds.requests.append(f"PUT {self.path}")
+            ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
+            self._send(200, "imds-token") if ok else self._send(400)
+
+        def do_GET(self):
+            Imds.requests.append(f"GET {self.path}")
+            if self.headers.get("X-aws-ec2-metadata-token") != "imds-token":
+                self._send(401)
+            elif self.path == "/latest/meta-data/instance-id" and Imds.instance_id:
+                self._send(200, Imds.instance_id)
+            else:
+                self._send(404)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    Imds.url = f"http://127.0.0.1:{server.server_address[1]}"
+    yield Imds
+    server.shutdown()
+    server.server_close()
+
+
+def run_one(world, tag_pairs, instance_type="t3.micro"):
+    """An instance made directly in moto (not by Helix), with these tags."""
+    spec = [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tag_pairs.items()]}]
+    return world["ec2"].run_instances(
+        ImageId=world["ami"],
+        InstanceType=instance_type,
+        MinCount=1,
+        MaxCount=1,
+        SubnetId=world["subnets"][0],
+        **({"TagSpecifications": spec} if tag_pairs else {}),
+    )["Instances"][0]["InstanceId"]
+
+
+def states(world) -> dict[str, str]:
+    return {i["InstanceId"]: i["State"]["Name"] for i in all_instances(world["ec2"], EVERY_STATE)}
+
+
+def terminate_request(world, iid) -> Request:
+    [inst] = [i for i in all_instances(world["ec2"], EVERY_STATE) if i["InstanceId"] == iid]
+    context = {"aws:RequestedRegion": REGION, **{f"aws:ResourceTag/{k}": v for k, v in tags(inst).items()}}
+    return Request("ec2:TerminateInstances", f"arn:aws:ec2:{REGION}:{MOTO_ACCOUNT}:instance/{iid}", context)
+
+
+def test_only_instances_with_launch_evidence_are_ours_and_never_the_manager(world, providers, imds, caplog):
+    untagged = run_one(world, {})
+    other = run_one(world, {GROUP_TAG: "g2", TOKEN_TAG: "theirs"})
+    # Someone tagged it for our group, but Helix never launched it: no launch token.
+    tokenless = run_one(world, {GROUP_TAG: "g1", "Name": "helix-g1"})
+    # The manager itself, looking exactly like one of ours (the worst case).
+    manager = run_one(world, {GROUP_TAG: "g1", "Name": "helix-g1", TOKEN_TAG: "boot"})
+    imds.instance_id = manager
+    prov = providers(world, HELIX_IMDS_URL=imds.url)
+    with caplog.at_level(logging.INFO, logger="controller_asg.providers.ec2"):
+        [mine] = [i.instance_id for i in prov.launch(1, "boot")]  # the manager's token: still not adopted
+        assert [i.instance_id for i in prov.list_instances()] == [mine]
+        assert [i.instance_id for i in prov.list_instances()] == [mine]
+        prov.terminate([untagged, other, tokenless, manager, mine])
+    after = states(world)
+    assert after[mine] in ("shutting-down", "terminated")
+    assert {after[i] for i in (untagged, other, tokenless, manager)} == {"running"}
+    terminated = [c.params["InstanceIds"] for c in prov.calls if c.operation == "TerminateInstances"]
+    assert terminated == [[mine]]
+    assert imds.requests.count("PUT /latest/api/token") == 1  # learned once
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(f"ignoring {tokenless}" in m for m in messages) == 1  # once per id, however often listed
+    assert sum(f"ignoring {manager}" in m for m in messages) == 1
+    assert any(f"manager instance is {manager}" in m for m in messages)
+
+    def refusal(iid):
+        [line] = [m for m in messages if m.startswith("terminate refused for") and iid in m]
+        return line
+
+    assert "manager's own instance" in refusal(manager)
+    assert "no evidence Helix launched it" in refusal(tokenless) and TOKEN_TAG in refusal(tokenless)
+    assert "not an instance of group g1" in refusal(untagged) and "not an instance of group g1" in refusal(other)
+
+    # The policy alone refuses the foreign, the other group's and the token-less instance (AWS
+    # would answer UnauthorizedOperation); it cannot tell the manager from one of ours: there the
+    # provider's own refusal above is the guard.
+    policy = policy_for(prov.cfg, MOTO_ACCOUNT)
+    assert allowed(policy, terminate_request(world, mine))
+    for iid in (untagged, other, tokenless):
+        assert not allowed(policy, terminate_request(world, iid)), iid
+    assert allowed(policy, terminate_request(world, manager))
+
+
+def test_manager_id_from_the_setting_and_no_metadata_means_not_on_ec2(world, providers, imds):
+    manager = run_one(world, {GROUP_TAG: "g1", "Name": "helix-g1", TOKEN_TAG: "old"})
+    imds.instance_id = "i-0somebodyelse"
+    prov = providers(world, HELIX_IMDS_URL=imds.url, HELIX_EC2_MANAGER_INSTANCE_ID=manager)
+    assert prov.list_instances() == []
+    prov.terminate([manager])
+    assert states(world)[manager] == "running" and imds.requests == []  # the setting wins: IMDS not asked
+    # Metadata that does not answer: not on EC2, so nothing is the manager.
+    imds.instance_id = ""
+    elsewhere = providers(world, HELIX_IMDS_URL=imds.url)
+    assert elsewhere.manager_instance_id() == "" and [i.instance_id for i in elsewhere.list_instances()] == [manager]
+    elsewhere.terminate([manager])
+    assert states(world)[manager] in ("shutting-down", "terminated")
+
+
+# --- the generated IAM policy against real calls -----------------------------------------------
+
+
+def test_generated_policy_allows_the_real_launch_and_nothing_next_to_it(world, providers):
+    ec2 = world["ec2"]
+    ec2.create_key_pair(KeyName="ops")
+    vpc = ec2.describe_subnets(SubnetIds=world["subnets"][:1])["Subnets"][0]["VpcId"]
+    stray_subnet = ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.7.0/24")["Subnet"]["SubnetId"]
+    stray_sg = ec2.create_security_group(GroupName="not-helix", Description="t", VpcId=vpc)["GroupId"]
+    prov = providers(world, HELIX_EC2_KEY_NAME="ops", HELIX_EC2_SUBNETS=world["subnets"][0])
+    prov.launch(1, "real")
+    [run] = [c for c in prov.calls if c.operation == "RunInstances"]
+    policy = policy_for(prov.cfg, MOTO_ACCOUNT)
+    assert denied(policy, iam_requests(world, run)) == []  # (the fixture checks every call too)
+
+    def refused(**changes):
+        """The resources (kind/name) the policy refuses once the real call is changed so."""
+        region = changes.pop("region", run.region)
+        call = dataclasses.replace(run, params={**run.params, **changes}, region=region)
+        return sorted(r.resource.split(":", 5)[5] for r in denied(policy, iam_requests(world, call)))
+
+    def with_tags(**instance_tags):
+        spec = [{"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in instance_tags.items()]}]
+        return spec + [s for s in run.params["TagSpecifications"] if s["ResourceType"] != "instance"]
+
+    assert refused(InstanceType="t3.large") == ["instance/*"]
+    assert refused(ImageId=MOTO_AMI_2) == [f"image/{MOTO_AMI_2}"]
+    assert refused(SubnetId=stray_subnet) == [f"subnet/{stray_subnet}"]
+    assert refused(SubnetId=world["subnets"][1]) == [f"subnet/{world['subnets'][1]}"]  # not configured here
+    assert refused(SecurityGroupIds=[world["sg"], stray_sg]) == [f"security-group/{stray_sg}"]
+    assert refused(KeyName="someone-elses") == ["key-pair/someone-elses"]
+    # Another region: every regional resource, and the request itself, is out.
+    assert len(refused(region="us-west-2")) == len(iam_requests(world, run))
+    # Instances only with this group's tag and a launch token, and no tag keys Helix does not set.
+    assert refused(TagSpecifications=with_tags(**{GROUP_TAG: "g2", TOKEN_TAG: "t"})) == ["instance/*"]
+    assert refused(TagSpecifications=with_tags(**{GROUP_TAG: "g1"})) == ["instance/*"]
+    assert refused(TagSpecifications=with_tags(**{GROUP_TAG: "g1", TOKEN_TAG: "t", "owner": "x"})) == ["instance/*"]
+
+
+def test_launch_with_an_instance_profile_passes_exactly_its_role(world, providers):
+    iam = iam_client(world)
+    role = iam.create_role(RoleName="helix-app", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    other = iam.create_role(RoleName="admin", AssumeRolePolicyDocument="{}")["Role"]["Arn"]
+    iam.create_instance_profile(InstanceProfileName="helix-app-profile")
+    iam.add_role_to_instance_profile(InstanceProfileName="helix-app-profile", RoleName="helix-app")
+    prov = providers(world, HELIX_EC2_INSTANCE_PROFILE="helix-app-profile", HELIX_EC2_ROLE_ARN=role)
+    prov.launch(1, "with-role")
+    [run] = [c for c in prov.calls if c.operation == "RunInstances"]
+    [passed] = [r for r in iam_requests(world, run) if r.action == "iam:PassRole"]
+    assert passed.resource == role
+    policy = policy_for(prov.cfg, MOTO_ACCOUNT)
+    assert allowed(policy, passed)  # (and the fixture checks the whole call)
+    assert not allowed(policy, dataclasses.replace(passed, resource=other))
+    assert not allowed(policy, dataclasses.replace(passed, context={"iam:PassedToService": "lambda.amazonaws.com"}))

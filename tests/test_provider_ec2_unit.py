@@ -1,26 +1,25 @@
 """The ec2 provider's call order and pending instances (a stubbed botocore client: moto starts
-instances `running` at once), its user data, and the IAM policy that must allow what it calls."""
+instances `running` at once), what it counts as its own, what it records, and its user data.
+(The IAM policy is tested in tests/test_iam.py and against real calls in tests/test_provider_ec2.py.)"""
 
 from __future__ import annotations
 
 import base64
 import datetime as dt
-import fnmatch
-import json
-import os
+import logging
 
 import boto3
 import pytest
 import yaml
 from botocore.stub import ANY, Stubber
 
-from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, TOKEN_TAG, Ec2Provider
+from controller_asg.providers.ec2 import GROUP_TAG, LAUNCH_TAG_KEYS, TOKEN_TAG, Ec2Provider
 from controller_asg.providers.userdata import AGENT_UNIT, ENV_PATH, render_user_data
 from shared.config import load_config
-from tests.procs import ROOT
 
 GROUP_FILTER = {"Name": f"tag:{GROUP_TAG}", "Values": ["g1"]}
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
+OURS = {GROUP_TAG: "g1", TOKEN_TAG: "t-0"}  # what Helix launched: the group's tag and a launch token
 
 
 def cfg(**extra):
@@ -33,6 +32,7 @@ def cfg(**extra):
             "HELIX_EC2_AMI": "ami-1",
             "HELIX_EC2_SUBNETS": "subnet-a,subnet-b",
             "HELIX_AWS_REGION": "us-east-1",
+            "HELIX_IMDS_URL": "",  # not on EC2: no metadata lookup
             **extra,
         }
     )
@@ -46,7 +46,7 @@ def instance(iid, state="pending", subnet="subnet-a", zone="us-east-1a", tags=No
         "Placement": {"AvailabilityZone": zone},
         "LaunchTime": NOW,
         "PrivateIpAddress": "10.0.0.9",
-        "Tags": [{"Key": k, "Value": v} for k, v in (tags if tags is not None else {GROUP_TAG: "g1"}).items()],
+        "Tags": [{"Key": k, "Value": v} for k, v in (tags if tags is not None else OURS).items()],
     }
 
 
@@ -138,9 +138,10 @@ def test_list_maps_states_and_drops_what_is_not_ours(stubbed):
                     instance("i-r", "running"),
                     instance("i-s", "shutting-down"),
                     instance("i-stopped", "stopped"),
-                    instance("i-x", "running", tags={GROUP_TAG: "other"}),
+                    instance("i-x", "running", tags={GROUP_TAG: "other", TOKEN_TAG: "t-0"}),
                     instance("i-y", "running", tags={}),
-                    instance("i-prot", "running", tags={GROUP_TAG: "g1", "helix:protected": "true"}),
+                    instance("i-prot", "running", tags={**OURS, "helix:protected": "true"}),
+                    instance("i-no-token", "running", tags={GROUP_TAG: "g1", TOKEN_TAG: ""}),
                 ]
             }
         ]
@@ -168,15 +169,59 @@ def test_list_maps_states_and_drops_what_is_not_ours(stubbed):
     }
 
 
-def test_terminate_asks_only_for_owned_ids(stubbed):
+def test_terminate_asks_only_for_owned_ids(stubbed, caplog):
     prov, stub, _ = stubbed
     stub.add_response(
         "describe_instances",
-        {"Reservations": [{"Instances": [instance("i-1", "running")]}]},
-        {"Filters": [GROUP_FILTER, {"Name": "instance-id", "Values": ["i-1", "i-foreign"]}]},
+        {
+            "Reservations": [
+                {"Instances": [instance("i-1", "running"), instance("i-tagged", "running", tags={GROUP_TAG: "g1"})]}
+            ]
+        },
+        {"Filters": [GROUP_FILTER, {"Name": "instance-id", "Values": ["i-1", "i-foreign", "i-tagged"]}]},
     )
     stub.add_response("terminate_instances", {"TerminatingInstances": []}, {"InstanceIds": ["i-1"]})
-    prov.terminate(["i-1", "i-foreign", "i-1"])
+    with caplog.at_level(logging.WARNING):
+        prov.terminate(["i-1", "i-foreign", "i-1", "i-tagged"])
+    lines = [r.getMessage() for r in caplog.records]
+    assert "terminate refused for i-foreign: not an instance of group g1" in lines
+    assert any(m.startswith("terminate refused for i-tagged:") and TOKEN_TAG in m for m in lines)
+
+
+def test_the_manager_is_never_listed_nor_terminated(caplog):
+    client = boto3.client("ec2", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    prov = Ec2Provider(cfg(HELIX_EC2_MANAGER_INSTANCE_ID="i-manager"), client=client, launch_client=client)
+    with Stubber(client) as stub, caplog.at_level(logging.INFO):
+        reply = {"Reservations": [{"Instances": [instance("i-manager", "running"), instance("i-1", "running")]}]}
+        stub.add_response("describe_instances", reply)
+        assert [i.instance_id for i in prov.list_instances()] == ["i-1"]
+        stub.add_response("describe_instances", {"Reservations": [{"Instances": [instance("i-manager", "running")]}]})
+        prov.terminate(["i-manager"])  # no terminate_instances call follows: the stubber would fail
+        stub.assert_no_pending_responses()
+    lines = [r.getMessage() for r in caplog.records]
+    assert "terminate refused for i-manager: the manager's own instance" in lines
+    assert sum("i-manager" in m and "from HELIX_EC2_MANAGER_INSTANCE_ID" in m for m in lines) == 1
+
+
+def test_every_request_is_recorded_without_user_data(stubbed):
+    prov, stub, _ = stubbed
+    stub.add_response("describe_instances", {"Reservations": []}, {"Filters": [GROUP_FILTER]})
+    stub.add_response("run_instances", {"Instances": [instance("i-1")]}, run_params("subnet-a"))
+    prov.launch(1, "t-4")
+    assert [c.operation for c in prov.calls] == ["DescribeInstances", "RunInstances"]
+    run = prov.calls[1]
+    assert run.region == "us-east-1" and run.params["InstanceType"] == "t3.micro" and "UserData" not in run.params
+    assert prov.calls.maxlen and prov.calls.maxlen >= 100  # bounded: the controller runs for months
+
+
+def test_launch_tags_are_the_ones_the_policy_allows():
+    prov = Ec2Provider.__new__(Ec2Provider)
+    # A provider without a client: only the tags of its launch request are under test.
+    prov.cfg, prov.group, prov._bearer = cfg(), "g1", "t"  # noqa: SLF001
+    specs = prov._run_params("subnet-a", 1, "tok", 0)["TagSpecifications"]  # noqa: SLF001
+    assert {t["Key"] for spec in specs for t in spec["Tags"]} <= set(LAUNCH_TAG_KEYS)
+    [instance_tags] = [spec["Tags"] for spec in specs if spec["ResourceType"] == "instance"]
+    assert {t["Key"] for t in instance_tags} >= {GROUP_TAG, TOKEN_TAG}  # what ownership is decided on
 
 
 # --- user data ----------------------------------------------------------------------------------
@@ -206,54 +251,7 @@ def test_user_data_without_token_runs_the_agent_insecure_and_refuses_newlines():
         render_user_data(cfg(), "a\nb", {"group": "g1"})
 
 
-# --- IAM policy -------------------------------------------------------------------------------------
-
-
-def load_policy():
-    with open(os.path.join(ROOT, "deploy", "iam-policy.json"), encoding="utf-8") as fh:
-        return json.load(fh)
-
-
-def as_list(value):
-    return value if isinstance(value, list) else [value]
-
-
-def allowing(policy, action):
-    return [
-        s
-        for s in policy["Statement"]
-        if s["Effect"] == "Allow" and any(fnmatch.fnmatchcase(action.lower(), a.lower()) for a in as_list(s["Action"]))
-    ]
-
-
-def test_iam_policy_allows_every_operation_the_provider_calls_and_no_more():
-    policy = load_policy()
-    assert policy["Version"] == "2012-10-17"
-    for op in OPERATIONS:
-        assert allowing(policy, f"ec2:{op}"), f"ec2:{op} is not allowed by deploy/iam-policy.json"
-    actions = {a for s in policy["Statement"] for a in as_list(s["Action"])}
-    assert actions == {f"ec2:{op}" for op in OPERATIONS} | {"iam:PassRole"}  # no wildcards, nothing extra
-    for s in policy["Statement"]:
-        if s["Resource"] == "*":
-            assert as_list(s["Action"]) == ["ec2:DescribeInstances"]  # the one API without resource-level rules
-
-
-def test_iam_policy_conditions_terminate_and_launch_on_the_group_tag():
-    policy = load_policy()
-    [term] = allowing(policy, "ec2:TerminateInstances")
-    assert term["Condition"]["StringEquals"]["ec2:ResourceTag/helix:group"] == "helix"
-    on_instances = [
-        s for s in allowing(policy, "ec2:RunInstances") if "arn:aws:ec2:*:*:instance/*" in as_list(s["Resource"])
-    ]
-    assert [s["Condition"]["StringEquals"]["aws:RequestTag/helix:group"] for s in on_instances] == ["helix"]
-    allowed_keys = set(on_instances[0]["Condition"]["ForAllValues:StringEquals"]["aws:TagKeys"])
-    prov = Ec2Provider.__new__(Ec2Provider)
-    # A provider without a client: only the tags of its launch request are under test.
-    prov.cfg, prov.group, prov._bearer = cfg(HELIX_GROUP="helix"), "helix", "t"  # noqa: SLF001
-    tags = prov._run_params("subnet-a", 1, "tok", 0)["TagSpecifications"]  # noqa: SLF001
-    assert {t["Key"] for spec in tags for t in spec["Tags"]} <= allowed_keys
-    [tag] = allowing(policy, "ec2:CreateTags")
-    assert tag["Condition"]["StringEquals"]["ec2:CreateAction"] == "RunInstances"
+# --- packaging ------------------------------------------------------------------------------------
 
 
 def test_local_provider_does_not_import_boto3(procs):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import signal
@@ -103,7 +104,9 @@ def test_launch_spreads_over_zones_with_the_agent_env(state_dir, env_dir):
             app = next(m for m in rec["members"] if m["role"] == "app")
             assert env["HELIX_AGENT_LISTEN"] == env["HELIX_ADVERTISE_ADDR"] == inst.address
             assert env["HELIX_MONITOR_ADDR"] == "127.0.0.1:5999"
-            assert env["HELIX_TOKEN"] == "s3cret-token-0123" and "HELIX_INSECURE" not in env
+            # No fleet secret on an instance: its own secret instead, of which the record keeps the digest.
+            assert "HELIX_TOKEN" not in env and "HELIX_INSECURE" not in env
+            assert hashlib.sha256(env["HELIX_INSTANCE_SECRET"].encode()).hexdigest() == inst.secret_digest
             assert env["HELIX_CPU_SOURCE"] == f"tree:{app['pid']}"
             assert env["HELIX_VCPUS"] == "2" and env["HELIX_ENV_FILE"] == ""
             assert env["HELIX_LABELS"] == f"zone={inst.zone},app_port={rec['app_port']}"

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import psutil
@@ -15,11 +16,14 @@ from hypothesis import strategies as st
 
 from shared.table import (
     ADDRESS_BYTES,
+    DETAIL_BYTES,
     ID_BYTES,
     ROW_DTYPE,
     InstanceRow,
     LayoutMismatch,
     MetricsTable,
+    PollFailure,
+    PollSample,
     State,
     TableFull,
     TableNotFound,
@@ -191,6 +195,194 @@ def test_ids_at_and_beyond_the_limit(length, table_name):
         InstanceRow("i-1", "a:1", failures=-1).to_record()
 
 
+# -- MonitorS's poll writes ------------------------------------------------------------------------
+
+
+def sample(slot: int, instance_id: str, **values) -> PollSample:
+    base = PollSample(
+        slot=slot,
+        instance_id=instance_id,
+        state=State.HEALTHY,
+        app_down_polls=0,
+        poll_latency=0.125,
+        cpu=0.5,
+        mem=0.25,
+        disk=0.75,
+        load1=1.5,
+        load5=1.25,
+        load15=1.0,
+        net_rx=1234.5,
+        net_tx=678.25,
+        sample_time=99.5,
+        vcpus=4,
+        app_live=True,
+        app_detail="ok",
+    )
+    return replace(base, **values)
+
+
+def registered(table: MetricsTable, *ids: str) -> dict[str, InstanceRow]:
+    rows = {}
+    for n, iid in enumerate(ids):
+        row = InstanceRow(
+            iid,
+            f"10.0.0.{n}:7",
+            State.REGISTERING,
+            zone="z1",
+            agent_version="v1",
+            registered_at=10.0 + n,
+            failures=2,
+            vcpus=2,
+            app_port=8080,
+        )
+        table.register(row)
+        rows[iid] = row
+    return rows
+
+
+def live_rows(table: MetricsTable) -> dict[str, InstanceRow]:
+    return {r.instance_id: r for r in table.snapshot().instances()}
+
+
+def test_write_samples_writes_the_poll_and_nothing_else(table_name):
+    with MetricsTable.open_or_create(table_name, 8) as table:
+        before = registered(table, "i-a", "i-b", "i-c")
+        seq = table.snapshot().seq
+        missed = table.write_samples(
+            [
+                sample(0, "i-a"),
+                sample(
+                    1,
+                    "i-b",
+                    state=State.APP_DOWN,
+                    app_down_polls=3,
+                    cpu=1.7,  # clipped to the column's 0..1
+                    vcpus=70000,  # capped at what the column holds
+                    app_live=False,
+                    app_detail="connection refused " * 5,  # clipped with an ellipsis
+                ),
+            ],
+            now=500.0,
+        )
+        assert missed == []
+        assert table.snapshot().seq == seq + 1  # one lock hold for the batch
+        written = dict(
+            last_seen=500.0,
+            last_metrics=500.0,
+            failures=0,
+            poll_latency=0.125,
+            mem=0.25,
+            disk=0.75,
+            load1=1.5,
+            load5=1.25,
+            load15=1.0,
+            net_rx=1234.5,
+            net_tx=678.25,
+            sample_time=99.5,
+        )
+        rows = live_rows(table)
+        assert rows["i-a"] == replace(
+            before["i-a"], **written, state=State.HEALTHY, cpu=0.5, vcpus=4, app_live=True, app_detail="ok"
+        )
+        detail = rows["i-b"].app_detail
+        assert len(detail.encode()) <= DETAIL_BYTES and detail.startswith("connection refused") and detail[-1] == "…"
+        assert rows["i-b"] == replace(
+            before["i-b"],
+            **written,
+            state=State.APP_DOWN,
+            app_down_polls=3,
+            cpu=1.0,
+            vcpus=65535,
+            app_live=False,
+            app_detail=detail,
+        )
+        assert rows["i-c"] == before["i-c"]  # not in the batch: untouched
+        assert table.write_samples([], now=600.0) == [] and table.snapshot().seq == seq + 1  # no lock for nothing
+
+
+def test_mark_failures_writes_the_count_and_state_only(table_name):
+    with MetricsTable.open_or_create(table_name, 8) as table:
+        registered(table, "i-a", "i-b")
+        table.write_samples([sample(0, "i-a"), sample(1, "i-b")], now=500.0)
+        polled = live_rows(table)
+        seq = table.snapshot().seq
+        assert (
+            table.mark_failures([PollFailure(0, "i-a", State.UNHEALTHY, 3), PollFailure(1, "i-b", State.HEALTHY, 1)])
+            == []
+        )
+        assert table.snapshot().seq == seq + 1
+        rows = live_rows(table)
+        assert rows["i-a"] == replace(polled["i-a"], state=State.UNHEALTHY, failures=3)  # metrics and last_seen kept
+        assert rows["i-b"] == replace(polled["i-b"], failures=1)
+        assert table.mark_failures([]) == [] and table.snapshot().seq == seq + 1
+
+
+def test_poll_writes_leave_rows_that_are_no_longer_theirs_alone(table_name):
+    """A row freed by someone else stays free (not resurrected half-empty), and a slot that holds
+    another instance meanwhile keeps it; the writes report those positions and do the rest."""
+    with MetricsTable.open_or_create(table_name, 8) as table:
+        registered(table, "i-a", "i-b", "i-c")
+        table.free("i-b")
+        table.free("i-c")
+        assert table.register(InstanceRow("i-d", "10.0.0.9:7", vcpus=1)) == 1  # i-b's old slot
+        untouched = table.snapshot().rows[1:3].tobytes()
+
+        missed = table.write_samples([sample(1, "i-b"), sample(0, "i-a"), sample(2, "i-c")], now=500.0)
+        assert missed == [0, 2]
+        assert table.snapshot().rows[1:3].tobytes() == untouched
+        assert live_rows(table)["i-a"].state == State.HEALTHY
+
+        missed = table.mark_failures(
+            [
+                PollFailure(0, "i-a", State.UNHEALTHY, 5),
+                PollFailure(2, "i-c", State.UNHEALTHY, 5),
+                PollFailure(1, "i-b", State.UNHEALTHY, 5),
+            ]
+        )
+        assert missed == [1, 2]
+        snap = table.snapshot()
+        assert snap.rows[1:3].tobytes() == untouched and not snap.rows[2].tobytes().strip(b"\0")
+        assert live_rows(table)["i-a"].failures == 5
+        assert sorted(live_rows(table)) == ["i-a", "i-d"] and snap.monitor.registered == 2
+
+
+def test_update_registration_refreshes_what_the_agent_reports(table_name):
+    with MetricsTable.open_or_create(table_name, 8) as table:
+        registered(table, "i-a", "i-b")
+        table.write_samples([sample(0, "i-a", state=State.APP_DOWN, app_down_polls=2, app_live=False)], now=500.0)
+        polled = live_rows(table)["i-a"]
+        assert table.update_registration(0, "i-a", 8, "v2", "z2", 9090) is True
+        assert live_rows(table)["i-a"] == replace(polled, vcpus=8, agent_version="v2", zone="z2", app_port=9090)
+
+        before = table.snapshot()
+        assert table.update_registration(1, "i-a", 8, "v2", "z2", 9090) is False  # slot 1 holds i-b
+        table.free("i-b")
+        freed = table.snapshot()
+        assert table.update_registration(1, "i-b", 8, "v2", "z2", 9090) is False  # not brought back
+        assert table.snapshot().rows.tobytes() == freed.rows.tobytes()
+        assert before.rows[0].tobytes() == freed.rows[0].tobytes()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((70000, "v2", "z2", 80), "vcpus: 70000 expected an integer from 0 to 65535"),
+        ((8, "v2", "z2", -1), "app_port: -1 expected an integer from 0 to 65535"),
+        ((8, "v" * 17, "z2", 80), "agent_version: 'v+' is 17 bytes, expected at most 16"),
+        ((8, "v2", "z" * 33, 80), "zone: 'z+' is 33 bytes, expected at most 32"),
+        ((8, "v2", "z\x00", 80), "zone: .* contains a NUL character"),
+    ],
+)
+def test_update_registration_refuses_what_does_not_fit(args, message, table_name):
+    with MetricsTable.open_or_create(table_name, 8) as table:
+        registered(table, "i-a")
+        before = table.snapshot()
+        with pytest.raises(ValueError, match=message):
+            table.update_registration(0, "i-a", *args)
+        after = table.snapshot()
+        assert after.seq == before.seq and after.rows.tobytes() == before.rows.tobytes()
+
+
 # -- concurrency across processes ----------------------------------------------------------------
 
 
@@ -273,3 +465,36 @@ def test_inspect_json_and_text_change_nothing(table_name):
     with MetricsTable.attach(table_name) as table:
         after = table.snapshot()
     assert after.seq == before.seq and bytes(after.rows.tobytes()) == bytes(before.rows.tobytes())
+
+
+def test_an_agents_nan_or_huge_metrics_never_make_a_bad_row(table_name):
+    """A NaN or an overflow from an agent would make the controller leave the row out (and later
+    replace a healthy instance): the write path sanitises what agents report."""
+    from shared.table import PollSample
+
+    with MetricsTable.open_or_create(table_name, 4) as table:
+        slot = table.register(InstanceRow("i-1", "127.0.0.1:1"))
+        sample = PollSample(
+            slot=slot,
+            instance_id="i-1",
+            state=State.HEALTHY,
+            app_down_polls=0,
+            poll_latency=float("nan"),
+            cpu=float("nan"),
+            mem=float("inf"),
+            disk=-1.0,
+            load1=1e300,
+            load5=float("-inf"),
+            load15=2.0,
+            net_rx=float("nan"),
+            net_tx=5.0,
+            sample_time=float("inf"),
+            vcpus=1,
+            app_live=True,
+            app_detail="",
+        )
+        table.write_samples([sample], 100.0)
+        snap = table.snapshot()
+        assert snap.problems == (), snap.problems
+        (row,) = snap.instances()
+        assert (row.cpu, row.mem, row.disk, row.load5, row.load15, row.net_rx) == (0.0, 0.0, 0.0, 0.0, 2.0, 0.0)

@@ -325,7 +325,7 @@ V1_OFFSETS = {
 
 def test_new_header_fields_come_from_the_reserved_tail():
     assert {name: HEADER_DTYPE.fields[name][1] for name in V1_OFFSETS} == V1_OFFSETS
-    assert HEADER_DTYPE.itemsize == HEADER_SIZE == 1024 and LAYOUT_VERSION == 1
+    assert HEADER_DTYPE.itemsize == HEADER_SIZE == 1024 and LAYOUT_VERSION == 2  # 2: the roster region
     new = ["breaker", "breaker_failures", "billable", "max_instances", "table_problems"]
     assert all(HEADER_DTYPE.fields[name][1] >= 538 for name in new)
     assert HEADER_DTYPE.names[-1] == "_reserved"

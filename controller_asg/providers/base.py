@@ -22,6 +22,9 @@ class ProviderInstance:
     # The launch token it was launched under ("" if unknown): how the launch gate tells which
     # in-doubt launch an instance answers for.
     launch_token: str = ""
+    # SHA-256 (hex) of the per-instance secret the provider gave the agent ("" if none): the
+    # controller publishes it on the roster, and MonitorS registers the agent only with the secret.
+    secret_digest: str = ""
 
 
 class LaunchError(Exception):

@@ -1,9 +1,12 @@
 """The `ec2` provider: instances on AWS EC2, through boto3.
 
 Ownership: every instance Helix launches carries the tags `helix:group=<HELIX_GROUP>`, `Name` and
-`helix:launch-token=<token>`. Helix lists, counts and terminates only instances with its group
-tag; an instance without it, or of another group, is never touched (the seed terminated every
-instance in the account at start-up).
+`helix:launch-token=<token>`. Helix lists, counts and terminates only instances with its group tag
+*and* a launch token (the evidence that Helix launched it: anyone can put a group tag on an
+instance); an instance without both, or of another group, is never touched (the seed terminated
+every instance in the account at start-up). Nor is the manager's own instance, whatever its tags:
+its id is learned once, from HELIX_EC2_MANAGER_INSTANCE_ID or instance metadata (IMDSv2 at
+HELIX_IMDS_URL; no answer: the manager is not on EC2).
 
 Launches:
   * from HELIX_EC2_LAUNCH_TEMPLATE (id `lt-…` or name), or HELIX_EC2_AMI + type + subnets +
@@ -21,20 +24,23 @@ Credentials: HELIX_AWS_ACCESS_KEY/SECRET_KEY/SESSION_TOKEN (the seed's .env keys
 boto3's default chain (an instance profile on the manager VM). Region: HELIX_AWS_REGION
 (AWS_REGION, REGION) or boto3's default. Throttling: botocore's adaptive retry mode.
 
-The least-privilege IAM policy for this module is deploy/iam-policy.json; every operation it calls
-is in OPERATIONS, and a test checks the policy allows each of them. The policy names the default
-group, `helix`, in its two tag conditions (launch only instances tagged with it, terminate only
-those): with another HELIX_GROUP, put that name there.
+The least-privilege IAM policy for this module is generated from the configuration by
+`python -m controller_asg.iam` (deploy/iam-policy.json is its output for the defaults). Every
+operation this module calls is in OPERATIONS; every request it sends is kept in `calls` (the last
+CALLS_KEPT), and the moto tests check each one is allowed by the generated policy.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import hashlib
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from controller_asg.providers.base import LaunchError, ProviderInstance
@@ -46,7 +52,10 @@ log = logging.getLogger("controller_asg.providers.ec2")
 GROUP_TAG = "helix:group"
 TOKEN_TAG = "helix:launch-token"
 PROTECTED_TAG = "helix:protected"
-# Every EC2 API operation this module calls; deploy/iam-policy.json must allow each (tested).
+# Every tag key a launch request sets (the IAM policy allows these and no other).
+LAUNCH_TAG_KEYS = (GROUP_TAG, "Name", TOKEN_TAG)
+# Every EC2 API operation this module calls; the policy controller_asg/iam.py generates allows each
+# (tested, and every recorded request against it in the moto tests).
 # CreateTags is not called directly: RunInstances' TagSpecifications need it (tag-on-create).
 OPERATIONS = ("DescribeInstances", "RunInstances", "TerminateInstances", "CreateTags")
 LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
@@ -66,6 +75,19 @@ ZONE_ERRORS = frozenset(
 # A RunInstances whose reply may have been lost: the instances may exist; look before resending.
 _LAUNCH_ATTEMPTS = 3
 _IDS_PER_CALL = 100
+# Requests kept in `Ec2Provider.calls`: bounded, the controller runs for months.
+CALLS_KEPT = 1000
+
+
+@dataclass
+class ApiCall:
+    """One EC2 request as sent: what the IAM policy is checked against (tests) and debugging."""
+
+    operation: str
+    # The parameters given to boto3, without UserData (it holds the bearer token, and IAM never
+    # looks at it).
+    params: dict[str, Any]
+    region: str
 
 
 def _state(ec2_state: str) -> str:
@@ -105,10 +127,15 @@ class Ec2Provider:
         self.client = client
         self.launch_client = launch_client
         self._bearer = cfg.resolved_token()
-        # Operation names actually sent (what the IAM policy test compares against OPERATIONS).
+        # Operation names actually sent (what the IAM policy test compares against OPERATIONS),
+        # and the requests themselves (what it checks against the generated policy).
         self.operations_called: set[str] = set()
+        self.calls: deque[ApiCall] = deque(maxlen=CALLS_KEPT)
+        self._region = str(client.meta.region_name or "")
         for c in {id(client): client, id(launch_client): launch_client}.values():
             c.meta.events.register("before-parameter-build.ec2", self._record_operation)
+        self._manager_id: str | None = None  # learned on first use
+        self._ignored: set[str] = set()  # group-tagged ids without launch evidence, logged once
 
     @staticmethod
     def _make_clients(cfg: Config) -> tuple[Any, Any]:
@@ -135,9 +162,59 @@ class Ec2Provider:
         )
         return client, launch_client
 
-    def _record_operation(self, model: Any = None, **_: Any) -> None:
-        if model is not None:
-            self.operations_called.add(model.name)
+    def _record_operation(self, model: Any = None, params: Any = None, **_: Any) -> None:
+        if model is None:
+            return
+        self.operations_called.add(model.name)
+        kept = {k: copy.deepcopy(v) for k, v in (params or {}).items() if k != "UserData"}
+        self.calls.append(ApiCall(model.name, kept, self._region))
+
+    # --- ownership ---------------------------------------------------------------------------
+
+    def manager_instance_id(self) -> str:
+        """The manager's own instance id ('' when not on EC2), learned once: the setting, else
+        instance metadata. Helix never counts or terminates it, whatever its tags."""
+        if self._manager_id is None:
+            self._manager_id = self._learn_manager_id()
+        return self._manager_id
+
+    def _learn_manager_id(self) -> str:
+        if self.cfg.ec2_manager_instance_id:
+            found, source = self.cfg.ec2_manager_instance_id, "HELIX_EC2_MANAGER_INSTANCE_ID"
+        elif self.cfg.imds_url:
+            from monitor_c.identity import imds_lookup  # the one IMDSv2 client (short timeouts)
+
+            found, source = imds_lookup(self.cfg.imds_url).get("instance_id", ""), "instance metadata"
+        else:
+            found, source = "", "HELIX_IMDS_URL is empty"
+        if found:
+            log.info("manager instance is %s (from %s): never counted, never terminated", found, source)
+        else:
+            log.info("no manager instance id (%s did not give one): assuming the manager is not on EC2", source)
+        return found
+
+    def _refusal(self, instance_id: str, inst: dict | None) -> str:
+        """Why `inst` (None: not found with this group's tag) is not ours; '' when it is."""
+        if instance_id == self.manager_instance_id():
+            return "the manager's own instance"
+        if inst is None:
+            return f"not an instance of group {self.group}"
+        if not _tags(inst).get(TOKEN_TAG):
+            return f"carries {GROUP_TAG}={self.group} but no {TOKEN_TAG} tag (no evidence Helix launched it)"
+        return ""
+
+    def _ours(self, insts: Iterable[dict]) -> list[dict]:
+        """The instances Helix launched (group tag and launch token) other than the manager; each
+        one left out is logged once."""
+        out = []
+        for inst in insts:
+            why = self._refusal(inst["InstanceId"], inst)
+            if not why:
+                out.append(inst)
+            elif inst["InstanceId"] not in self._ignored:
+                self._ignored.add(inst["InstanceId"])
+                log.warning("ignoring %s: %s", inst["InstanceId"], why)
+        return out
 
     # --- listing -----------------------------------------------------------------------------
 
@@ -166,9 +243,10 @@ class Ec2Provider:
         )
 
     def list_instances(self) -> list[ProviderInstance]:
-        """One paginated DescribeInstances: this group's tag, non-terminated states."""
+        """One paginated DescribeInstances: this group's tag, non-terminated states; only what Helix
+        launched (a launch token), never the manager."""
         insts = self._describe([{"Name": "instance-state-name", "Values": list(LIVE_STATES)}])
-        return [self._to_instance(i) for i in insts]
+        return [self._to_instance(i) for i in self._ours(insts)]
 
     # --- launching ---------------------------------------------------------------------------
 
@@ -179,7 +257,7 @@ class Ec2Provider:
             raise ValueError(f"token={token!r}: expected 1 to 128 characters")
         # One call sees both: instances already launched under this token (in any state, so a
         # launch whose instances died meanwhile is not redone) and the live ones (for the spread).
-        everything = self._describe([])
+        everything = self._ours(self._describe([]))
         mine = [i for i in everything if _tags(i).get(TOKEN_TAG) == token]
         live = [i for i in everything if i.get("State", {}).get("Name") in LIVE_STATES]
         out = [self._to_instance(i) for i in mine if i.get("State", {}).get("Name") in LIVE_STATES]
@@ -254,7 +332,7 @@ class Ec2Provider:
         for attempt in range(_LAUNCH_ATTEMPTS):
             if attempt:
                 self.sleep(min(2.0, 0.25 * 2**attempt))
-                found = self._describe([{"Name": f"tag:{TOKEN_TAG}", "Values": [token]}])
+                found = self._ours(self._describe([{"Name": f"tag:{TOKEN_TAG}", "Values": [token]}]))
                 new = [i for i in found if i["InstanceId"] not in known]
                 if new:
                     log.info(
@@ -333,18 +411,25 @@ class Ec2Provider:
     # --- terminating -------------------------------------------------------------------------
 
     def terminate(self, instance_ids: Sequence[str]) -> None:
-        """Terminate exactly the ids asked for that carry this group's tag; refuse (log) the rest."""
+        """Terminate exactly the ids asked for that Helix launched (this group's tag and a launch
+        token), never the manager's own instance; refuse (log, never touch) the rest."""
         asked = list(dict.fromkeys(instance_ids))
         if not asked:
             return
-        owned: set[str] = set()
+        found: dict[str, dict] = {}
         for start in range(0, len(asked), _IDS_PER_CALL):  # EC2 caps the values of one filter
             chunk = asked[start : start + _IDS_PER_CALL]
-            owned.update(i["InstanceId"] for i in self._describe([{"Name": "instance-id", "Values": chunk}]))
-        refused = [i for i in asked if i not in owned]
-        if refused:
-            log.warning("terminate refused for %s: not instances of group %s", ", ".join(refused), self.group)
-        targets = [i for i in asked if i in owned]
+            found.update((i["InstanceId"], i) for i in self._describe([{"Name": "instance-id", "Values": chunk}]))
+        refused: dict[str, list[str]] = {}
+        targets = []
+        for iid in asked:
+            why = self._refusal(iid, found.get(iid))
+            if why:
+                refused.setdefault(why, []).append(iid)
+            else:
+                targets.append(iid)
+        for why, ids in refused.items():
+            log.warning("terminate refused for %s: %s", ", ".join(ids), why)
         for start in range(0, len(targets), _IDS_PER_CALL):
             chunk = targets[start : start + _IDS_PER_CALL]
             self.client.terminate_instances(InstanceIds=chunk)

@@ -79,6 +79,7 @@ class Record:
     pgid: int = 0
     members: list[Member] = field(default_factory=list)
     terminate_at: float = 0.0  # when SIGTERM was sent; 0 = not terminating
+    secret_digest: str = ""  # SHA-256 (hex) of the secret its agent registers with (the secret is not kept)
 
     @classmethod
     def from_json(cls, data: dict) -> Record:
@@ -215,6 +216,7 @@ class LocalProvider:
             protected=os.path.exists(os.path.join(self.dirs["protected"], rec.instance_id)),
             address=f"{rec.host}:{rec.agent_port}",
             launch_token=rec.token,
+            secret_digest=rec.secret_digest,
         )
 
     # --- the contract ------------------------------------------------------------------------
@@ -401,6 +403,10 @@ class LocalProvider:
         base = self._child_env()
         base["PYTHONPATH"] = _ROOT + (os.pathsep + base["PYTHONPATH"] if base.get("PYTHONPATH") else "")
         agent_env = dict(base, **self._agent_env(rec, zone, with_app=bool(app_argv)))
+        # The agent's own proof of identity: only its digest is written down (the record is not a secret).
+        secret = secrets.token_urlsafe(32)
+        agent_env["HELIX_INSTANCE_SECRET"] = secret
+        rec.secret_digest = hashlib.sha256(secret.encode()).hexdigest()
         try:
             app_pid = self._start_launcher(app_argv, agent_env, log_path, rec)
             if app_pid:
@@ -490,10 +496,10 @@ class LocalProvider:
         }
         if with_app:
             env["HELIX_APP_CHECK"] = f"tcp://{rec.host}:{rec.app_port}"
-        token = cfg.resolved_token()
-        if token:
-            env["HELIX_TOKEN"] = token
-        else:
+        # No fleet token: the agent proves who it is with its own HELIX_INSTANCE_SECRET (set by
+        # `_spawn`) and then accepts only the credential MonitorS hands it. A controller running
+        # insecure (no token) starts insecure agents, which accept calls before they register.
+        if not cfg.resolved_token():
             env["HELIX_INSECURE"] = "1"
         # The agent speaks to MonitorS with the same TLS material as the rest of the manager.
         for key, value in (

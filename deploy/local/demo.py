@@ -107,7 +107,7 @@ def tune(duration: int, work_ms: float, peak_rps: float | None) -> Tuning:
         "HELIX_LAUNCH_LEAD": "5",  # `predictive`: a local instance is in service ~2 s after launch
         "HELIX_COOLDOWN": "5",
         "HELIX_LOCAL_VCPUS": vcpus,
-        "HELIX_METRICS_PORT": "0",
+        "HELIX_METRICS_LISTEN": "",
         "HELIX_LOG_LEVEL": "info",
     }
     return Tuning(duration, work_ms, vcpus, target, peak, tuned)

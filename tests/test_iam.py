@@ -1,0 +1,374 @@
+"""The least-privilege IAM policy generated from the configuration (`python -m controller_asg.iam`),
+the committed deploy/iam-policy.json, and the small evaluator (tests/iam_eval.py) the checks use.
+Real calls against the policy: tests/test_provider_ec2.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from controller_asg.iam import DEFAULT_POLICY_PATH, PolicyError, default_policy, main, policy_for, render
+from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, TOKEN_TAG
+from shared.config import load_config
+from tests.iam_eval import Request, Unsupported, allowed, denied
+from tests.procs import ROOT, base_env
+
+ACCOUNT = "111122223333"
+REGION = "eu-west-1"
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/helix-app"
+
+
+def cfg(**extra):
+    return load_config(
+        {
+            "HELIX_ENV_FILE": "",
+            "HELIX_GROUP": "web",
+            "HELIX_AWS_REGION": REGION,
+            "HELIX_EC2_AMI": "ami-0aaa",
+            "HELIX_EC2_INSTANCE_TYPE": "c7g.large",
+            "HELIX_EC2_SUBNETS": "subnet-1,subnet-2",
+            "HELIX_EC2_SECURITY_GROUPS": "sg-1",
+            **extra,
+        }
+    )
+
+
+def arn(kind, name, region=REGION, account=ACCOUNT):
+    return f"arn:aws:ec2:{region}:{account}:{kind}/{name}"
+
+
+def launch(
+    *,
+    region=REGION,
+    instance_type="c7g.large",
+    image="ami-0aaa",
+    subnet="subnet-1",
+    groups=("sg-1",),
+    key="",
+    template="",
+    tags=None,
+    volume_tags=None,
+):
+    """The IAM requests of one RunInstances (as tests/iam_eval.py builds them from a real call)."""
+    tags = {GROUP_TAG: "web", "Name": "helix-web", TOKEN_TAG: "tok"} if tags is None else tags
+    volume_tags = {GROUP_TAG: "web", "Name": "helix-web"} if volume_tags is None else volume_tags
+    base = {"aws:RequestedRegion": region, **({"ec2:LaunchTemplate": template} if template else {})}
+
+    def tagged(t):
+        return {**{f"aws:RequestTag/{k}": v for k, v in t.items()}, **({"aws:TagKeys": tuple(t)} if t else {})}
+
+    return [
+        Request(
+            "ec2:RunInstances",
+            arn("instance", "*", region),
+            {**base, "ec2:InstanceType": instance_type, **tagged(tags)},
+        ),
+        Request("ec2:RunInstances", arn("volume", "*", region), {**base, **tagged(volume_tags)}),
+        Request("ec2:RunInstances", f"arn:aws:ec2:{region}::image/{image}", base),
+        Request("ec2:RunInstances", arn("subnet", subnet, region), base),
+        Request("ec2:RunInstances", arn("network-interface", "*", region), base),
+        *(Request("ec2:RunInstances", arn("security-group", g, region), base) for g in groups),
+        *([Request("ec2:RunInstances", arn("key-pair", key, region), base)] if key else []),
+        *([Request("ec2:RunInstances", template, base)] if template else []),
+        Request(
+            "ec2:CreateTags", arn("instance", "*", region), {**base, "ec2:CreateAction": "RunInstances", **tagged(tags)}
+        ),
+    ]
+
+
+def refused(policy, requests):
+    return [r.resource.split(":", 5)[5] for r in denied(policy, requests)]
+
+
+def terminate(instance_id, tags, region=REGION):
+    context = {"aws:RequestedRegion": region, **{f"aws:ResourceTag/{k}": v for k, v in tags.items()}}
+    return Request("ec2:TerminateInstances", arn("instance", instance_id, region), context)
+
+
+# --- the evaluator itself -----------------------------------------------------------------------
+
+
+def doc(*statements):
+    return {"Version": "2012-10-17", "Statement": list(statements)}
+
+
+def allow(action="s3:GetObject", resource="*", condition=None, effect="Allow"):
+    return {"Effect": effect, "Action": action, "Resource": resource, **({"Condition": condition} if condition else {})}
+
+
+def test_evaluator_actions_resources_and_deny():
+    policy = doc(allow("ec2:Describe*", "*"), allow("ec2:RunInstances", "arn:aws:ec2:*:*:instance/i-?"))
+    assert allowed(policy, Request("EC2:describeinstances", "*"))  # actions are case-insensitive
+    assert not allowed(policy, Request("ec2:TerminateInstances", "*"))  # implicit deny
+    assert allowed(policy, Request("ec2:RunInstances", "arn:aws:ec2:eu-west-1:1:instance/i-1"))
+    assert not allowed(
+        policy, Request("ec2:RunInstances", "arn:aws:ec2:eu-west-1:1:instance/i-12")
+    )  # ? is one character
+    assert not allowed(
+        policy, Request("ec2:RunInstances", "arn:aws:ec2:eu-west-1:1:Instance/i-1")
+    )  # ARNs: case-sensitive
+    # The account component must exist: a wildcard in one component never spans a colon.
+    assert not allowed(policy, Request("ec2:RunInstances", "arn:aws:ec2:eu-west-1:instance/i-1"))
+    assert not allowed(policy, Request("ec2:RunInstances", "arn:aws:ec2:eu-west-1:1:2:instance/i-1"))
+    denying = doc(allow("ec2:*", "*"), allow("ec2:TerminateInstances", "*", effect="Deny"))
+    assert allowed(denying, Request("ec2:RunInstances", "x")) and not allowed(
+        denying, Request("ec2:TerminateInstances", "x")
+    )
+
+
+def test_evaluator_string_conditions():
+    policy = doc(
+        allow(
+            condition={
+                "StringEquals": {"aws:RequestedRegion": ["eu-west-1", "eu-west-2"], "ec2:InstanceType": "t3.micro"}
+            }
+        )
+    )
+    ok = {"aws:RequestedRegion": "eu-west-2", "ec2:InstanceType": "t3.micro"}
+    assert allowed(policy, Request("s3:GetObject", "*", ok))  # values of one key: OR
+    assert not allowed(policy, Request("s3:GetObject", "*", {**ok, "ec2:InstanceType": "T3.micro"}))  # case-sensitive
+    assert not allowed(
+        policy, Request("s3:GetObject", "*", {"aws:RequestedRegion": "eu-west-1"})
+    )  # keys: AND; missing: false
+    assert allowed(
+        policy, Request("s3:GetObject", "*", {"AWS:RequestedRegion": "eu-west-1", "EC2:InstanceType": "t3.micro"})
+    )
+    like = doc(allow(condition={"StringLike": {"ec2:InstanceType": "t3.*"}}))
+    assert allowed(like, Request("s3:GetObject", "*", {"ec2:InstanceType": "t3.nano"}))
+    assert not allowed(like, Request("s3:GetObject", "*", {"ec2:InstanceType": "t3a.nano"}))
+    exists = doc(allow(condition={"StringEqualsIfExists": {"ec2:InstanceType": "t3.micro"}}))
+    assert allowed(exists, Request("s3:GetObject", "*", {}))
+    assert not allowed(exists, Request("s3:GetObject", "*", {"ec2:InstanceType": "t3.large"}))
+
+
+def test_evaluator_multivalued_null_and_arn_conditions():
+    keys = doc(allow(condition={"ForAllValues:StringEquals": {"aws:TagKeys": ["a", "b"]}}))
+    assert allowed(keys, Request("s3:GetObject", "*", {"aws:TagKeys": ("a",)}))
+    assert not allowed(keys, Request("s3:GetObject", "*", {"aws:TagKeys": ("a", "c")}))
+    assert allowed(keys, Request("s3:GetObject", "*", {}))  # AWS's pitfall: a missing key satisfies ForAllValues
+    any_of = doc(allow(condition={"ForAnyValue:StringEquals": {"aws:TagKeys": ["a"]}}))
+    assert allowed(any_of, Request("s3:GetObject", "*", {"aws:TagKeys": ("c", "a")}))
+    assert not allowed(any_of, Request("s3:GetObject", "*", {}))
+    present = doc(allow(condition={"Null": {"aws:ResourceTag/t": "false"}}))
+    assert allowed(present, Request("s3:GetObject", "*", {"aws:ResourceTag/t": "x"}))
+    assert not allowed(present, Request("s3:GetObject", "*", {}))
+    absent = doc(allow(condition={"Null": {"aws:ResourceTag/t": "true"}}))
+    assert allowed(absent, Request("s3:GetObject", "*", {})) and not allowed(
+        absent, Request("s3:GetObject", "*", {"aws:ResourceTag/t": ""})
+    )
+    for operator in ("ArnLike", "ArnEquals"):
+        lt = doc(allow(condition={operator: {"ec2:LaunchTemplate": "arn:aws:ec2:*:*:launch-template/lt-1*"}}))
+        assert allowed(
+            lt, Request("s3:GetObject", "*", {"ec2:LaunchTemplate": "arn:aws:ec2:r:1:launch-template/lt-12"})
+        )
+        assert not allowed(
+            lt, Request("s3:GetObject", "*", {"ec2:LaunchTemplate": "arn:aws:ec2:r:1:launch-template/lt-2"})
+        )
+
+
+def test_evaluator_refuses_what_it_does_not_implement():
+    request = Request("s3:GetObject", "*", {"k": "v", "m": ("a",)})
+    for policy in (
+        doc(allow(condition={"StringNotEquals": {"k": "v"}})),
+        doc(allow(condition={"NumericLessThan": {"k": "1"}})),
+        doc(allow(condition={"StringEquals": {"m": "a"}})),  # a multivalued key needs a qualifier
+        doc(allow(condition={"StringEquals": {"k": "${aws:username}"}})),
+        doc({"Effect": "Allow", "NotAction": "s3:*", "Resource": "*"}),
+        {"Version": "2008-10-17", "Statement": [allow()]},
+    ):
+        with pytest.raises(Unsupported):
+            allowed(policy, request)
+
+
+# --- the generated policy -----------------------------------------------------------------------
+
+
+def test_committed_policy_is_the_generated_one_for_the_defaults(tmp_path):
+    with open(DEFAULT_POLICY_PATH, encoding="utf-8") as fh:
+        committed = fh.read()
+    assert committed == render(default_policy()), (
+        "deploy/iam-policy.json is stale: python -m controller_asg.iam --write"
+    )
+    # and `--write PATH` writes exactly that
+    assert main(["--write", str(tmp_path / "p.json")]) == 0
+    assert (tmp_path / "p.json").read_text() == committed
+
+
+def test_policy_allows_only_the_operations_the_provider_calls():
+    for config in (
+        cfg(),
+        cfg(HELIX_EC2_INSTANCE_PROFILE="p", HELIX_EC2_ROLE_ARN=ROLE),
+        load_config({"HELIX_ENV_FILE": ""}),
+    ):
+        policy = policy_for(config, ACCOUNT)
+        actions = {s["Action"] for s in policy["Statement"]}
+        assert actions <= {f"ec2:{op}" for op in OPERATIONS} | {"iam:PassRole"}  # no wildcards, nothing extra
+        assert {f"ec2:{op}" for op in OPERATIONS} <= actions
+        assert all(s["Effect"] == "Allow" for s in policy["Statement"])
+        # `*` only where EC2 cannot scope: DescribeInstances
+        assert [s["Action"] for s in policy["Statement"] if s["Resource"] == "*"] == ["ec2:DescribeInstances"]
+    assert "iam:PassRole" not in json.dumps(policy_for(cfg(), ACCOUNT))  # no profile, no role to pass
+
+
+def test_configured_launch_is_allowed_and_its_neighbours_are_not():
+    policy = policy_for(cfg(HELIX_EC2_KEY_NAME="ops"), ACCOUNT)
+    assert denied(policy, launch(key="ops")) == []
+    assert denied(policy, launch(subnet="subnet-2", key="ops")) == []
+    assert refused(policy, launch(key="ops", instance_type="c7g.16xlarge")) == ["instance/*"]
+    assert refused(policy, launch(key="ops", image="ami-0bbb")) == ["image/ami-0bbb"]
+    assert refused(policy, launch(key="ops", subnet="subnet-3")) == ["subnet/subnet-3"]
+    assert refused(policy, launch(key="ops", groups=("sg-1", "sg-2"))) == ["security-group/sg-2"]
+    assert refused(policy, launch(key="other")) == ["key-pair/other"]
+    assert refused(policy, launch()) == []  # no key pair at all is fine
+    everything = launch(key="ops", region="us-east-1")
+    assert len(denied(policy, everything)) == len(everything)  # another region: nothing
+    # Another account's resources (the image ARN names no account: AMIs may be shared).
+    assert refused(
+        policy,
+        [
+            Request(
+                "ec2:RunInstances", arn("subnet", "subnet-1", account="999999999999"), {"aws:RequestedRegion": REGION}
+            )
+        ],
+    ) == ["subnet/subnet-1"]
+
+
+def test_launch_only_tagged_for_the_group_with_a_token_and_no_other_tag_keys():
+    policy = policy_for(cfg(), ACCOUNT)
+    ours = {GROUP_TAG: "web", "Name": "helix-web", TOKEN_TAG: "tok"}
+    assert refused(policy, launch(tags={**ours, GROUP_TAG: "api"})) == ["instance/*"]
+    assert refused(policy, launch(tags={GROUP_TAG: "web", "Name": "helix-web"})) == ["instance/*"]  # no token
+    assert refused(policy, launch(tags={**ours, "owner": "me"})) == ["instance/*"]
+    assert refused(policy, launch(tags={})) == ["instance/*"]  # untagged
+    assert refused(policy, launch(volume_tags={})) == ["volume/*"]
+    assert refused(policy, launch(volume_tags={GROUP_TAG: "web", "x": "y"})) == ["volume/*"]
+    # Tagging only while launching
+    tag_later = Request(
+        "ec2:CreateTags",
+        arn("instance", "i-1"),
+        {"aws:RequestedRegion": REGION, **{f"aws:RequestTag/{k}": v for k, v in ours.items()}},
+    )
+    assert not allowed(policy, tag_later)
+
+
+def test_terminate_only_instances_helix_launched_in_the_region():
+    policy = policy_for(cfg(), ACCOUNT)
+    assert allowed(policy, terminate("i-1", {GROUP_TAG: "web", TOKEN_TAG: "tok"}))
+    assert not allowed(policy, terminate("i-1", {}))  # foreign
+    assert not allowed(policy, terminate("i-1", {GROUP_TAG: "api", TOKEN_TAG: "tok"}))  # another group
+    assert not allowed(policy, terminate("i-1", {GROUP_TAG: "web", "Name": "helix-web"}))  # no launch evidence
+    assert not allowed(policy, terminate("i-1", {GROUP_TAG: "web", TOKEN_TAG: "tok"}, region="us-east-1"))
+    listing = Request("ec2:DescribeInstances", "*", {"aws:RequestedRegion": REGION})
+    assert allowed(policy, listing) and not allowed(
+        policy, Request("ec2:DescribeInstances", "*", {"aws:RequestedRegion": "us-east-1"})
+    )
+
+
+def test_launch_template_fixes_the_type_and_is_pinned_by_id():
+    template = arn("launch-template", "lt-0abc")
+    policy = policy_for(cfg(HELIX_EC2_LAUNCH_TEMPLATE="lt-0abc", HELIX_EC2_AMI="", HELIX_EC2_SUBNETS=""), ACCOUNT)
+    # Any type the template says, any subnet/image it names; but only through this template.
+    assert denied(policy, launch(template=template, instance_type="m7i.large", image="ami-x", subnet="subnet-9")) == []
+    other = arn("launch-template", "lt-0other")
+    assert sorted(refused(policy, launch(template=other))) == ["instance/*", "launch-template/lt-0other"]
+    assert refused(policy, launch()) == ["instance/*"]  # no template at all: refused too
+    sids = [s["Sid"] for s in policy["Statement"]]
+    assert "HelixLaunchFromAnyImageAnySubnetAnyKeyPair" in sids  # what the template leaves open, said
+    by_name = policy_for(cfg(HELIX_EC2_LAUNCH_TEMPLATE="helix-app"), ACCOUNT)
+    assert denied(by_name, launch(template=other)) == []  # a name cannot be pinned (the ARN holds the id)...
+    assert any("AnyLaunchTemplate" in s["Sid"] for s in by_name["Statement"])  # ...and the policy says so
+
+
+def test_pass_role_exactly_the_configured_one_to_ec2_only():
+    policy = policy_for(cfg(HELIX_EC2_INSTANCE_PROFILE="helix-app-profile", HELIX_EC2_ROLE_ARN=ROLE), ACCOUNT)
+    to_ec2 = {"iam:PassedToService": "ec2.amazonaws.com"}
+    assert allowed(policy, Request("iam:PassRole", ROLE, to_ec2))
+    assert not allowed(policy, Request("iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/admin", to_ec2))
+    assert not allowed(policy, Request("iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/helix-app-2", to_ec2))
+    assert not allowed(policy, Request("iam:PassRole", ROLE, {"iam:PassedToService": "lambda.amazonaws.com"}))
+
+
+def test_without_a_region_the_policy_says_any_region():
+    policy = policy_for(cfg(HELIX_AWS_REGION=""))
+    regional = [s for s in policy["Statement"] if s["Action"] != "iam:PassRole"]
+    assert regional and all(s["Sid"].endswith("AnyRegion") for s in regional)
+    assert "aws:RequestedRegion" not in json.dumps(policy)
+    assert denied(policy, launch(region="ap-south-1")) == []
+    cn = policy_for(cfg(HELIX_AWS_REGION="cn-north-1"), ACCOUNT)
+    assert "arn:aws-cn:ec2:cn-north-1:" in json.dumps(cn) and "arn:aws:" not in json.dumps(cn)
+
+
+@pytest.mark.parametrize(
+    ("extra", "account", "message"),
+    [
+        ({}, "12345", "--account=12345: expected a 12-digit AWS account id or *"),
+        (
+            {"HELIX_EC2_INSTANCE_PROFILE": "p"},
+            "*",
+            "HELIX_EC2_ROLE_ARN=: expected the ARN of the role in HELIX_EC2_INSTANCE_PROFILE=p",
+        ),
+        (
+            {"HELIX_EC2_ROLE_ARN": ROLE},
+            "*",
+            f"HELIX_EC2_ROLE_ARN={ROLE}: expected HELIX_EC2_INSTANCE_PROFILE to be set too",
+        ),
+        (
+            {"HELIX_EC2_INSTANCE_PROFILE": "p", "HELIX_EC2_ROLE_ARN": "arn:aws:iam::*:role/*"},
+            "*",
+            "HELIX_EC2_ROLE_ARN=arn:aws:iam::*:role/*: expected a role ARN",
+        ),
+        ({"HELIX_EC2_SUBNETS": "subnet-1,subnet-*"}, "*", "HELIX_EC2_SUBNETS=subnet-*: expected subnet ids"),
+        ({"HELIX_EC2_AMI": "ami-*"}, "*", "HELIX_EC2_AMI=ami-*: expected an AMI id"),
+        ({"HELIX_EC2_INSTANCE_TYPE": "t3.*"}, "*", "HELIX_EC2_INSTANCE_TYPE=t3.*: expected an instance type"),
+        ({"HELIX_GROUP": "${aws:username}"}, "*", "HELIX_GROUP=${aws:username}: expected 1 to 128 letters"),
+        ({"HELIX_AWS_REGION": "*"}, "*", "HELIX_AWS_REGION=*: expected a region name"),
+    ],
+)
+def test_values_that_cannot_be_pinned_are_refused_in_one_line(extra, account, message):
+    with pytest.raises(PolicyError) as err:
+        policy_for(cfg(**extra), account)
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def run_iam(*args, **env):
+    return subprocess.run(
+        [sys.executable, "-m", "controller_asg.iam", *args],
+        cwd=ROOT,
+        env={**base_env(), "HELIX_ENV_FILE": "", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_cli_prints_the_configured_policy_and_refuses_bad_input():
+    env = {
+        "HELIX_AWS_REGION": REGION,
+        "HELIX_GROUP": "web",
+        "HELIX_EC2_AMI": "ami-0aaa",
+        "HELIX_EC2_SUBNETS": "subnet-1",
+    }
+    out = run_iam("--account", ACCOUNT, **env)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == policy_for(load_config({"HELIX_ENV_FILE": "", **env}), ACCOUNT)
+    assert out.stdout == run_iam("--account", ACCOUNT, **env).stdout  # stable
+    bad = run_iam("--account", "me", **env)
+    assert bad.returncode == 2 and bad.stderr.strip() == "iam: --account=me: expected a 12-digit AWS account id or *"
+    no_role = run_iam(HELIX_EC2_INSTANCE_PROFILE="p")
+    assert (
+        no_role.returncode == 2
+        and len(no_role.stderr.strip().splitlines()) == 1
+        and "HELIX_EC2_ROLE_ARN=" in no_role.stderr
+    )
+    bad_config = run_iam(HELIX_EC2_INSTANCE_TYPE="")
+    assert bad_config.returncode == 2 and "HELIX_EC2_INSTANCE_TYPE=" in bad_config.stderr and bad_config.stdout == ""
+
+
+def test_readme_tells_how_to_generate_and_regenerate():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    assert "python -m controller_asg.iam --account" in readme and "python -m controller_asg.iam --write" in readme
