@@ -148,7 +148,10 @@ class Agent:
 
     async def run(self) -> int:
         cfg, log = self.cfg, self.log
-        interceptors = [rpc_security.BearerAuthInterceptor(self.accepted_bearer, log)]
+        interceptors = [
+            rpc_security.BearerAuthInterceptor(self.accepted_bearer, log),  # first: see monitor_s/server.py
+            rpc_security.DecodeGuardInterceptor(log),
+        ]
         server = grpc.aio.server(interceptors=interceptors, options=rpc_security.SERVER_OPTIONS)
         try:
             port = rpc_security.add_port(server, cfg.agent_listen, cfg)

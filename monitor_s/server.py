@@ -180,7 +180,12 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
     # address, the instance's secret) and Deregister checks the agent's own credential: agents need
     # no fleet token. Every other call (health) still needs the token.
     exempt = ("/helix.v1.Registry/Register", "/helix.v1.Registry/Deregister") if cfg.roster == "required" else ()
-    interceptors = [rpc_security.BearerAuthInterceptor(auth.token, log, exempt=exempt)] if auth.enabled else []
+    # Authentication first (an unauthenticated caller learns nothing, not even that its bytes were
+    # malformed), then the decode guard around the handler.
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if auth.enabled:
+        interceptors.append(rpc_security.BearerAuthInterceptor(auth.token, log, exempt=exempt))
+    interceptors.append(rpc_security.DecodeGuardInterceptor(log))
     server = grpc.aio.server(interceptors=interceptors, options=rpc_security.SERVER_OPTIONS)
     helix_pb2_grpc.add_RegistryServicer_to_server(RegistryService(fleet, cfg, log), server)
     health_servicer = health.aio.HealthServicer()

@@ -168,6 +168,80 @@ def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -
     return grpc.stream_stream_rpc_method_handler(stream, **kwargs)
 
 
+class _Malformed:
+    """What a request that is not its message decodes to (see DecodeGuardInterceptor)."""
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Bytes that are not the method's message get INVALID_ARGUMENT and one log line a minute.
+
+    Without it gRPC answers UNKNOWN and logs a traceback for every such call: the deserializer
+    raises before any handler runs. Here it returns a marker instead, and the call is refused."""
+
+    def __init__(self, log: logging.Logger):
+        self._log = log
+        self._last_log = 0.0
+        self._refused = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None or handler.stream_unary or handler.stream_stream:
+            return handler
+        decode = handler.request_deserializer
+        method = handler_call_details.method
+
+        def safe(data: bytes) -> object:
+            try:
+                return decode(data)
+            except Exception as exc:  # noqa: BLE001 - whatever the decoder says, the bytes are not the message
+                return _Malformed(type(exc).__name__)
+
+        async def refuse(request: _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+            self._refused += 1
+            now = time.monotonic()
+            if now - self._last_log > 60:
+                self._last_log = now
+                self._log.warning(
+                    "refused a malformed request to %s (%s; %d so far)", method, request.error, self._refused
+                )
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}")
+
+        serialize = handler.response_serializer
+        # grpc's stubs type handlers for the sync server; these are the aio server's coroutines.
+        inner: Any = handler.unary_unary or handler.unary_stream
+        if handler.unary_unary:
+
+            async def unary(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> object:
+                if isinstance(request, _Malformed):
+                    await refuse(request, context)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=safe,
+                response_serializer=serialize,
+            )
+
+        async def stream(request: object, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[object]:
+            if isinstance(request, _Malformed):
+                await refuse(request, context)
+            async for item in inner(request, context):
+                yield item
+
+        return grpc.unary_stream_rpc_method_handler(
+            stream,
+            request_deserializer=safe,
+            response_serializer=serialize,
+        )
+
+
 class _ClientAuth:
     def __init__(self, metadata: tuple[tuple[str, str], ...]):
         self._metadata = metadata
