@@ -59,7 +59,9 @@ def main() -> int:
     log = setup_logging(cfg.log_level, "monitor_c")
     from shared import rpc_security
 
-    auth = rpc_security.auth_from_config(cfg, log, prog="monitor_c", identity=bool(cfg.instance_secret))
+    auth = rpc_security.auth_from_config(
+        cfg, log, prog="monitor_c", identity=bool(cfg.instance_secret) or cfg.identity_document
+    )
     from monitor_c.agent import Agent
 
     async def run() -> int:

@@ -225,6 +225,8 @@ class Agent:
             agent_version=AGENT_VERSION,
             labels=ident.labels,
             instance_secret=self.cfg.instance_secret,
+            identity_document=ident.document,
+            identity_signature=ident.signature,
         )
 
     async def _registration_loop(self) -> None:

@@ -20,8 +20,10 @@ IMDS_TIMEOUT = 0.5
 TOKEN_TTL = "21600"
 
 
-def imds_lookup(base_url: str, timeout: float = IMDS_TIMEOUT) -> dict[str, str]:
-    """instance-id, local-ipv4 and availability-zone from IMDSv2; {} when it does not answer."""
+def imds_lookup(base_url: str, timeout: float = IMDS_TIMEOUT, document: bool = False) -> dict[str, str]:
+    """instance-id, local-ipv4 and availability-zone from IMDSv2; {} when it does not answer.
+    `document`: also the instance identity document and its signature (the agent's proof of who
+    it is, which MonitorS checks against AWS's public certificate)."""
     import http.client  # only when IMDS is needed: it drags in the email package
 
     url = urlsplit(base_url)
@@ -35,14 +37,22 @@ def imds_lookup(base_url: str, timeout: float = IMDS_TIMEOUT) -> dict[str, str]:
         token = resp.read().decode("ascii", "replace").strip()
         if resp.status != 200 or not token:
             return {}
-        for key, path in (
-            ("instance_id", "instance-id"),
-            ("local_ipv4", "local-ipv4"),
-            ("zone", "placement/availability-zone"),
-        ):
-            conn.request("GET", f"/latest/meta-data/{path}", headers={"X-aws-ec2-metadata-token": token})
+        paths = [
+            ("instance_id", "/latest/meta-data/instance-id"),
+            ("local_ipv4", "/latest/meta-data/local-ipv4"),
+            ("zone", "/latest/meta-data/placement/availability-zone"),
+        ]
+        if document:
+            paths += [
+                ("document", "/latest/dynamic/instance-identity/document"),
+                ("signature", "/latest/dynamic/instance-identity/signature"),
+            ]
+        for key, path in paths:
+            conn.request("GET", path, headers={"X-aws-ec2-metadata-token": token})
             resp = conn.getresponse()
-            body = resp.read().decode("utf-8", "replace").strip()
+            body = resp.read().decode("utf-8", "replace")
+            if key != "document":  # the document is signed byte for byte: kept exactly as served
+                body = body.strip()
             if resp.status == 200 and body:
                 found[key] = body
     except (OSError, http.client.HTTPException):
@@ -70,12 +80,14 @@ class Identity:
     address: str
     labels: dict[str, str] = field(default_factory=dict)
     source: str = "config"
+    document: bytes = b""  # EC2 instance identity document (HELIX_IDENTITY_DOCUMENT=1)
+    signature: str = ""
 
 
 def resolve_identity(cfg: Config, listen_port: int) -> Identity:
     labels = dict(cfg.labels)
-    need_imds = not cfg.instance_id or not cfg.advertise_addr or "zone" not in labels
-    meta = imds_lookup(cfg.imds_url) if need_imds and cfg.imds_url else {}
+    need_imds = not cfg.instance_id or not cfg.advertise_addr or "zone" not in labels or cfg.identity_document
+    meta = imds_lookup(cfg.imds_url, document=cfg.identity_document) if need_imds and cfg.imds_url else {}
     if "zone" not in labels and meta.get("zone"):
         labels["zone"] = meta["zone"]
     instance_id, source = cfg.instance_id, "config"
@@ -92,4 +104,11 @@ def resolve_identity(cfg: Config, listen_port: int) -> Identity:
         if host in ("0.0.0.0", "::", ""):
             host = _route_ip(cfg.monitor_addr)
         address = f"[{host}]:{listen_port}" if ":" in host else f"{host}:{listen_port}"
-    return Identity(instance_id=instance_id, address=address, labels=labels, source=source)
+    return Identity(
+        instance_id=instance_id,
+        address=address,
+        labels=labels,
+        source=source,
+        document=meta.get("document", "").encode(),
+        signature=meta.get("signature", ""),
+    )

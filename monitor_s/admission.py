@@ -16,6 +16,9 @@ Rules, in the order they act (HELIX_ROSTER=required, the default):
 4. When the roster holds a secret digest for the instance, the request must carry the secret
    (compared in constant time): PERMISSION_DENIED otherwise. Another instance's agent, which
    knows the fleet token but not this instance's secret, cannot register as it.
+5. Otherwise (EC2), with HELIX_IDENTITY_CERT set, the request must carry the instance identity
+   document and its signature (`identitydoc.py`), signed for this instance id and the roster's
+   private address: PERMISSION_DENIED otherwise.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from monitor_s.identitydoc import DocumentVerifier
 from monitor_s.validation import Refusal, Registration, normal_ip
 from shared.table import Roster
 
@@ -33,8 +37,15 @@ BURST_SECONDS = 5.0
 MAX_SOURCES = 10_000  # buckets kept before the full ones are forgotten
 
 
-def admit(reg: Registration, secret: str, roster: Roster) -> None:
-    """Raise Refusal unless `reg` may register against `roster` (rules 2 to 4 above)."""
+def admit(
+    reg: Registration,
+    secret: str,
+    roster: Roster,
+    document: bytes = b"",
+    signature: str = "",
+    verifier: DocumentVerifier | None = None,
+) -> None:
+    """Raise Refusal unless `reg` may register against `roster` (rules 2 to 5 above)."""
     if roster.published_at <= 0:
         raise Refusal(
             grpc.StatusCode.UNAVAILABLE,
@@ -62,6 +73,22 @@ def admit(reg: Registration, secret: str, roster: Roster) -> None:
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"instance_secret: {'missing' if not secret else 'wrong'} for {reg.instance_id}, expected "
                 "the secret its provider gave it",
+            )
+    elif verifier is not None:
+        try:
+            claims = verifier.verify(document, signature)
+        except ValueError as exc:
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{exc} (for {reg.instance_id})") from None
+        if claims.instance_id != reg.instance_id:
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"identity_document: signed for {claims.instance_id!r}, expected {reg.instance_id!r}",
+            )
+        claimed, wanted_ip = normal_ip(claims.private_ip), normal_ip(entry.host)
+        if claimed is None or claimed != wanted_ip:
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"identity_document: privateIp {claims.private_ip!r}, expected {entry.host!r} (the roster's)",
             )
 
 

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from monitor_s.admission import RateLimiter, admit
 from monitor_s.credentials import CredentialIssuer
 from monitor_s.fleet import Fleet
+from monitor_s.identitydoc import DocumentVerifier
 from monitor_s.validation import Refusal, check_caller, check_instance_id, check_reason, check_register, peer_ip
 from protos import helix_pb2, helix_pb2_grpc
 from shared import rpc_security
@@ -34,6 +35,7 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
         self.limiter = RateLimiter(cfg.register_rate)
         self._flooding: dict[str, float] = {}  # source -> when it was last refused for rate
         self._roster: Roster | None = None
+        self.verifier = DocumentVerifier.from_file(cfg.identity_cert) if cfg.identity_cert else None
 
     def roster(self) -> Roster:
         """The roster, re-read only when the controller published a new one (a fleet registering at
@@ -74,7 +76,14 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
             reg = check_register(request)
             check_caller("address", reg.host, context.peer(), self.cfg.trust_advertised)
             if self.cfg.roster == "required":
-                admit(reg, request.instance_secret, self.roster())
+                admit(
+                    reg,
+                    request.instance_secret,
+                    self.roster(),
+                    request.identity_document,
+                    request.identity_signature,
+                    self.verifier,
+                )
         except Refusal as refusal:
             await self._refuse(context, "Register", refusal)
         try:
@@ -187,7 +196,13 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
         interceptors.append(rpc_security.BearerAuthInterceptor(auth.token, log, exempt=exempt))
     interceptors.append(rpc_security.DecodeGuardInterceptor(log))
     server = grpc.aio.server(interceptors=interceptors, options=rpc_security.SERVER_OPTIONS)
-    helix_pb2_grpc.add_RegistryServicer_to_server(RegistryService(fleet, cfg, log), server)
+    try:
+        registry = RegistryService(fleet, cfg, log)
+    except (OSError, ValueError) as exc:
+        log.error("HELIX_IDENTITY_CERT=%s: expected a PEM certificate (%s)", cfg.identity_cert, exc)
+        await fleet.close()
+        return 1
+    helix_pb2_grpc.add_RegistryServicer_to_server(registry, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:

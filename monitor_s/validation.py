@@ -22,6 +22,8 @@ MAX_ZONE_BYTES = 32
 MAX_VCPUS = 4096
 MAX_REASON_BYTES = 200
 MAX_SECRET_BYTES = 256
+MAX_DOCUMENT_BYTES = 4096  # an EC2 identity document is about 500 bytes
+MAX_SIGNATURE_BYTES = 1024
 
 
 class Refusal(Exception):
@@ -90,6 +92,12 @@ def check_register(req: helix_pb2.RegisterRequest) -> Registration:
     zone = labels.get("zone", "")
     if len(zone.encode()) > MAX_ZONE_BYTES:
         raise _bad("labels[zone]", zone, f"at most {MAX_ZONE_BYTES} bytes")
+    if len(req.identity_document) > MAX_DOCUMENT_BYTES or len(req.identity_signature) > MAX_SIGNATURE_BYTES:
+        raise Refusal(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"identity_document: {len(req.identity_document)} bytes and a signature of "
+            f"{len(req.identity_signature)}, expected at most {MAX_DOCUMENT_BYTES} and {MAX_SIGNATURE_BYTES}",
+        )
     if len(req.instance_secret.encode()) > MAX_SECRET_BYTES:
         # Never echoed: the value of a secret stays out of logs and status messages.
         raise Refusal(

@@ -71,7 +71,7 @@ class Metrics(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., vcpus: _Optional[int] = ..., mem: _Optional[float] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., net_rx_bps: _Optional[float] = ..., net_tx_bps: _Optional[float] = ..., disk: _Optional[float] = ..., app_live: _Optional[bool] = ..., app_detail: _Optional[str] = ..., sample_time: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("instance_id", "address", "vcpus", "agent_version", "labels", "instance_secret")
+    __slots__ = ("instance_id", "address", "vcpus", "agent_version", "labels", "instance_secret", "identity_document", "identity_signature")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -85,13 +85,17 @@ class RegisterRequest(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     address: str
     vcpus: int
     agent_version: str
     labels: _containers.ScalarMap[str, str]
     instance_secret: str
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., vcpus: _Optional[int] = ..., agent_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., instance_secret: _Optional[str] = ...) -> None: ...
+    identity_document: bytes
+    identity_signature: str
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., vcpus: _Optional[int] = ..., agent_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., instance_secret: _Optional[str] = ..., identity_document: _Optional[bytes] = ..., identity_signature: _Optional[str] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("slot", "poll_interval", "server_time", "credential")

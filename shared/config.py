@@ -399,6 +399,14 @@ class Config:
     imds_url: str = setting(
         "HELIX_IMDS_URL", "http://169.254.169.254", "EC2 instance-metadata endpoint (IMDSv2).", text(256), group="agent"
     )
+    identity_document: bool = setting(
+        "HELIX_IDENTITY_DOCUMENT",
+        "0",
+        "Prove the agent's identity at registration with the EC2 instance identity document and its signature "
+        "from IMDS (the `ec2` provider's user data sets it; no fleet token is then needed).",
+        flag,
+        group="agent",
+    )
     instance_secret: str = setting(
         "HELIX_INSTANCE_SECRET",
         "",
@@ -496,6 +504,14 @@ class Config:
         "`required`: register only instances on the controller's roster (owned by this group), from their address "
         "there; `off`: any caller with the token (a MonitorS without a controller, for monitoring only).",
         choice("required", "off"),
+        group="monitor",
+    )
+    identity_cert: str = setting(
+        "HELIX_IDENTITY_CERT",
+        "",
+        "PEM certificate of AWS's RSA key for the region's instance identity documents: with it, an instance "
+        "with no per-instance secret registers only with a document it signs for that id and address.",
+        text(),
         group="monitor",
     )
     register_rate: float = setting(
@@ -956,6 +972,7 @@ def _cross_checks(cfg: Config, given: frozenset[str] = frozenset()) -> list[tupl
         ("tls_ca", "HELIX_TLS_CA", cfg.tls_ca),
         ("metrics_tls_cert", "HELIX_METRICS_TLS_CERT", cfg.metrics_tls_cert),
         ("metrics_tls_key", "HELIX_METRICS_TLS_KEY", cfg.metrics_tls_key),
+        ("identity_cert", "HELIX_IDENTITY_CERT", cfg.identity_cert),
     ):
         if path and not os.path.isfile(path):
             bad({name}, f"{key}={path}: expected a readable PEM file")

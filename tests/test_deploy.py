@@ -464,5 +464,11 @@ def test_user_data_the_ec2_provider_renders_feeds_the_baked_agent(tmp_path):
     environ["HELIX_ENV_FILE"] = ""
     agent_cfg = load_config(environ)
     assert agent_cfg.monitor_addr == "10.0.0.5:50052"
-    assert agent_cfg.resolved_token() == token
+    assert agent_cfg.resolved_token() == "" and agent_cfg.identity_document, "no fleet secret in user data"
+    # A MonitorS without a roster (monitoring only) still hands the agents the token.
+    legacy = userdata.render_user_data(cfg.replace(roster="off"), token, {})
+    legacy_file = tmp_path / "legacy.env"
+    legacy_file.write_text(yaml.safe_load(legacy)["write_files"][0]["content"])
+    legacy_env = {k: v or "" for k, v in dotenv_values(legacy_file).items()}
+    assert load_config({**legacy_env, "HELIX_ENV_FILE": ""}).resolved_token() == token
     assert agent_cfg.labels == {"zone": "us-east-1a", "group": "helix"}

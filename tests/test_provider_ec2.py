@@ -154,7 +154,8 @@ def test_min_instances_launched_tagged_spread_with_user_data(world, providers):
     raw = world["ec2"].describe_instance_attribute(InstanceId=insts[0]["InstanceId"], Attribute="userData")
     doc = yaml.safe_load(base64.b64decode(raw["UserData"]["Value"]))
     env = doc["write_files"][0]["content"]
-    assert 'HELIX_MONITOR_ADDR="10.9.0.5:50052"' in env and f'HELIX_TOKEN="{TOKEN}"' in env
+    assert 'HELIX_MONITOR_ADDR="10.9.0.5:50052"' in env and 'HELIX_IDENTITY_DOCUMENT="1"' in env
+    assert TOKEN not in env and "HELIX_TOKEN" not in env, "no fleet secret in user data"
 
     listed = prov.list_instances()
     assert sorted(i.instance_id for i in listed) == sorted(i.instance_id for i in launched)

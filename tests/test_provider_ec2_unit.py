@@ -228,7 +228,7 @@ def test_launch_tags_are_the_ones_the_policy_allows():
 
 
 def test_user_data_is_cloud_config_writing_the_agent_env():
-    text = render_user_data(cfg(HELIX_MONITOR_ADDR="10.0.0.5:50052"), 'to"k\\en', {"group": "g1"})
+    text = render_user_data(cfg(HELIX_MONITOR_ADDR="10.0.0.5:50052", HELIX_ROSTER="off"), 'to"k\\en', {"group": "g1"})
     assert text.startswith("#cloud-config\n")
     doc = yaml.safe_load(text)
     [f] = doc["write_files"]
@@ -244,11 +244,22 @@ def test_user_data_is_cloud_config_writing_the_agent_env():
 
 
 def test_user_data_without_token_runs_the_agent_insecure_and_refuses_newlines():
-    doc = yaml.safe_load(render_user_data(cfg(HELIX_TOKEN="", HELIX_INSECURE="1"), "", {"group": "g1"}))
+    doc = yaml.safe_load(
+        render_user_data(cfg(HELIX_TOKEN="", HELIX_INSECURE="1", HELIX_ROSTER="off"), "", {"group": "g1"})
+    )
     content = doc["write_files"][0]["content"]
     assert 'HELIX_INSECURE="1"' in content and "HELIX_TOKEN" not in content
     with pytest.raises(ValueError, match="HELIX_TOKEN"):
-        render_user_data(cfg(), "a\nb", {"group": "g1"})
+        render_user_data(cfg(HELIX_ROSTER="off"), "a\nb", {"group": "g1"})
+
+
+def test_user_data_carries_no_fleet_secret_with_the_roster_required():
+    """Was: the bearer token in plain text in user data, readable by any process on the instance
+    (IMDS) and by anyone allowed ec2:DescribeInstanceAttribute."""
+    content = yaml.safe_load(render_user_data(cfg(), "s3cret-fleet-token", {"group": "g1"}))["write_files"][0][
+        "content"
+    ]
+    assert "s3cret-fleet-token" not in content and 'HELIX_IDENTITY_DOCUMENT="1"' in content
 
 
 # --- packaging ------------------------------------------------------------------------------------

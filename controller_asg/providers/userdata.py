@@ -1,8 +1,9 @@
 """The user data an EC2 instance boots with: how the baked agent learns where MonitorS is.
 
 The AMI runs the agent as `helix-monitor-c.service` with `EnvironmentFile=/etc/helix/helix.env`.
-cloud-init writes that file (root only: it holds the bearer token) and restarts the unit, which
-may already have started (and failed) before the file existed.
+cloud-init writes that file (root only) and restarts the unit, which may already have started
+(and failed) before the file existed. With HELIX_ROSTER=required (the default) it holds no secret:
+the agent proves its identity with the instance identity document.
 
 PyYAML is a test dependency only, so the document is written by hand: every scalar is a JSON
 string, which is also a valid YAML double-quoted scalar.
@@ -31,7 +32,12 @@ def _env_value(key: str, value: str) -> str:
 def render_env_file(cfg: Config, token: str, labels: Mapping[str, str]) -> str:
     label_text = ",".join(f"{k}={v}" for k, v in labels.items())
     lines = [_env_value("HELIX_MONITOR_ADDR", cfg.monitor_addr)]
-    if token:
+    if cfg.roster == "required":
+        # No fleet secret in user data (any process on the instance, and anyone allowed
+        # ec2:DescribeInstanceAttribute, can read it): the agent proves who it is with the instance
+        # identity document and then accepts only the credential MonitorS hands it.
+        lines.append(_env_value("HELIX_IDENTITY_DOCUMENT", "1"))
+    elif token:
         lines.append(_env_value("HELIX_TOKEN", token))
     else:
         # The controller runs without a token (HELIX_INSECURE); the agent must be told so too.
