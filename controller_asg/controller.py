@@ -388,7 +388,7 @@ class Controller:
         )
         if self.dry_run:
             return
-        self._launch(Intent(self.new_token(), count, action.cause[:300], action.replaces), listed, now)
+        self._launch(Intent(self.new_token(), count, action.cause[:300], action.replaces, now), listed, now)
 
     def _budget(self, listed: list[ProviderInstance]) -> Budget:
         recent = {instance_id: token for instance_id, (_, token, _) in self._recent.items()}
@@ -443,7 +443,16 @@ class Controller:
         self._save_state(durable=True)
         try:
             launched = self.provider.launch(count, intent.token)
-        except LaunchError as exc:  # definitive: nothing was launched under this token
+        except LaunchError as exc:
+            # Definitive for this call only. A first call launched nothing; a retry of a launch in
+            # doubt may still have instances from the earlier call that the listing does not show
+            # yet, so its doubt is kept until the listing has had time to show them.
+            if resumed and now - intent.created_at <= LAUNCH_VISIBILITY_SECONDS:
+                self._log_error(
+                    f"resumed launch {intent.token} refused ({exc}); still in doubt until the listing "
+                    "can show what its first call launched"
+                )
+                return
             self._log_error(f"launch of {count} failed: {exc}")
             del self._intents[intent.token]
             self._save_state()
@@ -713,6 +722,8 @@ class Controller:
             count,
             str(raw.get("cause", ""))[:300] or "resuming a launch interrupted by a restart",
             str(raw.get("replaces", ""))[:128],
+            # Unknown (an older state file): as if made now, so its doubt lasts the full window.
+            float(raw["created_at"]) if isinstance(raw.get("created_at"), (int, float)) else self.clock(),
         )
 
     def _load_history(self) -> None:

@@ -43,6 +43,7 @@ class Intent:
     count: int
     cause: str
     replaces: str = ""  # the instance this launch replaces, if it is a replacement
+    created_at: float = 0.0  # when the first call under this token was made
 
 
 @dataclass

@@ -309,3 +309,17 @@ def test_a_tripped_breaker_never_leaves_the_fleet_below_min(harness):
         assert gap < 700, "below min for longer than a capped back-off and a grace"
     assert sum(h.monitor.is_healthy(i.instance_id, h.now) for i in h.cloud.billable()) == 2
     assert not h.table.snapshot().controller.breaker
+
+
+def test_a_refused_retry_of_a_launch_in_doubt_keeps_its_doubt(harness):
+    """Found by `make bench BENCH_ARGS=chaos` (seed 709): a lost reply, then the retry refused
+    (LaunchError) while the listing lagged: the doubt was dropped, the instance the first call had
+    started was not counted, and a fresh launch made 7 with max 6."""
+    h = harness(HELIX_MIN_INSTANCES=2, HELIX_MAX_INSTANCES=3, HELIX_POLICY="target")
+    h.run_until(60)
+    h.cloud.lag_until, h.cloud.lag = 10_000.0, 120.0  # new instances show in the listing 2 minutes late
+    h.cloud.pending_launch_faults += ["lost_reply", "launch_error"]
+    h.monitor.load = 20.0
+    h.run_until(400)
+    assert h.cloud.worst_overshoot == 0 and h.cloud.violations == []
+    assert len(h.cloud.billable()) == 3

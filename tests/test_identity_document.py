@@ -7,8 +7,6 @@ from __future__ import annotations
 import base64
 import datetime
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 import pytest
@@ -22,11 +20,10 @@ from monitor_s.identitydoc import DocumentVerifier
 from monitor_s.validation import Refusal, Registration
 from protos import helix_pb2, helix_pb2_grpc
 from shared.table import Roster, RosterEntry, State
+from tests.fake_imds import serve_imds
 from tests.procs import free_port
 from tests.test_monitor_e2e import agent_env, rows, start_monitor, wait_state
 from tests.test_registration_binding import publish
-
-IMDS_TOKEN = "imds-token-doc"
 
 
 def make_cert(key) -> bytes:
@@ -105,42 +102,15 @@ def test_a_signed_blob_that_is_not_a_document_and_a_non_rsa_certificate():
         DocumentVerifier(ec_cert).verify(*signed("i-0doc", "10.0.0.7"))
 
 
-class FakeImds(BaseHTTPRequestHandler):
-    answers: dict[str, str] = {}
-
-    def log_message(self, *args):
-        pass
-
-    def _send(self, status: int, body: str = "") -> None:
-        data = body.encode()
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def do_PUT(self):
-        self._send(200 if self.path == "/latest/api/token" else 400, IMDS_TOKEN)
-
-    def do_GET(self):
-        if self.headers.get("X-aws-ec2-metadata-token") != IMDS_TOKEN:
-            self._send(401)
-        elif self.path in self.answers:
-            self._send(200, self.answers[self.path])
-        else:
-            self._send(404)
-
-
 @pytest.fixture
 def imds():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeImds)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    with serve_imds() as fake:
+        yield fake
 
 
 def test_an_ec2_agent_with_no_token_registers_with_its_document(procs, table_name, imds, tmp_path):
     document, signature = signed("i-0doc", "127.0.0.1")
-    FakeImds.answers = {
+    imds.answers = {
         "/latest/meta-data/instance-id": "i-0doc",
         "/latest/meta-data/local-ipv4": "127.0.0.1",
         "/latest/meta-data/placement/availability-zone": "us-east-1a",
@@ -152,7 +122,7 @@ def test_an_ec2_agent_with_no_token_registers_with_its_document(procs, table_nam
     port = free_port()
     start_monitor(procs, table_name, port, HELIX_ROSTER="required", HELIX_IDENTITY_CERT=str(cert))
     publish(table_name, RosterEntry("i-0doc", "127.0.0.1"))
-    env = agent_env("", port, HELIX_IMDS_URL=imds, HELIX_IDENTITY_DOCUMENT=1)
+    env = agent_env("", port, HELIX_IMDS_URL=imds.url, HELIX_IDENTITY_DOCUMENT=1)
     del env["HELIX_TOKEN"], env["HELIX_INSTANCE_ID"]
     procs.python("agent", ["-m", "monitor_c"], env)
     row = wait_state(table_name, "i-0doc", State.HEALTHY)

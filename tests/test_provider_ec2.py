@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import logging
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import pytest
@@ -17,6 +15,7 @@ from controller_asg.providers import make_provider
 from controller_asg.providers.base import LaunchError
 from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, PROTECTED_TAG, TOKEN_TAG, Ec2Provider, LaunchInDoubt
 from shared.config import load_config
+from tests.fake_imds import serve_imds
 from tests.iam_eval import Request, allowed, denied, ec2_requests
 from tests.moto_server import CREDENTIALS, REGION, reset_moto  # its fixtures come through conftest.py
 
@@ -324,45 +323,9 @@ def test_refused_launch_is_a_one_line_error_without_fallback(world, providers, f
 
 @pytest.fixture
 def imds():
-    """A stand-in for EC2's instance metadata (IMDSv2: token PUT, then GET with the token), the one
-    fake: the real service cannot run here. Set `.instance_id` to what it answers."""
-
-    class Imds:
-        instance_id = ""
-        requests: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def _send(self, status, body=""):
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_PUT(self):
-            Imds.requests.append(f"PUT {self.path}")
-            ok = self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds")
-            self._send(200, "imds-token") if ok else self._send(400)
-
-        def do_GET(self):
-            Imds.requests.append(f"GET {self.path}")
-            if self.headers.get("X-aws-ec2-metadata-token") != "imds-token":
-                self._send(401)
-            elif self.path == "/latest/meta-data/instance-id" and Imds.instance_id:
-                self._send(200, Imds.instance_id)
-            else:
-                self._send(404)
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    Imds.url = f"http://127.0.0.1:{server.server_address[1]}"
-    yield Imds
-    server.shutdown()
-    server.server_close()
+    """EC2's instance metadata (tests/fake_imds.py). `imds.meta(instance_id=...)` sets what it answers."""
+    with serve_imds() as fake:
+        yield fake
 
 
 def run_one(world, tag_pairs, instance_type="t3.micro"):
@@ -395,7 +358,7 @@ def test_only_instances_with_launch_evidence_are_ours_and_never_the_manager(worl
     tokenless = run_one(world, {GROUP_TAG: "g1", "Name": "helix-g1"})
     # The manager itself, looking exactly like one of ours (the worst case).
     manager = run_one(world, {GROUP_TAG: "g1", "Name": "helix-g1", TOKEN_TAG: "boot"})
-    imds.instance_id = manager
+    imds.meta(instance_id=manager)
     prov = providers(world, HELIX_IMDS_URL=imds.url)
     with caplog.at_level(logging.INFO, logger="controller_asg.providers.ec2"):
         [mine] = [i.instance_id for i in prov.launch(1, "boot")]  # the manager's token: still not adopted
@@ -433,13 +396,13 @@ def test_only_instances_with_launch_evidence_are_ours_and_never_the_manager(worl
 
 def test_manager_id_from_the_setting_and_no_metadata_means_not_on_ec2(world, providers, imds):
     manager = run_one(world, {GROUP_TAG: "g1", "Name": "helix-g1", TOKEN_TAG: "old"})
-    imds.instance_id = "i-0somebodyelse"
+    imds.meta(instance_id="i-0somebodyelse")
     prov = providers(world, HELIX_IMDS_URL=imds.url, HELIX_EC2_MANAGER_INSTANCE_ID=manager)
     assert prov.list_instances() == []
     prov.terminate([manager])
     assert states(world)[manager] == "running" and imds.requests == []  # the setting wins: IMDS not asked
     # Metadata that does not answer: not on EC2, so nothing is the manager.
-    imds.instance_id = ""
+    imds.answers.clear()
     elsewhere = providers(world, HELIX_IMDS_URL=imds.url)
     assert elsewhere.manager_instance_id() == "" and [i.instance_id for i in elsewhere.list_instances()] == [manager]
     elsewhere.terminate([manager])

@@ -82,9 +82,9 @@ from datetime import datetime
 
 from rich.console import Console
 
-from deploy.local import cleanup
-from deploy.local.cleanup import MARKER_KEY, RunRecord
-from deploy.local.demo import ROOT, WORK_MS, Demo, DemoError, Tuning, _tail, check_environment, tune
+from deploy.local import cleanup, demo
+from deploy.local.cleanup import MARKER_KEY
+from deploy.local.demo import WORK_MS, Demo, DemoError, Tuning, _tail, check_environment, tune
 from shared.config import EXIT_BAD_CONFIG, Config, ConfigError, load_config
 from shared.table import MetricsTable, Snapshot, State, TableError, lock_path
 
@@ -1400,27 +1400,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
-    run_dir = tempfile.mkdtemp(prefix=f"{chaos.run_id}-", dir=RUNS_ROOT)
-    chaos.record = RunRecord(
-        run_dir=run_dir,
-        run_id=chaos.run_id,
-        shm_name=chaos.shm_name,
-        demo_pid=os.getpid(),
-        demo_started=cleanup.process_started(os.getpid()) or 0.0,
-    )
-    chaos.record.save()
-    watchdog_env = {k: v for k, v in os.environ.items() if k != MARKER_KEY}
-    watchdog_env["PYTHONPATH"] = ROOT + (
-        os.pathsep + watchdog_env["PYTHONPATH"] if watchdog_env.get("PYTHONPATH") else ""
-    )
-    watchdog = subprocess.Popen(
-        [sys.executable, "-m", "deploy.local.cleanup", "--watch", str(os.getpid()), run_dir],
-        env=watchdog_env,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    chaos.record.add("watchdog", watchdog.pid)
+    run_dir, watchdog = demo.begin_run(chaos, RUNS_ROOT)
+    assert chaos.record is not None
 
     started = time.monotonic()
     error = ""

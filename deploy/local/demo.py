@@ -35,6 +35,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psutil
 from rich.console import Console
@@ -513,6 +514,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def begin_run(run: Any, runs_root: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """Record a run (the demo's, or `make chaos`'s: anything with run_id, shm_name and a `record`
+    to set) and start its watchdog, which cleans up should this process be killed outright."""
+    run_dir = tempfile.mkdtemp(prefix=f"{run.run_id}-", dir=runs_root)
+    run.record = RunRecord(
+        run_dir=run_dir,
+        run_id=run.run_id,
+        shm_name=run.shm_name,
+        demo_pid=os.getpid(),
+        demo_started=cleanup.process_started(os.getpid()) or 0.0,
+    )
+    run.record.save()
+    # The watchdog carries no run marker: it must outlive the sweep that its own cleanup does.
+    watchdog_env = {k: v for k, v in os.environ.items() if k != MARKER_KEY}
+    watchdog_env["PYTHONPATH"] = ROOT + (
+        os.pathsep + watchdog_env["PYTHONPATH"] if watchdog_env.get("PYTHONPATH") else ""
+    )
+    watchdog = subprocess.Popen(
+        [sys.executable, "-m", "deploy.local.cleanup", "--watch", str(os.getpid()), run_dir],
+        env=watchdog_env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    run.record.add("watchdog", watchdog.pid)
+    return run_dir, watchdog
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     console = Console(highlight=False, markup=False)  # paths and reasons print as they are
@@ -536,28 +565,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
 
-    run_dir = tempfile.mkdtemp(prefix=f"{demo.run_id}-", dir=RUNS_ROOT)
-    demo.record = RunRecord(
-        run_dir=run_dir,
-        run_id=demo.run_id,
-        shm_name=demo.shm_name,
-        demo_pid=os.getpid(),
-        demo_started=cleanup.process_started(os.getpid()) or 0.0,
-    )
-    demo.record.save()
-    # The watchdog carries no run marker: it must outlive the sweep that its own cleanup does.
-    watchdog_env = {k: v for k, v in os.environ.items() if k != MARKER_KEY}
-    watchdog_env["PYTHONPATH"] = ROOT + (
-        os.pathsep + watchdog_env["PYTHONPATH"] if watchdog_env.get("PYTHONPATH") else ""
-    )
-    watchdog = subprocess.Popen(
-        [sys.executable, "-m", "deploy.local.cleanup", "--watch", str(os.getpid()), run_dir],
-        env=watchdog_env,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    demo.record.add("watchdog", watchdog.pid)
+    run_dir, watchdog = begin_run(demo, RUNS_ROOT)
+    assert demo.record is not None
 
     t = demo.tuning
     status = 0
