@@ -11,7 +11,7 @@ import threading
 from controller_asg.hostlock import HostLock, HostLockHeld
 from shared.config import EXIT_BAD_CONFIG, load_or_exit
 from shared.logs import setup_logging
-from shared.table import MetricsTable, TableNotFound
+from shared.table import MetricsTable, TableError, TableNotFound
 
 
 def wait_for_table(name: str, stop: threading.Event, log: logging.Logger) -> MetricsTable | None:
@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
             cfg.effective_control_interval,
             " (DRY RUN: acting on nothing)" if args.dry_run else "",
         )
-        controller.start()
+        try:
+            controller.start()
+        except TableError as exc:  # a state file that is not ours alone (NotPrivate)
+            print(f"controller_asg: {exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
         controller.run(stop)
     finally:
         provider.close()

@@ -33,7 +33,7 @@ from controller_asg.plan import Action, ActionKind, Plan, plan_frozen, plan_live
 from controller_asg.policy.base import Policy
 from controller_asg.providers.base import LaunchError, Provider, ProviderInstance
 from shared.config import Config
-from shared.table import ControllerStatus, MetricsTable, RosterEntry, Snapshot, State
+from shared.table import ControllerStatus, MetricsTable, RosterEntry, Snapshot, State, check_private
 
 log = logging.getLogger("controller_asg")
 
@@ -111,6 +111,7 @@ class Controller:
         """Restore what must survive a restart: the policy's history, launches in doubt, instances
         being terminated, replacements in flight and the breaker."""
         os.makedirs(self.state_dir, exist_ok=True)
+        self.check_state_files()
         self._load_history()
         self._load_state()
         try:
@@ -129,6 +130,19 @@ class Controller:
             self.provider.name,
             f": {', '.join(i.instance_id for i in live)}" if live else "",
         )
+
+    def check_state_files(self) -> None:
+        """Refuse (NotPrivate, one line naming it) a state file this user does not own or others may
+        read or write: whoever can write it can plant a launch intent or a breaker state."""
+        for path in (self.state_path, self.history_path, self.legacy_intent_path):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                continue
+            try:
+                check_private(fd, path, "controller state file")
+            finally:
+                os.close(fd)
 
     def run(self, stop: threading.Event) -> None:
         interval = self.cfg.effective_control_interval
@@ -748,7 +762,9 @@ def _write_json(path: str, text: str, sync: bool = True) -> None:
     """Write-then-rename, so a crash mid-write leaves the old file, never half a new one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
+    # 0600: the controller refuses state files others may read or write (see `check_state_files`).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
         if sync:
             fh.flush()

@@ -100,6 +100,7 @@ def test_a_bad_resumed_intent_is_dropped(harness, tmp_path, intent):
     folder = tmp_path / "controller"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "launch-intent.json").write_text(json.dumps(intent))
+    (folder / "launch-intent.json").chmod(0o600)  # as the controller writes it (others' files are refused)
     h = harness(HELIX_MIN_INSTANCES=2, HELIX_MAX_INSTANCES=10)
     h.run_until(30)
     assert h.cloud.violations == [] and len(h.cloud.billable()) <= 10

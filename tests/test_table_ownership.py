@@ -61,3 +61,23 @@ def test_a_symlinked_lock_is_not_followed(table_name, tmp_path):
         MetricsTable.open_or_create(table_name, 4)
     assert target.read_text() == "x"
     assert base_env()  # (the helpers import cleanly)
+
+
+def test_the_controller_refuses_a_state_file_others_may_write(tmp_path, table_name):
+    """Whoever can write state.json can plant a launch intent or clear the breaker."""
+    import json
+
+    from controller_asg.controller import Controller
+    from controller_asg.policy import build_policy
+    from shared.config import load_config
+    from tests.test_controller_unit import MemoryProvider
+
+    cfg = load_config({"HELIX_ENV_FILE": "", "HELIX_STATE_DIR": str(tmp_path), "HELIX_SHM_NAME": table_name})
+    with MetricsTable.open_or_create(table_name, 4) as table:
+        Controller(cfg, table, MemoryProvider(), build_policy("target", cfg)).start()
+        state = tmp_path / "controller" / "state.json"
+        assert state.stat().st_mode & 0o777 == 0o600, "written owner-only"
+        state.write_text(json.dumps({"intents": []}))
+        state.chmod(0o666)
+        with pytest.raises(NotPrivate, match="state.json has mode 0666"):
+            Controller(cfg, table, MemoryProvider(), build_policy("target", cfg)).start()
