@@ -191,10 +191,6 @@ class ChurnBreaker:
             )
         return wanted, ""
 
-    @property
-    def in_backoff(self) -> bool:
-        return bool(self.slots)
-
     # -- persistence ---------------------------------------------------------------------------
 
     def export_state(self) -> dict[str, Any]:

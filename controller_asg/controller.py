@@ -103,7 +103,6 @@ class Controller:
         self._said: dict[str, str] = {}  # topic -> the last thing said about it (log once per change)
         self._last_error = ("", 0.0)
         self._history_saved_at = 0.0
-        self._budget_seen = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -352,7 +351,7 @@ class Controller:
         if not self.dry_run:
             for intent in list(self._intents.values()):
                 self._launch(intent, listed, now, resumed=True)
-            self._retry_terminates(listed, now)
+            self._retry_terminates(now)
         owned = {i.instance_id for i in listed} | set(self._recent)
         accepted: set[str] = set()  # REPLACE targets whose terminate went through
         for action in plan.actions:
@@ -521,7 +520,7 @@ class Controller:
         self._save_state()
         return True
 
-    def _retry_terminates(self, listed: list[ProviderInstance], now: float) -> None:
+    def _retry_terminates(self, now: float) -> None:
         fenced = self.fence.may_act()
         due = sorted(i for i, c in self._condemned.items() if c.next_try <= now)
         if due and not fenced:

@@ -110,6 +110,23 @@ def bearer_matches(metadata: Iterable[tuple[str, str | bytes]] | None, accepted:
     return found
 
 
+class _RefusalCount:
+    """Counts refused calls and says so at most once per `every` seconds, not once per call."""
+
+    def __init__(self, log: logging.Logger, every: float):
+        self.log = log
+        self.every = every
+        self.count = 0
+        self._last_log = 0.0
+
+    def refused(self, message: str, *args: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self._last_log > self.every:
+            self._last_log = now
+            self.log.warning(message + " (%d refused so far)", *args, self.count)
+
+
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses every call without the right bearer token with UNAUTHENTICATED.
 
@@ -121,9 +138,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, token: str | Callable[[], str], log: logging.Logger, exempt: Sequence[str] = ()):
         self._token = token if callable(token) else (lambda: token)
         self._exempt = frozenset(exempt)
-        self._log = log
-        self._refused = 0
-        self._last_log = 0.0
+        self._refusals = _RefusalCount(log, every=10.0)
 
     async def intercept_service(
         self,
@@ -135,18 +150,12 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if check_bearer(handler_call_details.invocation_metadata, self._token()):
             return handler
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._last_log > 10:  # one line per 10 s, not one per refused call
-            self._last_log = now
-            self._log.warning(
-                "refused unauthenticated call to %s (%d refused so far)", handler_call_details.method, self._refused
-            )
+        self._refusals.refused("refused unauthenticated call to %s", handler_call_details.method)
         return _deny(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
 
     @property
     def refused(self) -> int:
-        return self._refused
+        return self._refusals.count
 
 
 def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
@@ -182,9 +191,7 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
     raises before any handler runs. Here it returns a marker instead, and the call is refused."""
 
     def __init__(self, log: logging.Logger):
-        self._log = log
-        self._last_log = 0.0
-        self._refused = 0
+        self._refusals = _RefusalCount(log, every=60.0)
 
     async def intercept_service(
         self,
@@ -204,13 +211,7 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
                 return _Malformed(type(exc).__name__)
 
         async def refuse(request: _Malformed, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-            self._refused += 1
-            now = time.monotonic()
-            if now - self._last_log > 60:
-                self._last_log = now
-                self._log.warning(
-                    "refused a malformed request to %s (%s; %d so far)", method, request.error, self._refused
-                )
+            self._refusals.refused("refused a malformed request to %s (%s)", method, request.error)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method}")
 
         serialize = handler.response_serializer

@@ -314,7 +314,7 @@ class SimMonitor:
             and now >= inst.app_at
         )
 
-    def is_healthy(self, instance_id: str, now: float) -> bool:
+    def is_healthy(self, instance_id: str) -> bool:
         row = self.rows.get(instance_id)
         return row is not None and row.state == State.HEALTHY
 
@@ -509,9 +509,7 @@ class Harness:
         self.cloud.check_budget("after a step")
         billable = self.cloud.billable()
         self.report.instance_seconds += len(billable)
-        self.report.instance_seconds_unhealthy += sum(
-            1 for i in billable if not self.monitor.is_healthy(i.instance_id, self.now)
-        )
+        self.report.instance_seconds_unhealthy += sum(1 for i in billable if not self.monitor.is_healthy(i.instance_id))
         if self.report.breaker_tripped_at is None and self.controller is not None and self.controller.breaker.tripped:
             self.report.breaker_tripped_at = self.now
 
@@ -527,7 +525,7 @@ class Harness:
         return (
             len(billable) == status.desired
             and not status.frozen
-            and all(self.monitor.is_healthy(i.instance_id, self.now) for i in billable)
+            and all(self.monitor.is_healthy(i.instance_id) for i in billable)
         )
 
     def run(self, faults: Sequence[Fault], faults_end: float, settle: float = 900.0) -> RunReport:

@@ -142,7 +142,7 @@ def test_a_slow_app_is_not_replaced_while_it_starts(harness):
         inst.app_at = (inst.agent_at or 0) + 20
     h.run_until(300)
     assert h.cloud.launches == 2, "nothing replaced"
-    assert all(h.monitor.is_healthy(i.instance_id, h.now) for i in h.cloud.billable())
+    assert all(h.monitor.is_healthy(i.instance_id) for i in h.cloud.billable())
 
 
 def test_a_replacement_that_never_registers_does_not_block_healing(harness):
@@ -182,7 +182,7 @@ def test_a_broken_image_trips_the_breaker_and_costs_little(harness):
     h.cloud.broken_image = False
     h.run_until(h.now + 900)
     assert not h.table.snapshot().controller.breaker
-    assert sum(h.monitor.is_healthy(i.instance_id, h.now) for i in h.cloud.billable()) >= 2
+    assert sum(h.monitor.is_healthy(i.instance_id) for i in h.cloud.billable()) >= 2
 
 
 def test_a_broken_image_does_not_pin_the_fleet_at_max(harness):
@@ -238,7 +238,7 @@ def test_a_terminating_instance_counts_until_it_is_gone(harness):
     next(i for i in h.cloud.owned() if i.state == "running").agent_dead = True
     h.run_until(200)
     assert h.cloud.worst_overshoot == 0 and h.cloud.violations == []
-    assert sum(h.monitor.is_healthy(i.instance_id, h.now) for i in h.cloud.billable()) == 4
+    assert sum(h.monitor.is_healthy(i.instance_id) for i in h.cloud.billable()) == 4
 
 
 def test_crash_between_intent_and_launch_and_between_launch_and_reply(harness):
@@ -308,7 +308,7 @@ def test_a_tripped_breaker_never_leaves_the_fleet_below_min(harness):
         h.now += 1.0
         gap = gap + 1 if len(h.cloud.billable()) < 2 else 0
         assert gap < 700, "below min for longer than a capped back-off and a grace"
-    assert sum(h.monitor.is_healthy(i.instance_id, h.now) for i in h.cloud.billable()) == 2
+    assert sum(h.monitor.is_healthy(i.instance_id) for i in h.cloud.billable()) == 2
     assert not h.table.snapshot().controller.breaker
 
 

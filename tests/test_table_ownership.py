@@ -9,7 +9,6 @@ import pwd
 import pytest
 
 from shared.table import SHM_DIR, MetricsTable, NotPrivate, lock_path
-from tests.procs import base_env
 from tests.test_monitor_e2e import monitor_env
 
 NOBODY = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else None
@@ -60,7 +59,6 @@ def test_a_symlinked_lock_is_not_followed(table_name, tmp_path):
     with pytest.raises(OSError):
         MetricsTable.open_or_create(table_name, 4)
     assert target.read_text() == "x"
-    assert base_env()  # (the helpers import cleanly)
 
 
 def test_the_controller_refuses_a_state_file_others_may_write(tmp_path, table_name):
