@@ -11,15 +11,16 @@ import threading
 from controller_asg.hostlock import HostLock, HostLockHeld
 from shared.config import EXIT_BAD_CONFIG, load_or_exit
 from shared.logs import setup_logging
-from shared.table import MetricsTable, TableError, TableNotFound
+from shared.table import MetricsTable, NotPrivate, TableError, TableNotFound
 
 
-def wait_for_table(name: str, stop: threading.Event, log: logging.Logger) -> MetricsTable | None:
-    """Attach to MonitorS's table, waiting (one log line, not one a second) while it is not there."""
+def wait_for_table(name: str, directory: str, stop: threading.Event, log: logging.Logger) -> MetricsTable | None:
+    """Attach to MonitorS's table, waiting (one log line, not one a second) while it is not there.
+    NotPrivate (a directory, table or lock not ours alone) is not waited out: it is raised."""
     said = False
     while not stop.is_set():
         try:
-            return MetricsTable.attach(name)
+            return MetricsTable.attach(name, directory=directory)
         except TableNotFound as exc:
             if not said:
                 log.info("waiting for the metrics table: %s", exc)
@@ -41,6 +42,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_BAD_CONFIG
 
+    if cfg.effective_tls_mode == "ca":
+        # Every instance this controller launches is told to trust the manager CA: without it
+        # they could never enrol, so stop here rather than launch a fleet that cannot be polled.
+        from shared import pki
+
+        try:
+            pki.read_ca_certificate(cfg.effective_pki_dir)
+        except pki.PKIError as exc:
+            print(f"controller_asg: bad configuration: HELIX_TLS_MODE=ca: {exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+
     # At most one acting controller per group on this host, before anything is touched.
     host_lock = None
     if not args.dry_run:
@@ -57,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     log = setup_logging(cfg.log_level, "controller_asg")
     if not cfg.resolved_token():
         log.warning("INSECURE: no token; instances this controller launches accept RPCs from anyone")
+    if cfg.effective_tls_mode == "off" and cfg.provider == "ec2":
+        log.warning("PLAINTEXT: HELIX_TLS_MODE=off: instances will be polled unencrypted across the VPC")
 
     # Imported after the configuration is known good: the ec2 provider pulls in boto3.
     from controller_asg.controller import Controller
@@ -72,7 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    table = wait_for_table(cfg.shm_name, stop, log)
+    try:
+        table = wait_for_table(cfg.shm_name, cfg.shm_dir, stop, log)
+    except NotPrivate as exc:
+        print(f"controller_asg: {exc}", file=sys.stderr)
+        if host_lock is not None:
+            host_lock.release()
+        return EXIT_BAD_CONFIG
     if table is None:
         return 0
     provider = make_provider(cfg)

@@ -64,8 +64,24 @@ def main() -> int:
     )
     from monitor_c.agent import Agent
 
+    key = None
+    if cfg.effective_tls_mode == "ca":
+        from shared import pki
+
+        try:
+            with open(cfg.tls_ca, "rb") as fh:
+                key = pki.AgentKey(fh.read())
+        except (OSError, pki.PKIError) as exc:
+            reason = "not set" if not cfg.tls_ca else getattr(exc, "strerror", None) or "not a PEM certificate"
+            print(
+                f"monitor_c: bad configuration: HELIX_TLS_CA={cfg.tls_ca}: expected the manager CA's PEM certificate "
+                f"with HELIX_TLS_MODE=ca ({reason})",
+                file=sys.stderr,
+            )
+            return EXIT_BAD_CONFIG
+
     async def run() -> int:
-        return await Agent(cfg, auth, log, early_signals=_early_signals).run()
+        return await Agent(cfg, auth, log, early_signals=_early_signals, key=key).run()
 
     return asyncio.run(run())
 

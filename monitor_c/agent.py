@@ -29,7 +29,7 @@ from monitor_c.identity import Identity, resolve_identity
 from monitor_c.probe import AppProbe
 from monitor_c.sampling import Sampler
 from protos import helix_pb2, helix_pb2_grpc
-from shared import rpc_security
+from shared import pki, rpc_security
 from shared.config import Config
 
 SILENT_INTERVALS = 5
@@ -124,9 +124,18 @@ class AgentService(helix_pb2_grpc.AgentServicer):
 
 class Agent:
     def __init__(
-        self, cfg: Config, auth: rpc_security.Auth, log: logging.Logger, early_signals: list[int] | None = None
+        self,
+        cfg: Config,
+        auth: rpc_security.Auth,
+        log: logging.Logger,
+        early_signals: list[int] | None = None,
+        key: pki.AgentKey | None = None,
     ):
         self.early_signals = early_signals if early_signals is not None else []
+        # HELIX_TLS_MODE=ca: the agent's key (in memory only), which MonitorS certifies at registration.
+        self.key = key
+        self.server_tls = rpc_security.AgentServerTLS(self.key) if self.key else None
+        self.renew_at = math.inf
         self.cfg = cfg
         self.auth = auth
         self.log = log
@@ -154,7 +163,9 @@ class Agent:
         ]
         server = grpc.aio.server(interceptors=interceptors, options=rpc_security.SERVER_OPTIONS)
         try:
-            port = rpc_security.add_port(server, cfg.agent_listen, cfg)
+            port = rpc_security.add_port(
+                server, cfg.agent_listen, cfg, self.server_tls.credentials if self.server_tls else None
+            )
         except RuntimeError as exc:
             log.error("%s (HELIX_AGENT_LISTEN=%s)", exc, cfg.agent_listen)
             return 1
@@ -186,7 +197,10 @@ class Agent:
             loop.add_signal_handler(sig, self._on_signal, sig)
         if self.early_signals:
             self._on_signal(self.early_signals[0])
-        self.channel = rpc_security.open_channel(cfg.monitor_addr, cfg, self.auth)
+        registry_tls = None
+        if self.key:
+            registry_tls = rpc_security.ChannelTLS(grpc.ssl_channel_credentials(self.key.ca_pem), pki.MONITOR_NAME)
+        self.channel = rpc_security.open_channel(cfg.monitor_addr, cfg, self.auth, tls=registry_tls)
         self.registry = helix_pb2_grpc.RegistryStub(self.channel)
         tasks = [asyncio.create_task(self._probe_loop()), asyncio.create_task(self._registration_loop())]
         await self.stop_event.wait()
@@ -227,6 +241,7 @@ class Agent:
             instance_secret=self.cfg.instance_secret,
             identity_document=ident.document,
             identity_signature=ident.signature,
+            csr=self.key.csr_pem if self.key else b"",
         )
 
     async def _registration_loop(self) -> None:
@@ -263,6 +278,11 @@ class Agent:
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
+            if self.key and not self._enrol(resp.certificate):
+                delay = backoff * random.uniform(0.5, 1.5)
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue
             backoff = BACKOFF_FIRST
             if resp.credential:
                 self.credential = resp.credential
@@ -278,10 +298,33 @@ class Agent:
                 reason,
             )
             silence = max(SILENT_INTERVALS * st.poll_interval, MIN_SILENCE)
-            while (quiet := time.monotonic() - st.last_polled) < silence:
+            while (quiet := time.monotonic() - st.last_polled) < silence and time.time() < self.renew_at:
                 await asyncio.sleep(min(silence - quiet, st.poll_interval) + 0.01)
+            if quiet < silence:
+                reason = "certificate renewal"
+                log.info("certificate is two-thirds through its life: registering again for a new one")
+                continue
             reason = f"not polled for {quiet:.1f}s"
             log.warning("%s: MonitorS may have lost this agent; registering again", reason)
+
+    def _enrol(self, certificate: bytes) -> bool:
+        """Serve with the certificate Register returned, once it checks out (for this key, from the
+        manager CA, for this instance); False (logged) when it does not."""
+        assert self.key is not None and self.server_tls is not None
+        if not certificate:
+            self.log.error(
+                "register with %s returned no certificate: is MonitorS running HELIX_TLS_MODE=ca? retrying",
+                self.cfg.monitor_addr,
+            )
+            return False
+        try:
+            expires_at = self.key.accept(certificate, self.state.identity.instance_id)
+        except ValueError as exc:
+            self.log.error("register with %s returned a bad %s; retrying", self.cfg.monitor_addr, exc)
+            return False
+        self.server_tls.install(certificate)
+        self.renew_at = pki.renew_at(time.time(), expires_at)
+        return True
 
     async def _deregister(self, reason: str) -> None:
         try:

@@ -32,7 +32,7 @@ from monitor_s.credentials import KEY_BYTES, CredentialIssuer
 from monitor_s.rowstate import Poll, RowHealth, next_health
 from monitor_s.validation import Refusal, check_instance_id
 from protos import helix_pb2, helix_pb2_grpc
-from shared import rpc_security
+from shared import pki, rpc_security
 from shared.config import Config, Invalid, parse_host_port
 from shared.table import InstanceRow, MetricsTable, PollFailure, PollSample, State
 
@@ -89,9 +89,13 @@ class Fleet:
         auth: rpc_security.Auth,
         log: logging.Logger,
         issuer: CredentialIssuer | None = None,
+        manager_ca: pki.ManagerCA | None = None,
     ):
         # Per-agent credentials (monitor_s/credentials.py); a throwaway key when none is given (tests).
         self.issuer = issuer or CredentialIssuer(os.urandom(KEY_BYTES))
+        # Under the manager CA every poll is mutual TLS, and each agent must prove it is the instance
+        # its row names (its certificate was issued for that id at registration).
+        self.agent_tls = rpc_security.manager_client_credentials(manager_ca) if manager_ca else None
         self.cfg = cfg
         self.table = table
         self.auth = auth
@@ -112,7 +116,8 @@ class Fleet:
     # -- registry --------------------------------------------------------------------------------
 
     def connect(self, entry: Entry) -> Entry:
-        entry.channel = rpc_security.open_channel(entry.address, self.cfg, options=CHANNEL_OPTIONS)
+        tls = rpc_security.ChannelTLS(self.agent_tls, pki.agent_name(entry.instance_id)) if self.agent_tls else None
+        entry.channel = rpc_security.open_channel(entry.address, self.cfg, options=CHANNEL_OPTIONS, tls=tls)
         entry.stub = helix_pb2_grpc.AgentStub(entry.channel)
         entry.request = helix_pb2.GetMetricsRequest(instance_id=entry.instance_id)
         entry.metadata = self.issuer.metadata(entry.instance_id, entry.registered_at)

@@ -19,7 +19,7 @@ from monitor_s.fleet import Fleet
 from monitor_s.identitydoc import DocumentVerifier
 from monitor_s.validation import Refusal, check_caller, check_instance_id, check_reason, check_register, peer_ip
 from protos import helix_pb2, helix_pb2_grpc
-from shared import rpc_security
+from shared import pki, rpc_security
 from shared.config import Config
 from shared.rpc_security import bearer_matches
 from shared.table import MetricsTable, NotPrivate, Roster, TableFull
@@ -28,8 +28,9 @@ FLOOD_QUIET_SECONDS = 60.0
 
 
 class RegistryService(helix_pb2_grpc.RegistryServicer):
-    def __init__(self, fleet: Fleet, cfg: Config, log: logging.Logger):
+    def __init__(self, fleet: Fleet, cfg: Config, log: logging.Logger, manager_ca: pki.ManagerCA | None = None):
         self.fleet = fleet
+        self.manager_ca = manager_ca
         self.cfg = cfg
         self.log = log
         self.limiter = RateLimiter(cfg.register_rate)
@@ -84,6 +85,7 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
                     request.identity_signature,
                     self.verifier,
                 )
+            certificate = self._certificate(request, reg.instance_id)
         except Refusal as refusal:
             await self._refuse(context, "Register", refusal)
         try:
@@ -112,7 +114,23 @@ class RegistryService(helix_pb2_grpc.RegistryServicer):
             poll_interval=self.cfg.poll_interval,
             server_time=time.time(),
             credential=self.fleet.issuer.credential(entry.instance_id, entry.registered_at),
+            certificate=certificate,
         )
+
+    def _certificate(self, request: helix_pb2.RegisterRequest, instance_id: str) -> bytes:
+        """Under the manager CA, the agent's certificate for the key in its request (signed only once
+        the caller was admitted, and before its row is touched, so a bad request changes nothing)."""
+        if self.manager_ca is None:
+            return b""
+        if not request.csr:
+            raise Refusal(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "csr: empty, expected a certificate signing request (MonitorS runs HELIX_TLS_MODE=ca)",
+            )
+        try:
+            return self.manager_ca.issue_agent(request.csr, instance_id)
+        except ValueError as exc:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
 
     async def Deregister(
         self,
@@ -163,13 +181,19 @@ def forget_off_roster(fleet: Fleet, roster: Roster, off_since: dict[str, float],
             fleet.forget(entry, f"no longer on the controller's roster (for {now - since:.0f}s)")
 
 
-async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: logging.Logger) -> int:
+async def serve(
+    cfg: Config,
+    auth: rpc_security.Auth,
+    table: MetricsTable,
+    log: logging.Logger,
+    manager_ca: pki.ManagerCA | None = None,
+) -> int:
     try:
         issuer = CredentialIssuer.from_state_dir(cfg.state_dir)
     except (OSError, NotPrivate) as exc:
         log.error("cannot use the per-agent credential key under %s: %s (HELIX_STATE_DIR)", cfg.state_dir, exc)
         return 1
-    fleet = Fleet(cfg, table, auth, log, issuer)
+    fleet = Fleet(cfg, table, auth, log, issuer, manager_ca)
     resumed = fleet.load()
     started_at = time.time()
     pid = os.getpid()
@@ -197,7 +221,7 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
     interceptors.append(rpc_security.DecodeGuardInterceptor(log))
     server = grpc.aio.server(interceptors=interceptors, options=rpc_security.SERVER_OPTIONS)
     try:
-        registry = RegistryService(fleet, cfg, log)
+        registry = RegistryService(fleet, cfg, log, manager_ca)
     except (OSError, ValueError) as exc:
         log.error("HELIX_IDENTITY_CERT=%s: expected a PEM certificate (%s)", cfg.identity_cert, exc)
         await fleet.close()
@@ -206,7 +230,12 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     try:
-        rpc_security.add_port(server, cfg.monitor_listen, cfg)
+        rpc_security.add_port(
+            server,
+            cfg.monitor_listen,
+            cfg,
+            rpc_security.manager_server_credentials(manager_ca) if manager_ca else None,
+        )
     except RuntimeError as exc:
         log.error("%s (HELIX_MONITOR_LISTEN=%s)", exc, cfg.monitor_listen)
         await fleet.close()
@@ -216,7 +245,7 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info(
         "MonitorS serving Registry on %s, table '%s' (%d rows, %d resumed), %s every %gs, "
-        "unhealthy after %d failures, metrics %s",
+        "unhealthy after %d failures, metrics %s, TLS %s",
         cfg.monitor_listen,
         table.name,
         table.capacity,
@@ -225,6 +254,9 @@ async def serve(cfg: Config, auth: rpc_security.Auth, table: MetricsTable, log: 
         cfg.poll_interval,
         cfg.unhealthy_after,
         metrics,
+        {"ca": f"under the manager CA ({cfg.effective_pki_dir})", "files": "from HELIX_TLS_CERT/CA", "off": "off"}[
+            cfg.effective_tls_mode
+        ],
     )
 
     stop = asyncio.Event()

@@ -23,6 +23,7 @@ MAX_VCPUS = 4096
 MAX_REASON_BYTES = 200
 MAX_SECRET_BYTES = 256
 MAX_DOCUMENT_BYTES = 4096  # an EC2 identity document is about 500 bytes
+MAX_CSR_BYTES = 4096  # a P-256 request in PEM is about 400 bytes
 MAX_SIGNATURE_BYTES = 1024
 
 
@@ -98,6 +99,8 @@ def check_register(req: helix_pb2.RegisterRequest) -> Registration:
             f"identity_document: {len(req.identity_document)} bytes and a signature of "
             f"{len(req.identity_signature)}, expected at most {MAX_DOCUMENT_BYTES} and {MAX_SIGNATURE_BYTES}",
         )
+    if len(req.csr) > MAX_CSR_BYTES:
+        raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"csr: {len(req.csr)} bytes, expected at most {MAX_CSR_BYTES}")
     if len(req.instance_secret.encode()) > MAX_SECRET_BYTES:
         # Never echoed: the value of a secret stays out of logs and status messages.
         raise Refusal(

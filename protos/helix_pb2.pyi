@@ -71,7 +71,7 @@ class Metrics(_message.Message):
     def __init__(self, cpu: _Optional[float] = ..., vcpus: _Optional[int] = ..., mem: _Optional[float] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., net_rx_bps: _Optional[float] = ..., net_tx_bps: _Optional[float] = ..., disk: _Optional[float] = ..., app_live: _Optional[bool] = ..., app_detail: _Optional[str] = ..., sample_time: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("instance_id", "address", "vcpus", "agent_version", "labels", "instance_secret", "identity_document", "identity_signature")
+    __slots__ = ("instance_id", "address", "vcpus", "agent_version", "labels", "instance_secret", "identity_document", "identity_signature", "csr")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class RegisterRequest(_message.Message):
     INSTANCE_SECRET_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_DOCUMENT_FIELD_NUMBER: _ClassVar[int]
     IDENTITY_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    CSR_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     address: str
     vcpus: int
@@ -95,19 +96,22 @@ class RegisterRequest(_message.Message):
     instance_secret: str
     identity_document: bytes
     identity_signature: str
-    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., vcpus: _Optional[int] = ..., agent_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., instance_secret: _Optional[str] = ..., identity_document: _Optional[bytes] = ..., identity_signature: _Optional[str] = ...) -> None: ...
+    csr: bytes
+    def __init__(self, instance_id: _Optional[str] = ..., address: _Optional[str] = ..., vcpus: _Optional[int] = ..., agent_version: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., instance_secret: _Optional[str] = ..., identity_document: _Optional[bytes] = ..., identity_signature: _Optional[str] = ..., csr: _Optional[bytes] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("slot", "poll_interval", "server_time", "credential")
+    __slots__ = ("slot", "poll_interval", "server_time", "credential", "certificate")
     SLOT_FIELD_NUMBER: _ClassVar[int]
     POLL_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     SERVER_TIME_FIELD_NUMBER: _ClassVar[int]
     CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_FIELD_NUMBER: _ClassVar[int]
     slot: int
     poll_interval: float
     server_time: float
     credential: str
-    def __init__(self, slot: _Optional[int] = ..., poll_interval: _Optional[float] = ..., server_time: _Optional[float] = ..., credential: _Optional[str] = ...) -> None: ...
+    certificate: bytes
+    def __init__(self, slot: _Optional[int] = ..., poll_interval: _Optional[float] = ..., server_time: _Optional[float] = ..., credential: _Optional[str] = ..., certificate: _Optional[bytes] = ...) -> None: ...
 
 class DeregisterRequest(_message.Message):
     __slots__ = ("instance_id", "reason")

@@ -181,6 +181,18 @@ def shm_segment_name(raw: str) -> str:
     return raw
 
 
+def shm_directory(raw: str) -> str:
+    """Empty, or an absolute directory path. Whether it is this user's alone (mode 0700) is checked
+    where the table is opened: the directory may not exist yet here (systemd makes it at start),
+    and agents, which load this too, never use it."""
+    if not raw or (raw.startswith("/") and len(raw) <= 1024 and "\x00" not in raw):
+        return raw
+    raise Invalid(
+        "empty (a POSIX segment in /dev/shm) or an absolute path, at most 1024 characters, to a directory "
+        "only this user may enter (mode 0700), e.g. /run/helix"
+    )
+
+
 def cpu_source_spec(raw: str) -> str:
     value = raw.strip()
     if value == "host":
@@ -278,8 +290,18 @@ class Config:
     shm_name: str = setting(
         "HELIX_SHM_NAME",
         "helix-metrics",
-        "Name of the shared-memory metrics table (`/dev/shm/<name>`, lock file `<name>.lock` beside it).",
+        "Name of the shared-memory metrics table (`/dev/shm/<name>`, or `<HELIX_SHM_DIR>/<name>`; lock file "
+        "`<name>.lock` beside it).",
         shm_segment_name,
+        group="table",
+    )
+    shm_dir: str = setting(
+        "HELIX_SHM_DIR",
+        "",
+        "Directory holding the metrics table as a memory-mapped file and its lock (use a tmpfs, e.g. /run/helix: "
+        "the manager units set their RuntimeDirectory); it must be the service user's with mode 0700, else "
+        "MonitorS and ControllerASG refuse it. Empty: a POSIX shared-memory segment in /dev/shm.",
+        shm_directory,
         group="table",
     )
     shm_capacity: int = setting(
@@ -332,6 +354,22 @@ class Config:
         "HELIX_TLS_CA",
         "",
         "PEM CA bundle: clients verify servers with it; servers require client certificates signed by it (mTLS).",
+        text(),
+        group="security",
+    )
+    tls_mode: str = setting(
+        "HELIX_TLS_MODE",
+        "auto",
+        "How MonitorS and the agents encrypt: `ca` (the manager CA of `python -m shared.pki init` issues each "
+        "agent a certificate at registration; mutual TLS), `files` (HELIX_TLS_CERT/KEY/CA), `off` (plaintext). "
+        "`auto`: `files` when HELIX_TLS_CERT or HELIX_TLS_CA is set, else `ca` with the ec2 provider and `off` with local (loopback).",
+        choice("auto", "ca", "files", "off"),
+        group="security",
+    )
+    pki_dir: str = setting(
+        "HELIX_PKI_DIR",
+        "",
+        "Directory of the manager CA (`python -m shared.pki init` creates it, mode 700); empty: HELIX_STATE_DIR/pki.",
         text(),
         group="security",
     )
@@ -818,6 +856,19 @@ class Config:
             return self.health_grace
         return 300.0 if self.provider == "ec2" else 30.0
 
+    @property
+    def effective_tls_mode(self) -> str:
+        """`ca`, `files` or `off`: what HELIX_TLS_MODE=auto means here (see its help)."""
+        if self.tls_mode != "auto":
+            return self.tls_mode
+        if self.tls_cert or self.tls_ca:
+            return "files"
+        return "ca" if self.provider == "ec2" else "off"
+
+    @property
+    def effective_pki_dir(self) -> str:
+        return self.pki_dir or os.path.join(self.state_dir, "pki")
+
     def resolved_token(self) -> str:
         """The bearer token, from HELIX_TOKEN or the first line of HELIX_TOKEN_FILE ('' if none)."""
         if self.token:
@@ -966,6 +1017,15 @@ def _cross_checks(cfg: Config, given: frozenset[str] = frozenset()) -> list[tupl
         if bool(cert) != bool(key):
             shown = f"{prefix}TLS_KEY={key}" if cert else f"{prefix}TLS_CERT={cert}"
             bad({cert_name, key_name}, f"{shown}: expected {prefix}TLS_CERT and {prefix}TLS_KEY to be set together")
+    if cfg.tls_mode == "files" and not (cfg.tls_cert or cfg.tls_ca):
+        bad({"tls_mode"}, "HELIX_TLS_MODE=files: expected HELIX_TLS_CERT and HELIX_TLS_KEY (or HELIX_TLS_CA) to be set")
+    elif cfg.tls_mode in ("ca", "off") and cfg.tls_cert:
+        bad(
+            {"tls_mode", "tls_cert"},
+            f"HELIX_TLS_MODE={cfg.tls_mode}: expected HELIX_TLS_CERT unset (it is used only with HELIX_TLS_MODE=files)",
+        )
+    if cfg.pki_dir and not os.path.isabs(cfg.pki_dir):
+        bad({"pki_dir"}, f"HELIX_PKI_DIR={cfg.pki_dir}: expected an absolute path")
     for name, key, path in (
         ("tls_cert", "HELIX_TLS_CERT", cfg.tls_cert),
         ("tls_key", "HELIX_TLS_KEY", cfg.tls_key),

@@ -124,9 +124,10 @@ ENV_HEADER = """\
 # the process environment wins over any file. Files a setting names that hold a secret (token,
 # private keys, the metrics password) must be readable by their owner only (chmod 600).
 #
-# Under systemd two defaults differ from the ones below, unless this file sets them: the manager
-# units set HELIX_STATE_DIR=/var/lib/helix (their StateDirectory), and every unit sets an empty
-# HELIX_ENV_FILE (this file is the only one read).
+# Under systemd three defaults differ from the ones below, unless this file sets them: the manager
+# units set HELIX_STATE_DIR=/var/lib/helix (their StateDirectory) and HELIX_SHM_DIR=/run/helix
+# (their RuntimeDirectory, mode 0700), and every unit sets an empty HELIX_ENV_FILE (this file is
+# the only one read).
 #
 # On an app instance this file is written at boot by cloud-init from the EC2 user data that
 # ControllerASG renders; on the manager VM you write it.

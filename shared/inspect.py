@@ -1,8 +1,10 @@
-"""`python -m shared.inspect [--name NAME] [--json] [--watch SECONDS]`: dump the metrics table.
+"""`python -m shared.inspect [--name NAME] [--dir DIR] [--json] [--watch SECONDS]`: dump the metrics table.
 
 Read-only: it attaches, copies a consistent snapshot and detaches; it never writes, creates or
 unlinks anything (a damaged table is described, not repaired: MonitorS repairs it when it starts).
-With no table it prints one line and exits 1. Numbers are as the snapshot vouches for them: bad
+With no table it prints one line and exits 1; with a table directory (HELIX_SHM_DIR) that is not
+this user's alone, one line and exit 2, as MonitorS and ControllerASG (run it as the service user).
+Numbers are as the snapshot vouches for them: bad
 rows are left out and listed under problems, a bad header number reads as 0 ('never').
 """
 
@@ -14,8 +16,8 @@ import sys
 import time
 from typing import Any
 
-from shared.config import load_or_exit
-from shared.table import MetricsTable, Snapshot, TableError
+from shared.config import EXIT_BAD_CONFIG, Invalid, load_or_exit, shm_directory
+from shared.table import MetricsTable, NotPrivate, Snapshot, TableError
 
 EXIT_NO_TABLE = 1
 MAX_PROBLEM_LINES = 10  # the text view stays a screen; --json has every one
@@ -150,8 +152,9 @@ def render_text(name: str, data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def read_once(name: str) -> dict[str, Any]:
-    table = MetricsTable.attach(name, private=False)  # a read-only look: any readable table
+def read_once(name: str, directory: str = "") -> dict[str, Any]:
+    # A read-only look: any readable table, though only in a directory that is ours alone.
+    table = MetricsTable.attach(name, private=False, directory=directory)
     try:
         snap = table.snapshot()
     finally:
@@ -159,23 +162,40 @@ def read_once(name: str) -> dict[str, Any]:
     return snapshot_dict(snap, time.time())
 
 
+def _directory(raw: str) -> str:
+    """--dir as the loader takes HELIX_SHM_DIR, with its 'expected …' on a bad one."""
+    try:
+        return shm_directory(raw)
+    except Invalid as exc:
+        raise argparse.ArgumentTypeError(f"{raw!r}: expected {exc}") from None
+
+
+def _where(name: str | None, directory: str | None) -> tuple[str, str]:
+    """The table's name and directory: as given, else the configuration's (loaded only if needed)."""
+    if name and directory is not None:
+        return name, directory
+    cfg = load_or_exit(prog="inspect")
+    return name or cfg.shm_name, cfg.shm_dir if directory is None else directory
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.inspect", description=__doc__.splitlines()[0])
     parser.add_argument("--name", help="segment name (default: HELIX_SHM_NAME)")
+    parser.add_argument("--dir", type=_directory, help="table directory (default: HELIX_SHM_DIR; empty: /dev/shm)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--watch", type=float, metavar="SECONDS", help="redraw every SECONDS until Ctrl-C")
     args = parser.parse_args(argv)
     if args.watch is not None and not args.watch > 0:
         parser.error(f"--watch={args.watch}: expected a number of seconds greater than 0")
-    name = args.name or load_or_exit(prog="inspect").shm_name
+    name, directory = _where(args.name, args.dir)
 
     try:
         while True:
             try:
-                data = read_once(name)
+                data = read_once(name, directory)
             except TableError as exc:
                 print(f"inspect: {exc}", file=sys.stderr)
-                return EXIT_NO_TABLE
+                return EXIT_BAD_CONFIG if isinstance(exc, NotPrivate) else EXIT_NO_TABLE
             if args.json:
                 print(json.dumps(data), flush=True)
             else:

@@ -7,9 +7,10 @@ before the handler runs, so a refused call changes nothing. Clients either insta
 per second), pass `Auth.metadata` to each call directly, which costs nothing extra.
 
 Without a token a process refuses to start (exit 2) unless HELIX_INSECURE=1, and then it says so
-loudly. TLS is optional: HELIX_TLS_CERT/KEY make servers serve TLS and clients present that
-certificate; HELIX_TLS_CA makes clients verify servers with it and servers require client
-certificates signed by it (mTLS).
+loudly. TLS (HELIX_TLS_MODE): `ca` runs everything under the manager CA (shared/pki.py: MonitorS
+issues each agent its certificate at registration, mutual TLS on every poll; the default on EC2);
+`files` uses HELIX_TLS_CERT/KEY (servers serve TLS, clients present that certificate) and
+HELIX_TLS_CA (clients verify servers with it, servers require client certificates signed by it).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
+from shared import pki
 from shared.config import EXIT_BAD_CONFIG, Config
 
 AUTH_KEY = "authorization"
@@ -291,8 +293,9 @@ def _read(path: str) -> bytes:
 
 
 def server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
-    """TLS server credentials when HELIX_TLS_CERT/KEY are set; client certificates required when HELIX_TLS_CA is."""
-    if not cfg.tls_cert:
+    """HELIX_TLS_MODE=files: TLS server credentials from HELIX_TLS_CERT/KEY; client certificates
+    required when HELIX_TLS_CA is set. None in the other modes (`ca` builds its own, below)."""
+    if cfg.effective_tls_mode != "files" or not cfg.tls_cert:
         return None
     ca = _read(cfg.tls_ca) if cfg.tls_ca else None
     return grpc.ssl_server_credentials(
@@ -301,8 +304,8 @@ def server_credentials(cfg: Config) -> grpc.ServerCredentials | None:
 
 
 def channel_credentials(cfg: Config) -> grpc.ChannelCredentials | None:
-    """TLS channel credentials when HELIX_TLS_CA or HELIX_TLS_CERT is set (presenting the cert for mTLS)."""
-    if not (cfg.tls_ca or cfg.tls_cert):
+    """HELIX_TLS_MODE=files: TLS channel credentials (presenting HELIX_TLS_CERT for mTLS when set)."""
+    if cfg.effective_tls_mode != "files":
         return None
     return grpc.ssl_channel_credentials(
         root_certificates=_read(cfg.tls_ca) if cfg.tls_ca else None,
@@ -311,26 +314,85 @@ def channel_credentials(cfg: Config) -> grpc.ChannelCredentials | None:
     )
 
 
+@dataclass(frozen=True)
+class ChannelTLS:
+    """How to dial one peer under the manager CA: credentials and the name its certificate must carry
+    (grpc's target-name override: the address says where, the name says who)."""
+
+    credentials: grpc.ChannelCredentials
+    server_name: str
+
+
+def manager_server_credentials(ca: pki.ManagerCA) -> grpc.ServerCredentials:
+    """MonitorS's Registry under the manager CA. No client certificate is asked for: an agent has
+    none until Register gives it one; Register authenticates it by the roster and its identity."""
+    return grpc.ssl_server_credentials([(ca.monitor_key_pem, ca.monitor_cert_pem)])
+
+
+def manager_client_credentials(ca: pki.ManagerCA) -> grpc.ChannelCredentials:
+    """MonitorS polling agents: verifies each agent against the CA and presents its own certificate."""
+    return grpc.ssl_channel_credentials(ca.ca_pem, ca.monitor_key_pem, ca.monitor_cert_pem)
+
+
+class AgentServerTLS:
+    """An agent's serving credentials under the manager CA, swapped in place when Register returns a
+    certificate (and again at each renewal) with no restart and no new port.
+
+    Until then the agent serves a self-signed certificate that no one trusts, so no poll succeeds
+    before enrolment. Clients must present a certificate the CA issued for client use: only
+    MonitorS's has that usage (agent certificates are server-only, and BoringSSL enforces it)."""
+
+    def __init__(self, key: pki.AgentKey):
+        self._key = key
+        self._pending: grpc.ServerCertificateConfiguration | None = None
+        initial = grpc.ssl_server_certificate_configuration(
+            [(key.key_pem, key.self_signed_pem)], root_certificates=key.ca_pem
+        )
+        # grpc's stubs say the fetcher returns a configuration; its docs: None keeps the current one.
+        fetch: Any = self._fetch
+        self.credentials = grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=True)
+
+    def install(self, cert_pem: bytes) -> None:
+        self._pending = grpc.ssl_server_certificate_configuration(
+            [(self._key.key_pem, cert_pem)], root_certificates=self._key.ca_pem
+        )
+
+    def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        # Called by gRPC before each handshake; None keeps the current configuration.
+        pending, self._pending = self._pending, None
+        return pending
+
+
 SERVER_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.so_reuseport", 0),  # a second process on the same port must fail, not share it
 ]
 
 
-def add_port(server: grpc.aio.Server, address: str, cfg: Config) -> int:
-    """Bind `address` with TLS when configured; return the bound port (raises RuntimeError if it cannot bind)."""
-    creds = server_credentials(cfg)
+def add_port(server: grpc.aio.Server, address: str, cfg: Config, creds: grpc.ServerCredentials | None = None) -> int:
+    """Bind `address` with `creds`, or HELIX_TLS_MODE=files' TLS when configured, else plaintext;
+    return the bound port (raises RuntimeError if it cannot bind)."""
+    creds = creds or server_credentials(cfg)
     port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if not port:
         raise RuntimeError(f"cannot listen on {address}")
     return port
 
 
-def open_channel(target: str, cfg: Config, auth: Auth | None = None, options: Sequence[tuple] = ()) -> grpc.aio.Channel:
-    """An aio channel to `target`, TLS when configured; with `auth`, every call carries the token."""
+def open_channel(
+    target: str,
+    cfg: Config,
+    auth: Auth | None = None,
+    options: Sequence[tuple] = (),
+    tls: ChannelTLS | None = None,
+) -> grpc.aio.Channel:
+    """An aio channel to `target`: under the manager CA with `tls`, else HELIX_TLS_MODE=files' TLS
+    when configured, else plaintext; with `auth`, every call carries the token."""
     interceptors = client_interceptors(auth) if auth else []
-    creds = channel_credentials(cfg)
+    creds = tls.credentials if tls else channel_credentials(cfg)
     opts = [("grpc.max_receive_message_length", 1024 * 1024), *options]
+    if tls:
+        opts.append(("grpc.ssl_target_name_override", tls.server_name))
     if creds:
         return grpc.aio.secure_channel(target, creds, options=opts, interceptors=interceptors or None)
     return grpc.aio.insecure_channel(target, options=opts, interceptors=interceptors or None)

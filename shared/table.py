@@ -1,10 +1,18 @@
-"""The metrics table: a fixed-layout numpy structured array in one POSIX shared-memory segment.
+"""The metrics table: a fixed-layout numpy structured array in one POSIX shared-memory segment,
+or in one file mapped into memory in a private directory (HELIX_SHM_DIR).
+
+Where. By default the table is the segment `/dev/shm/<name>` and its lock `/dev/shm/<name>.lock`.
+With a directory (HELIX_SHM_DIR; the systemd units use their RuntimeDirectory /run/helix, a tmpfs)
+they are `<dir>/<name>`, mapped with mmap, and `<dir>/<name>.lock`. The directory must be this
+user's with mode 0700, checked on every open, and files are opened relative to the descriptor that
+was checked: nobody else can plant, swap or read a file in it. Both backings expose the same
+segment interface (`_Segment`), so everything from the layout down is one code path.
 
 MonitorS owns it and writes the monitor part of the header and the rows; ControllerASG writes only
 the controller part of the header; anyone may read. Layout: a HEADER_SIZE-byte header, then
 `capacity` rows of ROW_DTYPE.
 
-Locking. One `fcntl.flock` on `/dev/shm/<name>.lock`: writers take it exclusive, readers shared.
+Locking. One `fcntl.flock` on the lock file `<name>.lock` beside the table: writers take it exclusive, readers shared.
 The kernel drops a flock when its holder dies, even by SIGKILL, so a crashed holder can never
 wedge the table. flock belongs to the open file description, so threads of one process also
 serialise on a `threading.Lock`. Readers copy the bytes under the lock and decode the copy, so a
@@ -23,8 +31,8 @@ process exits (and the creator's when the creator is SIGKILLed), which would wip
 every MonitorS crash and break every reader on exit. Helix unregisters each segment from the
 tracker the moment it is opened, so nothing is unlinked behind anyone's back. The segment lives
 until someone calls `MetricsTable.remove` (the demo and the tests do, at the end), an operator
-resets it (`HELIX_SHM_RESET=1` when the layout changed), or the machine reboots (/dev/shm is a
-tmpfs; agents then register again).
+resets it (`HELIX_SHM_RESET=1` when the layout changed), or the machine reboots (/dev/shm and /run
+are tmpfs; agents then register again). A file-backed table has no tracker to keep away.
 """
 
 from __future__ import annotations
@@ -32,14 +40,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import math
+import mmap
 import os
+import stat
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, fields
 from enum import IntEnum
 from functools import cached_property
 from multiprocessing import resource_tracker, shared_memory
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -175,7 +185,7 @@ class LayoutMismatch(TableError):
 
 
 class NotPrivate(TableError):
-    """The segment or its lock file is not this user's alone (planted by someone else?)."""
+    """The table's directory, segment or lock file is not this user's alone (planted by someone else?)."""
 
 
 def check_private(fd: int, path: str, what: str) -> None:
@@ -196,12 +206,61 @@ def check_private(fd: int, path: str, what: str) -> None:
         )
 
 
-def _open_lock(name: str) -> int:
-    """The lock file: created 0600 if absent, never followed through a symlink, and ours alone."""
-    path = lock_path(name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+def check_private_dir(fd: int, directory: str) -> None:
+    """Refuse a table directory (HELIX_SHM_DIR) that is not this user's alone: whoever may enter or
+    write it could plant the table or its lock before MonitorS creates them, or read the rows.
+    Raises NotPrivate with one line naming it, its owner and mode, and what is expected."""
+    st = os.fstat(fd)
+    uid = os.geteuid()
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid == uid and not mode & 0o077:
+        return
+    fix = "chmod 700 it if it is Helix's" if st.st_uid == uid else "use a directory this user owns"
+    raise NotPrivate(
+        f"HELIX_SHM_DIR={directory}: directory owned by uid {st.st_uid} with mode {mode:04o}, expected one "
+        f"owned by uid {uid} (this user) with mode 0700 (only its owner may enter it): refusing it; {fix}"
+    )
+
+
+def _open_private_dir(directory: str) -> int:
+    """A descriptor on the table directory, checked by check_private_dir. A directory that is
+    missing or cannot be opened is NotPrivate too: one line, and the processes exit 2 on it."""
     try:
-        check_private(fd, path, "lock file")
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise NotPrivate(
+            f"HELIX_SHM_DIR={directory}: cannot open it ({exc.strerror}), expected an existing directory "
+            f"owned by uid {os.geteuid()} (this user) with mode 0700 (systemd: RuntimeDirectory=)"
+        ) from None
+    try:
+        check_private_dir(fd, directory)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_in(directory: str, name: str, flags: int) -> int:
+    """Open `name` (created 0600 with O_CREAT) where the table lives: /dev/shm, or the private
+    directory, opened relative to the very descriptor that was checked, so the directory cannot be
+    swapped between the check and the open."""
+    if not directory:
+        return os.open(os.path.join(SHM_DIR, name), flags, 0o600)
+    dir_fd = _open_private_dir(directory)
+    try:
+        return os.open(name, flags, 0o600, dir_fd=dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _open_lock(name: str, directory: str = "", *, private: bool = True) -> int:
+    """The lock file: created 0600 if absent, never followed through a symlink, and ours alone. A
+    read-only look (`private` False) opens an existing one as it is."""
+    if not private:
+        return _open_in(directory, f"{name}.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = _open_in(directory, f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        check_private(fd, lock_path(name, directory), "lock file")
     except BaseException:
         os.close(fd)
         raise
@@ -342,8 +401,8 @@ class PollFailure:
 # ---------------------------------------------------------------------------------------------
 # Validation: what a reader trusts
 #
-# The table is plain bytes in /dev/shm: a bug, a stray write or a damaged page can leave any value
-# in any field, and no reader may wedge on one. A snapshot therefore checks its rows (once, on
+# The table is plain bytes in shared memory: a bug, a stray write or a damaged page can leave any
+# value in any field, and no reader may wedge on one. A snapshot therefore checks its rows (once, on
 # first use: most readers never look at every row) and leaves a bad row out of `instances()`,
 # describing it in `problems` instead of raising. A clean table, the common case, costs a few
 # whole-array reductions; the per-row work runs only when one of them trips.
@@ -724,13 +783,126 @@ def roster_offset(capacity: int) -> int:
     return HEADER_SIZE + capacity * ROW_DTYPE.itemsize
 
 
-def lock_path(name: str) -> str:
-    return os.path.join(SHM_DIR, f"{name}.lock")
+def segment_path(name: str, directory: str = "") -> str:
+    """Where the table's bytes are: the POSIX segment /dev/shm/<name>, or the file <directory>/<name>."""
+    return os.path.join(directory or SHM_DIR, name)
+
+
+def lock_path(name: str, directory: str = "") -> str:
+    return os.path.join(directory or SHM_DIR, f"{name}.lock")
 
 
 def _untrack(shm: shared_memory.SharedMemory) -> None:
     # See the module docstring: the tracker would unlink the segment when this process exits.
     resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]  # noqa: SLF001 (the tracker's own key)
+
+
+class _Segment(Protocol):
+    """What MetricsTable uses of a SharedMemory, and all it uses: _MappedFile offers the same."""
+
+    @property
+    def buf(self) -> memoryview | None: ...
+
+    @property
+    def size(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+class _MappedFile:
+    """The table as a file in the private directory, mapped shared: every process that maps it sees
+    every write at once, as with a segment. Takes `fd` over once constructed (closes it on close)."""
+
+    def __init__(self, path: str, fd: int):
+        self.name = os.path.basename(path)
+        self.path = path
+        self.size = os.fstat(fd).st_size
+        # An empty file (a creator between O_CREAT and ftruncate) cannot be mapped: it reads as no
+        # bytes, which _check_layout turns into a one-line LayoutMismatch, as for a short segment.
+        self._mmap = mmap.mmap(fd, self.size) if self.size else None
+        self._buf: memoryview | None = memoryview(self._mmap if self._mmap is not None else b"")
+        self._fd = fd
+
+    @property
+    def buf(self) -> memoryview | None:
+        return self._buf  # None once closed, as SharedMemory's
+
+    def close(self) -> None:
+        if self._buf is None:
+            return
+        self._buf.release()  # BufferError while a numpy view still uses it, as with SharedMemory
+        self._buf = None
+        if self._mmap is not None:
+            self._mmap.close()
+        os.close(self._fd)
+
+
+def _open_segment(name: str, directory: str, *, private: bool) -> _Segment | None:
+    """The existing table's bytes, None if there are none. With `private`, NotPrivate unless they
+    are this user's alone."""
+    if directory:
+        return _open_file_segment(name, directory, private)
+    try:
+        shm = shared_memory.SharedMemory(name=name, create=False)
+    except FileNotFoundError:
+        return None
+    _untrack(shm)
+    try:
+        if private:
+            check_private(shm._fd, segment_path(name), "metrics table")  # type: ignore[attr-defined]  # noqa: SLF001 - SharedMemory keeps its fd private
+    except BaseException:
+        shm.close()
+        raise
+    return shm
+
+
+def _open_file_segment(name: str, directory: str, private: bool) -> _MappedFile | None:
+    path = segment_path(name, directory)
+    try:
+        fd = _open_in(directory, name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        if private:
+            check_private(fd, path, "metrics table")
+        return _MappedFile(path, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _create_segment(name: str, directory: str, size: int) -> _Segment:
+    """A new table of `size` zero bytes, 0600, created exclusively: never one someone planted first."""
+    if not directory:
+        shm = shared_memory.SharedMemory(name=name, create=True, size=size)
+        _untrack(shm)
+        return shm
+    path = segment_path(name, directory)
+    fd = _open_in(directory, name, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, size)  # reads as zeros, like a new segment
+        return _MappedFile(path, fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)  # no half-made table left for the next start to trip on
+        raise
+
+
+def _unlink_segment(name: str, directory: str) -> bool:
+    """Unlink the table's bytes (never the lock); True if they were there."""
+    if directory:
+        try:
+            os.unlink(segment_path(name, directory))
+        except FileNotFoundError:
+            return False
+        return True
+    try:
+        shm = shared_memory.SharedMemory(name=name, create=False)
+    except FileNotFoundError:
+        return False
+    shm.close()
+    shm.unlink()  # balances the tracker registration the open made
+    return True
 
 
 class _Writer:
@@ -751,7 +923,7 @@ class _Writer:
 class MetricsTable:
     """One process's handle on the table. Not for sharing across fork()."""
 
-    def __init__(self, name: str, shm: shared_memory.SharedMemory, lock_fd: int, capacity: int):
+    def __init__(self, name: str, shm: _Segment, lock_fd: int, capacity: int):
         self.name = name
         self._shm = shm
         self._closed = False
@@ -766,35 +938,35 @@ class MetricsTable:
     # -- opening ---------------------------------------------------------------------------------
 
     @classmethod
-    def attach(cls, name: str, *, private: bool = True) -> MetricsTable:
-        """Attach to an existing table (ControllerASG; readers). Raises TableNotFound, LayoutMismatch,
-        or NotPrivate when the segment or its lock is not this user's alone (`private`, the default;
-        a read-only look such as `inspect` may pass False)."""
+    def attach(cls, name: str, *, private: bool = True, directory: str = "") -> MetricsTable:
+        """Attach to an existing table (ControllerASG; readers) in /dev/shm, or in `directory`
+        (HELIX_SHM_DIR). Raises TableNotFound, LayoutMismatch, or NotPrivate when the directory is
+        not this user's alone, or the segment or its lock is not (`private`, the default; a
+        read-only look such as `inspect` may pass False, which still checks the directory)."""
+        shm = _open_segment(name, directory, private=private)
+        if shm is None:
+            raise TableNotFound(f"no metrics table '{name}' in {directory or SHM_DIR} (is MonitorS running?)")
         try:
-            shm = shared_memory.SharedMemory(name=name, create=False)
-        except FileNotFoundError:
-            raise TableNotFound(f"no metrics table '{name}' in {SHM_DIR} (is MonitorS running?)") from None
-        _untrack(shm)
-        try:
-            if private:
-                check_private(shm._fd, os.path.join(SHM_DIR, name), "metrics table")  # type: ignore[attr-defined]  # noqa: SLF001 - SharedMemory keeps its fd private
             capacity = cls._check_layout(name, shm)
-            lock_fd = _open_lock(name) if private else os.open(lock_path(name), os.O_RDONLY | os.O_NOFOLLOW)
+            lock_fd = _open_lock(name, directory, private=private)
         except BaseException:
             shm.close()
             raise
         return cls(name, shm, lock_fd, capacity)
 
     @classmethod
-    def open_or_create(cls, name: str, capacity: int, *, reset: bool = False, pid: int = 0) -> MetricsTable:
+    def open_or_create(
+        cls, name: str, capacity: int, *, reset: bool = False, pid: int = 0, directory: str = ""
+    ) -> MetricsTable:
         """MonitorS: re-attach a table whose layout matches (the registry survives a restart), or
-        create one. A mismatched layout raises LayoutMismatch unless `reset` is set; a segment or lock
-        file that is not this user's alone raises NotPrivate (reset does not help: remove it)."""
-        lock_fd = _open_lock(name)
+        create one, in /dev/shm or in `directory`. A mismatched layout raises LayoutMismatch unless
+        `reset` is set; a directory, segment or lock file that is not this user's alone raises
+        NotPrivate (reset does not help: remove it)."""
+        lock_fd = _open_lock(name, directory)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             try:
-                table = cls._open_or_create_locked(name, capacity, reset, lock_fd)
+                table = cls._open_or_create_locked(name, capacity, reset, lock_fd, directory)
             finally:
                 fcntl.flock(lock_fd, fcntl.LOCK_UN)
         except BaseException:
@@ -803,31 +975,21 @@ class MetricsTable:
         return table
 
     @classmethod
-    def _open_or_create_locked(cls, name: str, capacity: int, reset: bool, lock_fd: int) -> MetricsTable:
-        try:
-            shm = shared_memory.SharedMemory(name=name, create=False)
-        except FileNotFoundError:
-            shm = None
+    def _open_or_create_locked(
+        cls, name: str, capacity: int, reset: bool, lock_fd: int, directory: str
+    ) -> MetricsTable:
+        shm = _open_segment(name, directory, private=True)
         if shm is not None:
-            try:
-                check_private(shm._fd, os.path.join(SHM_DIR, name), "metrics table")  # type: ignore[attr-defined]  # noqa: SLF001 - SharedMemory keeps its fd private
-            except NotPrivate:
-                _untrack(shm)
-                shm.close()
-                raise
             try:
                 found = cls._check_layout(name, shm, expected_capacity=capacity)
             except LayoutMismatch:
                 shm.close()
                 if not reset:
-                    _untrack(shm)
                     raise
-                shm.unlink()  # also unregisters it from the tracker
+                _unlink_segment(name, directory)
             else:
-                _untrack(shm)
                 return cls(name, shm, lock_fd, found)
-        shm = shared_memory.SharedMemory(name=name, create=True, size=segment_size(capacity))
-        _untrack(shm)
+        shm = _create_segment(name, directory, segment_size(capacity))
         table = cls(name, shm, lock_fd, capacity)
         h = table._header
         h["layout_version"] = LAYOUT_VERSION
@@ -837,7 +999,7 @@ class MetricsTable:
         return table
 
     @staticmethod
-    def _check_layout(name: str, shm: shared_memory.SharedMemory, expected_capacity: int | None = None) -> int:
+    def _check_layout(name: str, shm: _Segment, expected_capacity: int | None = None) -> int:
         if shm.size < HEADER_SIZE:
             raise LayoutMismatch(
                 f"table '{name}': segment is {shm.size} bytes, smaller than a header; "
@@ -874,18 +1036,12 @@ class MetricsTable:
         os.close(self._lock_fd)
 
     @staticmethod
-    def remove(name: str) -> bool:
-        """Unlink the segment and its lock file; True if a segment was there."""
-        found = False
-        try:
-            shm = shared_memory.SharedMemory(name=name, create=False)
-            shm.close()
-            shm.unlink()  # balances the tracker registration the open made
-            found = True
-        except FileNotFoundError:
-            pass
+    def remove(name: str, directory: str = "") -> bool:
+        """Unlink the table and its lock file (in /dev/shm, or in `directory`); True if a table was
+        there. A cleanup: a directory already gone is no error, and it is not checked."""
+        found = _unlink_segment(name, directory)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(lock_path(name))
+            os.unlink(lock_path(name, directory))
         return found
 
     def __enter__(self) -> MetricsTable:

@@ -68,6 +68,26 @@ def state_dir_for(table_name: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"{table_name}-state")
 
 
+_PKI: list[str] = []
+
+
+def manager_pki() -> str:
+    """A manager CA (`python -m shared.pki init`'s files) for this test process, made once and
+    removed at exit: ec2 configurations default to HELIX_TLS_MODE=ca and need one."""
+    if not _PKI:
+        import atexit
+        import shutil
+
+        from shared import pki
+
+        root = tempfile.mkdtemp(prefix="helix-test-pki-")
+        atexit.register(shutil.rmtree, root, True)
+        directory = os.path.join(root, "pki")
+        pki.init(directory)
+        _PKI.append(directory)
+    return _PKI[0]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))

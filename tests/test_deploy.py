@@ -439,10 +439,12 @@ def test_user_data_the_ec2_provider_renders_feeds_the_baked_agent(tmp_path):
 
     from controller_asg.providers import userdata
     from shared.config import Config, load_config
+    from tests.procs import manager_pki
 
-    cfg = Config().replace(monitor_addr="10.0.0.5:50052", log_level="debug")
+    cfg = Config().replace(provider="ec2", monitor_addr="10.0.0.5:50052", log_level="debug")
     token = 'tok "with" \\ quotes'
-    text_ = userdata.render_user_data(cfg, token, {"zone": "us-east-1a", "group": "helix"})
+    ca_pem = (Path(manager_pki()) / "ca.crt").read_text()
+    text_ = userdata.render_user_data(cfg, token, {"zone": "us-east-1a", "group": "helix"}, ca_pem)
     assert text_.startswith("#cloud-config\n")
     doc = yaml.safe_load(text_)
 
@@ -462,11 +464,17 @@ def test_user_data_the_ec2_provider_renders_feeds_the_baked_agent(tmp_path):
     env_file.write_text(files[0]["content"])
     environ = {k: v or "" for k, v in dotenv_values(env_file).items()}
     environ["HELIX_ENV_FILE"] = ""
+    # cloud-init writes the CA file too; here it goes where this test may write.
+    [ca_file] = [f for f in doc["write_files"] if f["path"] == environ.get("HELIX_TLS_CA")]
+    assert ca_file["content"] == ca_pem and int(ca_file["permissions"], 8) == 0o644
+    (tmp_path / "ca.crt").write_text(ca_file["content"])
+    environ["HELIX_TLS_CA"] = str(tmp_path / "ca.crt")
     agent_cfg = load_config(environ)
     assert agent_cfg.monitor_addr == "10.0.0.5:50052"
     assert agent_cfg.resolved_token() == "" and agent_cfg.identity_document, "no fleet secret in user data"
+    assert agent_cfg.effective_tls_mode == "ca", "TLS under the manager CA by default on EC2"
     # A MonitorS without a roster (monitoring only) still hands the agents the token.
-    legacy = userdata.render_user_data(cfg.replace(roster="off"), token, {})
+    legacy = userdata.render_user_data(cfg.replace(roster="off", tls_mode="off"), token, {})
     legacy_file = tmp_path / "legacy.env"
     legacy_file.write_text(yaml.safe_load(legacy)["write_files"][0]["content"])
     legacy_env = {k: v or "" for k, v in dotenv_values(legacy_file).items()}

@@ -18,6 +18,7 @@ from shared.config import load_config
 from tests.fake_imds import serve_imds
 from tests.iam_eval import Request, allowed, denied, ec2_requests
 from tests.moto_server import CREDENTIALS, REGION, reset_moto  # its fixtures come through conftest.py
+from tests.procs import manager_pki
 
 TOKEN = "bearer-token-for-tests"
 MOTO_AMI = "ami-12c6146b"
@@ -67,6 +68,7 @@ def providers():
             "HELIX_EC2_SECURITY_GROUPS": world["sg"],
             "HELIX_EC2_ENDPOINT_URL": endpoint or world["url"],
             "HELIX_IMDS_URL": "",  # not on EC2 unless a test says so
+            "HELIX_PKI_DIR": manager_pki(),
             **CREDENTIALS,
             **extra,
         }

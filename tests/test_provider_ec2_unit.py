@@ -14,8 +14,9 @@ import yaml
 from botocore.stub import ANY, Stubber
 
 from controller_asg.providers.ec2 import GROUP_TAG, LAUNCH_TAG_KEYS, TOKEN_TAG, Ec2Provider
-from controller_asg.providers.userdata import AGENT_UNIT, ENV_PATH, render_user_data
+from controller_asg.providers.userdata import AGENT_UNIT, CA_PATH, ENV_PATH, render_user_data
 from shared.config import load_config
+from tests.procs import manager_pki
 
 GROUP_FILTER = {"Name": f"tag:{GROUP_TAG}", "Values": ["g1"]}
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
@@ -33,6 +34,7 @@ def cfg(**extra):
             "HELIX_EC2_SUBNETS": "subnet-a,subnet-b",
             "HELIX_AWS_REGION": "us-east-1",
             "HELIX_IMDS_URL": "",  # not on EC2: no metadata lookup
+            "HELIX_PKI_DIR": manager_pki(),
             **extra,
         }
     )
@@ -217,7 +219,7 @@ def test_every_request_is_recorded_without_user_data(stubbed):
 def test_launch_tags_are_the_ones_the_policy_allows():
     prov = Ec2Provider.__new__(Ec2Provider)
     # A provider without a client: only the tags of its launch request are under test.
-    prov.cfg, prov.group, prov._bearer = cfg(), "g1", "t"  # noqa: SLF001
+    prov.cfg, prov.group, prov._bearer, prov._ca_pem = cfg(), "g1", "t", ca_pem()  # noqa: SLF001
     specs = prov._run_params("subnet-a", 1, "tok", 0)["TagSpecifications"]  # noqa: SLF001
     assert {t["Key"] for spec in specs for t in spec["Tags"]} <= set(LAUNCH_TAG_KEYS)
     [instance_tags] = [spec["Tags"] for spec in specs if spec["ResourceType"] == "instance"]
@@ -227,11 +229,18 @@ def test_launch_tags_are_the_ones_the_policy_allows():
 # --- user data ----------------------------------------------------------------------------------
 
 
+def ca_pem() -> str:
+    with open(f"{manager_pki()}/ca.crt", encoding="ascii") as fh:
+        return fh.read()
+
+
 def test_user_data_is_cloud_config_writing_the_agent_env():
-    text = render_user_data(cfg(HELIX_MONITOR_ADDR="10.0.0.5:50052", HELIX_ROSTER="off"), 'to"k\\en', {"group": "g1"})
+    text = render_user_data(
+        cfg(HELIX_MONITOR_ADDR="10.0.0.5:50052", HELIX_ROSTER="off"), 'to"k\\en', {"group": "g1"}, ca_pem()
+    )
     assert text.startswith("#cloud-config\n")
     doc = yaml.safe_load(text)
-    [f] = doc["write_files"]
+    f, ca = doc["write_files"]
     assert f["path"] == ENV_PATH and f["permissions"] == "0600" and f["owner"] == "root:root"
     lines = f["content"].splitlines()
     assert 'HELIX_MONITOR_ADDR="10.0.0.5:50052"' in lines
@@ -239,26 +248,36 @@ def test_user_data_is_cloud_config_writing_the_agent_env():
     assert 'HELIX_LABELS="group=g1"' in lines
     assert not any(line.startswith("HELIX_APP_CHECK=") for line in lines)  # none configured
     assert ["systemctl", "restart", AGENT_UNIT] in doc["runcmd"]
-    probed = yaml.safe_load(render_user_data(cfg(HELIX_EC2_APP_CHECK="http://127.0.0.1:8080/health"), "t", {}))
+    # TLS under the manager CA by default on EC2: its public certificate, never a key.
+    assert 'HELIX_TLS_MODE="ca"' in lines and f'HELIX_TLS_CA="{CA_PATH}"' in lines
+    assert ca["path"] == CA_PATH and ca["content"] == ca_pem() and "PRIVATE KEY" not in text
+    probed = yaml.safe_load(
+        render_user_data(cfg(HELIX_EC2_APP_CHECK="http://127.0.0.1:8080/health"), "t", {}, ca_pem())
+    )
     assert 'HELIX_APP_CHECK="http://127.0.0.1:8080/health"' in probed["write_files"][0]["content"].splitlines()
 
 
 def test_user_data_without_token_runs_the_agent_insecure_and_refuses_newlines():
     doc = yaml.safe_load(
-        render_user_data(cfg(HELIX_TOKEN="", HELIX_INSECURE="1", HELIX_ROSTER="off"), "", {"group": "g1"})
+        render_user_data(cfg(HELIX_TOKEN="", HELIX_INSECURE="1", HELIX_ROSTER="off"), "", {"group": "g1"}, ca_pem())
     )
     content = doc["write_files"][0]["content"]
     assert 'HELIX_INSECURE="1"' in content and "HELIX_TOKEN" not in content
     with pytest.raises(ValueError, match="HELIX_TOKEN"):
-        render_user_data(cfg(HELIX_ROSTER="off"), "a\nb", {"group": "g1"})
+        render_user_data(cfg(HELIX_ROSTER="off"), "a\nb", {"group": "g1"}, ca_pem())
+    with pytest.raises(ValueError, match="HELIX_TLS_MODE=ca: expected the manager CA"):
+        render_user_data(cfg(), "t", {"group": "g1"}, "")
+    plain = yaml.safe_load(render_user_data(cfg(HELIX_TLS_MODE="off"), "t", {"group": "g1"}))
+    assert [f["path"] for f in plain["write_files"]] == [ENV_PATH]
+    assert 'HELIX_TLS_MODE="off"' in plain["write_files"][0]["content"]
 
 
 def test_user_data_carries_no_fleet_secret_with_the_roster_required():
     """Was: the bearer token in plain text in user data, readable by any process on the instance
     (IMDS) and by anyone allowed ec2:DescribeInstanceAttribute."""
-    content = yaml.safe_load(render_user_data(cfg(), "s3cret-fleet-token", {"group": "g1"}))["write_files"][0][
-        "content"
-    ]
+    content = yaml.safe_load(render_user_data(cfg(), "s3cret-fleet-token", {"group": "g1"}, ca_pem()))["write_files"][
+        0
+    ]["content"]
     assert "s3cret-fleet-token" not in content and 'HELIX_IDENTITY_DOCUMENT="1"' in content
 
 

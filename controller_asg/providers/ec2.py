@@ -45,6 +45,7 @@ from typing import Any
 
 from controller_asg.providers.base import LaunchError, ProviderInstance
 from controller_asg.providers.userdata import render_user_data
+from shared import pki
 from shared.config import Config
 
 log = logging.getLogger("controller_asg.providers.ec2")
@@ -127,6 +128,9 @@ class Ec2Provider:
         self.client = client
         self.launch_client = launch_client
         self._bearer = cfg.resolved_token()
+        # HELIX_TLS_MODE=ca: the manager CA's public certificate, which every instance gets in its
+        # user data (read once; `python -m controller_asg` has checked it is there).
+        self._ca_pem = pki.read_ca_certificate(cfg.effective_pki_dir).decode() if cfg.effective_tls_mode == "ca" else ""
         # Operation names actually sent (what the IAM policy test compares against OPERATIONS),
         # and the requests themselves (what it checks against the generated policy).
         self.operations_called: set[str] = set()
@@ -382,7 +386,7 @@ class Ec2Provider:
             "MinCount": n,
             "MaxCount": n,
             "ClientToken": _client_token(token, subnet or "", n, done),
-            "UserData": render_user_data(cfg, self._bearer, {"group": self.group}),
+            "UserData": render_user_data(cfg, self._bearer, {"group": self.group}, self._ca_pem),
             "TagSpecifications": [
                 {"ResourceType": "instance", "Tags": tags},
                 {"ResourceType": "volume", "Tags": tags[:2]},

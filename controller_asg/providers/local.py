@@ -501,12 +501,16 @@ class LocalProvider:
         # insecure (no token) starts insecure agents, which accept calls before they register.
         if not cfg.resolved_token():
             env["HELIX_INSECURE"] = "1"
-        # The agent speaks to MonitorS with the same TLS material as the rest of the manager.
-        for key, value in (
-            ("HELIX_TLS_CA", cfg.tls_ca),
-            ("HELIX_TLS_CERT", cfg.tls_cert),
-            ("HELIX_TLS_KEY", cfg.tls_key),
-        ):
+        # The agent speaks to MonitorS as the rest of the manager does: under the manager CA (it gets
+        # the CA's public certificate and enrols at registration), or with the same TLS files.
+        mode = cfg.effective_tls_mode
+        env["HELIX_TLS_MODE"] = mode
+        material = (
+            [("HELIX_TLS_CA", os.path.join(cfg.effective_pki_dir, "ca.crt"))]
+            if mode == "ca"
+            else [("HELIX_TLS_CA", cfg.tls_ca), ("HELIX_TLS_CERT", cfg.tls_cert), ("HELIX_TLS_KEY", cfg.tls_key)]
+        )
+        for key, value in material:
             if value:
                 env[key] = os.path.abspath(value)
         return env

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from shared.config import Config
 
 ENV_PATH = "/etc/helix/helix.env"
+CA_PATH = "/etc/helix/ca.crt"
 AGENT_UNIT = "helix-monitor-c.service"
 MAX_USER_DATA = 16 * 1024  # EC2's limit on user data, before base64
 
@@ -29,9 +30,16 @@ def _env_value(key: str, value: str) -> str:
     return f'{key}="{escaped}"'
 
 
-def render_env_file(cfg: Config, token: str, labels: Mapping[str, str]) -> str:
+def render_env_file(cfg: Config, token: str, labels: Mapping[str, str], ca_pem: str = "") -> str:
     label_text = ",".join(f"{k}={v}" for k, v in labels.items())
     lines = [_env_value("HELIX_MONITOR_ADDR", cfg.monitor_addr)]
+    mode = cfg.effective_tls_mode
+    if mode == "ca":
+        # Public: the agent verifies MonitorS with it and enrols for its own certificate.
+        lines += [_env_value("HELIX_TLS_MODE", "ca"), _env_value("HELIX_TLS_CA", CA_PATH)]
+    elif mode == "off":
+        lines.append(_env_value("HELIX_TLS_MODE", "off"))
+    # `files`: the operator baked the certificate files into the image, with their own settings.
     if cfg.roster == "required":
         # No fleet secret in user data (any process on the instance, and anyone allowed
         # ec2:DescribeInstanceAttribute, can read it): the agent proves who it is with the instance
@@ -49,18 +57,31 @@ def render_env_file(cfg: Config, token: str, labels: Mapping[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_user_data(cfg: Config, token: str, labels: Mapping[str, str]) -> str:
-    """A `#cloud-config` document writing /etc/helix/helix.env (0600 root) and restarting the agent."""
-    content = render_env_file(cfg, token, labels)
+def render_user_data(cfg: Config, token: str, labels: Mapping[str, str], ca_pem: str = "") -> str:
+    """A `#cloud-config` document writing /etc/helix/helix.env (0600 root), the manager CA's
+    certificate when there is one, and restarting the agent."""
+    if cfg.effective_tls_mode == "ca" and "-----BEGIN CERTIFICATE-----" not in ca_pem:
+        raise ValueError("HELIX_TLS_MODE=ca: expected the manager CA's PEM certificate for the user data")
+    content = render_env_file(cfg, token, labels, ca_pem)
     q = json.dumps
+    files = [
+        f"  - path: {q(ENV_PATH)}",
+        f"    permissions: {q('0600')}",
+        f"    owner: {q('root:root')}",
+        f"    content: {q(content)}",
+    ]
+    if cfg.effective_tls_mode == "ca":
+        files += [
+            f"  - path: {q(CA_PATH)}",
+            f"    permissions: {q('0644')}",
+            f"    owner: {q('root:root')}",
+            f"    content: {q(ca_pem)}",
+        ]
     doc = "\n".join(
         [
             "#cloud-config",
             "write_files:",
-            f"  - path: {q(ENV_PATH)}",
-            f"    permissions: {q('0600')}",
-            f"    owner: {q('root:root')}",
-            f"    content: {q(content)}",
+            *files,
             "runcmd:",
             f"  - [{q('systemctl')}, {q('daemon-reload')}]",
             f"  - [{q('systemctl')}, {q('restart')}, {q(AGENT_UNIT)}]",

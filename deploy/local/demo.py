@@ -119,6 +119,7 @@ OWN_KEYS = (
     "HELIX_TOKEN",
     "HELIX_TOKEN_FILE",
     "HELIX_SHM_NAME",
+    "HELIX_SHM_DIR",
     "HELIX_STATE_DIR",
     "HELIX_GROUP",
     "HELIX_MONITOR_LISTEN",
@@ -214,6 +215,7 @@ class Demo:
             "HELIX_ENV_FILE": self.path("helix.env"),
             "HELIX_TOKEN_FILE": token_file,
             "HELIX_SHM_NAME": self.shm_name,
+            "HELIX_SHM_DIR": "",  # the demo's table is a /dev/shm segment, which it removes at the end
             "HELIX_STATE_DIR": self.path("state"),
             "HELIX_GROUP": f"demo-{self.run_id}",
             "HELIX_MONITOR_LISTEN": f"127.0.0.1:{port}",
