@@ -233,7 +233,6 @@ class ManagerCA:
         """Sign the key in `csr_pem` for `instance_id`: server use only. ValueError (one line) when the
         request is not a PEM CSR whose signature verifies (the agent holds the key it asks for)."""
         from cryptography import x509
-
         from cryptography.exceptions import UnsupportedAlgorithm
 
         try:
