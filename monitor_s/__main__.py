@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 
 from shared.config import EXIT_BAD_CONFIG, load_or_exit
 from shared.logs import setup_logging
 
 
+_early_signals: list[int] = []
+
+
+def _record(sig: int, frame: object) -> None:
+    # SIGTERM during start-up (imports, the table, binding) must still stop cleanly, with exit 0,
+    # once the loop runs: without this the default action killed MonitorS mid-start.
+    _early_signals.append(sig)
+
+
 def main() -> int:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _record)
     cfg = load_or_exit(prog="monitor_s")
     log = setup_logging(cfg.log_level, "monitor_s")
     from shared import rpc_security
@@ -41,7 +53,7 @@ def main() -> int:
         print(f"monitor_s: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     try:
-        return asyncio.run(serve(cfg, auth, table, log, manager_ca))
+        return asyncio.run(serve(cfg, auth, table, log, manager_ca, _early_signals))
     finally:
         table.close()
 

@@ -187,6 +187,7 @@ async def serve(
     table: MetricsTable,
     log: logging.Logger,
     manager_ca: pki.ManagerCA | None = None,
+    early_signals: list[int] | None = None,
 ) -> int:
     try:
         issuer = CredentialIssuer.from_state_dir(cfg.state_dir)
@@ -268,6 +269,8 @@ async def serve(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    if early_signals:  # a stop asked for while starting up is honoured now, cleanly
+        on_signal(early_signals[0])
 
     next_tick = loop.time()
     off_roster: dict[str, float] = {}  # registered id -> when it was first seen missing from the roster
