@@ -10,7 +10,6 @@ import sys
 from shared.config import EXIT_BAD_CONFIG, load_or_exit
 from shared.logs import setup_logging
 
-
 _early_signals: list[int] = []
 
 

@@ -1,10 +1,20 @@
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class Notice(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NOTICE_NONE: _ClassVar[Notice]
+    NOTICE_REBALANCE: _ClassVar[Notice]
+    NOTICE_INTERRUPTION: _ClassVar[Notice]
+NOTICE_NONE: Notice
+NOTICE_REBALANCE: Notice
+NOTICE_INTERRUPTION: Notice
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("sent_at",)
@@ -41,7 +51,7 @@ class WatchMetricsRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., interval_seconds: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("cpu", "vcpus", "mem", "load1", "load5", "load15", "net_rx_bps", "net_tx_bps", "disk", "app_live", "app_detail", "sample_time", "instance_id")
+    __slots__ = ("cpu", "vcpus", "mem", "load1", "load5", "load15", "net_rx_bps", "net_tx_bps", "disk", "app_live", "app_detail", "sample_time", "instance_id", "notice", "notice_at")
     CPU_FIELD_NUMBER: _ClassVar[int]
     VCPUS_FIELD_NUMBER: _ClassVar[int]
     MEM_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +65,8 @@ class Metrics(_message.Message):
     APP_DETAIL_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_TIME_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_AT_FIELD_NUMBER: _ClassVar[int]
     cpu: float
     vcpus: int
     mem: float
@@ -68,7 +80,39 @@ class Metrics(_message.Message):
     app_detail: str
     sample_time: float
     instance_id: str
-    def __init__(self, cpu: _Optional[float] = ..., vcpus: _Optional[int] = ..., mem: _Optional[float] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., net_rx_bps: _Optional[float] = ..., net_tx_bps: _Optional[float] = ..., disk: _Optional[float] = ..., app_live: _Optional[bool] = ..., app_detail: _Optional[str] = ..., sample_time: _Optional[float] = ..., instance_id: _Optional[str] = ...) -> None: ...
+    notice: Notice
+    notice_at: float
+    def __init__(self, cpu: _Optional[float] = ..., vcpus: _Optional[int] = ..., mem: _Optional[float] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., net_rx_bps: _Optional[float] = ..., net_tx_bps: _Optional[float] = ..., disk: _Optional[float] = ..., app_live: _Optional[bool] = ..., app_detail: _Optional[str] = ..., sample_time: _Optional[float] = ..., instance_id: _Optional[str] = ..., notice: _Optional[_Union[Notice, str]] = ..., notice_at: _Optional[float] = ...) -> None: ...
+
+class HookRequest(_message.Message):
+    __slots__ = ("instance_id", "timeout_seconds", "reason")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    timeout_seconds: float
+    reason: str
+    def __init__(self, instance_id: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class HookProgress(_message.Message):
+    __slots__ = ("result", "elapsed_seconds", "detail")
+    class Result(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        RUNNING: _ClassVar[HookProgress.Result]
+        CONTINUE: _ClassVar[HookProgress.Result]
+        ABANDON: _ClassVar[HookProgress.Result]
+        TIMEOUT: _ClassVar[HookProgress.Result]
+    RUNNING: HookProgress.Result
+    CONTINUE: HookProgress.Result
+    ABANDON: HookProgress.Result
+    TIMEOUT: HookProgress.Result
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    result: HookProgress.Result
+    elapsed_seconds: float
+    detail: str
+    def __init__(self, result: _Optional[_Union[HookProgress.Result, str]] = ..., elapsed_seconds: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("instance_id", "address", "vcpus", "agent_version", "labels", "instance_secret", "identity_document", "identity_signature", "csr")

@@ -50,6 +50,16 @@ class AgentStub:
                 request_serializer=helix__pb2.WatchMetricsRequest.SerializeToString,
                 response_deserializer=helix__pb2.Metrics.FromString,
                 _registered_method=True)
+        self.Prepare = channel.unary_stream(
+                '/helix.v1.Agent/Prepare',
+                request_serializer=helix__pb2.HookRequest.SerializeToString,
+                response_deserializer=helix__pb2.HookProgress.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_stream(
+                '/helix.v1.Agent/Drain',
+                request_serializer=helix__pb2.HookRequest.SerializeToString,
+                response_deserializer=helix__pb2.HookProgress.FromString,
+                _registered_method=True)
 
 
 class AgentServicer:
@@ -77,6 +87,24 @@ class AgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prepare(self, request, context):
+        """Lifecycle hooks, as EC2 Auto Scaling's: the agent runs its own HELIX_LAUNCH_HOOK (Prepare,
+        before the instance takes traffic) or HELIX_TERMINATE_HOOK (Drain, before it is terminated).
+        The command is the instance's own configuration, never the caller's. The stream sends a
+        RUNNING heartbeat every few seconds while the hook runs and ends with one message carrying its
+        result. Idempotent: a call while the hook runs follows the same run; a call after it ended gets
+        its result again (a restarted MonitorS picks up where it was). No hook configured: CONTINUE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +122,16 @@ def add_AgentServicer_to_server(servicer, server):
                     servicer.WatchMetrics,
                     request_deserializer=helix__pb2.WatchMetricsRequest.FromString,
                     response_serializer=helix__pb2.Metrics.SerializeToString,
+            ),
+            'Prepare': grpc.unary_stream_rpc_method_handler(
+                    servicer.Prepare,
+                    request_deserializer=helix__pb2.HookRequest.FromString,
+                    response_serializer=helix__pb2.HookProgress.SerializeToString,
+            ),
+            'Drain': grpc.unary_stream_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=helix__pb2.HookRequest.FromString,
+                    response_serializer=helix__pb2.HookProgress.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +216,60 @@ class Agent:
             '/helix.v1.Agent/WatchMetrics',
             helix__pb2.WatchMetricsRequest.SerializeToString,
             helix__pb2.Metrics.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prepare(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/helix.v1.Agent/Prepare',
+            helix__pb2.HookRequest.SerializeToString,
+            helix__pb2.HookProgress.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/helix.v1.Agent/Drain',
+            helix__pb2.HookRequest.SerializeToString,
+            helix__pb2.HookProgress.FromString,
             options,
             channel_credentials,
             insecure,

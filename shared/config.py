@@ -172,6 +172,17 @@ def csv_list(item: Parser | None = None, *, max_items: int = 256) -> Parser:
     return parse
 
 
+_TARGET_GROUP_ARN = re.compile(
+    r"^arn:aws[a-z-]*:elasticloadbalancing:[a-z0-9-]+:\d{12}:targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}$"
+)
+
+
+def target_group_arn(raw: str) -> str:
+    if not _TARGET_GROUP_ARN.fullmatch(raw):
+        raise Invalid("target group ARNs (arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)")
+    return raw
+
+
 _SHM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 
@@ -412,6 +423,37 @@ class Config:
         "Seconds the liveness probe may take.",
         number(0.01, 60, unit="seconds"),
         group="agent",
+    )
+    launch_hook: str = setting(
+        "HELIX_LAUNCH_HOOK",
+        "",
+        "Command (shell words) the agent runs on its instance before it takes traffic (Prepare): exit 0 "
+        "continues, anything else abandons the launch; empty: none. The manager passes its own to new instances.",
+        text(),
+        group="hooks",
+    )
+    terminate_hook: str = setting(
+        "HELIX_TERMINATE_HOOK",
+        "",
+        "Command (shell words) the agent runs on its instance before it is terminated (Drain), e.g. wait "
+        "for requests in flight; empty: none. The manager passes its own to new instances.",
+        text(),
+        group="hooks",
+    )
+    launch_hook_timeout: float = setting(
+        "HELIX_LAUNCH_HOOK_TIMEOUT",
+        "300",
+        "Seconds the launch hook may run; then it is stopped and the launch counts as failed.",
+        number(1, 7200, unit="seconds"),
+        group="hooks",
+    )
+    drain_timeout: float = setting(
+        "HELIX_DRAIN_TIMEOUT",
+        "300",
+        "Seconds from deciding to terminate an instance in service to terminating it at the latest: it "
+        "leaves its target groups and runs its terminate hook meanwhile; 0: terminate at once, no drain.",
+        number(0, 7200, unit="seconds"),
+        group="hooks",
     )
     instance_id: str = setting(
         "HELIX_INSTANCE_ID",
@@ -798,6 +840,22 @@ class Config:
         "",
         "`ec2`: the manager's own instance id, never counted or terminated; empty: asked once from instance metadata (HELIX_IMDS_URL; no answer: not on EC2).",
         text(64),
+        group="ec2",
+    )
+    ec2_target_groups: tuple = setting(
+        "HELIX_EC2_TARGET_GROUPS",
+        "",
+        "`ec2`: comma-separated target group ARNs; an instance joins them once in service and leaves "
+        "them (drained) before it is terminated.",
+        csv_list(target_group_arn, max_items=16),
+        group="ec2",
+    )
+    health_sources: tuple = setting(
+        "HELIX_HEALTH_SOURCES",
+        "agent",
+        "What may call an instance unhealthy: `agent` (MonitorS's polls), and `elb` (the target groups' "
+        "health checks, after the health grace).",
+        csv_list(choice("agent", "elb"), max_items=2),
         group="ec2",
     )
     ec2_app_check: str = setting(

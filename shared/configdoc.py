@@ -40,6 +40,7 @@ GROUP_TITLES = {
     "agent": "MonitorC (the agent on each instance)",
     "monitor": "MonitorS",
     "controller": "ControllerASG",
+    "hooks": "Lifecycle hooks and drain",
     "provider": "Providers",
     "ec2": "The `ec2` provider",
 }

@@ -56,7 +56,9 @@ import numpy as np
 MAGIC = 0x31425458494C4548  # b"HELIXTB1" little-endian
 # 2: the roster region after the rows (the controller's list of owned instances, which MonitorS
 # registers against); a version-1 table is refused until HELIX_SHM_RESET=1 replaces it.
-LAYOUT_VERSION = 2
+# 3: each row's lifecycle (launch and terminate hooks) and interruption notice; the roster's drain
+# requests.
+LAYOUT_VERSION = 3
 HEADER_SIZE = 1024
 SHM_DIR = "/dev/shm"
 
@@ -80,6 +82,50 @@ class State(IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower().replace("_", "-")
+
+
+class Lifecycle(IntEnum):
+    """Where an instance is between launch and terminate, beside its health (`State`). MonitorS
+    writes it as it runs the agent's hooks; only IN_SERVICE instances serve, and only they give the
+    policy CPU samples (a preparing app's CPU, or a draining one's falling CPU, says nothing about
+    the load)."""
+
+    NONE = 0  # registered, launch hook not started (not polled successfully yet)
+    PREPARING = 1  # the launch hook (Prepare) runs
+    IN_SERVICE = 2  # the launch hook said CONTINUE (or there is none)
+    ABANDONED = 3  # the launch hook said ABANDON or timed out: a failed launch
+    DRAINING = 4  # the controller asked for a drain; the terminate hook (Drain) runs
+    DRAINED = 5  # the terminate hook ended (see HookResult): ready to terminate
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+class HookResult(IntEnum):
+    """How the last hook ended (ASG's lifecycle-action results, plus what the poller saw)."""
+
+    NONE = 0
+    CONTINUE = 1
+    ABANDON = 2
+    TIMEOUT = 3
+    FAILED = 4  # the agent could not be asked (unreachable, or an error): nothing more to wait for
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Notice(IntEnum):
+    """What EC2 announced to the instance through its metadata (the agent reports it)."""
+
+    NONE = 0
+    REBALANCE = 1  # a rebalance recommendation: elevated risk of a Spot interruption
+    INTERRUPTION = 2  # an instance action (Spot interruption): stopped or terminated at `notice_at`
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
 
 
 _HEADER_FIELDS = [
@@ -148,6 +194,12 @@ ROW_DTYPE = np.dtype(
         ("app_port", "<u2"),  # where the instance's app listens (label app_port), 0 if unknown
         ("state", "u1"),
         ("app_live", "u1"),
+        ("lifecycle", "u1"),  # Lifecycle
+        ("hook_result", "u1"),  # HookResult of the last hook that ended
+        ("notice", "u1"),  # Notice
+        ("lifecycle_at", "<f8"),  # when the current lifecycle phase began
+        ("notice_at", "<f8"),  # Notice.INTERRUPTION: when the instance goes (0: not said)
+        ("hook_detail", f"S{DETAIL_BYTES}"),  # the last hook's own words, short
     ]
 )
 # The roster: every instance the controller's provider owns, as the cloud reports it. Written by
@@ -162,6 +214,9 @@ ROSTER_DTYPE = np.dtype(
         ("secret_digest", "V32"),
         ("has_secret", "u1"),
         ("state", "u1"),  # 1: on the roster
+        # > 0: drain it (run its terminate hook) by then, epoch seconds; the controller terminates it
+        # once drained. 0: keep it in service.
+        ("drain_deadline", "<f8"),
     ]
 )
 # numpy types `names`/`fields` as Optional (None for a plain dtype); both structured dtypes have
@@ -330,6 +385,12 @@ class InstanceRow:
     vcpus: int = 0
     app_port: int = 0
     app_live: bool = False
+    lifecycle: Lifecycle = Lifecycle.NONE
+    hook_result: HookResult = HookResult.NONE
+    notice: Notice = Notice.NONE
+    lifecycle_at: float = 0.0
+    notice_at: float = 0.0
+    hook_detail: str = ""
 
     def to_record(self) -> tuple:
         """The row as a tuple in ROW_DTYPE order; raises ValueError naming a field that does not fit."""
@@ -353,8 +414,8 @@ class InstanceRow:
             value = rec[f.name]
             if f.name in _TEXT_FIELDS:
                 kwargs[f.name] = decode_text(bytes(value))
-            elif f.name == "state":
-                kwargs[f.name] = State(int(value))
+            elif f.name in _ENUM_FIELDS:
+                kwargs[f.name] = _ENUM_FIELDS[f.name](int(value))
             elif f.name == "app_live":
                 kwargs[f.name] = bool(value)
             elif f.name in _INT_FIELDS:
@@ -386,6 +447,8 @@ class PollSample:
     vcpus: int  # written capped at 65535
     app_live: bool
     app_detail: str  # written clipped to DETAIL_BYTES
+    notice: Notice = Notice.NONE  # what the instance's metadata announced (the agent reports it)
+    notice_at: float = 0.0  # Notice.INTERRUPTION: when it goes, epoch seconds (0: not said)
 
 
 @dataclass(slots=True)
@@ -426,8 +489,17 @@ assert [_ROW_FIELDS[name][:2] for name in _IDENTITY_FIELDS] == [
     (np.dtype("S64"), _IDENTITY_SPAN.start),
     (np.dtype("S64"), _IDENTITY_SPAN.start + 64),
 ], "identity columns moved"
-_STATE_MAX = int(max(State))
-_STATE_EXPECTED = f"a state from 0 to {_STATE_MAX} ({', '.join(s.label for s in State)})"
+_ENUM_FIELDS: dict[str, type[IntEnum]] = {
+    "state": State,
+    "lifecycle": Lifecycle,
+    "hook_result": HookResult,
+    "notice": Notice,
+}
+_ENUM_MAX = {name: int(max(enum)) for name, enum in _ENUM_FIELDS.items()}
+_ENUM_EXPECTED = {
+    name: f"a {name.replace('_', ' ')} from 0 to {_ENUM_MAX[name]} ({', '.join(m.label for m in enum)})"  # type: ignore[attr-defined]
+    for name, enum in _ENUM_FIELDS.items()
+}
 _HEADER_FLOATS = tuple(name for name in _HEADER_NAMES if HEADER_DTYPE[name].kind == "f")
 
 
@@ -475,8 +547,9 @@ def _identity_shape(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _looks_clean(rows: np.ndarray, raw: np.ndarray, occupied: np.ndarray) -> bool:
     """True if no occupied row can fail a check, decided by whole-array reductions only."""
-    if rows["state"].max() > _STATE_MAX:
-        return False
+    for name, top in _ENUM_MAX.items():
+        if rows[name].max() > top:
+            return False
     for offset, length, uint, bits in _FLOAT_RUNS:
         if raw[:, offset : offset + length].view(uint).max() > bits:
             return False
@@ -534,7 +607,9 @@ def check_rows(rows: np.ndarray) -> RowCheck:
     if _looks_clean(rows, raw, occupied):
         return RowCheck(occupied, ())
     # (field, failing rows, expected), in the order a row is described: its first failure names it.
-    failing: list[tuple[str, np.ndarray, str]] = [("state", rows["state"] > _STATE_MAX, _STATE_EXPECTED)]
+    failing: list[tuple[str, np.ndarray, str]] = [
+        (name, rows[name] > top, _ENUM_EXPECTED[name]) for name, top in _ENUM_MAX.items()
+    ]
     empty, nul_inside = _identity_shape(raw)
     for column, name in enumerate(_IDENTITY_FIELDS):
         failing.append((name, empty[:, column], "a non-empty value"))
@@ -621,16 +696,20 @@ class RosterEntry:
     instance_id: str
     address: str  # "host" (any port) or "host:port"
     secret_digest: bytes = b""  # SHA-256 of the per-instance secret its agent was given; b"": none
+    drain_deadline: float = 0.0  # > 0: drain it by then (epoch seconds); 0: keep it in service
 
-    def to_record(self) -> tuple[bytes, bytes, bytes, int, int]:
+    def to_record(self) -> tuple[bytes, bytes, bytes, int, int, float]:
         if len(self.secret_digest) not in (0, 32):
             raise ValueError(f"secret_digest: {len(self.secret_digest)} bytes, expected 0 or 32 (SHA-256)")
+        if not (math.isfinite(self.drain_deadline) and self.drain_deadline >= 0):
+            raise ValueError(f"drain_deadline: {self.drain_deadline!r}, expected a time >= 0")
         return (
             encode_text("instance_id", self.instance_id, ID_BYTES),
             encode_text("address", self.address, ADDRESS_BYTES),
             self.secret_digest.ljust(32, b"\0"),
             1 if self.secret_digest else 0,
             1,
+            self.drain_deadline,
         )
 
     @property
@@ -1218,10 +1297,23 @@ class MetricsTable:
             "net_tx",
             "sample_time",
             "poll_latency",
+            "notice_at",
         )
         floats = np.array(
             [
-                (s.cpu, s.mem, s.disk, s.load1, s.load5, s.load15, s.net_rx, s.net_tx, s.sample_time, s.poll_latency)
+                (
+                    s.cpu,
+                    s.mem,
+                    s.disk,
+                    s.load1,
+                    s.load5,
+                    s.load15,
+                    s.net_rx,
+                    s.net_tx,
+                    s.sample_time,
+                    s.poll_latency,
+                    s.notice_at,
+                )
                 for s in samples
             ],
             dtype=np.float64,
@@ -1237,6 +1329,7 @@ class MetricsTable:
             "state": np.fromiter((s.state for s in samples), dtype=np.int64, count=n),
             "app_down_polls": np.fromiter((s.app_down_polls for s in samples), dtype=np.int64, count=n),
             "app_live": np.fromiter((s.app_live for s in samples), dtype=np.int64, count=n),
+            "notice": np.fromiter((s.notice for s in samples), dtype=np.int64, count=n),
         }
         detail = np.array(
             [clip_text(s.app_detail, DETAIL_BYTES).encode("utf-8") for s in samples], dtype=ROW_DTYPE["app_detail"]
@@ -1274,6 +1367,33 @@ class MetricsTable:
             rows["failures"][slots[mask]] = counts[mask]
             rows["state"][slots[mask]] = states[mask]
         return np.flatnonzero(~mask).tolist()
+
+    def write_lifecycle(
+        self,
+        slot: int,
+        instance_id: str,
+        lifecycle: Lifecycle,
+        now: float,
+        result: HookResult | None = None,
+        detail: str | None = None,
+    ) -> bool:
+        """MonitorS moves a row to `lifecycle` (since `now`); `result` and `detail` describe the hook
+        that just ended (None: left as they are). False (nothing written) if the slot no longer holds
+        `instance_id`."""
+        key = encode_text("instance_id", instance_id, ID_BYTES)
+        detail_bytes = None if detail is None else clip_text(detail, DETAIL_BYTES).encode("utf-8")
+        with self.writing() as w:
+            row = w.rows[slot]  # a view: the assignments write the segment
+            if row["instance_id"] != key or row["state"] == State.FREE:
+                return False
+            if row["lifecycle"] != lifecycle:
+                row["lifecycle_at"] = now
+            row["lifecycle"] = lifecycle
+            if result is not None:
+                row["hook_result"] = result
+            if detail_bytes is not None:
+                row["hook_detail"] = detail_bytes
+        return True
 
     @staticmethod
     def _holds(rows: np.ndarray, slots: np.ndarray, keys: np.ndarray) -> np.ndarray:
@@ -1335,8 +1455,12 @@ class MetricsTable:
         for rec in records[records["state"] == 1]:
             try:
                 digest = bytes(rec["secret_digest"]) if rec["has_secret"] else b""
+                deadline = float(rec["drain_deadline"])
                 entry = RosterEntry(
-                    bytes(rec["instance_id"]).decode("utf-8"), bytes(rec["address"]).decode("utf-8"), digest
+                    bytes(rec["instance_id"]).decode("utf-8"),
+                    bytes(rec["address"]).decode("utf-8"),
+                    digest,
+                    deadline if math.isfinite(deadline) and deadline > 0 else 0.0,
                 )
             except UnicodeDecodeError:
                 continue

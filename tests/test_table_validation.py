@@ -176,6 +176,8 @@ BOUNDS = {
 def reference_good(rec) -> bool:
     if not 1 <= int(rec["state"]) <= 4:
         return False
+    if int(rec["lifecycle"]) > 5 or int(rec["hook_result"]) > 4 or int(rec["notice"]) > 2:
+        return False
     for name in ("instance_id", "address"):
         data = bytes(rec[name])
         if not data or b"\x00" in data:
@@ -325,7 +327,8 @@ V1_OFFSETS = {
 
 def test_new_header_fields_come_from_the_reserved_tail():
     assert {name: HEADER_DTYPE.fields[name][1] for name in V1_OFFSETS} == V1_OFFSETS
-    assert HEADER_DTYPE.itemsize == HEADER_SIZE == 1024 and LAYOUT_VERSION == 2  # 2: the roster region
+    assert HEADER_DTYPE.itemsize == HEADER_SIZE == 1024
+    assert LAYOUT_VERSION == 3  # 2: the roster region; 3: lifecycle and notice columns, drain requests
     new = ["breaker", "breaker_failures", "billable", "max_instances", "table_problems"]
     assert all(HEADER_DTYPE.fields[name][1] >= 538 for name in new)
     assert HEADER_DTYPE.names[-1] == "_reserved"
