@@ -9,7 +9,8 @@ import sys
 import threading
 
 from controller_asg.hostlock import HostLock, HostLockHeld
-from shared.config import EXIT_BAD_CONFIG, load_or_exit
+from controller_asg.traffic import Traffic, TrafficError
+from shared.config import EXIT_BAD_CONFIG, Config, ConfigError, load_or_exit
 from shared.logs import setup_logging
 from shared.table import MetricsTable, NotPrivate, TableError, TableNotFound
 
@@ -26,6 +27,21 @@ def wait_for_table(name: str, directory: str, stop: threading.Event, log: loggin
                 log.info("waiting for the metrics table: %s", exc)
                 said = True
         stop.wait(1.0)
+    return None
+
+
+def wait_for_traffic(cfg: Config, stop: threading.Event, log: logging.Logger) -> Traffic | None:
+    """The target groups, checked once (a group that cannot be used is a config error: exit 2);
+    while their API fails, wait and retry rather than run without them (an instance must never be
+    terminated while still registered). None if stopped meanwhile."""
+    from controller_asg.providers import make_traffic
+
+    while not stop.is_set():
+        try:
+            return make_traffic(cfg)
+        except TrafficError as exc:
+            log.error("cannot check the target groups (%s); retrying in 10s", exc)
+        stop.wait(10.0)
     return None
 
 
@@ -97,8 +113,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     provider = make_provider(cfg)
     try:
+        try:
+            traffic = wait_for_traffic(cfg, stop, log)
+        except ConfigError as exc:  # a target group that cannot be used
+            print(f"controller_asg: bad configuration: {exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        if traffic is None:
+            return 0
         policy = make_policy(cfg)
-        controller = Controller(cfg, table, provider, policy, dry_run=args.dry_run, fence=host_lock)
+        controller = Controller(cfg, table, provider, policy, dry_run=args.dry_run, fence=host_lock, traffic=traffic)
         log.info(
             "starting: provider %s, policy %s, min %d, max %d, every %gs%s",
             provider.name,

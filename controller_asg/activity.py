@@ -15,7 +15,7 @@ log = logging.getLogger("controller_asg")
 @dataclass(frozen=True)
 class Activity:
     time: float
-    action: str  # launch | terminate | replace | freeze | resume | adopt
+    action: str  # launch | terminate | replace | drained | freeze | resume | adopt | launch-failed | breaker-*
     count: int
     reason: str
     instance_ids: list[str] = field(default_factory=list)

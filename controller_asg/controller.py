@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 from controller_asg.activity import Activity, ActivityLog
 from controller_asg.breaker import BreakerEvent, ChurnBreaker
+from controller_asg.drain import Drain, hook_verdict, start_drain, traffic_verdict
 from controller_asg.fleet import FleetView, build_fleet
 from controller_asg.gate import TOKEN_HEX, Budget, Intent, token_prefix, valid_token
 from controller_asg.health import plan_replacements
@@ -32,8 +33,9 @@ from controller_asg.hostlock import AlwaysFence, Fence
 from controller_asg.plan import Action, ActionKind, Plan, plan_frozen, plan_live
 from controller_asg.policy.base import Policy
 from controller_asg.providers.base import LaunchError, Provider, ProviderInstance
+from controller_asg.traffic import NoTraffic, TargetState, Traffic, TrafficError
 from shared.config import Config
-from shared.table import ControllerStatus, MetricsTable, RosterEntry, Snapshot, State, check_private
+from shared.table import ControllerStatus, InstanceRow, MetricsTable, RosterEntry, Snapshot, check_private
 
 log = logging.getLogger("controller_asg")
 
@@ -73,10 +75,12 @@ class Controller:
         dry_run: bool = False,
         clock: Callable[[], float] = time.time,
         fence: Fence | None = None,
+        traffic: Traffic | None = None,
     ):
         self.cfg = cfg
         self.table = table
         self.provider = provider
+        self.traffic: Traffic = traffic or NoTraffic()
         self.policy = policy
         self.dry_run = dry_run
         self.clock = clock
@@ -93,6 +97,8 @@ class Controller:
         self._intents: dict[str, Intent] = {}  # launches in doubt, by token
         self._recent: dict[str, tuple[ProviderInstance, str, float]] = {}  # answered, maybe not listed yet
         self._condemned: dict[str, _Condemned] = {}
+        self._drains: dict[str, Drain] = {}  # deciding to terminate an instance that served: see drain.py
+        self._in_traffic: set[str] = set()  # registered with the target groups (by us)
         self._replacing: dict[str, float] = {}  # replacement id -> launched at, until healthy or its grace ends
         self._ever_healthy: set[str] = set()
         self._saved_state = ""
@@ -173,8 +179,18 @@ class Controller:
             return
         self._settle(listed, now)
         known = listed + [inst for inst, _, _ in self._recent.values()]
-        self._publish_roster(known, now)
-        fleet = build_fleet(snap, known, now, condemned=self._condemned)
+        targets = self._target_states(known)
+        lb_unhealthy = (
+            {i for i, t in targets.items() if t == TargetState.UNHEALTHY} if "elb" in self.cfg.health_sources else set()
+        )
+        fleet = build_fleet(
+            snap,
+            known,
+            now,
+            condemned=set(self._condemned) | set(self._drains),
+            in_traffic=self._in_traffic if self.traffic.enabled else None,
+            lb_unhealthy=lb_unhealthy,
+        )
         grace = self.cfg.effective_health_grace
         why_frozen = self._why_frozen(snap, now)
         self._track_freeze(why_frozen, now, fleet)
@@ -192,7 +208,9 @@ class Controller:
         else:
             assert snap is not None
             plan = self._plan_live(fleet, snap, now, grace, grace_from)
-        self.apply(plan, fleet, listed, now)
+        self.apply(plan, fleet, listed, now, snap, targets)
+        # After acting: the roster carries this step's drain requests to MonitorS at once.
+        self._publish_roster(known, now)
         self._write_status(now, plan.desired, plan.action, plan.reason, fleet, snap, self._budget(listed).billable)
         self._save_state()
         if now - self._history_saved_at >= HISTORY_SAVE_SECONDS:
@@ -251,7 +269,8 @@ class Controller:
         for inst in known:
             try:
                 digest = bytes.fromhex(inst.secret_digest) if inst.secret_digest else b""
-                entry = RosterEntry(inst.instance_id, inst.address, digest)
+                drain = self._drains.get(inst.instance_id)
+                entry = RosterEntry(inst.instance_id, inst.address, digest, drain.deadline if drain else 0.0)
                 entry.to_record()
             except ValueError as exc:
                 self._say(f"roster:{inst.instance_id}", f"{inst.instance_id} left off the roster: {exc}", logging.ERROR)
@@ -315,12 +334,19 @@ class Controller:
             inst = by_id.get(instance_id)
             if instance_id not in self._recent and (inst is None or inst.state == "terminating"):
                 del self._condemned[instance_id]
+        for instance_id in list(self._drains):
+            if instance_id not in by_id and instance_id not in self._recent:
+                # It went by itself while draining: nothing left to terminate. (If it was still in
+                # its target groups, `_leave_traffic_of_gone` takes it out.)
+                log.info("%s vanished while draining: nothing left to terminate", instance_id)
+                del self._drains[instance_id]
 
     def _track_health(self, fleet: FleetView, now: float, grace: float, grace_from: float, judge: bool) -> None:
         """Who has been HEALTHY, which replacements are still in flight, and the breaker's verdicts
         (none while frozen: with no fresh rows every launch would look like a failure)."""
         present = {m.instance_id for m in fleet.members}
-        healthy = {m.instance_id for m in fleet.members if m.row is not None and m.row.state == State.HEALTHY}
+        # Healthy means serving: past its launch hook (and in its target groups), and HEALTHY.
+        healthy = {m.instance_id for m in fleet.members if m.ready}
         self._ever_healthy = (self._ever_healthy | healthy) & (present | set(self._condemned))
         # A replacement is in flight until it is HEALTHY or its own grace is over; then it is
         # just another instance, so a stuck one never blocks healing.
@@ -343,9 +369,19 @@ class Controller:
 
     # -- the one act path ------------------------------------------------------------------------
 
-    def apply(self, plan: Plan, fleet: FleetView, listed: list[ProviderInstance], now: float) -> None:
+    def apply(
+        self,
+        plan: Plan,
+        fleet: FleetView,
+        listed: list[ProviderInstance],
+        now: float,
+        snap: Snapshot | None = None,
+        targets: dict[str, TargetState] | None = None,
+    ) -> None:
         """Execute `plan`: resume launches in doubt, retry pending terminates, then every action in
-        order, each through its gate. Only here is dry run decided."""
+        order, each through its gate; then move traffic (instances that finished preparing join
+        their target groups; draining ones leave them, and are terminated once drained). Only here
+        is dry run decided. `snap`/`targets`: this step's rows and target states (drains read them)."""
         for note in plan.notes:
             self._say(f"note:{note.split(':')[0]}", note, logging.WARNING)
         if not self.dry_run:
@@ -365,6 +401,10 @@ class Controller:
                 )
             else:
                 self._apply_launch(action, listed, plan, fleet, now)
+        if not self.dry_run and not self.fence.may_act():
+            self._join_traffic(fleet, listed)
+            rows = {r.instance_id: r for r in snap.instances()} if snap is not None else None
+            self._advance_drains(rows, dict(targets or {}), now, fleet)
 
     def _apply_terminate(self, action: Action, owned: set[str], plan: Plan, fleet: FleetView, now: float) -> set[str]:
         # The terminate gate: only instances the provider lists as ours (or that we launched and
@@ -383,7 +423,125 @@ class Controller:
         if action.kind == ActionKind.TERMINATE:
             for instance_id in ids:
                 self.breaker.forget(instance_id)  # our own choice, not a verdict on the launch
-        return set(ids) if self._terminate(ids, action.cause, now) else set()
+        # An instance that served (or is in its target groups) drains first; it is as good as gone
+        # for the plan (condemned: billable, never capacity), so a replacement may launch meanwhile.
+        served = {m.instance_id for m in fleet.members if m.prepared} | self._in_traffic
+        draining = [i for i in ids if i in served and (self.cfg.drain_timeout > 0 or i in self._in_traffic)]
+        for instance_id in draining:
+            self._drains[instance_id] = start_drain(now, action.cause[:200], self.cfg.drain_timeout, action.drain_by)
+        if draining:
+            log.info(
+                "draining %s before terminating it (at most %gs): %s",
+                ", ".join(draining),
+                self._drains[draining[0]].deadline - now,
+                action.cause,
+            )
+            self._save_state()
+        at_once = [i for i in ids if i not in draining]
+        if at_once and not self._terminate(at_once, action.cause, now):
+            return set(draining)
+        return set(ids)
+
+    # -- traffic: join once prepared, leave and drain before terminate ------------------------------
+
+    def _target_states(self, known: list[ProviderInstance]) -> dict[str, TargetState]:
+        """Each instance's state in the target groups ({} without any, or when the API fails: then
+        nothing joins, nothing is judged by them, and drains wait for their timeout)."""
+        if not self.traffic.enabled:
+            return {}
+        ids = sorted({i.instance_id for i in known} | self._in_traffic | set(self._drains))
+        try:
+            states = self.traffic.states(ids)
+        except TrafficError as exc:
+            self._say("traffic", f"cannot read the target groups ({exc}); drains wait for their timeout", logging.ERROR)
+            return {}
+        self._say("traffic", "", logging.INFO)
+        return states
+
+    def _join_traffic(self, fleet: FleetView, listed: list[ProviderInstance]) -> None:
+        if not self.traffic.enabled:
+            return
+        joining = sorted(m.instance_id for m in fleet.members if m.prepared and m.instance_id not in self._in_traffic)
+        if joining:
+            try:
+                self.traffic.register(joining)
+            except TrafficError as exc:
+                self._say(
+                    "traffic:join", f"cannot add {', '.join(joining)} to the target groups ({exc})", logging.ERROR
+                )
+            else:
+                self._say("traffic:join", "", logging.INFO)
+                self._in_traffic.update(joining)
+                log.info("%s joined the target groups: in service", ", ".join(joining))
+                self._save_state()
+        # One that vanished while registered (died, or terminated by someone else) is taken out,
+        # so the load balancer is never left pointing at an instance that is gone.
+        present = {i.instance_id for i in listed} | set(self._recent)
+        gone = sorted(self._in_traffic - present - set(self._drains))
+        if gone:
+            try:
+                self.traffic.deregister(gone)
+            except TrafficError as exc:
+                self._say(
+                    "traffic:gone",
+                    f"cannot remove {', '.join(gone)} (gone) from the target groups ({exc})",
+                    logging.ERROR,
+                )
+            else:
+                self._in_traffic.difference_update(gone)
+                self._save_state()
+
+    def _advance_drains(
+        self, rows: dict[str, InstanceRow] | None, targets: dict[str, TargetState], now: float, fleet: FleetView
+    ) -> None:
+        """`rows` None: the table is unreadable (hooks are judged by their deadline alone)."""
+        leaving = sorted(i for i, d in self._drains.items() if not d.left_traffic_at)
+        if leaving:
+            try:
+                self.traffic.deregister(leaving)
+            except TrafficError as exc:
+                for instance_id in leaving:
+                    self._drains[instance_id].error = str(exc)[:200]
+                self._say(
+                    "traffic:leave",
+                    f"holding the terminate of {', '.join(leaving)}: cannot remove it from the target groups ({exc})",
+                    logging.ERROR,
+                )
+            else:
+                self._say("traffic:leave", "", logging.INFO)
+                for instance_id in leaving:
+                    self._drains[instance_id].left_traffic_at = now
+                    self._drains[instance_id].error = ""
+                    self._in_traffic.discard(instance_id)
+                    # Just deregistered: what the target groups said a moment ago is out of date.
+                    targets.pop(instance_id, None)
+        done: list[tuple[str, str]] = []
+        for instance_id, drain in self._drains.items():
+            target = targets.get(instance_id) if self.traffic.enabled else TargetState.UNUSED
+            lb = traffic_verdict(drain, target, now, self.cfg.drain_timeout)
+            hook = ""
+            if lb:
+                row = rows.get(instance_id) if rows is not None else None
+                hook = hook_verdict(drain, row, now, table_read=rows is not None)
+            if lb and hook:
+                done.append((instance_id, f"{hook}; {lb}" if self.traffic.enabled else hook))
+        for instance_id, why in done:
+            drain = self._drains.pop(instance_id)
+            self._record(
+                Activity(
+                    now,
+                    "drained",
+                    1,
+                    f"drained in {now - drain.since:.1f}s ({why}); terminating: {drain.cause}",
+                    [instance_id],
+                    self._last_status.desired,
+                    fleet.capacity,
+                    self.dry_run,
+                )
+            )
+            self._terminate([instance_id], drain.cause, now)
+        if leaving or done:
+            self._save_state()
 
     def _apply_launch(
         self, action: Action, listed: list[ProviderInstance], plan: Plan, fleet: FleetView, now: float
@@ -628,6 +786,8 @@ class Controller:
                 for i, (inst, token, until) in self._recent.items()
             },
             "condemned": {i: asdict(c) for i, c in self._condemned.items()},
+            "drains": {i: asdict(d) for i, d in self._drains.items()},
+            "in_traffic": sorted(self._in_traffic),
             "replacing": self._replacing,
             "ever_healthy": sorted(self._ever_healthy),
             "breaker": self.breaker.export_state(),
@@ -687,6 +847,9 @@ class Controller:
                 self._recent[str(i)] = (ProviderInstance(**r["instance"]), str(r["token"]), float(r["until"]))
             for i, c in dict(state.get("condemned", {})).items():
                 self._condemned[str(i)] = _Condemned(**c)
+            for i, d in dict(state.get("drains", {})).items():
+                self._drains[str(i)] = Drain(**d)
+            self._in_traffic = {str(i) for i in state.get("in_traffic", [])}
             self._replacing = {str(i): float(t) for i, t in dict(state.get("replacing", {})).items()}
             self._ever_healthy = {str(i) for i in state.get("ever_healthy", [])}
         except (TypeError, ValueError, KeyError, AttributeError) as exc:

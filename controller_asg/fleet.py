@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from controller_asg.policy.base import Observation
 from controller_asg.providers.base import ProviderInstance
-from shared.table import InstanceRow, Snapshot, State
+from shared.table import InstanceRow, Lifecycle, Snapshot, State
 
 # Metrics older than this many poll intervals are "missing" (the agent answered once, then not).
 STALE_METRICS_INTERVALS = 3.0
@@ -22,16 +22,41 @@ STALE_METRICS_INTERVALS = 3.0
 class FleetMember:
     instance: ProviderInstance
     row: InstanceRow | None  # None: not registered with MonitorS (yet, or any more)
+    # With load-balancer target groups: it has joined them (the controller registered it). Without
+    # any, always True: the launch hook's CONTINUE is what puts an instance in service.
+    in_traffic: bool = True
+    # HELIX_HEALTH_SOURCES=agent,elb: a target group's health check fails it.
+    lb_unhealthy: bool = False
 
     @property
     def instance_id(self) -> str:
         return self.instance.instance_id
 
     @property
+    def prepared(self) -> bool:
+        """Polled at least once and past its launch hook: it may take traffic. REGISTERING has not
+        answered a poll yet; NONE and PREPARING have not finished the launch hook; ABANDONED failed it."""
+        return (
+            self.row is not None
+            and self.row.state in (State.HEALTHY, State.UNHEALTHY, State.APP_DOWN)
+            and self.row.lifecycle == Lifecycle.IN_SERVICE
+        )
+
+    @property
     def in_service(self) -> bool:
-        # Registered and polled at least once. A REGISTERING row has not answered a poll yet: it is
-        # still pending, like an instance that has not registered at all.
-        return self.row is not None and self.row.state in (State.HEALTHY, State.UNHEALTHY, State.APP_DOWN)
+        # Prepared and, with target groups, in them: only then does it serve requests, so only then
+        # is it capacity that the policy may count as serving (and whose CPU it may read).
+        return self.prepared and self.in_traffic
+
+    @property
+    def ready(self) -> bool:
+        """Serving and healthy: what a launch must reach to count as a success."""
+        return self.in_service and self.row is not None and self.row.state == State.HEALTHY
+
+    @property
+    def abandoned(self) -> bool:
+        """Its launch hook said ABANDON or timed out: a failed launch, whatever its polls say."""
+        return self.row is not None and self.row.lifecycle == Lifecycle.ABANDONED
 
     @property
     def cpu(self) -> float | None:
@@ -84,7 +109,10 @@ class FleetView:
           the policy treats them as at target when scaling in and as 0 when scaling out;
         - `pending` is only launches still inside their health grace: one that missed it is a
           failed launch, not capacity about to serve, so it never holds a scale-in (a broken image
-          must not pin the fleet at max). It still counts as capacity until it is replaced.
+          must not pin the fleet at max). It still counts as capacity until it is replaced. One
+          whose launch hook abandoned is not pending either.
+        - an instance is in service only once its launch hook said CONTINUE (and, with target
+          groups, once it joined them); its warm-up counts from then.
         """
         samples: list[float] = []
         missing = warming = 0
@@ -95,12 +123,14 @@ class FleetView:
             fresh = row.last_metrics > 0 and self.now - row.last_metrics <= stale_after
             if row.state != State.HEALTHY or not fresh:
                 missing += 1
-            elif self.now - row.registered_at < warmup:
+            elif self.now - max(row.registered_at, row.lifecycle_at) < warmup:  # warm-up from entering service
                 warming += 1
             else:
                 samples.append(min(1.0, max(0.0, float(row.cpu))))
         in_service = len(self.in_service)
-        pending = sum(1 for m in self.pending if not grace_expired(m, self.now, grace, monitor_started_at))
+        pending = sum(
+            1 for m in self.pending if not m.abandoned and not grace_expired(m, self.now, grace, monitor_started_at)
+        )
         return Observation(
             now=self.now,
             capacity=self.capacity,
@@ -113,18 +143,25 @@ class FleetView:
 
 
 def build_fleet(
-    snapshot: Snapshot | None, instances: list[ProviderInstance], now: float, condemned: Collection[str] = ()
+    snapshot: Snapshot | None,
+    instances: list[ProviderInstance],
+    now: float,
+    condemned: Collection[str] = (),
+    in_traffic: Collection[str] | None = None,
+    lb_unhealthy: Collection[str] = (),
 ) -> FleetView:
     """`snapshot` None: the table could not be read (every instance looks unregistered).
-    `condemned`: ids the controller decided to terminate and the provider does not list as
-    terminating yet; they count with the terminating ones, never as capacity."""
+    `condemned`: ids the controller decided to terminate (draining, or its terminate not confirmed
+    yet); they count with the terminating ones, never as capacity. `in_traffic`: with target
+    groups, the ids registered with them (None: there are none to join)."""
     rows = {row.instance_id: row for row in snapshot.instances()} if snapshot is not None else {}
     members, terminating = [], []
     for inst in sorted(instances, key=lambda i: (i.launched_at, i.instance_id)):
         if inst.state == "terminating" or inst.instance_id in condemned:
             terminating.append(inst)
         else:
-            members.append(FleetMember(inst, rows.get(inst.instance_id)))
+            joined = in_traffic is None or inst.instance_id in in_traffic
+            members.append(FleetMember(inst, rows.get(inst.instance_id), joined, inst.instance_id in lb_unhealthy))
     owned = {i.instance_id for i in instances}
     unowned = tuple(row for row_id, row in rows.items() if row_id not in owned)
     return FleetView(now, tuple(members), tuple(terminating), unowned)

@@ -10,12 +10,17 @@ What the policy allows, and nothing else:
   * ec2:CreateTags only as part of that launch (`ec2:CreateAction=RunInstances`);
   * ec2:TerminateInstances only of instances carrying this group's tag and a launch token;
   * iam:PassRole on exactly HELIX_EC2_ROLE_ARN, only to EC2, only when an instance profile is set;
+  * with HELIX_EC2_TARGET_GROUPS (controller_asg/providers/elb.py): elasticloadbalancing:
+    RegisterTargets and DeregisterTargets on exactly those target group ARNs, and
+    DescribeTargetHealth and DescribeTargetGroups on `*` (ELBv2 has no resource-level permissions
+    for them; their Sids end in `AnyResource`). Nothing about target groups without the setting;
   * all of it only in HELIX_AWS_REGION (`aws:RequestedRegion` and the ARNs).
 
 A setting left empty cannot be pinned: its ARN becomes a wildcard and the statement's Sid says so
 (`...AnyImage`, `...AnySubnet`, `...AnyRegion`). A launch template given by name (not `lt-…` id)
 cannot be pinned either (its ARN holds the id). Values that would act as wildcards or policy
-variables in a policy (`*`, `?`, `${`) are refused, one line naming the setting.
+variables in a policy (`*`, `?`, `${`) are refused, one line naming the setting, and so is a target
+group in another region, partition or (with --account) account than the one the policy is for.
 
 `--write [PATH]` regenerates deploy/iam-policy.json: the policy for the default configuration
 (the environment and any .env are ignored, so the committed file never depends on who ran it).
@@ -38,6 +43,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_POLICY_PATH = os.path.join(ROOT, "deploy", "iam-policy.json")
 EXIT_BAD_INPUT = 2
 EC2_SERVICE = "ec2.amazonaws.com"
+ELB = "elasticloadbalancing"
+# What shared/config.py accepts for HELIX_EC2_TARGET_GROUPS, parts captured (checked again here:
+# policy_for takes any Config, and an ARN goes into the policy as an exact name).
+_TARGET_GROUP_ARN = (
+    r"arn:(aws[a-z-]*):elasticloadbalancing:([a-z0-9-]+):([0-9]{12}):targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}"
+)
 
 
 class PolicyError(ValueError):
@@ -224,7 +235,44 @@ def policy_for(cfg: Config, account: str = "*") -> dict[str, Any]:
             f"HELIX_EC2_ROLE_ARN={cfg.ec2_role_arn}: expected HELIX_EC2_INSTANCE_PROFILE to be set too "
             "(the role reaches instances only through a profile)"
         )
+    statements += _target_group_statements(cfg, account, in_region, anywhere)
     return {"Version": "2012-10-17", "Statement": statements}
+
+
+def _target_group_statements(cfg: Config, account: str, in_region: dict[str, str], anywhere: str) -> list[dict]:
+    """What controller_asg/providers/elb.py calls, for HELIX_EC2_TARGET_GROUPS (none: nothing)."""
+    arns = list(dict.fromkeys(cfg.ec2_target_groups))
+    if not arns:
+        return []
+    region = cfg.aws_region
+    for target_group in arns:
+        found = re.fullmatch(_TARGET_GROUP_ARN, target_group)
+        if not found:
+            raise PolicyError(
+                f"HELIX_EC2_TARGET_GROUPS={target_group}: expected target group ARNs "
+                "(arn:aws:elasticloadbalancing:REGION:ACCOUNT:targetgroup/NAME/ID)"
+            )
+        arn_partition, arn_region, arn_account = found.groups()
+        # The client calls one region (and partition), and ELBv2 has no cross-account registration:
+        # a group elsewhere could only ever fail, so the policy is refused rather than printed.
+        if region and (arn_region, arn_partition) != (region, partition(region)):
+            raise PolicyError(
+                f"HELIX_EC2_TARGET_GROUPS={target_group}: expected a target group in HELIX_AWS_REGION={region}"
+            )
+        if account != "*" and arn_account != account:
+            raise PolicyError(
+                f"HELIX_EC2_TARGET_GROUPS={target_group}: expected a target group in account {account} (--account)"
+            )
+    by_region = {"StringEquals": in_region} if in_region else None
+    # Register/Deregister: exactly these groups (their ARNs pin the region too).
+    out = [
+        _statement("HelixRegisterWithConfiguredTargetGroups", f"{ELB}:RegisterTargets", sorted(arns), by_region),
+        _statement("HelixDeregisterFromConfiguredTargetGroups", f"{ELB}:DeregisterTargets", sorted(arns), by_region),
+    ]
+    # ELBv2 cannot scope these two to a resource: `*`, said in the Sid.
+    for operation in ("DescribeTargetHealth", "DescribeTargetGroups"):
+        out.append(_statement(f"Helix{operation}AnyResource{anywhere}", f"{ELB}:{operation}", "*", by_region))
+    return out
 
 
 def render(policy: dict[str, Any]) -> str:

@@ -31,6 +31,9 @@ class Action:
     count: int = 0
     instance_ids: tuple[str, ...] = ()
     replaces: str = ""  # LAUNCH: the id this launch replaces
+    # TERMINATE/REPLACE: drained and terminated by then at the latest (epoch seconds; 0: the usual
+    # HELIX_DRAIN_TIMEOUT from now). An interruption notice sets it.
+    drain_by: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,10 +83,11 @@ def plan_live(
                     f"{repl.cause}; a failed launch, not replaced while the churn breaker is tripped",
                     1,
                     (repl.instance_id,),
+                    drain_by=repl.drain_by,
                 )
             )
         else:
-            actions.append(Action(ActionKind.REPLACE, repl.cause, 1, (repl.instance_id,)))
+            actions.append(Action(ActionKind.REPLACE, repl.cause, 1, (repl.instance_id,), drain_by=repl.drain_by))
             actions.append(
                 Action(ActionKind.LAUNCH, f"replacing {repl.instance_id}: {repl.cause}", 1, replaces=repl.instance_id)
             )

@@ -24,8 +24,9 @@ from controller_asg.controller import Controller
 from controller_asg.hostlock import HostLock, HostLockHeld
 from controller_asg.policy import build_policy
 from controller_asg.providers.base import LaunchError, ProviderInstance
+from controller_asg.traffic import TargetState, TrafficError
 from shared.config import Config, load_config
-from shared.table import InstanceRow, MetricsTable, State
+from shared.table import HookResult, InstanceRow, Lifecycle, MetricsTable, State
 
 GROUP = "sim"
 TERMINATING_SECONDS = 5.0  # how long a terminated instance stays billable (EC2's shutting-down)
@@ -54,6 +55,12 @@ FAULT_KINDS = (
     "corrupt_high_water",  # the header's high-water mark goes far beyond capacity for `duration` s
     "load",  # the load changes to `value` / 10 instances' worth of work
     "foreign",  # an instance Helix did not create appears in the account
+    # drain before terminate (with HELIX_DRAIN_TIMEOUT > 0; the lb_* ones with target groups)
+    "lb_down",  # the load balancer's API fails for `duration` seconds
+    "lb_slow_drain",  # the next deregistrations drain for `value` minutes
+    "hook_hangs",  # the next `value` instances' terminate hooks never end
+    "hook_abandons",  # the next `value` launches' launch hooks say ABANDON
+    "dies_draining",  # one draining instance's agent dies
 )
 
 
@@ -83,6 +90,9 @@ class SimInstance:
     terminated_at: float = 0.0
     agent_dead: bool = False
     unterminatable: bool = False
+    hook_seconds: float = 1.0  # its launch hook's run
+    hook_abandons: bool = False
+    drain_seconds: float = 3.0  # its terminate hook's run (inf: never ends)
 
     def billable(self) -> bool:
         return self.state in ("running", "terminating")
@@ -132,6 +142,11 @@ class FakeCloud:
         self.slow_app = 0
         self.broken_until = -1.0
         self.broken_image = False  # set by scenarios: every launch's app never starts
+        self.hook_abandons = 0
+        self.hook_hangs = 0
+        self.traffic: FakeTraffic | None = None  # with target groups
+        self.drain_timeout = 0.0
+        self.rows: dict[str, InstanceRow] = {}  # what SimMonitor wrote last (for the drain checks)
 
     def owned(self) -> list[SimInstance]:
         return [i for i in self.instances.values() if not i.foreign]
@@ -168,6 +183,14 @@ class FakeCloud:
             app_at = None
         lag = self.lag if now < self.lag_until else 0.0
         inst = SimInstance(f"i-{self._n:05d}", token, f"z{self._n % 2}", now, now + lag, agent_at, app_at)
+        inst.hook_seconds = self.rng.uniform(0, 4)
+        inst.drain_seconds = self.rng.uniform(1, 8)
+        if self.hook_abandons > 0:
+            self.hook_abandons -= 1
+            inst.hook_abandons = True
+        if self.hook_hangs > 0:
+            self.hook_hangs -= 1
+            inst.drain_seconds = float("inf")
         self.instances[inst.instance_id] = inst
         self.launches += 1
         return inst
@@ -246,14 +269,90 @@ class FakeProvider:
         for instance_id in instance_ids:
             inst = c.instances.get(instance_id)
             if inst is not None and not inst.foreign and inst.state == "running":
+                self._check_drained(instance_id)
                 inst.state, inst.terminated_at = "terminating", c.now
+
+    def _check_drained(self, instance_id: str) -> None:
+        """Drain before terminate: never while in a target group, never while its target drains
+        (before the timeout), never in service without its terminate hook having had its chance."""
+        c = self.cloud
+        t = c.traffic
+        if t is not None:
+            if instance_id in t.registered:
+                c.violations.append(Violation(c.now, f"{instance_id} terminated while in its target groups"))
+            left = t.left_at.get(instance_id)
+            if left is not None and c.now < t.drained_at[instance_id] and c.now < left + c.drain_timeout:
+                c.violations.append(Violation(c.now, f"{instance_id} terminated undrained before the drain timeout"))
+        row = c.rows.get(instance_id)
+        if (
+            c.drain_timeout > 0
+            and row is not None
+            and row.state == State.HEALTHY
+            and row.lifecycle == Lifecycle.IN_SERVICE
+        ):
+            c.violations.append(Violation(c.now, f"{instance_id} terminated in service without draining"))
 
     def close(self) -> None:
         pass
 
 
+class FakeTraffic:
+    """Target groups: who is registered, who drains until when, and the load balancer's faults."""
+
+    name = "fake-elb"
+    enabled = True
+
+    def __init__(self, cloud: FakeCloud):
+        self.cloud = cloud
+        self.registered: set[str] = set()
+        self.left_at: dict[str, float] = {}
+        self.drained_at: dict[str, float] = {}
+        self.down_until = -1.0
+        self.slow_drains = 0  # the next deregistrations drain for `slow_minutes`
+        self.slow_minutes = 0
+        self.unhealthy: set[str] = set()  # registered targets whose health check fails
+
+    def _api(self, operation: str) -> None:
+        if self.cloud.now < self.down_until:
+            raise TrafficError(f"{operation}: ServiceUnavailable (simulated)")
+
+    def register(self, instance_ids: Sequence[str]) -> None:
+        self._api("RegisterTargets")
+        for instance_id in instance_ids:
+            self.registered.add(instance_id)
+            self.left_at.pop(instance_id, None)
+
+    def deregister(self, instance_ids: Sequence[str]) -> None:
+        self._api("DeregisterTargets")
+        now = self.cloud.now
+        for instance_id in instance_ids:
+            if instance_id in self.registered:
+                self.registered.discard(instance_id)
+                self.left_at[instance_id] = now
+                drain = 5.0
+                if self.slow_drains > 0:
+                    self.slow_drains -= 1
+                    drain = 60.0 * self.slow_minutes
+                self.drained_at[instance_id] = now + drain
+
+    def states(self, instance_ids: Sequence[str]) -> dict[str, TargetState]:
+        self._api("DescribeTargetHealth")
+        now = self.cloud.now
+        out = {}
+        for instance_id in instance_ids:
+            if instance_id in self.registered:
+                out[instance_id] = TargetState.UNHEALTHY if instance_id in self.unhealthy else TargetState.HEALTHY
+            elif instance_id in self.left_at and now < self.drained_at[instance_id]:
+                out[instance_id] = TargetState.DRAINING
+            else:
+                out[instance_id] = TargetState.UNUSED
+        return out
+
+
 class SimMonitor:
-    """Writes what MonitorS would: a row per registered agent, the heartbeat, per poll."""
+    """Writes what MonitorS would: a row per registered agent, the heartbeat, per poll; and runs
+    the hooks as MonitorS and the agents would (launch hook after the first good poll; terminate
+    hook when the roster asks for a drain)."""
 
     def __init__(self, cloud: FakeCloud, table: MetricsTable):
         self.cloud = cloud
@@ -272,6 +371,8 @@ class SimMonitor:
                 w.header["high_water"] = min(int(w.header["high_water"]), self.table.capacity)
             self.hw_restore_at = -1.0
         live = {i.instance_id: i for i in self.cloud.owned() if i.state == "running"}
+        drains = {i: e.drain_deadline for i, e in self.table.roster().entries.items() if e.drain_deadline > 0}
+        self.cloud.rows = self.rows
         healthy = [i for i in live.values() if self._healthy(i, now)]
         cpu = min(1.0, self.load / len(healthy)) if healthy else 0.0
         for instance_id in list(self.rows):
@@ -298,11 +399,41 @@ class SimMonitor:
                 else:
                     row.state, row.app_live = State.APP_DOWN, False
                     row.app_down_polls += 1
+            self._lifecycle(inst, row, drains.get(inst.instance_id, 0.0), now)
             try:
                 self.table.register(row)
             except Exception:  # noqa: BLE001 - a corrupted header may refuse writes until repaired
                 pass
         self.table.monitor_heartbeat(now, 4242, POLL, 0.0, started_at=self.started_at)
+
+    @staticmethod
+    def _lifecycle(inst: SimInstance, row: InstanceRow, drain_deadline: float, now: float) -> None:
+        def move(to: Lifecycle, result: HookResult | None = None) -> None:
+            if row.lifecycle != to:
+                row.lifecycle, row.lifecycle_at = to, now
+            if result is not None:
+                row.hook_result = result
+
+        alive = not inst.agent_dead
+        if drain_deadline > 0 and row.lifecycle not in (Lifecycle.DRAINED,):
+            if not alive:
+                move(Lifecycle.DRAINED, HookResult.FAILED)
+            elif row.lifecycle != Lifecycle.DRAINING:
+                move(Lifecycle.DRAINING)
+            elif now - row.lifecycle_at >= inst.drain_seconds:
+                move(Lifecycle.DRAINED, HookResult.CONTINUE)
+            elif now >= drain_deadline:
+                move(Lifecycle.DRAINED, HookResult.TIMEOUT)
+            return
+        if row.state == State.REGISTERING or not alive:
+            return
+        if row.lifecycle == Lifecycle.NONE:
+            move(Lifecycle.PREPARING)
+        if row.lifecycle == Lifecycle.PREPARING and now - row.lifecycle_at >= inst.hook_seconds:
+            if inst.hook_abandons:
+                move(Lifecycle.ABANDONED, HookResult.ABANDON)
+            else:
+                move(Lifecycle.IN_SERVICE, HookResult.CONTINUE)
 
     @staticmethod
     def _healthy(inst: SimInstance, now: float) -> bool:
@@ -316,7 +447,7 @@ class SimMonitor:
 
     def is_healthy(self, instance_id: str) -> bool:
         row = self.rows.get(instance_id)
-        return row is not None and row.state == State.HEALTHY
+        return row is not None and row.state == State.HEALTHY and row.lifecycle == Lifecycle.IN_SERVICE
 
     def corrupt_row(self, rng: random.Random) -> None:
         """A row no MonitorS wrote: an unknown state, a NaN CPU and an id that is not UTF-8, in a
@@ -355,6 +486,7 @@ def sim_config(state_dir: str, table_name: str, **overrides: object) -> Config:
         "HELIX_WARMUP": "10",
         "HELIX_SCALE_IN_WINDOW": "60",
         "HELIX_LAUNCH_LEAD": "10",
+        "HELIX_DRAIN_TIMEOUT": "30",
         "HELIX_ACTIVITY_LOG": "",
         "HELIX_INSECURE": "1",
     }
@@ -365,7 +497,15 @@ def sim_config(state_dir: str, table_name: str, **overrides: object) -> Config:
 class Harness:
     """One simulated world and the real controller in it."""
 
-    def __init__(self, table_name: str, state_dir: str | None = None, seed: int = 0, **config: object):
+    def __init__(
+        self,
+        table_name: str,
+        state_dir: str | None = None,
+        seed: int = 0,
+        traffic: bool | int | str = False,
+        **config: object,
+    ):
+        """`traffic`: with target groups (FakeTraffic); `config`: HELIX_ settings over sim_config's."""
         self._tmp = None
         if state_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="helix-faultsim-")
@@ -374,6 +514,9 @@ class Harness:
         self.rng = random.Random(seed)
         self.cloud = FakeCloud(self.cfg.max_instances, self.rng)
         self.provider = FakeProvider(self.cloud)
+        self.cloud.drain_timeout = self.cfg.drain_timeout
+        self.traffic = FakeTraffic(self.cloud) if traffic in (True, 1, "1") else None
+        self.cloud.traffic = self.traffic
         # A fresh segment every time: rows a previous run left under the same name (Hypothesis runs
         # many schedules in one test) would otherwise speak for this run's instances.
         MetricsTable.remove(table_name)
@@ -406,7 +549,7 @@ class Harness:
         self.lock.acquire()
         policy = build_policy(self.cfg.policy, self.cfg)
         self.controller = Controller(
-            self.cfg, self.table, self.provider, policy, clock=lambda: self.now, fence=self.lock
+            self.cfg, self.table, self.provider, policy, clock=lambda: self.now, fence=self.lock, traffic=self.traffic
         )
         self.controller.start()
 
@@ -475,6 +618,20 @@ class Harness:
             self.monitor.load = max(0.1, fault.value / 10)
         elif kind == "foreign":
             c.add_foreign()
+        elif kind == "lb_down":
+            if self.traffic is not None:
+                self.traffic.down_until = now + fault.duration
+        elif kind == "lb_slow_drain":
+            if self.traffic is not None:
+                self.traffic.slow_drains, self.traffic.slow_minutes = 3, max(1, fault.value)
+        elif kind == "hook_hangs":
+            c.hook_hangs += max(1, fault.value)
+        elif kind == "hook_abandons":
+            c.hook_abandons += max(1, fault.value)
+        elif kind == "dies_draining":
+            draining = [i for i, r in self.monitor.rows.items() if r.lifecycle == Lifecycle.DRAINING]
+            if draining:
+                c.instances[self.rng.choice(sorted(draining))].agent_dead = True
         else:
             raise ValueError(f"fault kind={kind!r}: expected one of {', '.join(FAULT_KINDS)}")
 
@@ -487,6 +644,10 @@ class Harness:
         c.never_register = c.slow_app = 0
         c.broken_until = -1.0
         c.broken_image = False
+        c.hook_abandons = c.hook_hangs = 0
+        if self.traffic is not None:
+            self.traffic.down_until = -1.0
+            self.traffic.slow_drains = 0
         for inst in c.instances.values():
             inst.unterminatable = False
         self.monitor.down_until = -1.0

@@ -21,6 +21,11 @@ authorized once per resource it touches (instance, volume, network interface, im
 security groups, key pair, launch template), with `ec2:InstanceType` on the instance, the request
 tags on each resource type tagged, CreateTags for each tagged type (`ec2:CreateAction`), and
 iam:PassRole for an instance profile; TerminateInstances once per instance with its tags.
+
+`elb_requests(call)`: the same for one ELBv2 call TargetGroups recorded (controller_asg/providers/
+elb.py), following the Elastic Load Balancing V2 authorization reference: RegisterTargets and
+DeregisterTargets on the target group's ARN (resource type `targetgroup`); DescribeTargetHealth and
+DescribeTargetGroups on `*` (no resource types: ELBv2 cannot scope them).
 """
 
 from __future__ import annotations
@@ -233,3 +238,21 @@ def ec2_requests(
             Request("iam:PassRole", role_of(params["IamInstanceProfile"]), {"iam:PassedToService": "ec2.amazonaws.com"})
         )
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What AWS authorizes for one recorded ELBv2 call.
+
+ELB_UNSCOPED = ("DescribeTargetHealth", "DescribeTargetGroups")
+ELB_ON_TARGET_GROUP = ("RegisterTargets", "DeregisterTargets")
+
+
+def elb_requests(call: Any) -> list[Request]:
+    """The IAM requests for `call` (operation, params, region): one per call; the ARN it names
+    is the resource, with its own account and region."""
+    where = {"aws:RequestedRegion": call.region}
+    if call.operation in ELB_UNSCOPED:
+        return [Request(f"elasticloadbalancing:{call.operation}", "*", where)]
+    if call.operation in ELB_ON_TARGET_GROUP:
+        return [Request(f"elasticloadbalancing:{call.operation}", call.params["TargetGroupArn"], where)]
+    raise Unsupported(f"ELBv2 operation {call.operation}")

@@ -7,16 +7,21 @@ subprocess (tests/procs.py), waits until it answers, yields its URL, kills it at
 `FaultProxy`: an HTTP proxy (a thread in the test process) that forwards every request to moto, but
 can answer chosen EC2 actions with an error of its own (e.g. InsufficientInstanceCapacity for one
 subnet, which moto never produces) or forward a request and then drop the reply (a lost reply).
+The same for the other query-protocol services on moto's one endpoint (elbv2: an error answers in
+that service's own error format), and a rule may rewrite moto's reply (a state moto never reports,
+such as a target draining). `requests` keeps every request it received: (service, action, params).
 """
 
 from __future__ import annotations
 
 import http.client
+import re
 import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from xml.sax.saxutils import escape
 
 import pytest
 
@@ -56,8 +61,12 @@ def moto_endpoint() -> Iterator[str]:
 
 
 # A rule sees (action, form params) and returns None (forward), "drop" (forward, lose the reply),
-# "lose" (lose the request) or (status, error code, message) to answer with that EC2 error.
+# "lose" (lose the request), (status, error code, message) to answer with that error (EC2's error
+# format for EC2, the query protocol's ErrorResponse for other services), or a function
+# bytes -> bytes: forward, and hand the caller that function of moto's reply instead.
 Rule = Callable[[str, dict[str, str]], object]
+# The service a SigV4-signed request is for: the credential scope's fourth part.
+_SCOPE = re.compile(r"Credential=[^/]+/[^/]+/[^/]+/([^/]+)/")
 
 
 def ec2_error_xml(code: str, message: str) -> bytes:
@@ -67,11 +76,20 @@ def ec2_error_xml(code: str, message: str) -> bytes:
     ).encode()
 
 
+def query_error_xml(code: str, message: str) -> bytes:
+    """The query protocol's error body (elbv2, iam, ...): not EC2's `<Response><Errors>` shape."""
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<ErrorResponse><Error><Type>Sender</Type><Code>{escape(code)}</Code>'
+        f"<Message>{escape(message)}</Message></Error><RequestId>helix-test</RequestId></ErrorResponse>"
+    ).encode()
+
+
 class FaultProxy:
     def __init__(self, upstream: str):
         self.upstream = urllib.parse.urlparse(upstream)
         self.rules: list[Rule] = []
         self.seen: list[tuple[str, str]] = []  # (action, what happened)
+        self.requests: list[tuple[str, str, dict[str, str]]] = []  # (service, action, params), all of them
         self._lock = threading.Lock()
         proxy = self
 
@@ -85,10 +103,14 @@ class FaultProxy:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 params = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode()).items()}
                 action = params.get("Action", "")
+                scope = _SCOPE.search(self.headers.get("Authorization", ""))
+                service = scope.group(1) if scope else ""
+                with proxy._lock:
+                    proxy.requests.append((service, action, params))
                 verdict = proxy._verdict(action, params)
                 if isinstance(verdict, tuple):
                     status, code, message = verdict
-                    payload = ec2_error_xml(code, message)
+                    payload = ec2_error_xml(code, message) if service in ("ec2", "") else query_error_xml(code, message)
                     self.send_response(status)
                     self.send_header("Content-Type", "text/xml")
                     self.send_header("Content-Length", str(len(payload)))
@@ -112,6 +134,8 @@ class FaultProxy:
                     proxy._note(action, "dropped")
                     self.close_connection = True  # the request was served; its reply never arrives
                     return
+                if callable(verdict):
+                    payload = verdict(payload)
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
                     if key.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):
@@ -119,7 +143,7 @@ class FaultProxy:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
-                proxy._note(action, "forwarded")
+                proxy._note(action, "rewritten" if callable(verdict) else "forwarded")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True

@@ -21,7 +21,7 @@ from controller_asg.health import HealthPlan, Replacement, plan_replacements
 from controller_asg.plan import Action, ActionKind, plan_frozen, plan_live
 from controller_asg.policy.base import Decision
 from controller_asg.providers.base import ProviderInstance
-from shared.table import InstanceRow, State
+from shared.table import InstanceRow, Lifecycle, State
 
 NOW = 10_000.0
 
@@ -54,6 +54,7 @@ def member(
             cpu=cpu,
             failures=failures,
             app_down_polls=app_down,
+            lifecycle=Lifecycle.NONE if state == State.REGISTERING else Lifecycle.IN_SERVICE,
         )
     return FleetMember(inst(i, launched=launched), row)
 

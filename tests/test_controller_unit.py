@@ -17,7 +17,7 @@ from controller_asg.policy.base import Decision, Observation
 from controller_asg.providers.base import ProviderInstance
 from controller_asg.termination import choose_victims
 from shared.config import load_config
-from shared.table import InstanceRow, MetricsTable, State
+from shared.table import InstanceRow, Lifecycle, MetricsTable, State
 
 NOW = 10_000.0
 
@@ -45,6 +45,7 @@ def row(
         cpu=cpu,
         failures=failures,
         app_down_polls=app_down,
+        lifecycle=Lifecycle.NONE if state == State.REGISTERING else Lifecycle.IN_SERVICE,
     )
 
 
@@ -227,6 +228,7 @@ def setup(table_name, tmp_path):
             "HELIX_STATE_DIR": str(tmp_path),
             "HELIX_MIN_INSTANCES": "1",
             "HELIX_MAX_INSTANCES": "5",
+            "HELIX_DRAIN_TIMEOUT": "0",  # terminate at once: drains have their own tests (test_drain.py)
             "HELIX_ACTIVITY_LOG": str(tmp_path / "activity.jsonl"),
         }
     )

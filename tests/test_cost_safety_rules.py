@@ -15,7 +15,7 @@ from controller_asg.hostlock import HostLock, HostLockHeld
 from controller_asg.plan import ActionKind, plan_frozen, plan_live
 from controller_asg.policy.base import Decision
 from controller_asg.providers.base import ProviderInstance
-from shared.table import InstanceRow, State
+from shared.table import InstanceRow, Lifecycle, State
 
 NOW = 10_000.0
 
@@ -42,6 +42,7 @@ def row(i: str, state: State = State.HEALTHY, cpu: float = 0.5, failures: int = 
         cpu=cpu,
         failures=failures,
         app_down_polls=app_down,
+        lifecycle=Lifecycle.NONE if state == State.REGISTERING else Lifecycle.IN_SERVICE,
     )
 
 

@@ -275,12 +275,16 @@ fault_strategy = st.builds(
     faults=st.lists(fault_strategy, min_size=1, max_size=40),
     seed=st.integers(0, 2**16),
     policy=st.sampled_from(["predictive", "target"]),
+    traffic=st.booleans(),
 )
-def test_random_fault_schedules_keep_every_invariant(table_name, tmp_path_factory, faults, seed, policy):
+def test_random_fault_schedules_keep_every_invariant(table_name, tmp_path_factory, faults, seed, policy, traffic):
+    """`traffic`: with target groups (instances join them once prepared, leave and drain before
+    any terminate), where the lb_* faults bite."""
     h = Harness(
         table_name,
         str(tmp_path_factory.mktemp("faults")),
         seed=seed,
+        traffic=traffic,
         HELIX_POLICY=policy,
         HELIX_MIN_INSTANCES=2,
         HELIX_MAX_INSTANCES=6,

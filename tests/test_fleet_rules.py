@@ -9,7 +9,7 @@ import pytest
 
 from controller_asg.fleet import STALE_METRICS_INTERVALS, build_fleet
 from controller_asg.providers.base import ProviderInstance
-from shared.table import InstanceRow, MetricsTable, State
+from shared.table import InstanceRow, Lifecycle, MetricsTable, State
 
 NOW = 20_000.0
 
@@ -43,6 +43,7 @@ def put(
             last_seen=last_metrics,
             last_metrics=last_metrics,
             cpu=cpu,
+            lifecycle=Lifecycle.NONE if state == State.REGISTERING else Lifecycle.IN_SERVICE,
         )
     )
     return ProviderInstance(i, "a", now - registered_age - 10, "running")

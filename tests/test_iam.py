@@ -1,6 +1,6 @@
 """The least-privilege IAM policy generated from the configuration (`python -m controller_asg.iam`),
 the committed deploy/iam-policy.json, and the small evaluator (tests/iam_eval.py) the checks use.
-Real calls against the policy: tests/test_provider_ec2.py."""
+Real calls against the policy: tests/test_provider_ec2.py (EC2) and tests/test_elb.py (target groups)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 
 from controller_asg.iam import DEFAULT_POLICY_PATH, PolicyError, default_policy, main, policy_for, render
 from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, TOKEN_TAG
+from controller_asg.providers.elb import OPERATIONS as ELB_OPERATIONS
 from shared.config import load_config
 from tests.iam_eval import Request, Unsupported, allowed, denied
 from tests.procs import ROOT, base_env
@@ -20,6 +21,13 @@ from tests.procs import ROOT, base_env
 ACCOUNT = "111122223333"
 REGION = "eu-west-1"
 ROLE = f"arn:aws:iam::{ACCOUNT}:role/helix-app"
+
+
+def target_group(name, region=REGION, account=ACCOUNT, partition="aws"):
+    return f"arn:{partition}:elasticloadbalancing:{region}:{account}:targetgroup/{name}/0123456789abcdef"
+
+
+WEB_TG, ADMIN_TG = target_group("web"), target_group("admin")
 
 
 def cfg(**extra):
@@ -199,19 +207,72 @@ def test_committed_policy_is_the_generated_one_for_the_defaults(tmp_path):
 
 
 def test_policy_allows_only_the_operations_the_provider_calls():
-    for config in (
-        cfg(),
-        cfg(HELIX_EC2_INSTANCE_PROFILE="p", HELIX_EC2_ROLE_ARN=ROLE),
-        load_config({"HELIX_ENV_FILE": ""}),
+    elb_actions = {f"elasticloadbalancing:{op}" for op in ELB_OPERATIONS}
+    for config, with_groups in (
+        (cfg(), False),
+        (cfg(HELIX_EC2_INSTANCE_PROFILE="p", HELIX_EC2_ROLE_ARN=ROLE), False),
+        (load_config({"HELIX_ENV_FILE": ""}), False),
+        (cfg(HELIX_EC2_TARGET_GROUPS=f"{WEB_TG},{ADMIN_TG}"), True),
     ):
         policy = policy_for(config, ACCOUNT)
         actions = {s["Action"] for s in policy["Statement"]}
-        assert actions <= {f"ec2:{op}" for op in OPERATIONS} | {"iam:PassRole"}  # no wildcards, nothing extra
+        # no wildcards, nothing extra
+        assert actions <= {f"ec2:{op}" for op in OPERATIONS} | elb_actions | {"iam:PassRole"}
         assert {f"ec2:{op}" for op in OPERATIONS} <= actions
+        # Target groups only when configured, and then every operation TargetGroups calls.
+        assert (actions & elb_actions) == (elb_actions if with_groups else set())
         assert all(s["Effect"] == "Allow" for s in policy["Statement"])
-        # `*` only where EC2 cannot scope: DescribeInstances
-        assert [s["Action"] for s in policy["Statement"] if s["Resource"] == "*"] == ["ec2:DescribeInstances"]
+        # `*` only where EC2 or ELBv2 cannot scope: DescribeInstances, DescribeTargetHealth/Groups
+        unscoped = [s["Action"] for s in policy["Statement"] if s["Resource"] == "*"]
+        assert unscoped == ["ec2:DescribeInstances"] + (
+            ["elasticloadbalancing:DescribeTargetHealth", "elasticloadbalancing:DescribeTargetGroups"]
+            if with_groups
+            else []
+        )
     assert "iam:PassRole" not in json.dumps(policy_for(cfg(), ACCOUNT))  # no profile, no role to pass
+    assert "elasticloadbalancing" not in json.dumps(default_policy())  # no groups, no ELB at all
+
+
+def elb(operation, resource="*", region=REGION):
+    return Request(f"elasticloadbalancing:{operation}", resource, {"aws:RequestedRegion": region})
+
+
+def test_register_only_with_the_configured_target_groups():
+    policy = policy_for(cfg(HELIX_EC2_TARGET_GROUPS=f"{WEB_TG},{ADMIN_TG}"), ACCOUNT)
+    for operation in ("RegisterTargets", "DeregisterTargets"):
+        assert allowed(policy, elb(operation, WEB_TG)) and allowed(policy, elb(operation, ADMIN_TG))
+        for other in (
+            target_group("other"),  # another group of the account
+            WEB_TG.replace("0123456789abcdef", "0123456789abcdee"),  # the same name, another group
+            target_group("web", account="999999999999"),
+            target_group("web", region="us-east-1"),
+        ):
+            assert not allowed(policy, elb(operation, other)), (operation, other)
+        assert not allowed(policy, elb(operation, WEB_TG, region="us-east-1"))
+        assert not allowed(policy, elb(operation, "*"))
+    for operation in ("DescribeTargetHealth", "DescribeTargetGroups"):
+        assert allowed(policy, elb(operation)) and not allowed(policy, elb(operation, region="us-east-1"))
+    # Nothing else about load balancers: no group or listener changes, no other ELB action.
+    for operation in ("CreateTargetGroup", "ModifyTargetGroup", "DeleteTargetGroup", "ModifyListener", "AddTags"):
+        assert not allowed(policy, elb(operation, WEB_TG)) and not allowed(policy, elb(operation))
+    sids = {s["Action"]: s["Sid"] for s in policy["Statement"]}
+    assert sids["elasticloadbalancing:DescribeTargetHealth"] == "HelixDescribeTargetHealthAnyResource"
+    assert sids["elasticloadbalancing:DescribeTargetGroups"] == "HelixDescribeTargetGroupsAnyResource"
+    assert sids["elasticloadbalancing:RegisterTargets"] == "HelixRegisterWithConfiguredTargetGroups"
+
+
+def test_target_groups_without_a_region_or_account():
+    policy = policy_for(cfg(HELIX_AWS_REGION="", HELIX_EC2_TARGET_GROUPS=WEB_TG))  # any account
+    sids = {s["Action"]: s["Sid"] for s in policy["Statement"]}
+    # The reads are open in every region, and say so; the ARNs still pin the writes.
+    assert sids["elasticloadbalancing:DescribeTargetHealth"] == "HelixDescribeTargetHealthAnyResourceAnyRegion"
+    assert sids["elasticloadbalancing:RegisterTargets"] == "HelixRegisterWithConfiguredTargetGroups"
+    assert allowed(policy, elb("RegisterTargets", WEB_TG)) and not allowed(
+        policy, elb("RegisterTargets", target_group("web", region="us-east-1"), region="us-east-1")
+    )
+    china = target_group("web", region="cn-north-1", partition="aws-cn")
+    in_china = policy_for(cfg(HELIX_AWS_REGION="cn-north-1", HELIX_EC2_TARGET_GROUPS=china), ACCOUNT)
+    assert allowed(in_china, elb("RegisterTargets", china, region="cn-north-1"))
 
 
 def test_configured_launch_is_allowed_and_its_neighbours_are_not():
@@ -326,6 +387,23 @@ def test_without_a_region_the_policy_says_any_region():
         ({"HELIX_EC2_INSTANCE_TYPE": "t3.*"}, "*", "HELIX_EC2_INSTANCE_TYPE=t3.*: expected an instance type"),
         ({"HELIX_GROUP": "${aws:username}"}, "*", "HELIX_GROUP=${aws:username}: expected 1 to 128 letters"),
         ({"HELIX_AWS_REGION": "*"}, "*", "HELIX_AWS_REGION=*: expected a region name"),
+        (
+            {"HELIX_EC2_TARGET_GROUPS": f"{WEB_TG},{target_group('admin', region='us-east-1')}"},
+            "*",
+            f"HELIX_EC2_TARGET_GROUPS={target_group('admin', region='us-east-1')}: expected a target group in "
+            f"HELIX_AWS_REGION={REGION}",
+        ),
+        (
+            {"HELIX_AWS_REGION": "cn-north-1", "HELIX_EC2_TARGET_GROUPS": target_group("web", region="cn-north-1")},
+            "*",
+            f"HELIX_EC2_TARGET_GROUPS={target_group('web', region='cn-north-1')}: expected a target group in "
+            "HELIX_AWS_REGION=cn-north-1",  # arn:aws: where cn-north-1 is arn:aws-cn:
+        ),
+        (
+            {"HELIX_EC2_TARGET_GROUPS": WEB_TG},
+            "999999999999",
+            f"HELIX_EC2_TARGET_GROUPS={WEB_TG}: expected a target group in account 999999999999 (--account)",
+        ),
     ],
 )
 def test_values_that_cannot_be_pinned_are_refused_in_one_line(extra, account, message):

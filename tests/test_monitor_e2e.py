@@ -74,6 +74,9 @@ def monitor_status(table_name: str):
 def start_monitor(procs, table_name: str, port: int, **overrides):
     proc = procs.python("monitor_s", ["-m", "monitor_s"], monitor_env(table_name, port, **overrides))
     wait_for(lambda: monitor_status(table_name).pid == proc.pid, 30, "MonitorS to write its heartbeat")
+    # Its first heartbeat comes before its Registry listens: a Register sent in between was refused
+    # UNAVAILABLE (connection refused) on a loaded machine.
+    wait_for(lambda: "MonitorS serving Registry" in proc.output(), 30, "MonitorS to serve its Registry")
     return proc
 
 

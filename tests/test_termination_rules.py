@@ -11,7 +11,7 @@ import pytest
 from controller_asg.fleet import FleetMember
 from controller_asg.providers.base import ProviderInstance
 from controller_asg.termination import choose_victims
-from shared.table import InstanceRow, State
+from shared.table import InstanceRow, Lifecycle, State
 
 NOW = 50_000.0
 
@@ -24,7 +24,14 @@ def member(
         None
         if cpu is None
         else InstanceRow(
-            i, "127.0.0.1:1", State.HEALTHY, registered_at=launched + 5, last_seen=NOW, last_metrics=NOW, cpu=cpu
+            i,
+            "127.0.0.1:1",
+            State.HEALTHY,
+            registered_at=launched + 5,
+            last_seen=NOW,
+            last_metrics=NOW,
+            cpu=cpu,
+            lifecycle=Lifecycle.IN_SERVICE,
         )
     )
     return FleetMember(ProviderInstance(i, zone, launched, "running", protected), row)
