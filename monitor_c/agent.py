@@ -6,6 +6,9 @@ or WatchMetrics message counts as "polled". Register is idempotent on MonitorS (
 `registered_at` kept), so when the agent has not been polled for SILENT_INTERVALS poll intervals
 (at least MIN_SILENCE seconds) it simply registers again. That one rule covers MonitorS restarting
 with a fresh table, MonitorS deregistering a live agent, and a lost registration, with no extra RPC.
+
+Lifecycle hooks (Prepare, Drain) and EC2 notices live in monitor_c/hooks.py and monitor_c/notices.py;
+this module validates the calls and streams the hook's progress.
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from monitor_c import AGENT_VERSION
+from monitor_c.hooks import HookRunner, parse_command
 from monitor_c.identity import Identity, resolve_identity
+from monitor_c.notices import NoticeWatcher
 from monitor_c.probe import AppProbe
 from monitor_c.sampling import Sampler
 from protos import helix_pb2, helix_pb2_grpc
 from shared import pki, rpc_security
-from shared.config import Config
+from shared.config import EXIT_BAD_CONFIG, Config
 
 SILENT_INTERVALS = 5
 MIN_SILENCE = 3.0
@@ -38,6 +43,8 @@ REGISTER_TIMEOUT = 3.0
 DEREGISTER_TIMEOUT = 2.0
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 30.0
 MIN_WATCH_INTERVAL, MAX_WATCH_INTERVAL = 0.05, 3600.0
+MIN_HOOK_TIMEOUT, MAX_HOOK_TIMEOUT = 1.0, 7200.0
+MAX_HOOK_REASON = 200  # bytes
 
 
 class AgentState:
@@ -50,10 +57,12 @@ class AgentState:
         self.last_polled = time.monotonic()
         self.app_live, self.app_detail = True, "not probed yet"
         self.poll_interval = 1.0
+        self.notices: NoticeWatcher | None = None  # on EC2 only
 
     def metrics(self) -> helix_pb2.Metrics:
         s = self.sampler.sample()
         self.last_polled = time.monotonic()
+        notice = self.notices.current if self.notices else None
         return helix_pb2.Metrics(
             cpu=s.cpu,
             vcpus=self.vcpus,
@@ -68,12 +77,19 @@ class AgentState:
             app_detail=self.app_detail[:40],
             sample_time=s.sample_time,
             instance_id=self.identity.instance_id,
+            notice=f"NOTICE_{notice.notice.name}" if notice else "NOTICE_NONE",
+            notice_at=notice.at if notice else 0.0,
         )
 
 
 class AgentService(helix_pb2_grpc.AgentServicer):
-    def __init__(self, state: AgentState):
+    def __init__(
+        self, state: AgentState, hooks: dict[str, HookRunner] | None = None, log: logging.Logger | None = None
+    ):
         self.state = state
+        # "launch" (Prepare) and "terminate" (Drain); a kind missing here has no hook: CONTINUE.
+        self.hooks = hooks if hooks is not None else {}
+        self.log = log or logging.getLogger("monitor_c")
 
     async def _check_id(self, wanted: str, context: grpc.aio.ServicerContext) -> None:
         if wanted and wanted != self.state.identity.instance_id:
@@ -121,6 +137,63 @@ class AgentService(helix_pb2_grpc.AgentServicer):
                 next_at, delay = loop.time(), 0
             await asyncio.sleep(delay)
 
+    async def Prepare(
+        self, request: helix_pb2.HookRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[helix_pb2.HookProgress]:
+        async for progress in self._hook("launch", "Prepare", request, context):
+            yield progress
+
+    async def Drain(
+        self, request: helix_pb2.HookRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[helix_pb2.HookProgress]:
+        async for progress in self._hook("terminate", "Drain", request, context):
+            yield progress
+
+    async def _hook(
+        self, kind: str, rpc: str, request: helix_pb2.HookRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[helix_pb2.HookProgress]:
+        await self._check_id(request.instance_id, context)
+        timeout, reason = request.timeout_seconds, request.reason
+        if not MIN_HOOK_TIMEOUT <= timeout <= MAX_HOOK_TIMEOUT:  # NaN fails too
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"timeout_seconds: {timeout:g}, expected {MIN_HOOK_TIMEOUT:g} to {MAX_HOOK_TIMEOUT:g} seconds",
+            )
+        if len(reason.encode()) > MAX_HOOK_REASON:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"reason: {len(reason.encode())} bytes, expected at most {MAX_HOOK_REASON}",
+            )
+        if not reason.isprintable():  # it goes into the hook's environment and the log
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"reason: {reason[:40]!r}, expected printable text (no control characters)",
+            )
+        st = self.state
+        st.last_polled = time.monotonic()
+        runner = self.hooks.get(kind) or self._no_hook(kind)
+        if not runner.start(timeout, reason):
+            # A repeated call (its caller lost the stream, or a restarted MonitorS): no new run.
+            final = runner.final
+            self.log.info(
+                "%s called again (reason: %r): %s",
+                rpc,
+                reason,
+                f"following the {kind} hook, running for {runner.elapsed():.1f}s"
+                if final is None
+                else f"the {kind} hook already ended: {final.result.name} ({final.detail})",
+            )
+        async for progress in runner.follow(timeout, reason):
+            st.last_polled = time.monotonic()  # a caller streaming a hook is polling this agent
+            yield helix_pb2.HookProgress(
+                result=progress.result.name, elapsed_seconds=progress.elapsed, detail=progress.detail
+            )
+
+    def _no_hook(self, kind: str) -> HookRunner:
+        runner = HookRunner(kind, "", self.state.identity.instance_id, self.log)
+        self.hooks[kind] = runner
+        return runner
+
 
 class Agent:
     def __init__(
@@ -157,6 +230,13 @@ class Agent:
 
     async def run(self) -> int:
         cfg, log = self.cfg, self.log
+        commands = {"launch": cfg.launch_hook, "terminate": cfg.terminate_hook}
+        for kind, command in commands.items():
+            try:
+                parse_command(kind, command)
+            except ValueError as exc:  # before binding: a bad hook is a bad configuration (exit 2)
+                log.error("bad configuration: %s", exc)
+                return EXIT_BAD_CONFIG
         interceptors = [
             rpc_security.BearerAuthInterceptor(self.accepted_bearer, log),  # first: see monitor_s/server.py
             rpc_security.DecodeGuardInterceptor(log),
@@ -175,13 +255,18 @@ class Agent:
         self.state = AgentState(
             identity, vcpus, Sampler(cfg.cpu_source, allotment), AppProbe(cfg.app_check, cfg.app_check_timeout)
         )
-        helix_pb2_grpc.add_AgentServicer_to_server(AgentService(self.state), server)
+        hooks = {kind: HookRunner(kind, command, identity.instance_id, log) for kind, command in commands.items()}
+        # EC2's notices are only asked of the IMDS this agent's identity came from.
+        if cfg.imds_url and identity.source == "imds":
+            self.state.notices = NoticeWatcher(cfg.imds_url, log)
+        helix_pb2_grpc.add_AgentServicer_to_server(AgentService(self.state, hooks, log), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         await server.start()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "agent %s (%s) serving on %s, advertising %s, cpu %s over %d vCPUs, app check %s, version %s",
+            "agent %s (%s) serving on %s, advertising %s, cpu %s over %d vCPUs, app check %s, hooks %s, "
+            "EC2 notices %s, version %s",
             identity.instance_id,
             identity.source,
             cfg.agent_listen,
@@ -189,6 +274,8 @@ class Agent:
             cfg.cpu_source,
             vcpus,
             cfg.app_check or "none",
+            "+".join(kind for kind, runner in hooks.items() if runner.argv) or "none",
+            "on" if self.state.notices else "off",
             AGENT_VERSION,
         )
 
@@ -203,12 +290,15 @@ class Agent:
         self.channel = rpc_security.open_channel(cfg.monitor_addr, cfg, self.auth, tls=registry_tls)
         self.registry = helix_pb2_grpc.RegistryStub(self.channel)
         tasks = [asyncio.create_task(self._probe_loop()), asyncio.create_task(self._registration_loop())]
+        if self.state.notices:
+            tasks.append(asyncio.create_task(self.state.notices.run()))
         await self.stop_event.wait()
 
-        # Shutdown: deregister first (bounded), then stop serving.
+        # Shutdown: stop a running hook (its whole process group; its callers get ABANDON), then
+        # deregister (bounded), then stop serving.
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *(runner.close() for runner in hooks.values()), return_exceptions=True)
         if self.register_sent:
             await self._deregister("agent stopping")
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -3,16 +3,21 @@
 It answers like IMDS: a token from `PUT /latest/api/token` (with the TTL header), then GETs that
 carry the token; without it, 401. `answers` maps full paths (`/latest/meta-data/instance-id`,
 `/latest/dynamic/instance-identity/document`, …) to bodies; every request is recorded.
+Spot's notices: `spot_action(...)` and `rebalance(...)` set (or, with None, remove) the documents
+EC2 publishes; `failing = 500` answers every GET with that status; `stop()` takes it down early.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 TOKEN = "imds-token"
+ACTION_PATH = "/latest/meta-data/spot/instance-action"
+REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 
 
 class FakeImds:
@@ -20,11 +25,35 @@ class FakeImds:
         self.answers: dict[str, str] = dict(answers or {})
         self.requests: list[str] = []
         self.url = ""
+        self.failing = 0  # an HTTP status every GET answers with (0: answer normally)
+        self.server: ThreadingHTTPServer | None = None
+        self.stopped = False
 
     def meta(self, **values: str) -> None:
         """Set meta-data answers by name: `instance_id="i-1"` answers /latest/meta-data/instance-id."""
         for key, value in values.items():
             self.answers[f"/latest/meta-data/{key.replace('_', '-')}"] = value
+
+    def spot_action(self, action: str | None, time: str = "2026-11-30T05:10:00Z") -> None:
+        """The interruption notice (`terminate`, `stop` or `hibernate` at `time`); None: none (404)."""
+        if action is None:
+            self.answers.pop(ACTION_PATH, None)
+        else:
+            self.answers[ACTION_PATH] = json.dumps({"action": action, "time": time})
+
+    def rebalance(self, notice_time: str | None) -> None:
+        """The rebalance recommendation issued at `notice_time`; None: none (404)."""
+        if notice_time is None:
+            self.answers.pop(REBALANCE_PATH, None)
+        else:
+            self.answers[REBALANCE_PATH] = json.dumps({"noticeTime": notice_time})
+
+    def stop(self) -> None:
+        """Take IMDS down now (connections refused from here on)."""
+        if self.server is not None and not self.stopped:
+            self.stopped = True
+            self.server.shutdown()
+            self.server.server_close()
 
 
 @contextmanager
@@ -51,6 +80,8 @@ def serve_imds(answers: dict[str, str] | None = None) -> Iterator[FakeImds]:
             imds.requests.append(f"GET {self.path}")
             if self.headers.get("X-aws-ec2-metadata-token") != TOKEN:
                 self._send(401)  # IMDSv2 only: no token, no answer
+            elif imds.failing:
+                self._send(imds.failing)
             elif self.path in imds.answers:
                 self._send(200, imds.answers[self.path])
             else:
@@ -60,8 +91,8 @@ def serve_imds(answers: dict[str, str] | None = None) -> Iterator[FakeImds]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     imds.url = f"http://127.0.0.1:{server.server_address[1]}"
+    imds.server = server
     try:
         yield imds
     finally:
-        server.shutdown()
-        server.server_close()
+        imds.stop()

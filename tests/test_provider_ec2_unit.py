@@ -255,6 +255,23 @@ def test_user_data_is_cloud_config_writing_the_agent_env():
         render_user_data(cfg(HELIX_EC2_APP_CHECK="http://127.0.0.1:8080/health"), "t", {}, ca_pem())
     )
     assert 'HELIX_APP_CHECK="http://127.0.0.1:8080/health"' in probed["write_files"][0]["content"].splitlines()
+    assert not any(line.startswith(("HELIX_LAUNCH_HOOK=", "HELIX_TERMINATE_HOOK=")) for line in lines)  # none set
+
+
+def test_user_data_passes_the_managers_lifecycle_hooks():
+    hooked = cfg(
+        HELIX_LAUNCH_HOOK="/opt/app/warm-up --quick",
+        HELIX_TERMINATE_HOOK="sh -c 'curl -s \"http://127.0.0.1/drain\" && sleep 5'",
+    )
+    lines = yaml.safe_load(render_user_data(hooked, "t", {}, ca_pem()))["write_files"][0]["content"].splitlines()
+    assert 'HELIX_LAUNCH_HOOK="/opt/app/warm-up --quick"' in lines
+    # systemd EnvironmentFile quoting: the agent gets the operator's words back exactly
+    assert 'HELIX_TERMINATE_HOOK="sh -c \'curl -s \\"http://127.0.0.1/drain\\" && sleep 5\'"' in lines
+    only_drain = cfg(HELIX_TERMINATE_HOOK="/opt/app/drain")
+    content = yaml.safe_load(render_user_data(only_drain, "t", {}, ca_pem()))["write_files"][0]["content"]
+    assert 'HELIX_TERMINATE_HOOK="/opt/app/drain"' in content and "HELIX_LAUNCH_HOOK" not in content
+    with pytest.raises(ValueError, match="HELIX_LAUNCH_HOOK: expected a value without newlines"):
+        render_user_data(cfg(HELIX_LAUNCH_HOOK="a\nb"), "t", {}, ca_pem())
 
 
 def test_user_data_without_token_runs_the_agent_insecure_and_refuses_newlines():

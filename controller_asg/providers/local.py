@@ -496,6 +496,11 @@ class LocalProvider:
         }
         if with_app:
             env["HELIX_APP_CHECK"] = f"tcp://{rec.host}:{rec.app_port}"
+        # The manager's lifecycle hooks run on the instance, by its agent; `{port}` is the instance's
+        # app port, as in HELIX_LOCAL_APP_CMD (left as written when there is no app).
+        for key, command in (("HELIX_LAUNCH_HOOK", cfg.launch_hook), ("HELIX_TERMINATE_HOOK", cfg.terminate_hook)):
+            if command:
+                env[key] = command.replace("{port}", str(rec.app_port)) if with_app else command
         # No fleet token: the agent proves who it is with its own HELIX_INSTANCE_SECRET (set by
         # `_spawn`) and then accepts only the credential MonitorS hands it. A controller running
         # insecure (no token) starts insecure agents, which accept calls before they register.

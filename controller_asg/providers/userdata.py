@@ -53,6 +53,10 @@ def render_env_file(cfg: Config, token: str, labels: Mapping[str, str], ca_pem: 
     lines.append(_env_value("HELIX_LABELS", label_text))
     if cfg.ec2_app_check:
         lines.append(_env_value("HELIX_APP_CHECK", cfg.ec2_app_check))
+    # The manager's lifecycle hooks: the agent runs them on the instance (Prepare, Drain).
+    for key, command in (("HELIX_LAUNCH_HOOK", cfg.launch_hook), ("HELIX_TERMINATE_HOOK", cfg.terminate_hook)):
+        if command:
+            lines.append(_env_value(key, command))
     lines.append(_env_value("HELIX_LOG_LEVEL", cfg.log_level))
     return "\n".join(lines) + "\n"
 
