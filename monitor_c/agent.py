@@ -171,6 +171,11 @@ class AgentService(helix_pb2_grpc.AgentServicer):
             )
         st = self.state
         st.last_polled = time.monotonic()
+        launch = self.hooks.get("launch")
+        if kind == "terminate" and launch is not None and launch.running:
+            # Going away: preparing for service is moot, and two hooks must not fight over the app.
+            self.log.info("Drain while the launch hook runs: stopping the launch hook first")
+            await launch.close()
         runner = self.hooks.get(kind) or self._no_hook(kind)
         if not runner.start(timeout, reason):
             # A repeated call (its caller lost the stream, or a restarted MonitorS): no new run.

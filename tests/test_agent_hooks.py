@@ -209,6 +209,21 @@ def test_sigterm_of_the_agent_kills_the_running_hooks_group(procs, hook_dir):
     assert "terminate hook: agent stopping: stopping its process group" in agent.output()
 
 
+def test_a_drain_stops_a_launch_hook_still_running(procs, hook_dir):
+    body = f"echo $$ >> {hook_dir}/prep.pids\nsleep 300 & echo $! >> {hook_dir}/prep.pids\nwait\n"
+    agent, addr = start_agent(
+        procs, HELIX_LAUNCH_HOOK=script(hook_dir, "prep", body), HELIX_TERMINATE_HOOK=script(hook_dir, "bye", "exit 0")
+    )
+    with ThreadPoolExecutor(1) as pool:
+        preparing = pool.submit(hook, addr, "Prepare", 600, "launch")
+        wait_for(lambda: len(pids(hook_dir / "prep.pids")) == 2, 15, "the launch hook and its child to start")
+        started = pids(hook_dir / "prep.pids")
+        assert final(hook(addr, "Drain", 30, "scale in")) == ("CONTINUE", "exit 0")
+        assert final(preparing.result(timeout=30))[0] == "ABANDON"
+    wait_for(lambda: all(gone(pid) for pid in started), 15, "the launch hook's process group to be gone")
+    assert "Drain while the launch hook runs: stopping the launch hook first" in agent.output()
+
+
 def test_a_hook_that_is_not_shell_words_is_bad_configuration(procs):
     env = agent_env(IID, free_port(), HELIX_LAUNCH_HOOK="sh -c 'unterminated")
     agent = procs.python("agent", ["-m", "monitor_c"], env)
