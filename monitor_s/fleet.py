@@ -7,7 +7,9 @@ a per-call deadline shorter than the interval; results are written as they arriv
 FLUSH_EVERY seconds, in batches of at most BATCH_ROWS rows per lock hold, so a hung agent delays
 nobody else's row and readers never wait long. What a poll does to a row's state is the pure rule
 in `monitor_s/rowstate.py`; the rows are written only through the table's writer methods
-(`write_samples`, `mark_failures`, `update_registration`).
+(`write_samples`, `mark_failures`, `update_registration`). The launch and terminate hooks each
+row's lifecycle goes through are `monitor_s/lifecycle.py`'s: each entry carries its hook task, and
+freeing the entry cancels it.
 
 Stream mode (HELIX_POLL_MODE=stream): instead of one GetMetrics per agent per interval, MonitorS
 opens one WatchMetrics stream per agent and the agent pushes a sample every interval (cheaper per
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -29,12 +32,13 @@ import grpc
 import grpc.aio
 
 from monitor_s.credentials import KEY_BYTES, CredentialIssuer
+from monitor_s.lifecycle import LifecycleDriver
 from monitor_s.rowstate import Poll, RowHealth, next_health
 from monitor_s.validation import Refusal, check_instance_id
 from protos import helix_pb2, helix_pb2_grpc
 from shared import pki, rpc_security
 from shared.config import Config, Invalid, parse_host_port
-from shared.table import InstanceRow, MetricsTable, PollFailure, PollSample, State
+from shared.table import HookResult, InstanceRow, Lifecycle, MetricsTable, Notice, PollFailure, PollSample, State
 
 FLUSH_EVERY = 0.05
 BATCH_ROWS = 512
@@ -70,10 +74,22 @@ class Entry:
     latest_at: float = 0.0
     consumed_at: float = 0.0
     stream_error: str = "no sample yet"
-    # last values, for the Prometheus collector
+    # last values, for the Prometheus collector (`up` also tells the lifecycle driver the agent answers)
     up: bool = False
     cpu: float = 0.0
     mem: float = 0.0
+    notice: Notice = Notice.NONE
+    # The row's lifecycle as last written (monitor_s/lifecycle.py), kept so that a registration that
+    # rewrites the row keeps it, and the hook call following it (at most one per instance).
+    lifecycle: Lifecycle = Lifecycle.NONE
+    lifecycle_at: float = 0.0
+    hook_result: HookResult = HookResult.NONE
+    hook_detail: str = ""
+    hook: asyncio.Task | None = None
+    hook_kind: str = ""  # "launch" or "terminate" while `hook` runs
+    hook_started: float = 0.0  # monotonic time of the current call
+    hook_failures: int = 0  # failed Prepare calls in a row (back-off)
+    hook_retry_at: float = 0.0  # loop time before which a failed Prepare is not called again
 
 
 # One poll's outcome: the entry, what came back (the metrics, the exception of a failed call, or in
@@ -112,6 +128,7 @@ class Fleet:
         # is in fact alive registers again by itself once it notices it is not polled. Without
         # this, rows of instances killed without a goodbye would be polled forever and fill the table.
         self.forget_after = cfg.forget_after
+        self.lifecycle = LifecycleDriver(cfg, table, log, self.entries)
 
     # -- registry --------------------------------------------------------------------------------
 
@@ -126,6 +143,7 @@ class Fleet:
             entry.latest_at = loop.time()  # grace: a new stream has STREAM_SILENCE intervals to deliver
             entry.consumed_at = entry.latest_at
             entry.watch = loop.create_task(self._watch(entry))
+        self.lifecycle.track(entry)
         return entry
 
     def load(self) -> int:
@@ -156,6 +174,11 @@ class Fleet:
                 failures=row.failures,
                 app_down_polls=row.app_down_polls,
                 failing_since=time.time() if row.failures else 0.0,
+                notice=row.notice,
+                lifecycle=row.lifecycle,
+                lifecycle_at=row.lifecycle_at,
+                hook_result=row.hook_result,
+                hook_detail=row.hook_detail,
             )
             self.entries[row.instance_id] = self.connect(entry)
         return len(self.entries)
@@ -165,7 +188,9 @@ class Fleet:
     ) -> tuple[Entry, bool]:
         """Add or refresh an agent. Idempotent: the same id keeps its row and `registered_at`; a new
         address, or a row someone else freed meanwhile, starts a fresh REGISTERING row (keeping
-        `registered_at`). Raises TableFull / ValueError (nothing changed)."""
+        `registered_at` and the lifecycle: the instance is where it was between launch and
+        terminate, and a hook under way is followed again from the new address). Raises TableFull /
+        ValueError (nothing changed)."""
         old = self.entries.get(instance_id)
         # A refresh writes only into a row that still holds this agent (see MetricsTable._holds); if
         # someone else freed it meanwhile, the agent takes a row again below.
@@ -187,10 +212,16 @@ class Fleet:
             vcpus=vcpus,
             app_port=app_port,
         )
-        slot = self.table.register(row)
+        entry = Entry(instance_id, address, -1, registered_at, zone=zone)
+        if old is not None:  # the instance is where it was between launch and terminate
+            entry.lifecycle, entry.lifecycle_at = old.lifecycle, old.lifecycle_at
+            entry.hook_result, entry.hook_detail = old.hook_result, old.hook_detail
+            row.lifecycle, row.lifecycle_at = old.lifecycle, old.lifecycle_at
+            row.hook_result, row.hook_detail = old.hook_result, old.hook_detail
+        entry.slot = self.table.register(row)
         if old is not None:
             self._close(old)
-        entry = self.connect(Entry(instance_id, address, slot, registered_at, zone=zone))
+        self.connect(entry)
         self.entries[instance_id] = entry
         return entry, old is None
 
@@ -210,6 +241,9 @@ class Fleet:
         return entry
 
     def _close(self, entry: Entry) -> None:
+        if entry.hook is not None:  # the row is gone or taken over: its hook call with it
+            entry.hook.cancel()
+            entry.hook = None
         if entry.watch is not None:
             entry.watch.cancel()
             entry.watch = None
@@ -218,6 +252,7 @@ class Fleet:
             entry.channel = None
 
     async def close(self) -> None:
+        await self.lifecycle.close()
         for entry in self.entries.values():
             if entry.watch is not None:
                 entry.watch.cancel()
@@ -317,6 +352,10 @@ class Fleet:
             entry.failing_since = 0.0
             entry.up = True
             entry.cpu, entry.mem = m.cpu, m.mem
+            notice = _notice(m.notice)
+            if notice != entry.notice:
+                entry.notice = notice
+                self._log_notice(entry, notice, _notice_at(notice, m.notice_at))
         forgotten = []
         for entry in failed:
             if entry.failures == 0:
@@ -350,6 +389,19 @@ class Fleet:
         for entry in lost:
             self.forget(entry, "its row was freed by someone else")
 
+    def _log_notice(self, entry: Entry, notice: Notice, at: float) -> None:
+        if notice == Notice.NONE:
+            self.log.info("%s: EC2 notice withdrawn", entry.instance_id)
+        elif notice == Notice.INTERRUPTION and at > 0:
+            self.log.warning(
+                "%s: EC2 notice: interruption in %.0fs (at %s)",
+                entry.instance_id,
+                at - time.time(),
+                time.strftime("%H:%M:%S", time.localtime(at)),
+            )
+        else:
+            self.log.warning("%s: EC2 notice: %s", entry.instance_id, notice.label)
+
     def _judge(self, entry: Entry, poll: Poll) -> None:
         """Move the entry's row health on by one poll (monitor_s/rowstate.py holds the rules)."""
         health = next_health(
@@ -358,7 +410,23 @@ class Fleet:
         entry.state, entry.failures, entry.app_down_polls = health.state, health.failures, health.app_down_polls
 
 
+def _notice(value: int) -> Notice:
+    """The proto's Notice as the table's (same numbers); one from a newer agent that this MonitorS
+    does not know reads as NONE rather than a value no reader could decode."""
+    try:
+        return Notice(value)
+    except ValueError:
+        return Notice.NONE
+
+
+def _notice_at(notice: Notice, at: float) -> float:
+    """When the instance goes, as the table keeps it: only an interruption has a time, and a time
+    that is not one (NaN, infinite, negative) reads as 0, 'not said'."""
+    return at if notice == Notice.INTERRUPTION and math.isfinite(at) and at > 0 else 0.0
+
+
 def _sample(entry: Entry, m: helix_pb2.Metrics, latency: float) -> PollSample:
+    notice = _notice(m.notice)
     return PollSample(
         slot=entry.slot,
         instance_id=entry.instance_id,
@@ -377,6 +445,8 @@ def _sample(entry: Entry, m: helix_pb2.Metrics, latency: float) -> PollSample:
         vcpus=m.vcpus,
         app_live=m.app_live,
         app_detail=m.app_detail,
+        notice=notice,
+        notice_at=_notice_at(notice, m.notice_at),
     )
 
 

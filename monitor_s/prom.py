@@ -22,6 +22,7 @@ import socket
 import ssl
 import sys
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
@@ -30,9 +31,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from monitor_s.fleet import Fleet
+from monitor_s.fleet import Entry, Fleet
 from shared.config import Config, Invalid, parse_host_port
-from shared.table import State
+from shared.table import Lifecycle, Notice, State
 
 if TYPE_CHECKING:
     from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
@@ -67,6 +68,7 @@ class FleetCollector:
         yield up
         yield healthy
         yield GaugeMetricFamily("helix_registered_instances", "Agents registered with MonitorS.", value=len(entries))
+        yield from self.collect_lifecycle(entries)
         yield GaugeMetricFamily(
             "helix_poll_cycle_seconds", "Duration of the last poll cycle.", value=self.fleet.last_cycle
         )
@@ -75,6 +77,29 @@ class FleetCollector:
         polls.add_metric(["error"], self.fleet.polls_failed)
         yield polls
         yield from self.collect_table()
+
+    @staticmethod
+    def collect_lifecycle(entries: list[Entry]) -> Iterator[GaugeMetricFamily]:
+        """Counts by lifecycle phase and by EC2 notice, every label always present (0 when none), so
+        a dashboard or an alert on, say, `draining` never sees its series vanish."""
+        phases = Counter(e.lifecycle for e in entries)
+        lifecycle = GaugeMetricFamily(
+            "helix_instances_lifecycle",
+            "Registered instances by lifecycle phase (launch and terminate hooks).",
+            labels=["lifecycle"],
+        )
+        for phase in Lifecycle:
+            lifecycle.add_metric([phase.label], phases[phase])
+        yield lifecycle
+        notices = Counter(e.notice for e in entries)
+        announced = GaugeMetricFamily(
+            "helix_instance_notices",
+            "Registered instances whose EC2 metadata announces a Spot rebalance recommendation or interruption.",
+            labels=["notice"],
+        )
+        for notice in (Notice.REBALANCE, Notice.INTERRUPTION):
+            announced.add_metric([notice.label], notices[notice])
+        yield announced
 
     def collect_table(self) -> Iterator[GaugeMetricFamily]:
         """What the table says beyond MonitorS's own fleet: its bad rows now, and the controller's

@@ -1,4 +1,5 @@
-"""MonitorS's process: the Registry service, the poll loop and the table heartbeat."""
+"""MonitorS's process: the Registry service, the poll loop (each cycle: poll, forget rows off the
+roster, start the lifecycle hooks that are due) and the table heartbeat."""
 
 from __future__ import annotations
 
@@ -283,8 +284,12 @@ async def serve(
             await asyncio.gather(cycle, return_exceptions=True)
             break
         cycle_seconds = cycle.result()
+        roster = registry.roster()  # re-read only when the controller published a new one
         if cfg.roster == "required":
-            forget_off_roster(fleet, table.roster(), off_roster, time.time(), max(10.0, 3 * cfg.poll_interval))
+            forget_off_roster(fleet, roster, off_roster, time.time(), max(10.0, 3 * cfg.poll_interval))
+        # Launch hooks, and drains the roster asks for (with HELIX_ROSTER=off nobody publishes one:
+        # launch hooks only).
+        fleet.lifecycle.step(roster)
         table.monitor_heartbeat(time.time(), pid, cfg.poll_interval, cycle_seconds)
         if cycle_seconds > cfg.poll_interval:
             log.warning("poll cycle took %.3fs, longer than HELIX_POLL_INTERVAL=%g", cycle_seconds, cfg.poll_interval)

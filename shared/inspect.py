@@ -82,6 +82,15 @@ def snapshot_dict(snap: Snapshot, now: float) -> dict[str, Any]:
                 "app_down_polls": row.app_down_polls,
                 "poll_latency_ms": round(row.poll_latency * 1000, 2),
                 "agent_version": row.agent_version,
+                # Between launch and terminate (the agent's hooks), and how the last hook ended.
+                "lifecycle": row.lifecycle.label,
+                "lifecycle_age_s": _age(now, row.lifecycle_at),
+                "hook_result": row.hook_result.label,
+                "hook_detail": row.hook_detail,
+                # What EC2 announced to the instance (Spot); an interruption's time, when said.
+                "notice": row.notice.label,
+                "notice_at": row.notice_at or None,
+                "notice_in_s": round(row.notice_at - now, 1) if row.notice_at > 0 else None,
             }
         )
     # The header's problems, then the left-out rows' (the clamped high-water mark is in both lists).
@@ -97,6 +106,18 @@ def snapshot_dict(snap: Snapshot, now: float) -> dict[str, Any]:
 
 def _fmt_age(age: float | None) -> str:
     return "never" if age is None else f"{age:.1f}s"
+
+
+def _hook_and_notice(r: dict[str, Any]) -> str:
+    """The end of an instance's line: how its last hook ended, and an EC2 notice, when there are."""
+    out = ""
+    if r["hook_result"] != "none":
+        out += f"; hook {r['hook_result']}" + (f" ({r['hook_detail']})" if r["hook_detail"] else "")
+    if r["notice"] != "none":
+        out += f"; NOTICE {r['notice']}"
+        if r["notice_in_s"] is not None:
+            out += f" in {r['notice_in_s']:.0f}s"
+    return out
 
 
 def render_text(name: str, data: dict[str, Any]) -> str:
@@ -138,16 +159,19 @@ def render_text(name: str, data: dict[str, Any]) -> str:
         lines += [f"  {p}" for p in problems[:MAX_PROBLEM_LINES]]
         if len(problems) > MAX_PROBLEM_LINES:
             lines.append(f"  ... and {len(problems) - MAX_PROBLEM_LINES} more (--json lists them all)")
-    header = f"{'INSTANCE':<22} {'ADDRESS':<22} {'ZONE':<12} {'STATE':<12} {'CPU%':>6} {'MEM%':>6} {'SEEN':>7} {'FAIL':>4}  APP"
+    header = (
+        f"{'INSTANCE':<22} {'ADDRESS':<22} {'ZONE':<12} {'STATE':<12} {'LIFECYCLE':<11} "
+        f"{'CPU%':>6} {'MEM%':>6} {'SEEN':>7} {'FAIL':>4}  APP"
+    )
     lines.append(header)
     for r in rows:
         app = "live" if r["app_live"] else "down"
         if r["app_detail"]:
             app += f" ({r['app_detail']})"
         lines.append(
-            f"{r['instance_id']:<22} {r['address']:<22} {r['zone']:<12} {r['state']:<12} "
+            f"{r['instance_id']:<22} {r['address']:<22} {r['zone']:<12} {r['state']:<12} {r['lifecycle']:<11} "
             f"{r['cpu'] * 100:6.1f} {r['mem'] * 100:6.1f} {_fmt_age(r['last_seen_age_s']):>7} "
-            f"{r['failures']:>4}  {app}"
+            f"{r['failures']:>4}  {app}{_hook_and_notice(r)}"
         )
     return "\n".join(lines)
 

@@ -1323,7 +1323,12 @@ class MetricsTable:
         # loads, rates and times to non-negative values.
         np.nan_to_num(floats, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         np.clip(floats[:, 0:3], 0.0, 1.0, out=floats[:, 0:3])
-        np.clip(floats[:, 3:], 0.0, 1e9, out=floats[:, 3:])  # within float32 for the f4 columns
+        # Non-negative; the float32 columns (loads, latency) also within float32's range. The
+        # float64 ones hold rates and epoch times: capping those at 1e9 too wrote every sample
+        # time (and interruption time) as September 2001.
+        for k, name in enumerate(float_names[3:], start=3):
+            top = 1e9 if ROW_DTYPE[name].itemsize == 4 else 1e300
+            np.clip(floats[:, k], 0.0, top, out=floats[:, k])
         ints = {
             "vcpus": np.minimum(np.fromiter((s.vcpus for s in samples), dtype=np.int64, count=n), 65535),
             "state": np.fromiter((s.state for s in samples), dtype=np.int64, count=n),
