@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import http.client
+import json
 import signal
+import threading
+import time
 
 import psutil
 import pytest
@@ -19,6 +22,17 @@ def get(port: int, path: str) -> tuple[int, bytes]:
         return resp.status, resp.read()
     finally:
         conn.close()
+
+
+def inflight(port: int) -> dict:
+    status, body = get(port, "/inflight")
+    assert status == 200, body
+    return json.loads(body)
+
+
+def wait_inflight(port: int, n: int) -> dict:
+    """The app's /inflight once it says `n` requests are in flight."""
+    return wait_for(lambda: (seen := inflight(port))["inflight"] == n and seen, 20, f"{n} request(s) in flight")
 
 
 def start_app(procs, work_ms: float = 10.0):
@@ -78,8 +92,6 @@ def test_port_in_use_is_one_clear_line(procs):
 
 def test_sigterm_finishes_requests_in_flight(procs):
     """Connection draining: a request being served when SIGTERM arrives still gets its answer."""
-    import threading
-
     proc, port = start_app(procs)
     app = psutil.Process(proc.pid)
     result = {}
@@ -91,3 +103,27 @@ def test_sigterm_finishes_requests_in_flight(procs):
     t.join(timeout=30)
     assert result.get("answer") == (200, b"done\n")
     assert proc.wait(timeout=20) == 0
+
+
+def test_inflight_counts_requests_being_served_but_not_itself_nor_health(procs):
+    """What the terminate hook waits on: requests in flight and when the last one arrived. The
+    manager's own looks (/health, /inflight) are not traffic: counting them would keep a drained
+    app looking busy."""
+    _, port = start_app(procs)
+    assert get(port, "/health")[0] == 200
+    assert inflight(port) == {"inflight": 0, "last_request_at": 0}
+    before = time.time()
+    result = {}
+    t = threading.Thread(target=lambda: result.update(answer=get(port, "/work?ms=800")))
+    t.start()
+    try:
+        seen = wait_inflight(port, 1)
+        assert seen["last_request_at"] >= before - 1  # the wall clock, as the hook reads it
+        assert get(port, "/health")[0] == 200 and inflight(port)["inflight"] == 1
+    finally:
+        t.join(timeout=30)
+    assert result.get("answer") == (200, b"done\n")
+    after = wait_inflight(port, 0)
+    assert after["last_request_at"] == seen["last_request_at"]
+    assert get(port, "/nowhere")[0] == 404  # any path but the manager's is traffic
+    assert inflight(port)["last_request_at"] > seen["last_request_at"]

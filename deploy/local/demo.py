@@ -1,7 +1,8 @@
 """`make demo`: the whole system on this machine, under a replayed day of real traffic.
 
     python -m deploy.local.demo [--duration 180] [--curve nasa|spike | --trace FILE] [--peak-rps N]
-                                [--out DIR] [--plain] [--summary-json FILE]
+                                [--out DIR] [--plain] [--summary-json FILE] [--no-drain]
+                                [--request-log]
 
 It starts MonitorS and ControllerASG as two separate OS processes, exactly as the systemd units
 would (`python -m monitor_s`, `python -m controller_asg`, settings in an environment file), with
@@ -9,7 +10,13 @@ the `local` provider, a fresh random token, a unique segment name and a state di
 Each instance the controller launches runs `deploy/local/sample_app.py` (CPU per request) with a
 MonitorC agent measuring that app's process tree. Once the first instance is healthy, the load
 generator replays the demand curve (a day of NASA-HTTP 1995 by default) over the remaining time,
-spreading requests over the healthy instances in the table.
+spreading requests over the instances in service in the table.
+
+Scale-in drains: the controller publishes the drain, the load generator stops sending to that
+instance, and the instance's terminate hook (deploy/local/drain_hook.py) waits until its app has
+nothing in flight before the controller terminates it (at most HELIX_DRAIN_TIMEOUT, 20 s here).
+`--no-drain` (or DEMO_DRAIN=0) terminates at once instead, for comparison; the summary says why
+each failed request failed.
 
 It ends after `--duration` seconds (default: $DEMO_DURATION, else 180) or on Ctrl-C, stops every
 process it started (controller first so it replaces nothing, then the load, the instances, and
@@ -33,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,7 +51,7 @@ from rich.markup import escape
 
 from deploy.local import cleanup
 from deploy.local.cleanup import MARKER_KEY, RUNS_ROOT, RunRecord
-from deploy.local.loadgen import BUILTIN_CURVES, CurveError, builtin_curve, per_second, read_curve
+from deploy.local.loadgen import BUILTIN_CURVES, CAUSES, CurveError, builtin_curve, per_second, read_curve
 from deploy.local.plot import Sample, summarize, write_plot
 from deploy.local.view import Action, Frame, View
 from shared.config import EXIT_BAD_CONFIG, ConfigError, load_config
@@ -57,6 +65,11 @@ ALLOTMENT_CORES = 0.25  # the CPU each instance is sized for: 4 at their target 
 # about 0.6 ms of CPU on top of its work, so the true need is ~6 % higher: 3.4, i.e. 4 instances).
 PEAK_INSTANCES = 3.2
 STARTUP_TIMEOUT = 60.0
+# Drain: a scale-in waits this long at most for the instance's requests to finish (the hook takes
+# about DRAIN_QUIET seconds when they do). The quiet time covers the load generator's one look at
+# the table per second: a request may still arrive up to a second after the drain is published.
+DRAIN_TIMEOUT = 20
+DRAIN_QUIET = 1.5
 
 
 class DemoError(Exception):
@@ -81,13 +94,22 @@ class Tuning:
     overridden: dict[str, str] = field(default_factory=dict)  # tuned keys the caller's environment sets
 
     def shown(self) -> list[str]:
-        """The tuned settings in effect: a value from the caller's environment wins, and says so."""
+        """The tuned settings in effect: a value from the caller's environment wins, and says so.
+        The interpreter's path is left out of the hook: it is this Python, and long."""
         return [
-            f"{k}={self.overridden[k]} (yours)" if k in self.overridden else f"{k}={v}" for k, v in self.tuned.items()
+            f"{k}={self.overridden[k]} (yours)"
+            if k in self.overridden
+            else f"{k}={v.replace(sys.executable, 'python')}"
+            for k, v in self.tuned.items()
         ] + [f"work {self.work_ms:g} ms CPU/request", f"peak {self.peak_rps:.0f} req/s"]
 
 
-def tune(duration: int, work_ms: float, peak_rps: float | None) -> Tuning:
+def drain_hook_command(quiet: float = DRAIN_QUIET) -> str:
+    """HELIX_TERMINATE_HOOK for the demo's instances; the local provider fills in `{port}`."""
+    return f"{sys.executable} -m deploy.local.drain_hook --port {{port}} --quiet {quiet:g}"
+
+
+def tune(duration: int, work_ms: float, peak_rps: float | None, drain: bool = True) -> Tuning:
     # Each instance is sized at ALLOTMENT_CORES of this machine, with the usual target.
     vcpus, target = f"{ALLOTMENT_CORES:g}", 0.5
     rps_per_instance = target * float(vcpus) / (work_ms / 1000.0)
@@ -110,7 +132,11 @@ def tune(duration: int, work_ms: float, peak_rps: float | None) -> Tuning:
         "HELIX_LOCAL_VCPUS": vcpus,
         "HELIX_METRICS_LISTEN": "",
         "HELIX_LOG_LEVEL": "info",
+        # 0 turns draining off: terminate at once, as before drain existed.
+        "HELIX_DRAIN_TIMEOUT": str(DRAIN_TIMEOUT) if drain else "0",
     }
+    if drain:
+        tuned["HELIX_TERMINATE_HOOK"] = drain_hook_command()
     return Tuning(duration, work_ms, vcpus, target, peak, tuned)
 
 
@@ -169,7 +195,8 @@ class Demo:
     def __init__(self, args: argparse.Namespace, console: Console):
         self.args = args
         self.console = console
-        self.tuning = tune(args.duration, args.work_ms, args.peak_rps)
+        # `make chaos` builds its own args and tuning: what it leaves out takes the demo's defaults.
+        self.tuning = tune(args.duration, args.work_ms, args.peak_rps, drain=getattr(args, "drain", True))
         self.stop_reason = ""
         self.failed_part = ""
         self.run_id = secrets.token_hex(6)
@@ -179,12 +206,14 @@ class Demo:
         self.samples: list[Sample] = []
         self.actions: list[Action] = []
         self.served = self.failed = 0
+        self.causes: Counter[str] = Counter()  # failed requests by cause (loadgen.CAUSES)
         self.t0 = time.time()
         self.load_started: float | None = None
         self.table: MetricsTable | None = None
         self._offsets = {"stats": 0, "activity": 0}
         self._last: dict = {}
         self.cpu_target = self.tuning.cpu_target
+        self.drain_timeout = 0.0
         self.env: dict[str, str] = {}
         self.logs_dir = ""
         self.ended = 0.0
@@ -236,6 +265,7 @@ class Demo:
         except ConfigError as exc:
             raise DemoError("bad configuration: " + "; ".join(exc.errors)) from None
         self.cpu_target = cfg.cpu_target
+        self.drain_timeout = cfg.drain_timeout  # the caller's environment may have set it
         return env
 
     # -- processes ------------------------------------------------------------------------------
@@ -320,15 +350,7 @@ class Demo:
             snap = table.snapshot()
             instances, controller = snap.instances(), snap.controller
         self.track_instances()
-        lines, self._offsets["stats"] = _tail(self.path("loadgen.jsonl"), self._offsets["stats"])
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                if rec.get("final"):
-                    continue
-                self._last = rec
-                self.served += rec["served"]
-                self.failed += rec["failed"]
+        self.read_load_stats()
         lines, self._offsets["activity"] = _tail(self.path("activity.jsonl"), self._offsets["activity"])
         for line in lines:
             with contextlib.suppress(ValueError, KeyError):
@@ -375,6 +397,32 @@ class Demo:
                 )
             )
 
+    def read_load_stats(self) -> None:
+        """The load generator's new per-second lines; its final line's totals of causes replace the
+        running sums (it settles the last failures' causes only as it ends)."""
+        if self.record is None:
+            return
+        lines, self._offsets["stats"] = _tail(self.path("loadgen.jsonl"), self._offsets["stats"])
+        for line in lines:
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                rec = json.loads(line)
+                if rec.get("final"):
+                    self.causes = Counter(rec.get("causes") or {})
+                    continue
+                self._last = rec
+                self.served += rec["served"]
+                self.failed += rec["failed"]
+                self.causes.update(rec.get("causes") or {})
+
+    def failure_causes(self) -> dict[str, int]:
+        """Failed requests by cause, every cause named (0 included); what no cause was counted for
+        (a load generator killed before it settled them) as `unknown`."""
+        out = {cause: self.causes.get(cause, 0) for cause in CAUSES}
+        unknown = self.failed - sum(out.values())
+        if unknown > 0:
+            out["unknown"] = unknown
+        return out
+
     # -- the whole run --------------------------------------------------------------------------
 
     def run(self, view: View) -> None:
@@ -406,6 +454,8 @@ class Demo:
             self.path("loadgen.jsonl"),
         ]
         gen_argv += ["--trace", args.trace] if args.trace else ["--curve", args.curve]
+        if getattr(args, "request_log", False):
+            gen_argv += ["--requests", self.path("requests.jsonl")]
         self.load_started = time.time()
         self.start("loadgen", gen_argv, env)
         view.message(f"load: {args.trace or args.curve} curve over {left}s, peak {self.tuning.peak_rps:g} req/s")
@@ -436,6 +486,7 @@ class Demo:
             self.table.close()
             self.table = None
         cleanup.stop_run(rec, grace=5.0)
+        self.read_load_stats()  # the load generator's last lines, written as it stopped
         self.copy_logs()  # with everything stopped, the logs are complete
         cleanup.remove_run(rec)
         for proc in self.popen.values():  # reap our children (clean_run has ended them)
@@ -490,7 +541,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--out", default="demo-out", help="directory for the plot and the logs (default demo-out)")
     parser.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal")
     parser.add_argument("--summary-json", metavar="FILE", help="also write the summary as JSON here")
+    parser.add_argument(
+        "--no-drain",
+        dest="drain",
+        action="store_false",
+        default=None,
+        help="terminate at once on scale-in, without draining (default: $DEMO_DRAIN, else drain)",
+    )
+    parser.add_argument(
+        "--request-log",
+        action="store_true",
+        help="keep one JSON line per request (requests.jsonl, with the logs): what the drain bench reads",
+    )
     args = parser.parse_args(argv)
+    if args.drain is None:
+        raw = os.environ.get("DEMO_DRAIN", "1").strip() or "1"
+        if raw not in ("0", "1"):
+            parser.error(
+                f"DEMO_DRAIN={raw}: expected 1 (drain before terminating, the default) or 0 (terminate at once)"
+            )
+        args.drain = raw == "1"
     if args.duration is None:
         if env_duration:
             try:
@@ -617,6 +687,12 @@ def main(argv: list[str] | None = None) -> int:
     console.print("[bold]summary[/bold]", markup=True)
     for line in summary.lines():
         console.print("  " + line)
+    causes = demo.failure_causes()
+    console.print("  failed by cause:   " + ", ".join(f"{k} {v}" for k, v in causes.items()))
+    drain = (
+        f"on, at most {demo.drain_timeout:g} s per instance" if demo.drain_timeout > 0 else "off (terminate at once)"
+    )
+    console.print(f"  drain on scale-in: {drain}")
     console.print(f"  plot:              {summary.plot or '(no load ran, no plot)'}")
     console.print(f"  logs:              {demo.logs_dir}")
     if os.path.exists(run_dir) or os.path.exists(f"/dev/shm/{demo.shm_name}"):
@@ -629,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump(
                 summary.as_dict()
                 | {
+                    "failed_by_cause": causes,
+                    "drain_timeout": demo.drain_timeout,
                     "run_id": demo.run_id,
                     "shm_name": demo.shm_name,
                     "run_dir": run_dir,

@@ -4,19 +4,25 @@
 
 `GET /health` answers 200 at once. `GET /work` burns `--work-ms` milliseconds of CPU time (of the
 handling thread, so the cost per request stays fixed however many requests run at once) and
-answers 200; `/work?ms=N` burns N instead (0..1000). Anything else is a 404. The app prints one
-line when it listens; on SIGTERM or SIGINT it stops accepting, finishes the requests it has, and
-exits 0. Stdlib only, so it starts in well under a
-second.
+answers 200; `/work?ms=N` burns N instead (0..1000). Anything else is a 404. `GET /inflight`
+answers `{"inflight": n, "last_request_at": t}`: the requests being handled right now and when the
+last one arrived (epoch seconds, 0 before the first), which the demo's terminate hook
+(deploy/local/drain_hook.py) waits on. Neither it nor `/health` counts as a request: they are the
+manager's own look at the app, and counting them would keep a drained app looking busy. The app
+prints one line when it listens; on SIGTERM or SIGINT it stops accepting, finishes the requests it
+has, and exits 0. Stdlib only, so it starts in well under a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
@@ -40,9 +46,18 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path == "/health":
             self._reply(200, b"ok\n")
-        elif url.path == "/work":
+        elif url.path == "/inflight":
+            inflight, last = self.server.traffic.now()  # type: ignore[attr-defined]
+            body = json.dumps({"inflight": inflight, "last_request_at": last}).encode() + b"\n"
+            self._reply(200, body, "application/json")
+        else:  # traffic: counted while it is handled, so a drain can wait for it
+            with self.server.traffic.request():  # type: ignore[attr-defined]
+                self._serve(url.path, url.query)
+
+    def _serve(self, path: str, query: str) -> None:
+        if path == "/work":
             ms = self.server.work_ms  # type: ignore[attr-defined]
-            raw = parse_qs(url.query).get("ms")
+            raw = parse_qs(query).get("ms")
             if raw:
                 try:
                     ms = float(raw[0])
@@ -56,15 +71,39 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._reply(404, b"not found\n")
 
-    def _reply(self, status: int, body: bytes) -> None:
+    def _reply(self, status: int, body: bytes, content_type: str = "text/plain") -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass  # one line per request would drown the demo's logs
+
+
+class Traffic:
+    """Requests in flight and when the last one arrived, for `/inflight`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.inflight = 0
+        self.last_request_at = 0.0
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        with self._lock:
+            self.inflight += 1
+            self.last_request_at = time.time()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.inflight -= 1
+
+    def now(self) -> tuple[int, float]:
+        with self._lock:
+            return self.inflight, self.last_request_at
 
 
 class App(ThreadingHTTPServer):
@@ -78,6 +117,7 @@ class App(ThreadingHTTPServer):
     def __init__(self, host: str, port: int, work_ms: float):
         super().__init__((host, port), Handler)
         self.work_ms = work_ms
+        self.traffic = Traffic()
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
