@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported after the configuration is known good: the ec2 provider pulls in boto3.
     from controller_asg.controller import Controller
+    from controller_asg.external import make_external
     from controller_asg.policy import make_policy
     from controller_asg.providers import make_provider
 
@@ -121,7 +122,21 @@ def main(argv: list[str] | None = None) -> int:
         if traffic is None:
             return 0
         policy = make_policy(cfg)
-        controller = Controller(cfg, table, provider, policy, dry_run=args.dry_run, fence=host_lock, traffic=traffic)
+        try:
+            external = make_external(cfg)
+        except ConfigError as exc:  # an sqs: metric with no region to call
+            print(f"controller_asg: bad configuration: {exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
+        controller = Controller(
+            cfg,
+            table,
+            provider,
+            policy,
+            dry_run=args.dry_run,
+            fence=host_lock,
+            traffic=traffic,
+            external=external,
+        )
         log.info(
             "starting: provider %s, policy %s, min %d, max %d, every %gs%s",
             provider.name,

@@ -14,6 +14,7 @@ launch call and after every change, so a restart at any point resumes without do
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from controller_asg.activity import Activity, ActivityLog
 from controller_asg.breaker import BreakerEvent, ChurnBreaker
 from controller_asg.drain import Drain, hook_verdict, start_drain, traffic_verdict
+from controller_asg.external import ExternalMetric
 from controller_asg.fleet import FleetView, build_fleet
 from controller_asg.gate import TOKEN_HEX, Budget, Intent, token_prefix, valid_token
 from controller_asg.health import plan_replacements
@@ -76,11 +78,13 @@ class Controller:
         clock: Callable[[], float] = time.time,
         fence: Fence | None = None,
         traffic: Traffic | None = None,
+        external: ExternalMetric | None = None,
     ):
         self.cfg = cfg
         self.table = table
         self.provider = provider
         self.traffic: Traffic = traffic or NoTraffic()
+        self.external = external  # HELIX_EXTERNAL_METRIC (a queue's backlog), read once per step
         self.policy = policy
         self.dry_run = dry_run
         self.clock = clock
@@ -220,7 +224,10 @@ class Controller:
     def _plan_live(self, fleet: FleetView, snap: Snapshot, now: float, grace: float, monitor_started: float) -> Plan:
         cfg = self.cfg
         poll_interval = snap.monitor.poll_interval or cfg.poll_interval
-        decision = self.policy.decide(fleet.observation(cfg.warmup, poll_interval, grace, monitor_started))
+        obs = fleet.observation(cfg.warmup, poll_interval, grace, monitor_started)
+        if self.external is not None:
+            obs = dataclasses.replace(obs, external=self._read_external(now))
+        decision = self.policy.decide(obs)
         # While the breaker is tripped, an instance that was healthy once is replaced only by the
         # next probe launch (one at a time, when its back-off allows); until then it is kept, and it
         # must not take the place of failed launches (terminated without replacement) in the plan.
@@ -245,6 +252,19 @@ class Controller:
             breaker=("probe" if probe else "tripped") if tripped else "closed",
             ever_healthy=self._ever_healthy,
         )
+
+    def _read_external(self, now: float) -> float | None:
+        """The external metric, or None (the backlog policy then holds). A failed read falls back
+        to the last good value while it is younger than three control intervals: one slow answer
+        from a queue should not freeze its signal."""
+        assert self.external is not None
+        reading = self.external.read(now)
+        self._say("external", reading.error and f"external metric: {reading.error}", logging.WARNING)
+        if reading.value is not None:
+            return reading.value
+        if reading.last_good is not None and reading.age <= 3 * self.cfg.effective_control_interval:
+            return reading.last_good
+        return None
 
     def _read_table(self) -> Snapshot | None:
         """A snapshot, or None when the table cannot be read (the step then fails static). Bad rows

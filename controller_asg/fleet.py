@@ -115,6 +115,8 @@ class FleetView:
           groups, once it joined them); its warm-up counts from then.
         """
         samples: list[float] = []
+        rps: list[float] = []
+        mem: list[float] = []
         missing = warming = 0
         stale_after = STALE_METRICS_INTERVALS * poll_interval
         for member in self.in_service:
@@ -127,6 +129,8 @@ class FleetView:
                 warming += 1
             else:
                 samples.append(min(1.0, max(0.0, float(row.cpu))))
+                rps.append(max(0.0, float(row.rps)))
+                mem.append(min(1.0, max(0.0, float(row.mem))))
         in_service = len(self.in_service)
         pending = sum(
             1 for m in self.pending if not m.abandoned and not grace_expired(m, self.now, grace, monitor_started_at)
@@ -139,6 +143,8 @@ class FleetView:
             cpu_samples=tuple(samples),
             missing=missing,
             warming=warming,
+            rps_samples=tuple(rps),
+            mem_samples=tuple(mem),
         )
 
 

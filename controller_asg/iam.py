@@ -14,7 +14,11 @@ What the policy allows, and nothing else:
     RegisterTargets and DeregisterTargets on exactly those target group ARNs, and
     DescribeTargetHealth and DescribeTargetGroups on `*` (ELBv2 has no resource-level permissions
     for them; their Sids end in `AnyResource`). Nothing about target groups without the setting;
-  * all of it only in HELIX_AWS_REGION (`aws:RequestedRegion` and the ARNs).
+  * with an `sqs:` HELIX_EXTERNAL_METRIC (controller_asg/external.py): sqs:GetQueueAttributes on
+    exactly that queue's ARN: its region, account and name from its URL (a stand-in endpoint's
+    URL names no region: HELIX_AWS_REGION's, else any, said in the Sid). Nothing about SQS otherwise;
+  * all of it only in HELIX_AWS_REGION (`aws:RequestedRegion` and the ARNs), but the queue, which
+    is wherever its URL says (a queue in another account is readable when its queue policy allows).
 
 A setting left empty cannot be pinned: its ARN becomes a wildcard and the statement's Sid says so
 (`...AnyImage`, `...AnySubnet`, `...AnyRegion`). A launch template given by name (not `lt-…` id)
@@ -37,7 +41,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from controller_asg.providers.ec2 import GROUP_TAG, LAUNCH_TAG_KEYS, TOKEN_TAG
-from shared.config import ENV_FILE_KEY, Config, ConfigError, load_config, load_or_exit
+from shared.config import ENV_FILE_KEY, Config, ConfigError, load_config, load_or_exit, sqs_queue
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_POLICY_PATH = os.path.join(ROOT, "deploy", "iam-policy.json")
@@ -236,6 +240,7 @@ def policy_for(cfg: Config, account: str = "*") -> dict[str, Any]:
             "(the role reaches instances only through a profile)"
         )
     statements += _target_group_statements(cfg, account, in_region, anywhere)
+    statements += _external_metric_statements(cfg)
     return {"Version": "2012-10-17", "Statement": statements}
 
 
@@ -273,6 +278,24 @@ def _target_group_statements(cfg: Config, account: str, in_region: dict[str, str
     for operation in ("DescribeTargetHealth", "DescribeTargetGroups"):
         out.append(_statement(f"Helix{operation}AnyResource{anywhere}", f"{ELB}:{operation}", "*", by_region))
     return out
+
+
+def _external_metric_statements(cfg: Config) -> list[dict]:
+    """What controller_asg/external.py calls for an `sqs:` HELIX_EXTERNAL_METRIC (other kinds: nothing)."""
+    kind, _, url = cfg.external_metric.partition(":")
+    if kind != "sqs":
+        return []
+    queue = sqs_queue(url)
+    if queue is None:  # the loader refuses it; policy_for takes any Config
+        raise PolicyError(
+            f"HELIX_EXTERNAL_METRIC={cfg.external_metric}: expected sqs:https://sqs.REGION.amazonaws.com/ACCOUNT/NAME"
+        )
+    # The client calls the queue's own region (external.py), so that is the one to allow; the URL's
+    # parts are digits, letters, _ and - only (sqs_queue), never a wildcard.
+    region = queue.region or cfg.aws_region
+    arn = f"arn:{partition(region)}:sqs:{region or '*'}:{queue.account}:{queue.name}"
+    sid = "HelixReadTheExternalMetricQueue" + ("" if region else "AnyRegion")
+    return [_statement(sid, "sqs:GetQueueAttributes", [arn], None)]
 
 
 def render(policy: dict[str, Any]) -> str:

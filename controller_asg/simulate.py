@@ -20,7 +20,7 @@ import time
 
 from controller_asg.policy import BASELINES, LIVE_POLICIES
 from controller_asg.sim.runner import capacity_for_peak, compare, params_from
-from controller_asg.sim.trace import TraceError, load_trace, smooth
+from controller_asg.sim.trace import TraceError, load_columns, smooth
 from shared.config import ConfigError, load_config
 
 DAY = 86400
@@ -121,9 +121,19 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{prog}: {flag}={value}: expected a positive number", file=sys.stderr)
             return 2
     try:
-        demand = load_trace(args.trace, args.step)
+        columns = load_columns(args.trace, args.step)
     except TraceError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
+        return 2
+    demand = columns["rate"]
+    # A `backlog` column is the external metric (HELIX_EXTERNAL_TARGET sizes the fleet to it).
+    backlog = columns.get("backlog")
+    if backlog is not None and cfg.external_target <= 0:
+        print(
+            f"{prog}: --trace={args.trace}: has a backlog column: expected HELIX_EXTERNAL_TARGET > 0 "
+            "(--set HELIX_EXTERNAL_TARGET=…, the backlog per instance)",
+            file=sys.stderr,
+        )
         return 2
     begin = int(args.start * DAY)
     history = min(begin, int(args.history_days * DAY))
@@ -135,10 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     demand = smooth(demand[begin - history : end], args.smooth)
+    if backlog is not None:
+        backlog = backlog[begin - history : end]
     capacity = args.capacity or capacity_for_peak(demand[history:], args.peak_instances, cfg.cpu_target)
     p = params_from(cfg, capacity, args.boot_time)
     started = time.monotonic()
-    outcomes = compare(names, demand, p, cfg, measure_from=history, keep_reasons=args.reasons)
+    outcomes = compare(names, demand, p, cfg, measure_from=history, keep_reasons=args.reasons, backlog=backlog)
     elapsed = time.monotonic() - started
     simulated = (len(demand) - history) / DAY
     print(

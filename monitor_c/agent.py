@@ -28,6 +28,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from monitor_c import AGENT_VERSION
+from monitor_c.appmetrics import AppMetrics
 from monitor_c.hooks import HookRunner, parse_command
 from monitor_c.identity import Identity, resolve_identity
 from monitor_c.notices import NoticeWatcher
@@ -58,6 +59,13 @@ class AgentState:
         self.app_live, self.app_detail = True, "not probed yet"
         self.poll_interval = 1.0
         self.notices: NoticeWatcher | None = None  # on EC2 only
+        self.app_metrics: AppMetrics | None = None  # with HELIX_APP_METRICS_URL only
+
+    async def sample_app(self, interval: float) -> None:
+        """The app's request counter is read as part of a poll (monitor_c/appmetrics.py), before
+        `metrics()` builds the answer; `interval` bounds how long the poll waits for it."""
+        if self.app_metrics is not None:
+            await self.app_metrics.sample(interval)
 
     def metrics(self) -> helix_pb2.Metrics:
         s = self.sampler.sample()
@@ -79,6 +87,7 @@ class AgentState:
             instance_id=self.identity.instance_id,
             notice=f"NOTICE_{notice.notice.name}" if notice else "NOTICE_NONE",
             notice_at=notice.at if notice else 0.0,
+            rps=self.app_metrics.rate if self.app_metrics else 0.0,
         )
 
 
@@ -115,6 +124,7 @@ class AgentService(helix_pb2_grpc.AgentServicer):
         self, request: helix_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
     ) -> helix_pb2.Metrics:
         await self._check_id(request.instance_id, context)
+        await self.state.sample_app(self.state.poll_interval)
         return self.state.metrics()
 
     async def WatchMetrics(
@@ -130,6 +140,7 @@ class AgentService(helix_pb2_grpc.AgentServicer):
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         while True:
+            await self.state.sample_app(interval)
             yield self.state.metrics()
             next_at += interval
             delay = next_at - loop.time()
@@ -242,6 +253,13 @@ class Agent:
             except ValueError as exc:  # before binding: a bad hook is a bad configuration (exit 2)
                 log.error("bad configuration: %s", exc)
                 return EXIT_BAD_CONFIG
+        app_metrics = None
+        if cfg.app_metrics_url:
+            try:
+                app_metrics = AppMetrics(cfg.app_metrics_url, cfg.app_metrics_name, log)
+            except ValueError as exc:  # a manager's `{port}` URL that reached an agent unfilled (exit 2)
+                log.error("bad configuration: %s", exc)
+                return EXIT_BAD_CONFIG
         interceptors = [
             rpc_security.BearerAuthInterceptor(self.accepted_bearer, log),  # first: see monitor_s/server.py
             rpc_security.DecodeGuardInterceptor(log),
@@ -260,6 +278,7 @@ class Agent:
         self.state = AgentState(
             identity, vcpus, Sampler(cfg.cpu_source, allotment), AppProbe(cfg.app_check, cfg.app_check_timeout)
         )
+        self.state.app_metrics = app_metrics
         hooks = {kind: HookRunner(kind, command, identity.instance_id, log) for kind, command in commands.items()}
         # EC2's notices are only asked of the IMDS this agent's identity came from.
         if cfg.imds_url and identity.source == "imds":
@@ -270,8 +289,8 @@ class Agent:
         await server.start()
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
         log.info(
-            "agent %s (%s) serving on %s, advertising %s, cpu %s over %d vCPUs, app check %s, hooks %s, "
-            "EC2 notices %s, version %s",
+            "agent %s (%s) serving on %s, advertising %s, cpu %s over %d vCPUs, app check %s, app metrics %s, "
+            "hooks %s, EC2 notices %s, version %s",
             identity.instance_id,
             identity.source,
             cfg.agent_listen,
@@ -279,6 +298,7 @@ class Agent:
             cfg.cpu_source,
             vcpus,
             cfg.app_check or "none",
+            f"{cfg.app_metrics_name} at {cfg.app_metrics_url}" if app_metrics else "none",
             "+".join(kind for kind, runner in hooks.items() if runner.argv) or "none",
             "on" if self.state.notices else "off",
             AGENT_VERSION,
@@ -304,6 +324,8 @@ class Agent:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, *(runner.close() for runner in hooks.values()), return_exceptions=True)
+        if app_metrics is not None:
+            await app_metrics.close()
         if self.register_sent:
             await self._deregister("agent stopping")
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -447,7 +447,14 @@ def _sample(entry: Entry, m: helix_pb2.Metrics, latency: float) -> PollSample:
         app_detail=m.app_detail,
         notice=notice,
         notice_at=_notice_at(notice, m.notice_at),
+        rps=_rate(m.rps),
     )
+
+
+def _rate(value: float) -> float:
+    """A rate an agent reported, as the table keeps it: one that is not a rate (NaN, infinite,
+    negative) reads as 0, 'none measured', never as a number a policy would act on."""
+    return value if math.isfinite(value) and value > 0 else 0.0
 
 
 def _describe(answer: object) -> str:

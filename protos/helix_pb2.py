@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bhelix.proto\x12\x08helix.v1\"#\n\x10HeartbeatRequest\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\"}\n\x11HeartbeatResponse\x12\x12\n\nagent_time\x18\x01 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x10\n\x08\x61pp_live\x18\x04 \x01(\x08\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\"(\n\x11GetMetricsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"D\n\x13WatchMetricsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x18\n\x10interval_seconds\x18\x02 \x01(\x01\"\x9b\x02\n\x07Metrics\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\r\n\x05vcpus\x18\x02 \x01(\r\x12\x0b\n\x03mem\x18\x03 \x01(\x01\x12\r\n\x05load1\x18\x04 \x01(\x01\x12\r\n\x05load5\x18\x05 \x01(\x01\x12\x0e\n\x06load15\x18\x06 \x01(\x01\x12\x12\n\nnet_rx_bps\x18\x07 \x01(\x01\x12\x12\n\nnet_tx_bps\x18\x08 \x01(\x01\x12\x0c\n\x04\x64isk\x18\t \x01(\x01\x12\x10\n\x08\x61pp_live\x18\n \x01(\x08\x12\x12\n\napp_detail\x18\x0b \x01(\t\x12\x13\n\x0bsample_time\x18\x0c \x01(\x01\x12\x13\n\x0binstance_id\x18\r \x01(\t\x12 \n\x06notice\x18\x0e \x01(\x0e\x32\x10.helix.v1.Notice\x12\x11\n\tnotice_at\x18\x0f \x01(\x01\"K\n\x0bHookRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa5\x01\n\x0cHookProgress\x12-\n\x06result\x18\x01 \x01(\x0e\x32\x1d.helix.v1.HookProgress.Result\x12\x17\n\x0f\x65lapsed_seconds\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"=\n\x06Result\x12\x0b\n\x07RUNNING\x10\x00\x12\x0c\n\x08\x43ONTINUE\x10\x01\x12\x0b\n\x07\x41\x42\x41NDON\x10\x02\x12\x0b\n\x07TIMEOUT\x10\x03\"\xa0\x02\n\x0fRegisterRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05vcpus\x18\x03 \x01(\r\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x35\n\x06labels\x18\x05 \x03(\x0b\x32%.helix.v1.RegisterRequest.LabelsEntry\x12\x17\n\x0finstance_secret\x18\x06 \x01(\t\x12\x19\n\x11identity_document\x18\x07 \x01(\x0c\x12\x1a\n\x12identity_signature\x18\x08 \x01(\t\x12\x0b\n\x03\x63sr\x18\t \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x10RegisterResponse\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x15\n\rpoll_interval\x18\x02 \x01(\x01\x12\x13\n\x0bserver_time\x18\x03 \x01(\x01\x12\x12\n\ncredential\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0c\"8\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x12\x44\x65registerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*H\n\x06Notice\x12\x0f\n\x0bNOTICE_NONE\x10\x00\x12\x14\n\x10NOTICE_REBALANCE\x10\x01\x12\x17\n\x13NOTICE_INTERRUPTION\x10\x02\x32\xc5\x02\n\x05\x41gent\x12\x44\n\tHeartbeat\x12\x1a.helix.v1.HeartbeatRequest\x1a\x1b.helix.v1.HeartbeatResponse\x12<\n\nGetMetrics\x12\x1b.helix.v1.GetMetricsRequest\x1a\x11.helix.v1.Metrics\x12\x42\n\x0cWatchMetrics\x12\x1d.helix.v1.WatchMetricsRequest\x1a\x11.helix.v1.Metrics0\x01\x12:\n\x07Prepare\x12\x15.helix.v1.HookRequest\x1a\x16.helix.v1.HookProgress0\x01\x12\x38\n\x05\x44rain\x12\x15.helix.v1.HookRequest\x1a\x16.helix.v1.HookProgress0\x01\x32\x96\x01\n\x08Registry\x12\x41\n\x08Register\x12\x19.helix.v1.RegisterRequest\x1a\x1a.helix.v1.RegisterResponse\x12G\n\nDeregister\x12\x1b.helix.v1.DeregisterRequest\x1a\x1c.helix.v1.DeregisterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0bhelix.proto\x12\x08helix.v1\"#\n\x10HeartbeatRequest\x12\x0f\n\x07sent_at\x18\x01 \x01(\x01\"}\n\x11HeartbeatResponse\x12\x12\n\nagent_time\x18\x01 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x02 \x01(\x01\x12\x15\n\ragent_version\x18\x03 \x01(\t\x12\x10\n\x08\x61pp_live\x18\x04 \x01(\x08\x12\x13\n\x0binstance_id\x18\x05 \x01(\t\"(\n\x11GetMetricsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"D\n\x13WatchMetricsRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x18\n\x10interval_seconds\x18\x02 \x01(\x01\"\xa8\x02\n\x07Metrics\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\r\n\x05vcpus\x18\x02 \x01(\r\x12\x0b\n\x03mem\x18\x03 \x01(\x01\x12\r\n\x05load1\x18\x04 \x01(\x01\x12\r\n\x05load5\x18\x05 \x01(\x01\x12\x0e\n\x06load15\x18\x06 \x01(\x01\x12\x12\n\nnet_rx_bps\x18\x07 \x01(\x01\x12\x12\n\nnet_tx_bps\x18\x08 \x01(\x01\x12\x0c\n\x04\x64isk\x18\t \x01(\x01\x12\x10\n\x08\x61pp_live\x18\n \x01(\x08\x12\x12\n\napp_detail\x18\x0b \x01(\t\x12\x13\n\x0bsample_time\x18\x0c \x01(\x01\x12\x13\n\x0binstance_id\x18\r \x01(\t\x12 \n\x06notice\x18\x0e \x01(\x0e\x32\x10.helix.v1.Notice\x12\x11\n\tnotice_at\x18\x0f \x01(\x01\x12\x0b\n\x03rps\x18\x10 \x01(\x01\"K\n\x0bHookRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xa5\x01\n\x0cHookProgress\x12-\n\x06result\x18\x01 \x01(\x0e\x32\x1d.helix.v1.HookProgress.Result\x12\x17\n\x0f\x65lapsed_seconds\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"=\n\x06Result\x12\x0b\n\x07RUNNING\x10\x00\x12\x0c\n\x08\x43ONTINUE\x10\x01\x12\x0b\n\x07\x41\x42\x41NDON\x10\x02\x12\x0b\n\x07TIMEOUT\x10\x03\"\xa0\x02\n\x0fRegisterRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05vcpus\x18\x03 \x01(\r\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x35\n\x06labels\x18\x05 \x03(\x0b\x32%.helix.v1.RegisterRequest.LabelsEntry\x12\x17\n\x0finstance_secret\x18\x06 \x01(\t\x12\x19\n\x11identity_document\x18\x07 \x01(\x0c\x12\x1a\n\x12identity_signature\x18\x08 \x01(\t\x12\x0b\n\x03\x63sr\x18\t \x01(\x0c\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"u\n\x10RegisterResponse\x12\x0c\n\x04slot\x18\x01 \x01(\r\x12\x15\n\rpoll_interval\x18\x02 \x01(\x01\x12\x13\n\x0bserver_time\x18\x03 \x01(\x01\x12\x12\n\ncredential\x18\x04 \x01(\t\x12\x13\n\x0b\x63\x65rtificate\x18\x05 \x01(\x0c\"8\n\x11\x44\x65registerRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x12\x44\x65registerResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*H\n\x06Notice\x12\x0f\n\x0bNOTICE_NONE\x10\x00\x12\x14\n\x10NOTICE_REBALANCE\x10\x01\x12\x17\n\x13NOTICE_INTERRUPTION\x10\x02\x32\xc5\x02\n\x05\x41gent\x12\x44\n\tHeartbeat\x12\x1a.helix.v1.HeartbeatRequest\x1a\x1b.helix.v1.HeartbeatResponse\x12<\n\nGetMetrics\x12\x1b.helix.v1.GetMetricsRequest\x1a\x11.helix.v1.Metrics\x12\x42\n\x0cWatchMetrics\x12\x1d.helix.v1.WatchMetricsRequest\x1a\x11.helix.v1.Metrics0\x01\x12:\n\x07Prepare\x12\x15.helix.v1.HookRequest\x1a\x16.helix.v1.HookProgress0\x01\x12\x38\n\x05\x44rain\x12\x15.helix.v1.HookRequest\x1a\x16.helix.v1.HookProgress0\x01\x32\x96\x01\n\x08Registry\x12\x41\n\x08Register\x12\x19.helix.v1.RegisterRequest\x1a\x1a.helix.v1.RegisterResponse\x12G\n\nDeregister\x12\x1b.helix.v1.DeregisterRequest\x1a\x1c.helix.v1.DeregisterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_REGISTERREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_NOTICE']._serialized_start=1337
-  _globals['_NOTICE']._serialized_end=1409
+  _globals['_NOTICE']._serialized_start=1350
+  _globals['_NOTICE']._serialized_end=1422
   _globals['_HEARTBEATREQUEST']._serialized_start=25
   _globals['_HEARTBEATREQUEST']._serialized_end=60
   _globals['_HEARTBEATRESPONSE']._serialized_start=62
@@ -44,25 +44,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WATCHMETRICSREQUEST']._serialized_start=231
   _globals['_WATCHMETRICSREQUEST']._serialized_end=299
   _globals['_METRICS']._serialized_start=302
-  _globals['_METRICS']._serialized_end=585
-  _globals['_HOOKREQUEST']._serialized_start=587
-  _globals['_HOOKREQUEST']._serialized_end=662
-  _globals['_HOOKPROGRESS']._serialized_start=665
-  _globals['_HOOKPROGRESS']._serialized_end=830
-  _globals['_HOOKPROGRESS_RESULT']._serialized_start=769
-  _globals['_HOOKPROGRESS_RESULT']._serialized_end=830
-  _globals['_REGISTERREQUEST']._serialized_start=833
-  _globals['_REGISTERREQUEST']._serialized_end=1121
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=1076
-  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=1121
-  _globals['_REGISTERRESPONSE']._serialized_start=1123
-  _globals['_REGISTERRESPONSE']._serialized_end=1240
-  _globals['_DEREGISTERREQUEST']._serialized_start=1242
-  _globals['_DEREGISTERREQUEST']._serialized_end=1298
-  _globals['_DEREGISTERRESPONSE']._serialized_start=1300
-  _globals['_DEREGISTERRESPONSE']._serialized_end=1335
-  _globals['_AGENT']._serialized_start=1412
-  _globals['_AGENT']._serialized_end=1737
-  _globals['_REGISTRY']._serialized_start=1740
-  _globals['_REGISTRY']._serialized_end=1890
+  _globals['_METRICS']._serialized_end=598
+  _globals['_HOOKREQUEST']._serialized_start=600
+  _globals['_HOOKREQUEST']._serialized_end=675
+  _globals['_HOOKPROGRESS']._serialized_start=678
+  _globals['_HOOKPROGRESS']._serialized_end=843
+  _globals['_HOOKPROGRESS_RESULT']._serialized_start=782
+  _globals['_HOOKPROGRESS_RESULT']._serialized_end=843
+  _globals['_REGISTERREQUEST']._serialized_start=846
+  _globals['_REGISTERREQUEST']._serialized_end=1134
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_start=1089
+  _globals['_REGISTERREQUEST_LABELSENTRY']._serialized_end=1134
+  _globals['_REGISTERRESPONSE']._serialized_start=1136
+  _globals['_REGISTERRESPONSE']._serialized_end=1253
+  _globals['_DEREGISTERREQUEST']._serialized_start=1255
+  _globals['_DEREGISTERREQUEST']._serialized_end=1311
+  _globals['_DEREGISTERRESPONSE']._serialized_start=1313
+  _globals['_DEREGISTERRESPONSE']._serialized_end=1348
+  _globals['_AGENT']._serialized_start=1425
+  _globals['_AGENT']._serialized_end=1750
+  _globals['_REGISTRY']._serialized_start=1753
+  _globals['_REGISTRY']._serialized_end=1903
 # @@protoc_insertion_point(module_scope)

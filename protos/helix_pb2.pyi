@@ -51,7 +51,7 @@ class WatchMetricsRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ..., interval_seconds: _Optional[float] = ...) -> None: ...
 
 class Metrics(_message.Message):
-    __slots__ = ("cpu", "vcpus", "mem", "load1", "load5", "load15", "net_rx_bps", "net_tx_bps", "disk", "app_live", "app_detail", "sample_time", "instance_id", "notice", "notice_at")
+    __slots__ = ("cpu", "vcpus", "mem", "load1", "load5", "load15", "net_rx_bps", "net_tx_bps", "disk", "app_live", "app_detail", "sample_time", "instance_id", "notice", "notice_at", "rps")
     CPU_FIELD_NUMBER: _ClassVar[int]
     VCPUS_FIELD_NUMBER: _ClassVar[int]
     MEM_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,7 @@ class Metrics(_message.Message):
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     NOTICE_AT_FIELD_NUMBER: _ClassVar[int]
+    RPS_FIELD_NUMBER: _ClassVar[int]
     cpu: float
     vcpus: int
     mem: float
@@ -82,7 +83,8 @@ class Metrics(_message.Message):
     instance_id: str
     notice: Notice
     notice_at: float
-    def __init__(self, cpu: _Optional[float] = ..., vcpus: _Optional[int] = ..., mem: _Optional[float] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., net_rx_bps: _Optional[float] = ..., net_tx_bps: _Optional[float] = ..., disk: _Optional[float] = ..., app_live: _Optional[bool] = ..., app_detail: _Optional[str] = ..., sample_time: _Optional[float] = ..., instance_id: _Optional[str] = ..., notice: _Optional[_Union[Notice, str]] = ..., notice_at: _Optional[float] = ...) -> None: ...
+    rps: float
+    def __init__(self, cpu: _Optional[float] = ..., vcpus: _Optional[int] = ..., mem: _Optional[float] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., net_rx_bps: _Optional[float] = ..., net_tx_bps: _Optional[float] = ..., disk: _Optional[float] = ..., app_live: _Optional[bool] = ..., app_detail: _Optional[str] = ..., sample_time: _Optional[float] = ..., instance_id: _Optional[str] = ..., notice: _Optional[_Union[Notice, str]] = ..., notice_at: _Optional[float] = ..., rps: _Optional[float] = ...) -> None: ...
 
 class HookRequest(_message.Message):
     __slots__ = ("instance_id", "timeout_seconds", "reason")

@@ -28,9 +28,11 @@ import ipaddress
 import math
 import os
 import re
+import shlex
 import ssl
 import stat
 import sys
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,6 +185,86 @@ def target_group_arn(raw: str) -> str:
     return raw
 
 
+# --- HELIX_EXTERNAL_METRIC (controller_asg/external.py reads it) ---------------------------------
+
+# An SQS queue URL's path, on AWS and on stand-ins (moto's server, LocalStack): /ACCOUNT/NAME.
+_SQS_PATH = re.compile(r"/(\d{12})/([A-Za-z0-9_-]{1,80}(?:\.fifo)?)")
+# AWS's own queue hosts; the region is where the queue lives (and where its client must call).
+_SQS_AWS_HOST = re.compile(r"sqs\.([a-z]{2}(?:-[a-z]+)+-\d{1,2})\.amazonaws\.com(?:\.cn)?")
+
+
+@dataclass(frozen=True)
+class SqsQueue:
+    """A queue URL taken apart: `region` is '' when the host is not AWS's (an endpoint override)."""
+
+    url: str
+    region: str
+    account: str
+    name: str
+
+
+def sqs_queue(url: str) -> SqsQueue | None:
+    """The queue an http(s) URL names (/ACCOUNT/NAME, no query), or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        return None
+    found = _SQS_PATH.fullmatch(parts.path)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment or not found:
+        return None
+    aws = _SQS_AWS_HOST.fullmatch(parts.netloc) if parts.scheme == "https" else None
+    return SqsQueue(url, aws.group(1) if aws else "", found.group(1), found.group(2))
+
+
+def http_url(raw: str) -> str:
+    """Empty, or an http(s) URL with a host and no user:password@ (it would show in every log line)."""
+    value = raw.strip()
+    expected = "empty or an http(s)://host… URL without user:password@"
+    try:
+        parts = urllib.parse.urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not one
+    except ValueError:
+        raise Invalid(expected) from None
+    if value and (parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc):
+        raise Invalid(expected)
+    return value
+
+
+def external_metric_spec(raw: str) -> str:
+    value = raw.strip()
+    kind, _, rest = value.partition(":")
+    if not value or (kind in ("http", "https") and http_url(value)):
+        return value
+    if kind == "sqs" and sqs_queue(rest):
+        return value
+    if kind == "file" and os.path.isabs(rest) and "\x00" not in rest:
+        return value
+    if kind == "command":
+        try:
+            if shlex.split(rest):
+                return value
+        except ValueError:
+            pass
+    raise Invalid(
+        "empty, sqs:<queue URL such as https://sqs.REGION.amazonaws.com/ACCOUNT/NAME>, command:<shell words>, "
+        "http(s)://… or file:<absolute path>"
+    )
+
+
+_LABEL_MATCHER = r'\s*[A-Za-z_][A-Za-z0-9_]*\s*=\s*"(?:[^"\\\n]|\\.)*"\s*'
+METRIC_SELECTOR = re.compile(
+    rf"(?P<name>[A-Za-z_:][A-Za-z0-9_:]*)(?:\{{(?P<labels>{_LABEL_MATCHER}(?:,{_LABEL_MATCHER})*,?)?\}})?"
+)
+
+
+def metric_selector(raw: str) -> str:
+    value = raw.strip()
+    if value and not METRIC_SELECTOR.fullmatch(value):
+        raise Invalid('empty, or a Prometheus series: name or name{label="value",…}')
+    return value
+
+
 _SHM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 
 
@@ -227,6 +309,40 @@ def app_check_spec(raw: str) -> str:
     if value.startswith("process:") and value[8:]:
         return value
     raise Invalid("empty, 'http(s)://…', 'tcp://host:port' or 'process:NAME'")
+
+
+PORT_PLACEHOLDER = "{port}"  # a local instance's app port, filled in per instance by the local provider
+
+
+def app_metrics_url_spec(raw: str) -> str:
+    value = raw.strip()
+    if not value:
+        return ""
+    expected = (
+        "empty or an http(s)://host[:port]/path URL, at most 1024 characters (`{port}`: a local instance's app port)"
+    )
+    # Checked with the placeholder as a port number: the manager's value names the local instances'
+    # endpoint before their ports are known (an agent still holding it refuses to start).
+    probe = value.replace(PORT_PLACEHOLDER, "1")
+    if len(value) > 1024 or not probe.isprintable() or any(ch.isspace() for ch in probe):
+        raise Invalid(expected)
+    from urllib.parse import urlsplit  # light, and only for this setting
+
+    url = urlsplit(probe)
+    try:
+        port_ok = url.port is None or url.port > 0
+    except ValueError:  # not a number, or beyond 65535
+        port_ok = False
+    if url.scheme not in ("http", "https") or not url.hostname or not port_ok:
+        raise Invalid(expected)
+    return value
+
+
+def metric_name_spec(raw: str) -> str:
+    value = raw.strip()
+    if len(value) > 200 or not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", value):
+        raise Invalid("a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*, at most 200 characters)")
+    return value
 
 
 def label_pairs(raw: str) -> dict[str, str]:
@@ -422,6 +538,24 @@ class Config:
         "1.0",
         "Seconds the liveness probe may take.",
         number(0.01, 60, unit="seconds"),
+        group="agent",
+    )
+    app_metrics_url: str = setting(
+        "HELIX_APP_METRICS_URL",
+        "",
+        "The app's own Prometheus text endpoint, e.g. `http://127.0.0.1:8080/metrics`: the agent reads "
+        "HELIX_APP_METRICS_NAME there each time it is polled (at most every 0.5 s) and reports its rate "
+        "as requests/s (`rps`); empty: off. On the manager: passed to new instances' agents (`local`: "
+        "`{port}` becomes each instance's app port).",
+        app_metrics_url_spec,
+        group="agent",
+    )
+    app_metrics_name: str = setting(
+        "HELIX_APP_METRICS_NAME",
+        "http_requests_total",
+        "The counter HELIX_APP_METRICS_URL serves, summed over all its label sets (`name` and `name_total` "
+        "both match; a gauge or untyped metric is refused).",
+        metric_name_spec,
         group="agent",
     )
     launch_hook: str = setting(
@@ -644,8 +778,23 @@ class Config:
     cpu_target: float = setting(
         "HELIX_CPU_TARGET",
         "0.5",
-        "Target mean CPU utilisation (0..1) for the `target` policy.",
+        "Target mean CPU utilisation (0..1) of the scaling policy.",
         number(0, 1, lo_open=True),
+        group="controller",
+    )
+    rps_target: float = setting(
+        "HELIX_RPS_TARGET",
+        "0",
+        "Also scale on requests per second per instance (the agents' HELIX_APP_METRICS_URL), to this many; "
+        "0: off. The largest recommendation of all metrics wins.",
+        number(0, 1e9),
+        group="controller",
+    )
+    mem_target: float = setting(
+        "HELIX_MEM_TARGET",
+        "0",
+        "Also scale on mean memory in use (0..1) per instance, to this; 0: off.",
+        number(0, 1),
         group="controller",
     )
     tolerance: float = setting(
@@ -751,6 +900,50 @@ class Config:
         "File where the policy keeps the load history it learns from; empty: `<HELIX_STATE_DIR>/history.json`.",
         text(),
         group="controller",
+    )
+
+    # --- the external metric (controller_asg/external.py) ---------------------------------------
+    external_metric: str = setting(
+        "HELIX_EXTERNAL_METRIC",
+        "",
+        "A number from outside the fleet the controller also sizes it by (e.g. a queue's backlog): "
+        "`sqs:<queue URL>` (its visible messages), `command:<shell words>` (the first line it prints), "
+        "`http(s)://…` (the body's first line, or the series HELIX_EXTERNAL_METRIC_NAME picks) or "
+        "`file:<absolute path>` (its first line); empty: none.",
+        external_metric_spec,
+        group="external_metric",
+    )
+    external_target: float = setting(
+        "HELIX_EXTERNAL_TARGET",
+        "0",
+        "The external metric's value per instance the fleet is sized to (e.g. 100 messages per instance); "
+        "required (above 0) with HELIX_EXTERNAL_METRIC.",
+        number(0, 1e12),
+        group="external_metric",
+    )
+    external_timeout: float = setting(
+        "HELIX_EXTERNAL_TIMEOUT",
+        "5",
+        "Seconds one read of the external metric may take; a command still running then is killed with "
+        "its process group.",
+        number(0.1, 300, unit="seconds"),
+        group="external_metric",
+    )
+    external_metric_name: str = setting(
+        "HELIX_EXTERNAL_METRIC_NAME",
+        "",
+        "With an http(s), command or file metric: the output is Prometheus text and this series, "
+        '`name` or `name{label="value",…}`, is the value (exactly one must match); empty: a plain number.',
+        metric_selector,
+        group="external_metric",
+    )
+    sqs_endpoint_url: str = setting(
+        "HELIX_SQS_ENDPOINT_URL",
+        "",
+        "A non-AWS SQS endpoint for an `sqs:` metric (tests use moto's server); then any http(s) queue URL "
+        "is accepted. Credentials are the `ec2` provider's (HELIX_AWS_…).",
+        http_url,
+        group="external_metric",
     )
 
     # --- providers ------------------------------------------------------------------------------
@@ -1133,6 +1326,50 @@ def _cross_checks(cfg: Config, given: frozenset[str] = frozenset()) -> list[tupl
             {"provider", "ec2_launch_template", "ec2_ami", "ec2_subnets"},
             "HELIX_PROVIDER=ec2: expected HELIX_EC2_LAUNCH_TEMPLATE, or HELIX_EC2_AMI with HELIX_EC2_SUBNETS",
         )
+    found += _external_metric_checks(cfg)
+    return found
+
+
+def _external_metric_checks(cfg: Config) -> list[tuple[set[str], str]]:
+    """HELIX_EXTERNAL_METRIC with what it needs, and the settings that mean something only with it."""
+    spec, selector = cfg.external_metric, cfg.external_metric_name
+    kind, _, rest = spec.partition(":")
+    found: list[tuple[set[str], str]] = []
+    if not spec:
+        if selector:
+            found.append(
+                (
+                    {"external_metric_name"},
+                    f"HELIX_EXTERNAL_METRIC_NAME={selector}: expected HELIX_EXTERNAL_METRIC set too",
+                )
+            )
+        return found
+    if cfg.external_target <= 0:
+        found.append(
+            (
+                {"external_metric", "external_target"},
+                f"HELIX_EXTERNAL_TARGET={cfg.external_target:g}: expected a number greater than 0 (the metric's "
+                "value per instance) with HELIX_EXTERNAL_METRIC set",
+            )
+        )
+    if kind == "sqs":
+        queue = sqs_queue(rest)
+        if queue and not queue.region and not cfg.sqs_endpoint_url:
+            found.append(
+                (
+                    {"external_metric", "sqs_endpoint_url"},
+                    f"HELIX_EXTERNAL_METRIC={spec}: expected an AWS queue URL, https://sqs.REGION.amazonaws.com/"
+                    "ACCOUNT/NAME (another host only with HELIX_SQS_ENDPOINT_URL)",
+                )
+            )
+        if selector:
+            found.append(
+                (
+                    {"external_metric", "external_metric_name"},
+                    f"HELIX_EXTERNAL_METRIC_NAME={selector}: expected it empty with an sqs: metric (it picks a "
+                    "series from Prometheus text)",
+                )
+            )
     return found
 
 

@@ -72,6 +72,7 @@ def snapshot_dict(snap: Snapshot, now: float) -> dict[str, Any]:
                 "load": [round(row.load1, 2), round(row.load5, 2), round(row.load15, 2)],
                 "net_rx_bps": round(row.net_rx, 1),
                 "net_tx_bps": round(row.net_tx, 1),
+                "rps": round(row.rps, 2),  # the app's requests/s (agent's HELIX_APP_METRICS_URL); 0: not read
                 "vcpus": row.vcpus,
                 "app_live": row.app_live,
                 "app_detail": row.app_detail,
@@ -161,7 +162,7 @@ def render_text(name: str, data: dict[str, Any]) -> str:
             lines.append(f"  ... and {len(problems) - MAX_PROBLEM_LINES} more (--json lists them all)")
     header = (
         f"{'INSTANCE':<22} {'ADDRESS':<22} {'ZONE':<12} {'STATE':<12} {'LIFECYCLE':<11} "
-        f"{'CPU%':>6} {'MEM%':>6} {'SEEN':>7} {'FAIL':>4}  APP"
+        f"{'CPU%':>6} {'MEM%':>6} {'RPS':>8} {'SEEN':>7} {'FAIL':>4}  APP"
     )
     lines.append(header)
     for r in rows:
@@ -170,7 +171,7 @@ def render_text(name: str, data: dict[str, Any]) -> str:
             app += f" ({r['app_detail']})"
         lines.append(
             f"{r['instance_id']:<22} {r['address']:<22} {r['zone']:<12} {r['state']:<12} {r['lifecycle']:<11} "
-            f"{r['cpu'] * 100:6.1f} {r['mem'] * 100:6.1f} {_fmt_age(r['last_seen_age_s']):>7} "
+            f"{r['cpu'] * 100:6.1f} {r['mem'] * 100:6.1f} {r['rps']:8.1f} {_fmt_age(r['last_seen_age_s']):>7} "
             f"{r['failures']:>4}  {app}{_hook_and_notice(r)}"
         )
     return "\n".join(lines)

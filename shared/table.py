@@ -57,7 +57,8 @@ MAGIC = 0x31425458494C4548  # b"HELIXTB1" little-endian
 # 2: the roster region after the rows (the controller's list of owned instances, which MonitorS
 # registers against); a version-1 table is refused until HELIX_SHM_RESET=1 replaces it.
 # 3: each row's lifecycle (launch and terminate hooks) and interruption notice; the roster's drain
-# requests.
+# requests; the app's requests/s (`rps`). Still 3: no release shipped 3 without `rps`, and a table
+# made before it is refused anyway by its row size.
 LAYOUT_VERSION = 3
 HEADER_SIZE = 1024
 SHM_DIR = "/dev/shm"
@@ -200,6 +201,9 @@ ROW_DTYPE = np.dtype(
         ("lifecycle_at", "<f8"),  # when the current lifecycle phase began
         ("notice_at", "<f8"),  # Notice.INTERRUPTION: when the instance goes (0: not said)
         ("hook_detail", f"S{DETAIL_BYTES}"),  # the last hook's own words, short
+        # Requests/s the app served, from its own counter (the agent's HELIX_APP_METRICS_URL); 0 when
+        # not configured. Last, so every earlier column keeps its offset.
+        ("rps", "<f4"),
     ]
 )
 # The roster: every instance the controller's provider owns, as the cloud reports it. Written by
@@ -391,6 +395,7 @@ class InstanceRow:
     lifecycle_at: float = 0.0
     notice_at: float = 0.0
     hook_detail: str = ""
+    rps: float = 0.0
 
     def to_record(self) -> tuple:
         """The row as a tuple in ROW_DTYPE order; raises ValueError naming a field that does not fit."""
@@ -449,6 +454,7 @@ class PollSample:
     app_detail: str  # written clipped to DETAIL_BYTES
     notice: Notice = Notice.NONE  # what the instance's metadata announced (the agent reports it)
     notice_at: float = 0.0  # Notice.INTERRUPTION: when it goes, epoch seconds (0: not said)
+    rps: float = 0.0  # the app's requests/s (the agent's HELIX_APP_METRICS_URL); written capped at 1e9
 
 
 @dataclass(slots=True)
@@ -1298,6 +1304,7 @@ class MetricsTable:
             "sample_time",
             "poll_latency",
             "notice_at",
+            "rps",
         )
         floats = np.array(
             [
@@ -1313,6 +1320,7 @@ class MetricsTable:
                     s.sample_time,
                     s.poll_latency,
                     s.notice_at,
+                    s.rps,
                 )
                 for s in samples
             ],
@@ -1323,7 +1331,7 @@ class MetricsTable:
         # loads, rates and times to non-negative values.
         np.nan_to_num(floats, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         np.clip(floats[:, 0:3], 0.0, 1.0, out=floats[:, 0:3])
-        # Non-negative; the float32 columns (loads, latency) also within float32's range. The
+        # Non-negative; the float32 columns (loads, latency, rps) also within float32's range. The
         # float64 ones hold rates and epoch times: capping those at 1e9 too wrote every sample
         # time (and interruption time) as September 2001.
         for k, name in enumerate(float_names[3:], start=3):

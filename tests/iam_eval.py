@@ -26,11 +26,17 @@ iam:PassRole for an instance profile; TerminateInstances once per instance with 
 elb.py), following the Elastic Load Balancing V2 authorization reference: RegisterTargets and
 DeregisterTargets on the target group's ARN (resource type `targetgroup`); DescribeTargetHealth and
 DescribeTargetGroups on `*` (no resource types: ELBv2 cannot scope them).
+
+`sqs_requests(call)`: the same for one SQS call controller_asg/external.py recorded, following the
+Amazon SQS authorization reference: GetQueueAttributes on the queue (resource type `queue`,
+arn:aws:sqs:REGION:ACCOUNT:NAME), the region being the one the request went to, the account and
+name the QueueUrl's path.
 """
 
 from __future__ import annotations
 
 import re
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -256,3 +262,18 @@ def elb_requests(call: Any) -> list[Request]:
     if call.operation in ELB_ON_TARGET_GROUP:
         return [Request(f"elasticloadbalancing:{call.operation}", call.params["TargetGroupArn"], where)]
     raise Unsupported(f"ELBv2 operation {call.operation}")
+
+
+# ---------------------------------------------------------------------------------------------
+# What AWS authorizes for one recorded SQS call.
+
+SQS_ON_QUEUE = ("GetQueueAttributes",)
+
+
+def sqs_requests(call: Any) -> list[Request]:
+    """The IAM requests for `call` (operation, params, region): one, on the queue its URL names."""
+    if call.operation not in SQS_ON_QUEUE:
+        raise Unsupported(f"SQS operation {call.operation}")
+    account, name = urllib.parse.urlsplit(call.params["QueueUrl"]).path.strip("/").split("/")
+    where = {"aws:RequestedRegion": call.region}
+    return [Request(f"sqs:{call.operation}", f"arn:aws:sqs:{call.region}:{account}:{name}", where)]

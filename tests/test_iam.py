@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from controller_asg.external import OPERATIONS as SQS_OPERATIONS
 from controller_asg.iam import DEFAULT_POLICY_PATH, PolicyError, default_policy, main, policy_for, render
 from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, TOKEN_TAG
 from controller_asg.providers.elb import OPERATIONS as ELB_OPERATIONS
@@ -28,6 +29,15 @@ def target_group(name, region=REGION, account=ACCOUNT, partition="aws"):
 
 
 WEB_TG, ADMIN_TG = target_group("web"), target_group("admin")
+QUEUE = f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/jobs"
+
+
+def external(spec, **extra):
+    return {"HELIX_EXTERNAL_METRIC": spec, "HELIX_EXTERNAL_TARGET": "100", **extra}
+
+
+def sqs(queue_arn, action="sqs:GetQueueAttributes", region=REGION):
+    return Request(action, queue_arn, {"aws:RequestedRegion": region})
 
 
 def cfg(**extra):
@@ -208,19 +218,24 @@ def test_committed_policy_is_the_generated_one_for_the_defaults(tmp_path):
 
 def test_policy_allows_only_the_operations_the_provider_calls():
     elb_actions = {f"elasticloadbalancing:{op}" for op in ELB_OPERATIONS}
-    for config, with_groups in (
-        (cfg(), False),
-        (cfg(HELIX_EC2_INSTANCE_PROFILE="p", HELIX_EC2_ROLE_ARN=ROLE), False),
-        (load_config({"HELIX_ENV_FILE": ""}), False),
-        (cfg(HELIX_EC2_TARGET_GROUPS=f"{WEB_TG},{ADMIN_TG}"), True),
+    sqs_actions = {f"sqs:{op}" for op in SQS_OPERATIONS}
+    for config, with_groups, with_queue in (
+        (cfg(), False, False),
+        (cfg(HELIX_EC2_INSTANCE_PROFILE="p", HELIX_EC2_ROLE_ARN=ROLE), False, False),
+        (load_config({"HELIX_ENV_FILE": ""}), False, False),
+        (cfg(HELIX_EC2_TARGET_GROUPS=f"{WEB_TG},{ADMIN_TG}"), True, False),
+        (cfg(**external(f"sqs:{QUEUE}")), False, True),
+        (cfg(**external("command:echo 1")), False, False),  # another kind of metric: nothing about SQS
     ):
         policy = policy_for(config, ACCOUNT)
         actions = {s["Action"] for s in policy["Statement"]}
         # no wildcards, nothing extra
-        assert actions <= {f"ec2:{op}" for op in OPERATIONS} | elb_actions | {"iam:PassRole"}
+        assert actions <= {f"ec2:{op}" for op in OPERATIONS} | elb_actions | sqs_actions | {"iam:PassRole"}
         assert {f"ec2:{op}" for op in OPERATIONS} <= actions
         # Target groups only when configured, and then every operation TargetGroups calls.
         assert (actions & elb_actions) == (elb_actions if with_groups else set())
+        # The queue only with an sqs: metric, and then every operation the metric calls.
+        assert (actions & sqs_actions) == (sqs_actions if with_queue else set())
         assert all(s["Effect"] == "Allow" for s in policy["Statement"])
         # `*` only where EC2 or ELBv2 cannot scope: DescribeInstances, DescribeTargetHealth/Groups
         unscoped = [s["Action"] for s in policy["Statement"] if s["Resource"] == "*"]
@@ -273,6 +288,52 @@ def test_target_groups_without_a_region_or_account():
     china = target_group("web", region="cn-north-1", partition="aws-cn")
     in_china = policy_for(cfg(HELIX_AWS_REGION="cn-north-1", HELIX_EC2_TARGET_GROUPS=china), ACCOUNT)
     assert allowed(in_china, elb("RegisterTargets", china, region="cn-north-1"))
+
+
+def test_read_only_the_external_metric_queue():
+    policy = policy_for(cfg(**external(f"sqs:{QUEUE}")), ACCOUNT)
+    jobs = f"arn:aws:sqs:{REGION}:{ACCOUNT}:jobs"
+    assert allowed(policy, sqs(jobs))
+    for other in (
+        f"arn:aws:sqs:{REGION}:{ACCOUNT}:jobs-dlq",  # another queue of the account
+        f"arn:aws:sqs:{REGION}:{ACCOUNT}:job",
+        f"arn:aws:sqs:{REGION}:999999999999:jobs",  # the same name in another account
+        f"arn:aws:sqs:us-east-1:{ACCOUNT}:jobs",  # or region
+        "*",
+    ):
+        assert not allowed(policy, sqs(other)), other
+    # Reading the count only: never a message, never a change to the queue.
+    for action in ("sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:SendMessage", "sqs:SetQueueAttributes"):
+        assert not allowed(policy, sqs(jobs, action)), action
+    statement = next(s for s in policy["Statement"] if s["Action"].startswith("sqs:"))
+    assert statement["Sid"] == "HelixReadTheExternalMetricQueue" and statement["Resource"] == [jobs]
+
+
+def test_external_metric_queue_is_where_its_url_says():
+    # A queue in another region than the fleet: its client calls the queue's region (the URL's).
+    elsewhere = f"https://sqs.us-east-1.amazonaws.com/{ACCOUNT}/jobs"
+    policy = policy_for(cfg(**external(f"sqs:{elsewhere}")), ACCOUNT)
+    queue = f"arn:aws:sqs:us-east-1:{ACCOUNT}:jobs"
+    assert allowed(policy, sqs(queue, region="us-east-1"))
+    assert not allowed(policy, sqs(f"arn:aws:sqs:{REGION}:{ACCOUNT}:jobs"))
+    # In another account (its queue policy grants the read): the ARN is that account's, --account or not.
+    shared = policy_for(cfg(**external("sqs:https://sqs.eu-west-1.amazonaws.com/999999999999/jobs")), ACCOUNT)
+    assert allowed(shared, sqs("arn:aws:sqs:eu-west-1:999999999999:jobs"))
+    china = policy_for(
+        cfg(HELIX_AWS_REGION="", **external(f"sqs:https://sqs.cn-north-1.amazonaws.com.cn/{ACCOUNT}/q.fifo"))
+    )
+    assert allowed(china, sqs(f"arn:aws-cn:sqs:cn-north-1:{ACCOUNT}:q.fifo", region="cn-north-1"))
+    # A stand-in endpoint's URL names no region: HELIX_AWS_REGION's, else any (and the Sid says so).
+    local = f"sqs:http://127.0.0.1:4566/{ACCOUNT}/jobs"
+    pinned = policy_for(cfg(HELIX_SQS_ENDPOINT_URL="http://127.0.0.1:4566", **external(local)), ACCOUNT)
+    assert allowed(pinned, sqs(f"arn:aws:sqs:{REGION}:{ACCOUNT}:jobs"))
+    assert not allowed(pinned, sqs(f"arn:aws:sqs:us-east-1:{ACCOUNT}:jobs", region="us-east-1"))
+    anywhere = policy_for(cfg(HELIX_AWS_REGION="", HELIX_SQS_ENDPOINT_URL="http://127.0.0.1:4566", **external(local)))
+    assert [s["Sid"] for s in anywhere["Statement"] if s["Action"].startswith("sqs:")] == [
+        "HelixReadTheExternalMetricQueueAnyRegion"
+    ]
+    assert allowed(anywhere, sqs(f"arn:aws:sqs:ap-south-1:{ACCOUNT}:jobs", region="ap-south-1"))
+    assert not allowed(anywhere, sqs(f"arn:aws:sqs:ap-south-1:{ACCOUNT}:other", region="ap-south-1"))
 
 
 def test_configured_launch_is_allowed_and_its_neighbours_are_not():
@@ -410,6 +471,15 @@ def test_values_that_cannot_be_pinned_are_refused_in_one_line(extra, account, me
     with pytest.raises(PolicyError) as err:
         policy_for(cfg(**extra), account)
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_a_hand_built_config_with_a_bad_queue_is_refused_in_one_line():
+    # The loader refuses such a value; policy_for takes any Config, so it checks again.
+    bad = cfg().replace(external_metric="sqs:https://sqs.eu-west-1.amazonaws.com/*/jobs", external_target=1.0)
+    with pytest.raises(PolicyError) as err:
+        policy_for(bad, ACCOUNT)
+    assert str(err.value).startswith("HELIX_EXTERNAL_METRIC=sqs:https://sqs.eu-west-1.amazonaws.com/*/jobs: expected")
+    assert "\n" not in str(err.value)
 
 
 def run_iam(*args, **env):

@@ -225,3 +225,30 @@ def test_cli_on_a_day_of_the_real_nasa_trace():
     doc = json.loads(r.stdout[r.stdout.index("{") :])
     f = doc["policies"]["predictive"]
     assert f["lost_pct"] < 1.0 and 0.8 < f["cost_vs_oracle"] < 1.3
+
+
+# --- several signals ----------------------------------------------------------------------------
+
+
+def test_a_trace_with_a_backlog_column_runs_the_multi_metric_policy_the_live_controller_runs(tmp_path):
+    """The simulator takes a trace with several columns: `rate` drives CPU and requests/s, `backlog`
+    is the external metric. With min 0 an empty fleet wakes on the backlog and sleeps after it."""
+    trace = tmp_path / "jobs.csv"
+    lines = ["timestamp,rate,backlog"]
+    for t in range(3 * 3600):
+        busy = 3600 <= t < 5400
+        lines.append(f"{t},{40.0 if busy else 0.0},{400 if busy else 0}")
+    trace.write_text("\n".join(lines) + "\n")
+    common = ["--trace", str(trace), "--capacity", "20", "--policy", "predictive", "--reasons"]
+    bad = run_cli(*common, "--set", "HELIX_MIN_INSTANCES=0")
+    assert bad.returncode == 2 and "expected HELIX_EXTERNAL_TARGET > 0" in bad.stderr, bad.stderr
+    assert bad.stderr.count("\n") == 1
+    out = run_cli(*common, "--set", "HELIX_MIN_INSTANCES=0", "--set", "HELIX_EXTERNAL_TARGET=50")
+    assert out.returncode == 0, out.stderr
+    changes = [line for line in out.stdout.splitlines() if line.startswith("predictive t=")]
+    assert any("0->8: backlog wins" in line for line in changes), changes
+    assert changes[-1].endswith("scaling to zero"), changes
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("timestamp,rate,backlog\n0,1,2\n1,1\n")
+    with pytest.raises(TraceError):
+        load_trace(str(ragged))

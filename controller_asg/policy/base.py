@@ -27,6 +27,13 @@ class Observation:
     missing: int = 0
     # In-service instances inside HELIX_WARMUP: they count as capacity, their CPU is left out.
     warming: int = 0
+    # The same instances' other per-instance metrics, in the order of `cpu_samples`: requests per
+    # second (the app's own counter) and memory in use (0..1).
+    rps_samples: tuple[float, ...] = ()
+    mem_samples: tuple[float, ...] = ()
+    # The external metric on the manager (a queue's backlog), None when there is none or it could
+    # not be read just now.
+    external: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

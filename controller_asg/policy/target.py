@@ -23,6 +23,8 @@ class TargetSettings:
     cpu_target: float = 0.5
     tolerance: float = 0.1
     scale_in_window: float = 300.0
+    metric: str = "CPU"  # what the samples measure, for the reason text
+    unit_scale: float = 1.0  # a sample × this is in the metric's own unit (for the reason text)
 
 
 class TargetTracking:
@@ -37,9 +39,9 @@ class TargetTracking:
         s = self.s
         need = needs(obs, s.cpu_target)  # the conservative rules for unmeasured instances live there
         if need is None:
-            return obs.capacity, no_metrics(obs)  # nothing measured: hold what we have
+            return obs.capacity, no_metrics(obs, s.metric)  # nothing measured: hold what we have
         n = obs.in_service
-        what = describe(obs, need.total, need.known, s.cpu_target)
+        what = describe(obs, need.total, need.known, s.cpu_target, s.metric, s.unit_scale)
         if need.known and need.mean_up / s.cpu_target > 1 + s.tolerance:
             return ceil_units(need.up), what
         if n and need.down / n < 1 - s.tolerance:

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 
 from controller_asg.providers.base import LaunchError, ProviderInstance
-from shared.config import Config
+from shared.config import PORT_PLACEHOLDER, Config
 
 log = logging.getLogger("controller_asg.providers.local")
 
@@ -501,6 +501,13 @@ class LocalProvider:
         for key, command in (("HELIX_LAUNCH_HOOK", cfg.launch_hook), ("HELIX_TERMINATE_HOOK", cfg.terminate_hook)):
             if command:
                 env[key] = command.replace("{port}", str(rec.app_port)) if with_app else command
+        # The app's request counter, read by the agent: the manager's HELIX_APP_METRICS_URL names
+        # every instance's endpoint, `{port}` its app port. Without an app a `{port}` URL names
+        # nothing (and an agent given one refuses to start), so it is not passed.
+        url = cfg.app_metrics_url
+        if url and (with_app or PORT_PLACEHOLDER not in url):
+            env["HELIX_APP_METRICS_URL"] = url.replace(PORT_PLACEHOLDER, str(rec.app_port))
+            env["HELIX_APP_METRICS_NAME"] = cfg.app_metrics_name
         # No fleet token: the agent proves who it is with its own HELIX_INSTANCE_SECRET (set by
         # `_spawn`) and then accepts only the credential MonitorS hands it. A controller running
         # insecure (no token) starts insecure agents, which accept calls before they register.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 
-from shared.config import Config
+from shared.config import PORT_PLACEHOLDER, Config
 
 ENV_PATH = "/etc/helix/helix.env"
 CA_PATH = "/etc/helix/ca.crt"
@@ -53,6 +53,15 @@ def render_env_file(cfg: Config, token: str, labels: Mapping[str, str], ca_pem: 
     lines.append(_env_value("HELIX_LABELS", label_text))
     if cfg.ec2_app_check:
         lines.append(_env_value("HELIX_APP_CHECK", cfg.ec2_app_check))
+    # The app's request counter, read by the agent on the instance (monitor_c/appmetrics.py).
+    if cfg.app_metrics_url:
+        if PORT_PLACEHOLDER in cfg.app_metrics_url:  # only the local provider has per-instance ports
+            raise ValueError(
+                f"HELIX_APP_METRICS_URL={cfg.app_metrics_url}: expected a fixed URL for EC2 instances, "
+                f"without {PORT_PLACEHOLDER}"
+            )
+        lines.append(_env_value("HELIX_APP_METRICS_URL", cfg.app_metrics_url))
+        lines.append(_env_value("HELIX_APP_METRICS_NAME", cfg.app_metrics_name))
     # The manager's lifecycle hooks: the agent runs them on the instance (Prepare, Drain).
     for key, command in (("HELIX_LAUNCH_HOOK", cfg.launch_hook), ("HELIX_TERMINATE_HOOK", cfg.terminate_hook)):
         if command:

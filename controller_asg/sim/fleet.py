@@ -10,6 +10,10 @@ Model (issue 6 §1):
   interval with an Observation built exactly as the live controller builds it: capacity =
   in service + pending, CPU samples of in-service instances past HELIX_WARMUP, the rest counted as
   warming. The simulated monitor never loses a metric (missing = 0).
+- Several signals: each in-service instance also reports requests per second (its share of the
+  demand) and memory (modelled as idle: 0), and with a `backlog` series the external metric is
+  that series, second by second (taken as observed, not driven by the fleet). So a policy scaling
+  on several metrics (policy/multi.py) runs here as it runs live.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ def simulate(
     initial: int | None = None,
     keep_reasons: bool = False,
     measure_from: int = 0,
+    backlog: np.ndarray | None = None,
 ) -> Run:
     """Run `policy` against `demand` (requests/s, one value per second).
 
@@ -82,7 +87,8 @@ def simulate(
     billed = array("i", bytes(4 * T))
     launches = terminations = 0
     reasons: list[tuple[float, int, int, str]] = []
-    cpu_seen = 0.0
+    cpu_seen = rps_seen = 0.0
+    queue = backlog.tolist() if backlog is not None else None
     for t in range(T):
         now = float(t)
         while pending and pending[0] <= now:
@@ -91,6 +97,7 @@ def simulate(
         d = dem[t]
         if t % poll == 0:
             cpu_seen = 1.0 if n == 0 and d > 0 else (min(1.0, d / (n * cap)) if n else 0.0)
+            rps_seen = d / n if n else 0.0
         if t % ctrl == 0:
             warming = 0
             limit = now - warmup
@@ -100,14 +107,18 @@ def simulate(
                 else:
                     break
             capacity = n + len(pending)
+            measured = n - warming
             obs = Observation(
                 now=now,
                 capacity=capacity,
                 in_service=n,
                 pending=len(pending),
-                cpu_samples=(cpu_seen,) * (n - warming),
+                cpu_samples=(cpu_seen,) * measured,
                 missing=0,
                 warming=warming,
+                rps_samples=(rps_seen,) * measured,
+                mem_samples=(0.0,) * measured,
+                external=queue[t] if queue is not None else None,
             )
             dec = policy.decide(obs)
             want = dec.desired

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from controller_asg.policy import build_policy
+from controller_asg.policy import policy_with_signals
 from controller_asg.sim.fleet import FleetParams, Run, required, simulate
 from controller_asg.sim.metrics import Figures, figures
 from controller_asg.sim.oracle import Oracle
@@ -38,9 +38,17 @@ def run_oracle(demand: np.ndarray, p: FleetParams, measure_from: int = 0) -> Run
 
 
 def compare(
-    names: list[str], demand: np.ndarray, p: FleetParams, cfg: Config, measure_from: int = 0, keep_reasons: bool = False
+    names: list[str],
+    demand: np.ndarray,
+    p: FleetParams,
+    cfg: Config,
+    measure_from: int = 0,
+    keep_reasons: bool = False,
+    backlog: np.ndarray | None = None,
 ) -> list[Outcome]:
-    """Simulate each policy (by name, built from `cfg`) and the oracle; figures relative to the oracle.
+    """Simulate each policy (by name, built from `cfg` with the signals it turns on, as the live
+    controller builds it) and the oracle; figures relative to the oracle. `backlog`: the external
+    metric, one value per second of `demand`.
 
     The first `measure_from` seconds are history the policies learn from; figures cover the rest."""
     oracle = run_oracle(demand, p, measure_from)
@@ -50,7 +58,14 @@ def compare(
         if name == "oracle":
             run = oracle
         else:
-            run = simulate(demand, build_policy(name, cfg), p, keep_reasons=keep_reasons, measure_from=measure_from)
+            run = simulate(
+                demand,
+                policy_with_signals(name, cfg, external=backlog is not None),
+                p,
+                keep_reasons=keep_reasons,
+                measure_from=measure_from,
+                backlog=backlog,
+            )
         out.append(Outcome(name, run, figures(run, p, oracle_hours)))
     return out
 

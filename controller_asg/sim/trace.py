@@ -1,5 +1,6 @@
 """Load a request-rate trace: one rate per line (per second or per `step` seconds), `.gz` accepted,
-or a CSV with a `timestamp,rate` header. Returns requests/s for every second."""
+or a CSV with a `timestamp,rate` header and any further columns (e.g. `backlog`, an external
+metric). `load_trace` returns requests/s for every second; `load_columns` every column so."""
 
 from __future__ import annotations
 
@@ -14,6 +15,11 @@ class TraceError(ValueError):
 
 
 def load_trace(path: str, step: float = 1.0) -> np.ndarray:
+    return load_columns(path, step)["rate"]
+
+
+def load_columns(path: str, step: float = 1.0) -> dict[str, np.ndarray]:
+    """Every column per second: `rate` always, and by its header name each other column of a CSV."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rt", encoding="utf-8") as fh:
@@ -29,16 +35,20 @@ def load_trace(path: str, step: float = 1.0) -> np.ndarray:
             if "rate" not in cols:
                 raise TraceError(f"--trace={path}: expected a CSV header 'timestamp,rate'")
             data = np.loadtxt(io.StringIO(text), delimiter=",", skiprows=1, ndmin=2)
-            ts, rates = data[:, cols.index("timestamp")], data[:, cols.index("rate")]
+            if data.shape[1] != len(cols):
+                raise TraceError(f"--trace={path}: expected {len(cols)} values per line, as the header names")
+            ts = data[:, cols.index("timestamp")]
+            columns = {name: data[:, i] for i, name in enumerate(cols) if name != "timestamp"}
             if len(ts) > 1:
                 step = float(np.median(np.diff(ts)))
         else:
-            rates = np.loadtxt(io.StringIO(text), ndmin=1, dtype=float)
+            columns = {"rate": np.loadtxt(io.StringIO(text), ndmin=1, dtype=float)}
     except ValueError as exc:
         raise TraceError(f"--trace={path}: expected one number per line ({exc})") from None
-    if rates.size == 0 or not np.all(np.isfinite(rates)) or np.any(rates < 0):
-        raise TraceError(f"--trace={path}: expected non-negative finite rates, at least one")
-    return expand(rates, step)
+    for name, values in columns.items():
+        if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values < 0):
+            raise TraceError(f"--trace={path}: expected non-negative finite values in column {name!r}, at least one")
+    return {name: expand(values, step) for name, values in columns.items()}
 
 
 def expand(rates: np.ndarray, step: float) -> np.ndarray:
