@@ -344,11 +344,14 @@ class Fleet:
                 if entry.failures == 0 or (entry.failures + 1) == self.cfg.unhealthy_after:
                     self.log.warning("poll of %s at %s failed: %s", entry.instance_id, entry.address, _describe(answer))
         for entry, m, _ in ok_rows:
-            if entry.state == State.UNHEALTHY:
-                self.log.info("%s answers again", entry.instance_id)
-            if not m.app_live and entry.app_down_polls == 0:
-                self.log.warning("%s: app not live (%s)", entry.instance_id, m.app_detail)
-            self._judge(entry, Poll.APP_LIVE if m.app_live else Poll.APP_DOWN)
+            # The hot path: a healthy row answered with its app live, which changes nothing the row
+            # state machine decides (next_health would return the same): skip the call.
+            if not (m.app_live and entry.state == State.HEALTHY and not entry.failures and not entry.app_down_polls):
+                if entry.state == State.UNHEALTHY:
+                    self.log.info("%s answers again", entry.instance_id)
+                if not m.app_live and entry.app_down_polls == 0:
+                    self.log.warning("%s: app not live (%s)", entry.instance_id, m.app_detail)
+                self._judge(entry, Poll.APP_LIVE if m.app_live else Poll.APP_DOWN)
             entry.failing_since = 0.0
             entry.up = True
             entry.cpu, entry.mem = m.cpu, m.mem
@@ -413,6 +416,8 @@ class Fleet:
 def _notice(value: int) -> Notice:
     """The proto's Notice as the table's (same numbers); one from a newer agent that this MonitorS
     does not know reads as NONE rather than a value no reader could decode."""
+    if not value:  # nearly every poll: no enum lookup
+        return Notice.NONE
     try:
         return Notice(value)
     except ValueError:
