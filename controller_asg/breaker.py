@@ -46,6 +46,7 @@ class Watched:
 
     launched_at: float
     depth: int  # failures of the slot it refills (0: a fresh slot)
+    pooled: bool = False  # a warm-pool launch: no fleet slot to refill
 
 
 @dataclass
@@ -76,14 +77,19 @@ class ChurnBreaker:
 
     # -- what happened -------------------------------------------------------------------------
 
-    def launched(self, instances: list[tuple[str, float]], now: float) -> None:
+    def launched(self, instances: list[tuple[str, float]], now: float, pooled: bool = False) -> None:
         """Instances a launch answered with, as (id, launched at): each not yet watched refills the
-        slot that came due first, else a fresh one."""
+        slot that came due first, else a fresh one. `pooled`: warm-pool launches, judged for the
+        streak like any launch but holding no fleet slot (their failures must not hand the fleet's
+        refills fresh, short back-offs)."""
         due = sorted((s for s in self.slots if s.not_before <= now), key=lambda s: s.not_before)
         for instance_id, launched_at in instances:
             if instance_id in self.watched:
                 continue
             depth = 0
+            if pooled:
+                self.watched[instance_id] = Watched(min(launched_at, now) if launched_at > 0 else now, 0, True)
+                continue
             if due:
                 slot = due.pop(0)
                 self.slots.remove(slot)
@@ -141,7 +147,8 @@ class ChurnBreaker:
         self.consecutive += 1
         self.last_failure_at = now
         depth = w.depth + 1
-        self.slots.append(Slot(depth, now + backoff(depth)))
+        if not w.pooled:
+            self.slots.append(Slot(depth, now + backoff(depth)))
         events = [
             BreakerEvent(
                 "failed",
@@ -209,7 +216,7 @@ class ChurnBreaker:
                 tripped=bool(state.get("tripped", False)),
                 tripped_at=float(state.get("tripped_at", 0.0)),
                 watched={
-                    str(k): Watched(float(v["launched_at"]), max(0, int(v["depth"])))
+                    str(k): Watched(float(v["launched_at"]), max(0, int(v["depth"])), bool(v.get("pooled", False)))
                     for k, v in dict(state.get("watched", {})).items()
                 },
                 slots=[Slot(max(0, int(s["depth"])), float(s["not_before"])) for s in state.get("slots", [])],

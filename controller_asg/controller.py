@@ -37,7 +37,16 @@ from controller_asg.policy.base import Policy
 from controller_asg.providers.base import LaunchError, Provider, ProviderInstance
 from controller_asg.traffic import NoTraffic, TargetState, Traffic, TrafficError
 from shared.config import Config
-from shared.table import ControllerStatus, InstanceRow, MetricsTable, RosterEntry, Snapshot, check_private
+from shared.table import (
+    ControllerStatus,
+    InstanceRow,
+    Lifecycle,
+    MetricsTable,
+    RosterEntry,
+    Snapshot,
+    State,
+    check_private,
+)
 
 log = logging.getLogger("controller_asg")
 
@@ -103,6 +112,11 @@ class Controller:
         self._condemned: dict[str, _Condemned] = {}
         self._drains: dict[str, Drain] = {}  # deciding to terminate an instance that served: see drain.py
         self._in_traffic: set[str] = set()  # registered with the target groups (by us)
+        # The warm pool (HELIX_WARM_POOL_SIZE): instances launched to be prepared and stopped, not
+        # capacity until a scale-out starts them; and when each started one left it (its health
+        # grace counts from then, not from its launch long ago).
+        self._pool: set[str] = set()
+        self._started_at: dict[str, float] = {}
         self._replacing: dict[str, float] = {}  # replacement id -> launched at, until healthy or its grace ends
         self._ever_healthy: set[str] = set()
         self._saved_state = ""
@@ -183,13 +197,20 @@ class Controller:
             return
         self._settle(listed, now)
         known = listed + [inst for inst, _, _ in self._recent.values()]
-        targets = self._target_states(known)
+        # Warm-pool and stopped instances are not capacity; one that left the pool is judged from
+        # its start, not its launch.
+        serving = [
+            dataclasses.replace(i, launched_at=max(i.launched_at, self._started_at.get(i.instance_id, 0.0)))
+            for i in known
+            if i.instance_id not in self._pool and i.state != "stopped"
+        ]
+        targets = self._target_states(serving)
         lb_unhealthy = (
             {i for i, t in targets.items() if t == TargetState.UNHEALTHY} if "elb" in self.cfg.health_sources else set()
         )
         fleet = build_fleet(
             snap,
-            known,
+            serving,
             now,
             condemned=set(self._condemned) | set(self._drains),
             in_traffic=self._in_traffic if self.traffic.enabled else None,
@@ -200,7 +221,7 @@ class Controller:
         self._track_freeze(why_frozen, now, fleet)
         # Health grace restarts with MonitorS, and after a freeze: nobody could register meanwhile.
         grace_from = max(snap.monitor.started_at if snap is not None else now, self._unfrozen_at)
-        self._track_health(fleet, now, grace, grace_from, judge=not why_frozen)
+        self._track_health(fleet, now, grace, grace_from, judge=not why_frozen, listed=listed, snap=snap)
         if why_frozen:
             plan = plan_frozen(
                 fleet,
@@ -361,12 +382,30 @@ class Controller:
                 log.info("%s vanished while draining: nothing left to terminate", instance_id)
                 del self._drains[instance_id]
 
-    def _track_health(self, fleet: FleetView, now: float, grace: float, grace_from: float, judge: bool) -> None:
+    def _track_health(
+        self,
+        fleet: FleetView,
+        now: float,
+        grace: float,
+        grace_from: float,
+        judge: bool,
+        listed: list[ProviderInstance] | None = None,
+        snap: Snapshot | None = None,
+    ) -> None:
         """Who has been HEALTHY, which replacements are still in flight, and the breaker's verdicts
-        (none while frozen: with no fresh rows every launch would look like a failure)."""
+        (none while frozen: with no fresh rows every launch would look like a failure). A warm-pool
+        launch is judged like any other: it succeeds once prepared (or stopped, which only a
+        prepared one is), so a broken image trips the breaker whether it fills the pool or the fleet."""
         present = {m.instance_id for m in fleet.members}
         # Healthy means serving: past its launch hook (and in its target groups), and HEALTHY.
         healthy = {m.instance_id for m in fleet.members if m.ready}
+        if self._pool and listed is not None:
+            rows = {r.instance_id: r for r in snap.instances()} if snap is not None else {}
+            for inst in listed:
+                if inst.instance_id in self._pool:
+                    present.add(inst.instance_id)
+                    if inst.state == "stopped" or _prepared(rows.get(inst.instance_id)):
+                        healthy.add(inst.instance_id)
         self._ever_healthy = (self._ever_healthy | healthy) & (present | set(self._condemned))
         # A replacement is in flight until it is HEALTHY or its own grace is over; then it is
         # just another instance, so a stuck one never blocks healing.
@@ -425,6 +464,7 @@ class Controller:
             self._join_traffic(fleet, listed)
             rows = {r.instance_id: r for r in snap.instances()} if snap is not None else None
             self._advance_drains(rows, dict(targets or {}), now, fleet)
+            self._tend_pool(rows, listed, now, plan, fleet)
 
     def _apply_terminate(self, action: Action, owned: set[str], plan: Plan, fleet: FleetView, now: float) -> set[str]:
         # The terminate gate: only instances the provider lists as ours (or that we launched and
@@ -566,7 +606,12 @@ class Controller:
     def _apply_launch(
         self, action: Action, listed: list[ProviderInstance], plan: Plan, fleet: FleetView, now: float
     ) -> None:
-        below_min = max(0, self.cfg.min_instances - fleet.capacity)
+        # Warm instances first: they serve in seconds, a launch only after its boot.
+        started = self._start_warm(action, listed, plan, fleet, now)
+        if started >= action.count:
+            return
+        action = dataclasses.replace(action, count=action.count - started)
+        below_min = max(0, self.cfg.min_instances - fleet.capacity - started)
         count, why = self._launch_gate(action.count, listed, now, below_min=below_min)
         if count < action.count:
             self._say("launch-gate", f"launch of {action.count} cut to {count}: {why}", logging.WARNING)
@@ -583,7 +628,136 @@ class Controller:
 
     def _budget(self, listed: list[ProviderInstance]) -> Budget:
         recent = {instance_id: token for instance_id, (_, token, _) in self._recent.items()}
-        return Budget.build(self.cfg.max_instances, listed, recent, list(self._intents.values()))
+        max_prepared = self.cfg.effective_max_prepared if self.cfg.warm_pool_size > 0 or self._pool else 0
+        return Budget.build(self.cfg.max_instances, listed, recent, list(self._intents.values()), max_prepared)
+
+    # -- the warm pool ----------------------------------------------------------------------------
+
+    def _start_warm(
+        self, action: Action, listed: list[ProviderInstance], plan: Plan, fleet: FleetView, now: float
+    ) -> int:
+        """Start up to `action.count` stopped warm-pool instances (oldest first) through the fence
+        and the budget (each started one is billed for compute again); how many were started."""
+        stopped = sorted(
+            (i for i in listed if i.instance_id in self._pool and i.state == "stopped"),
+            key=lambda i: (i.launched_at, i.instance_id),
+        )
+        if not stopped:
+            return 0
+        fenced = "" if self.dry_run else self.fence.may_act()
+        if fenced:
+            return 0
+        count = self._budget(listed).allow_start(min(action.count, len(stopped)))
+        if count <= 0:
+            return 0
+        ids = [i.instance_id for i in stopped[:count]]
+        self._record(Activity(now, "start-warm", count, action.cause, ids, plan.desired, fleet.capacity, self.dry_run))
+        if self.dry_run:
+            return count
+        try:
+            self.provider.start(ids)
+        except Exception as exc:  # noqa: BLE001 - launch cold instead; the pool instances stay stopped
+            self._log_error(f"cannot start warm-pool instance(s) {', '.join(ids)} ({exc}); launching instead")
+            return 0
+        for instance_id in ids:
+            self._pool.discard(instance_id)
+            self._started_at[instance_id] = now
+            if action.replaces:
+                self._replacing.setdefault(instance_id, now)
+        _restate(listed, ids, "pending")
+        self._save_state()
+        return count
+
+    def _tend_pool(
+        self,
+        rows: dict[str, InstanceRow] | None,
+        listed: list[ProviderInstance],
+        now: float,
+        plan: Plan,
+        fleet: FleetView,
+    ) -> None:
+        """Keep HELIX_WARM_POOL_SIZE instances prepared and stopped: stop pool launches once their
+        launch hook said CONTINUE; terminate those that abandoned it or never got there within the
+        health grace; launch more when the pool is short (through the launch gate, like any launch:
+        running instances stay within HELIX_MAX_INSTANCES, every instance within the prepared cap)."""
+        by_id = {i.instance_id: i for i in listed}
+        self._pool &= set(by_id) | set(self._recent)
+        self._started_at = {i: t for i, t in self._started_at.items() if i in by_id}
+        # An instance of ours stopped outside the pool (by hand, or the pool shrank) is not capacity
+        # and would bill its disks forever: the pool adopts it while short, else it goes.
+        strays = sorted(
+            i
+            for i, inst in by_id.items()
+            if inst.state == "stopped" and i not in self._pool and i not in self._condemned and i not in self._drains
+        )
+        for instance_id in strays[: max(0, self.cfg.warm_pool_size - len(self._pool))]:
+            self._pool.add(instance_id)
+            log.info("warm pool: adopted %s, found stopped", instance_id)
+        gone = [i for i in strays if i not in self._pool]
+        if gone:
+            self._record(
+                Activity(
+                    now,
+                    "terminate",
+                    len(gone),
+                    "stopped outside the warm pool",
+                    gone,
+                    plan.desired,
+                    fleet.capacity,
+                    self.dry_run,
+                )
+            )
+            self._terminate(gone, "stopped outside the warm pool", now)
+        to_stop, failed = [], []
+        for instance_id in sorted(self._pool):
+            inst = by_id.get(instance_id)
+            if inst is None or inst.state in ("stopped", "terminating"):
+                continue
+            row = rows.get(instance_id) if rows is not None else None
+            if _prepared(row):
+                to_stop.append(instance_id)
+            elif (row is not None and row.lifecycle == Lifecycle.ABANDONED) or (
+                rows is not None and now - inst.launched_at > self.cfg.effective_health_grace
+            ):
+                failed.append(instance_id)
+        if to_stop:
+            try:
+                self.provider.stop(to_stop)
+            except Exception as exc:  # noqa: BLE001 - retried next step; meanwhile they run (billed, not capacity)
+                self._say("pool:stop", f"cannot stop warm-pool instance(s) {', '.join(to_stop)} ({exc})", logging.ERROR)
+            else:
+                self._say("pool:stop", "", logging.INFO)
+                log.info("warm pool: %s prepared and stopped", ", ".join(to_stop))
+                _restate(listed, to_stop, "stopped")
+        if failed:
+            self._pool.difference_update(failed)
+            self._record(
+                Activity(
+                    now,
+                    "terminate",
+                    len(failed),
+                    "warm-pool launch never prepared (launch hook abandoned, or not within the health grace)",
+                    failed,
+                    plan.desired,
+                    fleet.capacity,
+                    self.dry_run,
+                )
+            )
+            self._terminate(failed, "warm-pool launch never prepared", now)
+        in_doubt = sum(it.count for it in self._intents.values() if it.warm)
+        short = self.cfg.warm_pool_size - len(self._pool) - in_doubt
+        if short <= 0:
+            return
+        count, why = self._launch_gate(short, listed, now)
+        self._say(
+            "pool:refill",
+            f"warm pool short by {short}, launching {count}: {why}" if count < short else "",
+            logging.INFO,
+        )
+        if count > 0:
+            cause = f"keeping the warm pool at HELIX_WARM_POOL_SIZE={self.cfg.warm_pool_size}"
+            self._record(Activity(now, "launch-warm", count, cause, [], plan.desired, fleet.capacity, self.dry_run))
+            self._launch(Intent(self.new_token(), count, cause, "", now, warm=True), listed, now)
 
     def _launch_gate(
         self, wanted: int, listed: list[ProviderInstance], now: float, token: str = "", below_min: int = 0
@@ -657,12 +831,16 @@ class Controller:
         del self._intents[intent.token]
         for inst in launched:
             self._recent[inst.instance_id] = (inst, intent.token, now + LAUNCH_VISIBILITY_SECONDS)
+            if intent.warm:
+                self._pool.add(inst.instance_id)
             if intent.replaces:
                 self._replacing.setdefault(inst.instance_id, inst.launched_at or now)
         # Every answered instance is judged once, from its own launch time (a resumed launch's
         # instances may be listed, even healthy, by now: healthy ones pass at once).
         self.breaker.launched(
-            [(i.instance_id, i.launched_at) for i in launched if i.instance_id not in self._ever_healthy], now
+            [(i.instance_id, i.launched_at) for i in launched if i.instance_id not in self._ever_healthy],
+            now,
+            pooled=intent.warm,
         )
         self._save_state()
         if launched or not resumed:
@@ -808,6 +986,8 @@ class Controller:
             "condemned": {i: asdict(c) for i, c in self._condemned.items()},
             "drains": {i: asdict(d) for i, d in self._drains.items()},
             "in_traffic": sorted(self._in_traffic),
+            "pool": sorted(self._pool),
+            "started_at": self._started_at,
             "replacing": self._replacing,
             "ever_healthy": sorted(self._ever_healthy),
             "breaker": self.breaker.export_state(),
@@ -870,6 +1050,8 @@ class Controller:
             for i, d in dict(state.get("drains", {})).items():
                 self._drains[str(i)] = Drain(**d)
             self._in_traffic = {str(i) for i in state.get("in_traffic", [])}
+            self._pool = {str(i) for i in state.get("pool", [])}
+            self._started_at = {str(i): float(t) for i, t in dict(state.get("started_at", {})).items()}
             self._replacing = {str(i): float(t) for i, t in dict(state.get("replacing", {})).items()}
             self._ever_healthy = {str(i) for i in state.get("ever_healthy", [])}
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -938,6 +1120,21 @@ class Controller:
             _write_json(self.history_path, json.dumps(self.policy.export_state()), sync=True)
         except Exception as exc:  # noqa: BLE001
             self._log_error(f"cannot save policy history to {self.history_path}: {exc}")
+
+
+def _restate(listed: list[ProviderInstance], ids: list[str], state: str) -> None:
+    """This step's listing, as the calls just made it: every later gate in the step (the budget
+    above all) must see a started instance as billed and a stopped one as not, not the listing's
+    stale view (which let the pool refill launch past max in the same step as a start)."""
+    changed = set(ids)
+    for k, inst in enumerate(listed):
+        if inst.instance_id in changed:
+            listed[k] = dataclasses.replace(inst, state=state)
+
+
+def _prepared(row: InstanceRow | None) -> bool:
+    """A warm-pool launch is ready to stop once its launch hook said CONTINUE and it is healthy."""
+    return row is not None and row.lifecycle == Lifecycle.IN_SERVICE and row.state == State.HEALTHY
 
 
 def _write_json(path: str, text: str, sync: bool = True) -> None:

@@ -1,4 +1,5 @@
-"""The launch budget: never more than HELIX_MAX_INSTANCES instances that may be billed.
+"""The launch budget: never more than HELIX_MAX_INSTANCES instances that may be billed for compute,
+and never more than HELIX_WARM_POOL_MAX_PREPARED instances at all (stopped warm-pool ones too).
 
 Pure. The controller builds one `Budget` per step from what it knows and asks it before every
 launch, whatever planned the launch (scale-out, replacement, min in a frozen fleet, a resumed
@@ -9,8 +10,9 @@ intent). What may be billed, conservatively:
   eventually consistent);
 - launches in doubt: a launch call with no definitive answer (a lost reply, a crash between the
   intent and the answer) may have launched its whole count, less what we already see of it.
-A launch of n goes only if billable + n stays within max; a request above the budget is cut to
-it. Resuming an intent counts what it would add, not what it already launched; cut to nothing it
+Stopped instances (a warm pool) are billed for their disks only: they count against the prepared
+cap, not against max, until started (`allow_start`). A launch of n goes only if billable + n stays
+within max (and prepared + n within the prepared cap); a request above the budget is cut to it. Resuming an intent counts what it would add, not what it already launched; cut to nothing it
 still resolves the doubt (a launch of 0 under its token only looks up what it launched).
 """
 
@@ -44,21 +46,30 @@ class Intent:
     cause: str
     replaces: str = ""  # the instance this launch replaces, if it is a replacement
     created_at: float = 0.0  # when the first call under this token was made
+    warm: bool = False  # for the warm pool: prepared, then stopped
 
 
 @dataclass
 class Budget:
     max_instances: int
-    listed: int  # instances the provider lists (any state)
+    listed: int  # instances the provider lists, but stopped ones
     unlisted: int  # returned by a launch call, not listed yet
     in_doubt: dict[str, int]  # token -> instances that launch may have started that we do not see
+    stopped: int = 0  # listed as stopped (a warm pool): billed for disks only
+    max_prepared: int = 0  # cap on every instance, stopped ones included (0: no cap beyond max)
 
     @classmethod
     def build(
-        cls, max_instances: int, listed: list[ProviderInstance], recent: dict[str, str], intents: list[Intent]
+        cls,
+        max_instances: int,
+        listed: list[ProviderInstance],
+        recent: dict[str, str],
+        intents: list[Intent],
+        max_prepared: int = 0,
     ) -> Budget:
         """`recent`: ids a launch call returned -> their token; `intents`: launches in doubt."""
         listed_ids = {i.instance_id for i in listed}
+        stopped = {i.instance_id for i in listed if i.state == "stopped"}
         seen: dict[str, set[str]] = {}
         for inst in listed:
             if inst.launch_token:
@@ -67,11 +78,15 @@ class Budget:
             seen.setdefault(token, set()).add(instance_id)
         unlisted = sum(1 for i in recent if i not in listed_ids)
         doubt = {it.token: max(0, it.count - len(seen.get(it.token, ()))) for it in intents}
-        return cls(max_instances, len(listed_ids), unlisted, doubt)
+        return cls(max_instances, len(listed_ids - stopped), unlisted, doubt, len(stopped), max_prepared)
 
     @property
     def billable(self) -> int:
         return self.listed + self.unlisted + sum(self.in_doubt.values())
+
+    @property
+    def prepared(self) -> int:
+        return self.billable + self.stopped
 
     @property
     def room(self) -> int:
@@ -82,4 +97,11 @@ class Budget:
         own doubt is the request, not part of what is already billed (a resumed intent is
         checked afresh: one that no longer fits is cut, down to 0 = only look up what it did)."""
         own = self.in_doubt.get(token, 0) if token else 0
-        return max(0, min(wanted, self.max_instances - (self.billable - own)))
+        fits = self.max_instances - (self.billable - own)
+        if self.max_prepared > 0:
+            fits = min(fits, self.max_prepared - (self.prepared - own))
+        return max(0, min(wanted, fits))
+
+    def allow_start(self, wanted: int) -> int:
+        """How many of `wanted` stopped instances may start: each adds one billed for compute."""
+        return max(0, min(wanted, self.max_instances - self.billable))

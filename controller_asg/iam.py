@@ -8,7 +8,8 @@ What the policy allows, and nothing else:
     which fixes the type), with no tag keys but the ones Helix sets, from the configured image,
     subnets, security groups, key pair and launch template;
   * ec2:CreateTags only as part of that launch (`ec2:CreateAction=RunInstances`);
-  * ec2:TerminateInstances only of instances carrying this group's tag and a launch token;
+  * ec2:TerminateInstances only of instances carrying this group's tag and a launch token (and,
+    with HELIX_WARM_POOL_SIZE, ec2:StopInstances and ec2:StartInstances on the same condition);
   * iam:PassRole on exactly HELIX_EC2_ROLE_ARN, only to EC2, only when an instance profile is set;
   * with HELIX_EC2_TARGET_GROUPS (controller_asg/providers/elb.py): elasticloadbalancing:
     RegisterTargets and DeregisterTargets on exactly those target group ARNs, and
@@ -74,7 +75,7 @@ def partition(region: str) -> str:
     return "aws"
 
 
-def _statement(sid: str, action: str, resource: str | list[str], condition: dict[str, dict] | None) -> dict:
+def _statement(sid: str, action: str | list[str], resource: str | list[str], condition: dict[str, dict] | None) -> dict:
     out: dict[str, Any] = {"Sid": sid, "Effect": "Allow", "Action": action, "Resource": resource}
     if condition:
         out["Condition"] = condition
@@ -213,6 +214,20 @@ def policy_for(cfg: Config, account: str = "*") -> dict[str, Any]:
             },
         )
     )
+
+    if cfg.warm_pool_size > 0:
+        for verb in ("Stop", "Start"):
+            statements.append(
+                _statement(
+                    f"Helix{verb}OnlyInstancesItLaunched" + anywhere,
+                    f"ec2:{verb}Instances",
+                    [arn("instance", "*")],
+                    {
+                        "StringEquals": {f"aws:ResourceTag/{GROUP_TAG}": group, **in_region},
+                        "Null": {f"aws:ResourceTag/{TOKEN_TAG}": "false"},
+                    },
+                )
+            )
 
     if cfg.ec2_instance_profile:
         if not cfg.ec2_role_arn:

@@ -790,6 +790,22 @@ class Config:
         number(0, 1e9),
         group="controller",
     )
+    warm_pool_size: int = setting(
+        "HELIX_WARM_POOL_SIZE",
+        "0",
+        "Instances kept launched, prepared (launch hook run) and stopped, so a scale-out starts them in "
+        "seconds instead of booting new ones; they cost only their disks meanwhile. 0: no warm pool.",
+        integer(0, 1000),
+        group="controller",
+    )
+    warm_pool_max_prepared: int = setting(
+        "HELIX_WARM_POOL_MAX_PREPARED",
+        "0",
+        "Cap on every instance, running or stopped in the warm pool (as ASG's MaxGroupPreparedCapacity); "
+        "0: HELIX_MAX_INSTANCES + HELIX_WARM_POOL_SIZE. Running instances stay within HELIX_MAX_INSTANCES.",
+        integer(0, 100000),
+        group="controller",
+    )
     mem_target: float = setting(
         "HELIX_MEM_TARGET",
         "0",
@@ -1115,6 +1131,11 @@ class Config:
         if self.tls_cert or self.tls_ca:
             return "files"
         return "ca" if self.provider == "ec2" else "off"
+
+    @property
+    def effective_max_prepared(self) -> int:
+        """Every instance, stopped warm-pool ones included, stays within this."""
+        return self.warm_pool_max_prepared or self.max_instances + self.warm_pool_size
 
     @property
     def effective_pki_dir(self) -> str:

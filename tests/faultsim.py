@@ -61,6 +61,8 @@ FAULT_KINDS = (
     "hook_hangs",  # the next `value` instances' terminate hooks never end
     "hook_abandons",  # the next `value` launches' launch hooks say ABANDON
     "dies_draining",  # one draining instance's agent dies
+    # the warm pool (with HELIX_WARM_POOL_SIZE > 0)
+    "stop_start_fails",  # StopInstances / StartInstances fail for `duration` seconds
 )
 
 
@@ -86,7 +88,7 @@ class SimInstance:
     agent_at: float | None  # when its agent registers (None: never)
     app_at: float | None  # when its app is live (None: never)
     foreign: bool = False
-    state: str = "running"  # running | terminating | gone
+    state: str = "running"  # running | stopped | terminating | gone
     terminated_at: float = 0.0
     agent_dead: bool = False
     unterminatable: bool = False
@@ -147,6 +149,8 @@ class FakeCloud:
         self.traffic: FakeTraffic | None = None  # with target groups
         self.drain_timeout = 0.0
         self.rows: dict[str, InstanceRow] = {}  # what SimMonitor wrote last (for the drain checks)
+        self.max_prepared = 0  # with a warm pool: every owned instance, stopped ones too, within this
+        self.stop_start_fails_until = -1.0
 
     def owned(self) -> list[SimInstance]:
         return [i for i in self.instances.values() if not i.foreign]
@@ -155,6 +159,12 @@ class FakeCloud:
         return [i for i in self.owned() if i.billable()]
 
     def check_budget(self, where: str) -> None:
+        if self.max_prepared:
+            alive = [i for i in self.owned() if i.state != "gone"]
+            if len(alive) > self.max_prepared:
+                self.violations.append(
+                    Violation(self.now, f"{len(alive)} instances, prepared cap {self.max_prepared} ({where})")
+                )
         over = len(self.billable()) - self.max_instances
         if over > 0:
             self.worst_overshoot = max(self.worst_overshoot, over)
@@ -214,7 +224,7 @@ class FakeProvider:
             inst.instance_id,
             inst.zone,
             inst.launched_at,
-            "terminating" if inst.state == "terminating" else "running",
+            inst.state if inst.state in ("terminating", "stopped") else "running",
             address="",
             launch_token=inst.token,
         )
@@ -268,9 +278,30 @@ class FakeProvider:
             raise PermissionError(f"OperationNotPermitted: termination protection on {', '.join(stuck)} (simulated)")
         for instance_id in instance_ids:
             inst = c.instances.get(instance_id)
-            if inst is not None and not inst.foreign and inst.state == "running":
-                self._check_drained(instance_id)
+            if inst is not None and not inst.foreign and inst.state in ("running", "stopped"):
+                if inst.state == "running":
+                    self._check_drained(instance_id)
                 inst.state, inst.terminated_at = "terminating", c.now
+
+    def stop(self, instance_ids: Sequence[str]) -> None:
+        self._pause(instance_ids, "stopped")
+
+    def start(self, instance_ids: Sequence[str]) -> None:
+        self._pause(instance_ids, "running")
+
+    def _pause(self, instance_ids: Sequence[str], to: str) -> None:
+        c = self.cloud
+        if c.now < c.stop_start_fails_until:
+            raise ConnectionError(f"{'Stop' if to == 'stopped' else 'Start'}Instances failed (simulated)")
+        for instance_id in instance_ids:
+            inst = c.instances.get(instance_id)
+            if inst is None or inst.foreign or inst.state not in ("running", "stopped"):
+                c.violations.append(Violation(c.now, f"{to} of {instance_id}, which is not a live instance of ours"))
+                continue
+            inst.state = to
+            if to == "running":  # a paused agent and app resume where they were, a second later
+                inst.agent_at = max(inst.agent_at or 0.0, c.now + 1.0)
+        c.check_budget(f"after {'stopping' if to == 'stopped' else 'starting'} {len(instance_ids)}")
 
     def _check_drained(self, instance_id: str) -> None:
         """Drain before terminate: never while in a target group, never while its target drains
@@ -515,6 +546,8 @@ class Harness:
         self.cloud = FakeCloud(self.cfg.max_instances, self.rng)
         self.provider = FakeProvider(self.cloud)
         self.cloud.drain_timeout = self.cfg.drain_timeout
+        if self.cfg.warm_pool_size:
+            self.cloud.max_prepared = self.cfg.effective_max_prepared
         self.traffic = FakeTraffic(self.cloud) if traffic in (True, 1, "1") else None
         self.cloud.traffic = self.traffic
         # A fresh segment every time: rows a previous run left under the same name (Hypothesis runs
@@ -624,6 +657,8 @@ class Harness:
         elif kind == "lb_slow_drain":
             if self.traffic is not None:
                 self.traffic.slow_drains, self.traffic.slow_minutes = 3, max(1, fault.value)
+        elif kind == "stop_start_fails":
+            c.stop_start_fails_until = now + fault.duration
         elif kind == "hook_hangs":
             c.hook_hangs += max(1, fault.value)
         elif kind == "hook_abandons":
@@ -645,6 +680,7 @@ class Harness:
         c.broken_until = -1.0
         c.broken_image = False
         c.hook_abandons = c.hook_hangs = 0
+        c.stop_start_fails_until = -1.0
         if self.traffic is not None:
             self.traffic.down_until = -1.0
             self.traffic.slow_drains = 0

@@ -174,10 +174,10 @@ def ec2_requests(
     where = {"aws:RequestedRegion": region}
     if call.operation == "DescribeInstances":
         return [Request("ec2:DescribeInstances", "*", where)]
-    if call.operation == "TerminateInstances":
+    if call.operation in ("TerminateInstances", "StopInstances", "StartInstances"):
         return [
             Request(
-                "ec2:TerminateInstances",
+                f"ec2:{call.operation}",
                 arn("instance", iid),
                 {**where, **_tag_context(tags_of(iid), "aws:ResourceTag")},
             )

@@ -276,15 +276,18 @@ fault_strategy = st.builds(
     seed=st.integers(0, 2**16),
     policy=st.sampled_from(["predictive", "target"]),
     traffic=st.booleans(),
+    pool=st.sampled_from([0, 0, 2]),
 )
-def test_random_fault_schedules_keep_every_invariant(table_name, tmp_path_factory, faults, seed, policy, traffic):
+def test_random_fault_schedules_keep_every_invariant(table_name, tmp_path_factory, faults, seed, policy, traffic, pool):
     """`traffic`: with target groups (instances join them once prepared, leave and drain before
-    any terminate), where the lb_* faults bite."""
+    any terminate), where the lb_* faults bite. `pool`: a warm pool of that size (running
+    instances within max, every instance within the prepared cap), where stop_start_fails bites."""
     h = Harness(
         table_name,
         str(tmp_path_factory.mktemp("faults")),
         seed=seed,
         traffic=traffic,
+        HELIX_WARM_POOL_SIZE=pool,
         HELIX_POLICY=policy,
         HELIX_MIN_INSTANCES=2,
         HELIX_MAX_INSTANCES=6,

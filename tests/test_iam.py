@@ -13,7 +13,7 @@ import pytest
 
 from controller_asg.external import OPERATIONS as SQS_OPERATIONS
 from controller_asg.iam import DEFAULT_POLICY_PATH, PolicyError, default_policy, main, policy_for, render
-from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, TOKEN_TAG
+from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, POOL_OPERATIONS, TOKEN_TAG
 from controller_asg.providers.elb import OPERATIONS as ELB_OPERATIONS
 from shared.config import load_config
 from tests.iam_eval import Request, Unsupported, allowed, denied
@@ -226,11 +226,17 @@ def test_policy_allows_only_the_operations_the_provider_calls():
         (cfg(HELIX_EC2_TARGET_GROUPS=f"{WEB_TG},{ADMIN_TG}"), True, False),
         (cfg(**external(f"sqs:{QUEUE}")), False, True),
         (cfg(**external("command:echo 1")), False, False),  # another kind of metric: nothing about SQS
+        (cfg(HELIX_WARM_POOL_SIZE="2"), False, False),
     ):
         policy = policy_for(config, ACCOUNT)
         actions = {s["Action"] for s in policy["Statement"]}
+        pool_actions = {f"ec2:{op}" for op in POOL_OPERATIONS}
+        # Stop and start only with a warm pool, and then both.
+        assert (actions & pool_actions) == (pool_actions if config.warm_pool_size else set())
         # no wildcards, nothing extra
-        assert actions <= {f"ec2:{op}" for op in OPERATIONS} | elb_actions | sqs_actions | {"iam:PassRole"}
+        assert actions <= {f"ec2:{op}" for op in OPERATIONS} | elb_actions | sqs_actions | pool_actions | {
+            "iam:PassRole"
+        }
         assert {f"ec2:{op}" for op in OPERATIONS} <= actions
         # Target groups only when configured, and then every operation TargetGroups calls.
         assert (actions & elb_actions) == (elb_actions if with_groups else set())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import json
 import logging
 
 import boto3
@@ -13,7 +14,15 @@ import yaml
 from controller_asg.iam import policy_for
 from controller_asg.providers import make_provider
 from controller_asg.providers.base import LaunchError
-from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, PROTECTED_TAG, TOKEN_TAG, Ec2Provider, LaunchInDoubt
+from controller_asg.providers.ec2 import (
+    GROUP_TAG,
+    OPERATIONS,
+    POOL_OPERATIONS,
+    PROTECTED_TAG,
+    TOKEN_TAG,
+    Ec2Provider,
+    LaunchInDoubt,
+)
 from shared.config import load_config
 from tests.fake_imds import serve_imds
 from tests.iam_eval import Request, allowed, denied, ec2_requests
@@ -81,7 +90,8 @@ def providers():
     yield build
     for prov, world in made:
         prov.close()
-        assert prov.operations_called <= set(OPERATIONS), prov.operations_called - set(OPERATIONS)
+        allowed_ops = set(OPERATIONS) | set(POOL_OPERATIONS)
+        assert prov.operations_called <= allowed_ops, prov.operations_called - allowed_ops
         assert prov.calls and len(prov.calls) < prov.calls.maxlen  # none forgotten
         policy = policy_for(prov.cfg, MOTO_ACCOUNT)
         for call in prov.calls:
@@ -174,6 +184,27 @@ def test_restart_adopts_without_duplicates(world, providers):
     assert len(all_instances(world["ec2"])) == 2
     # a partly done launch only adds what is missing
     assert len(second.launch(3, "boot")) == 3 and len(all_instances(world["ec2"])) == 3
+
+
+def test_warm_pool_instances_stop_and_start_and_only_ours(world, providers):
+    """StopInstances/StartInstances for the warm pool: only instances Helix launched, listed as
+    "stopped" while stopped (billed for disks only); the generated policy allows exactly these."""
+    ec2 = world["ec2"]
+    foreign = ec2.run_instances(ImageId=world["ami"], MinCount=1, MaxCount=1)["Instances"][0]["InstanceId"]
+    prov = providers(world, HELIX_WARM_POOL_SIZE="1")
+    [mine] = [i.instance_id for i in prov.launch(1, "warm")]
+    prov.stop([mine, foreign])
+    assert [(i.instance_id, i.state) for i in prov.list_instances()] == [(mine, "stopped")]
+    states = {
+        i["InstanceId"]: i["State"]["Name"] for i in all_instances(ec2, ("pending", "running", "stopping", "stopped"))
+    }
+    assert states[foreign] == "running", "never someone else's"
+    prov.start([mine])
+    assert [i.state for i in prov.list_instances()] in (["pending"], ["running"])
+    policy = policy_for(prov.cfg, MOTO_ACCOUNT)
+    assert {"ec2:StopInstances", "ec2:StartInstances"} <= {s["Action"] for s in policy["Statement"]}
+    no_pool = policy_for(prov.cfg.replace(warm_pool_size=0), MOTO_ACCOUNT)
+    assert not any("StopInstances" in json.dumps(s) for s in no_pool["Statement"]), "only with a warm pool"
 
 
 def test_foreign_instances_survive_everything(world, providers):

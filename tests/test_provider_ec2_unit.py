@@ -166,7 +166,7 @@ def test_list_maps_states_and_drops_what_is_not_ours(stubbed):
         "i-p": ("pending", False),
         "i-r": ("running", False),
         "i-s": ("terminating", False),
-        "i-stopped": ("running", False),
+        "i-stopped": ("stopped", False),
         "i-prot": ("running", True),
     }
 

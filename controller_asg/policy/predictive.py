@@ -308,6 +308,10 @@ class Predictive:
             # Never scale in while launches are pending: a launch about to serve is the worst
             # capacity to give up, and cancelling it restarts the boot clock when the load returns.
             desired = cap
+        if desired < cap and obs.warming and need.down > desired:
+            # Nor, while instances warm up, below what the unsmoothed need asks for right now: the
+            # smoothed need lags a rise that instances started from a warm pool meet in seconds.
+            desired = min(cap, max(desired, ceil_units(need.down)))
         if desired == cap:
             return Decision(desired, "no change")
         if desired > cap:

@@ -16,7 +16,7 @@ class ProviderInstance:
     instance_id: str
     zone: str
     launched_at: float  # epoch seconds
-    state: str  # "pending" | "running" | "terminating"
+    state: str  # "pending" | "running" | "terminating" | "stopped" (a warm-pool instance, paused)
     protected: bool = False  # scale-in protection: never chosen for scale-in
     address: str = ""  # private address if known
     # The launch token it was launched under ("" if unknown): how the launch gate tells which
@@ -48,6 +48,15 @@ class Provider(Protocol):
 
     def terminate(self, instance_ids: Sequence[str]) -> None:
         """Terminate exactly these ids (ids not owned by the group are refused, never touched)."""
+        ...
+
+    def stop(self, instance_ids: Sequence[str]) -> None:
+        """Stop these instances, keeping them (a warm pool): EC2 StopInstances, a paused process
+        group locally. They list as "stopped" and cost only their disks meanwhile."""
+        ...
+
+    def start(self, instance_ids: Sequence[str]) -> None:
+        """Start stopped instances again; they list as pending or running."""
         ...
 
     def close(self) -> None: ...

@@ -59,6 +59,8 @@ LAUNCH_TAG_KEYS = (GROUP_TAG, "Name", TOKEN_TAG)
 # (tested, and every recorded request against it in the moto tests).
 # CreateTags is not called directly: RunInstances' TagSpecifications need it (tag-on-create).
 OPERATIONS = ("DescribeInstances", "RunInstances", "TerminateInstances", "CreateTags")
+# Only with a warm pool (HELIX_WARM_POOL_SIZE): the generated policy allows them only then.
+POOL_OPERATIONS = ("StopInstances", "StartInstances")
 LIVE_STATES = ("pending", "running", "shutting-down", "stopping", "stopped")
 # Errors that concern one subnet/zone: try the next subnet.
 ZONE_ERRORS = frozenset(
@@ -96,8 +98,10 @@ def _state(ec2_state: str) -> str:
         return "pending"
     if ec2_state == "shutting-down":
         return "terminating"
-    # stopping/stopped instances still count as owned; they never report healthy, so the
-    # controller replaces them after the health grace period.
+    if ec2_state in ("stopping", "stopped"):
+        # Billed for disks only: a warm-pool instance, or one somebody stopped (the controller does
+        # not count it as capacity either way).
+        return "stopped"
     return "running"
 
 
@@ -438,6 +442,31 @@ class Ec2Provider:
             chunk = targets[start : start + _IDS_PER_CALL]
             self.client.terminate_instances(InstanceIds=chunk)
             log.info("terminating %s", ", ".join(chunk))
+
+    def stop(self, instance_ids: Sequence[str]) -> None:
+        """StopInstances of the ids Helix launched (as `terminate` decides), for the warm pool."""
+        self._owned_call("stop", instance_ids, self.client.stop_instances)
+
+    def start(self, instance_ids: Sequence[str]) -> None:
+        self._owned_call("start", instance_ids, self.client.start_instances)
+
+    def _owned_call(self, verb: str, instance_ids: Sequence[str], call: Callable[..., Any]) -> None:
+        asked = list(dict.fromkeys(instance_ids))
+        found: dict[str, dict] = {}
+        for begin in range(0, len(asked), _IDS_PER_CALL):
+            chunk = asked[begin : begin + _IDS_PER_CALL]
+            found.update((i["InstanceId"], i) for i in self._describe([{"Name": "instance-id", "Values": chunk}]))
+        targets = []
+        for iid in asked:
+            why = self._refusal(iid, found.get(iid))
+            if why:
+                log.warning("%s refused for %s: %s", verb, iid, why)
+            else:
+                targets.append(iid)
+        for begin in range(0, len(targets), _IDS_PER_CALL):
+            chunk = targets[begin : begin + _IDS_PER_CALL]
+            call(InstanceIds=chunk)
+            log.info("%s %s", "stopping" if verb == "stop" else "starting", ", ".join(chunk))
 
     def close(self) -> None:
         for c in {id(self.client): self.client, id(self.launch_client): self.launch_client}.values():

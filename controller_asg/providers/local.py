@@ -79,6 +79,7 @@ class Record:
     pgid: int = 0
     members: list[Member] = field(default_factory=list)
     terminate_at: float = 0.0  # when SIGTERM was sent; 0 = not terminating
+    stopped: bool = False  # paused (SIGSTOP to its group): a warm-pool instance
     secret_digest: str = ""  # SHA-256 (hex) of the secret its agent registers with (the secret is not kept)
 
     @classmethod
@@ -212,7 +213,9 @@ class LocalProvider:
             instance_id=rec.instance_id,
             zone=rec.zone,
             launched_at=rec.launched_at,
-            state="terminating" if rec.terminate_at else ("running" if rec.members else "pending"),
+            state="terminating"
+            if rec.terminate_at
+            else ("stopped" if rec.stopped else ("running" if rec.members else "pending")),
             protected=os.path.exists(os.path.join(self.dirs["protected"], rec.instance_id)),
             address=f"{rec.host}:{rec.agent_port}",
             launch_token=rec.token,
@@ -315,12 +318,43 @@ class LocalProvider:
                     rec.terminate_at = self.clock()
                     self._write(rec)
                 self._kill(rec, signal.SIGTERM)
+                if rec.stopped:  # a paused group holds the SIGTERM until it runs again
+                    self._kill(rec, signal.SIGCONT)
                 log.info("terminating %s (SIGTERM to group %d, SIGKILL after %.0fs)", instance_id, rec.pgid, self.grace)
                 targets.append(rec)
             if targets:
                 reaper = threading.Thread(target=self._reap, args=(targets,), name="helix-local-reaper", daemon=True)
                 reaper.start()
                 self._reapers = [t for t in self._reapers if t.is_alive()] + [reaper]
+
+    def stop(self, instance_ids: Sequence[str]) -> None:
+        """Pause each instance's whole process group (SIGSTOP): it keeps its memory and its port,
+        uses no CPU, and resumes where it was, which is what a warm-pool instance is for."""
+        self._pause(instance_ids, stop=True)
+
+    def start(self, instance_ids: Sequence[str]) -> None:
+        self._pause(instance_ids, stop=False)
+
+    def _pause(self, instance_ids: Sequence[str], stop: bool) -> None:
+        verb = "stop" if stop else "start"
+        with self._lock:
+            for instance_id in instance_ids:
+                rec = self._read(instance_id) if _SAFE_ID.match(instance_id) else None
+                if rec is None or rec.group != self.group or rec.terminate_at:
+                    log.warning("%s %s refused: not a live instance of group %s", verb, instance_id, self.group)
+                    continue
+                # Recorded first: a controller killed in between finds it as it meant to leave it,
+                # and the next stop or start signals the group again (both are idempotent).
+                rec.stopped = stop
+                self._write(rec)
+                self._kill(rec, signal.SIGSTOP if stop else signal.SIGCONT)
+                log.info(
+                    "%s %s (SIG%s to group %d)",
+                    "stopped" if stop else "started",
+                    instance_id,
+                    "STOP" if stop else "CONT",
+                    rec.pgid,
+                )
 
     def close(self) -> None:
         """Stop the reapers. The instances live on; an overdue SIGKILL is sent by the next
