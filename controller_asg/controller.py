@@ -61,6 +61,7 @@ HISTORY_SAVE_SECONDS = 60.0
 TERMINATE_RECHECK_SECONDS = 30.0
 TERMINATE_BACKOFF_CAP = 300.0
 BREAKER_RESET_FILE = "breaker-reset"
+BOOT_SAMPLES = 20  # launches whose launch-to-in-service time the learned boot time is the median of
 
 
 @dataclass
@@ -117,6 +118,10 @@ class Controller:
         # grace counts from then, not from its launch long ago).
         self._pool: set[str] = set()
         self._started_at: dict[str, float] = {}
+        # Launch-to-in-service times of our own cold launches (the policy plans a boot time ahead
+        # with HELIX_LAUNCH_LEAD=0), and the launches not in service yet.
+        self._booting: dict[str, float] = {}
+        self._boot_samples: list[float] = []
         self._replacing: dict[str, float] = {}  # replacement id -> launched at, until healthy or its grace ends
         self._ever_healthy: set[str] = set()
         self._saved_state = ""
@@ -246,6 +251,7 @@ class Controller:
         cfg = self.cfg
         poll_interval = snap.monitor.poll_interval or cfg.poll_interval
         obs = fleet.observation(cfg.warmup, poll_interval, grace, monitor_started)
+        obs = dataclasses.replace(obs, boot_time=self._boot_time(fleet, now))
         if self.external is not None:
             obs = dataclasses.replace(obs, external=self._read_external(now))
         decision = self.policy.decide(obs)
@@ -273,6 +279,22 @@ class Controller:
             breaker=("probe" if probe else "tripped") if tripped else "closed",
             ever_healthy=self._ever_healthy,
         )
+
+    def _boot_time(self, fleet: FleetView, now: float) -> float:
+        """The median launch-to-in-service time of our last BOOT_SAMPLES cold launches (0: none yet).
+        A launch that never comes into service within an hour says nothing about boot times."""
+        present = {m.instance_id: m for m in fleet.members}
+        for instance_id, launched_at in list(self._booting.items()):
+            member = present.get(instance_id)
+            if member is not None and member.in_service:
+                self._boot_samples = (self._boot_samples + [max(0.0, now - launched_at)])[-BOOT_SAMPLES:]
+                del self._booting[instance_id]
+            elif (member is None and instance_id not in self._recent) or now - launched_at > 3600:
+                del self._booting[instance_id]
+        if not self._boot_samples:
+            return 0.0
+        ordered = sorted(self._boot_samples)
+        return ordered[len(ordered) // 2]
 
     def _read_external(self, now: float) -> float | None:
         """The external metric, or None (the backlog policy then holds). A failed read falls back
@@ -833,6 +855,8 @@ class Controller:
             self._recent[inst.instance_id] = (inst, intent.token, now + LAUNCH_VISIBILITY_SECONDS)
             if intent.warm:
                 self._pool.add(inst.instance_id)
+            else:
+                self._booting[inst.instance_id] = inst.launched_at or now
             if intent.replaces:
                 self._replacing.setdefault(inst.instance_id, inst.launched_at or now)
         # Every answered instance is judged once, from its own launch time (a resumed launch's
@@ -988,6 +1012,8 @@ class Controller:
             "in_traffic": sorted(self._in_traffic),
             "pool": sorted(self._pool),
             "started_at": self._started_at,
+            "booting": self._booting,
+            "boot_samples": self._boot_samples,
             "replacing": self._replacing,
             "ever_healthy": sorted(self._ever_healthy),
             "breaker": self.breaker.export_state(),
@@ -1052,6 +1078,8 @@ class Controller:
             self._in_traffic = {str(i) for i in state.get("in_traffic", [])}
             self._pool = {str(i) for i in state.get("pool", [])}
             self._started_at = {str(i): float(t) for i, t in dict(state.get("started_at", {})).items()}
+            self._booting = {str(i): float(t) for i, t in dict(state.get("booting", {})).items()}
+            self._boot_samples = [float(t) for t in list(state.get("boot_samples", []))][-BOOT_SAMPLES:]
             self._replacing = {str(i): float(t) for i, t in dict(state.get("replacing", {})).items()}
             self._ever_healthy = {str(i) for i in state.get("ever_healthy", [])}
         except (TypeError, ValueError, KeyError, AttributeError) as exc:

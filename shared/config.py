@@ -770,8 +770,9 @@ class Config:
     )
     launch_lead: float = setting(
         "HELIX_LAUNCH_LEAD",
-        "90",
-        "`predictive` policy: seconds it plans ahead, about the launch-to-in-service time.",
+        "0",
+        "`predictive` policy: seconds it plans ahead, about the launch-to-in-service time; 0: the median "
+        "the controller measures on its own last 20 launches (90 until it has measured one).",
         number(0, 3600, unit="seconds"),
         group="controller",
     )

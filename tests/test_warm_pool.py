@@ -12,6 +12,8 @@ import psutil
 import pytest
 
 from controller_asg.gate import Budget
+from controller_asg.policy.base import Observation
+from controller_asg.policy.predictive import Predictive
 from controller_asg.providers.base import ProviderInstance
 from tests.faultsim import Fault, Harness, quiet_logs, restore_logs
 from tests.procs import wait_for
@@ -194,3 +196,25 @@ def test_an_instance_stopped_by_hand_is_adopted_by_the_pool_or_terminated(harnes
         assert inst.state in ("terminating", "gone")
         assert any(a["action"] == "terminate" and victim in a["instance_ids"] for a in activities(h))
     assert len([i for i in h.cloud.billable()]) == 2, "min kept meanwhile"
+
+
+def test_the_controller_learns_the_boot_time_it_plans_for(harness, tmp_path):
+    """HELIX_LAUNCH_LEAD=0 (the default): the policy plans as far ahead as the controller's own
+    launches took to come into service (the median of the last 20), not a fixed 90 s."""
+    h = harness(HELIX_ACTIVITY_LOG=str(tmp_path / "a.jsonl"), HELIX_LAUNCH_LEAD=0)
+    seen: list[float] = []
+    assert h.controller is not None
+    policy = h.controller.policy
+    decide = policy.decide
+
+    def spy(obs):
+        seen.append(obs.boot_time)
+        return decide(obs)
+
+    policy.decide = spy
+    h.run_until(120)
+    learned = [b for b in seen if b > 0]
+    assert learned and 2.0 <= learned[-1] <= 15.0, learned[-3:]  # the sim's agents register in 2-6 s, plus the hook
+    assert isinstance(policy, Predictive)
+    assert policy.lead(Observation(0.0, 0, 0, 0, (), boot_time=learned[-1])) == learned[-1]
+    assert policy.lead(Observation(0.0, 0, 0, 0, ())) == 90.0, "until one is measured"

@@ -34,6 +34,9 @@ class Observation:
     # The external metric on the manager (a queue's backlog), None when there is none or it could
     # not be read just now.
     external: float | None = None
+    # Launch-to-in-service time the controller measured on its own recent launches (the median; 0:
+    # none measured yet), for a policy that plans a boot time ahead.
+    boot_time: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,6 +42,8 @@ STATE_VERSION = 1
 # A gap between two decisions longer than this (a controller stopped for a while) restarts the
 # averages from the current sample rather than blending in stale ones.
 RESTART_AFTER = 1200.0
+# What HELIX_LAUNCH_LEAD=0 plans for before the controller has measured a launch of its own.
+DEFAULT_LEAD = 90.0
 
 
 @dataclass
@@ -51,7 +53,7 @@ class PredictiveSettings:
     cpu_target: float = 0.5
     tolerance: float = 0.1
     scale_in_window: float = 300.0
-    lead: float = 90.0  # seconds to plan ahead: about the launch-to-in-service time
+    lead: float = 90.0  # seconds to plan ahead: the launch-to-in-service time (0: the observed boot time)
     history_days: int = 8
     floor_fraction: float = 0.6  # of what recent days needed: the scale-in floor and the pre-launch
     up_smooth: float = 60.0  # seconds: moving average of the scale-out need (0: none)
@@ -124,11 +126,11 @@ class NeedEstimator:
 class SeasonalMemory:
     """Per-minute peaks of the smoothed need for the last `days` days."""
 
-    def __init__(self, days: int, lead: float):
+    def __init__(self, days: int):
         self.days = days
-        self.lead = lead
         self.by_day: dict[int, list[float]] = {}  # day number -> SLOTS per-minute peaks (-1: not seen)
         self._cache_minute = -1
+        self._cache_lead = -1.0
         self._cache = (-1.0, -1.0)
 
     def remember(self, now: float, need: float) -> None:
@@ -153,13 +155,14 @@ class SeasonalMemory:
                 vals.append(max(row[(slot - 1) % SLOTS], row[slot % SLOTS], row[(slot + 1) % SLOTS]))
         return min(vals) if vals else -1.0
 
-    def now_and_ahead(self, now: float) -> tuple[float, float]:
-        """(usual need now, usual peak over the next lead), cached per minute."""
+    def now_and_ahead(self, now: float, lead: float) -> tuple[float, float]:
+        """(usual need now, usual peak over the next `lead` seconds), cached per minute."""
         minute = int(now // 60)
-        if minute != self._cache_minute:
+        if minute != self._cache_minute or lead != self._cache_lead:
+            self._cache_lead = lead
             day, slot = int(now // DAY), int(now % DAY // 60)
             current = ahead = self.usual(day, slot)
-            for k in range(1, int(self.lead // 60) + 2):
+            for k in range(1, int(lead // 60) + 2):
                 later = slot + k
                 ahead = max(ahead, self.usual(day + later // SLOTS, later % SLOTS))
             self._cache_minute, self._cache = minute, (current, ahead)
@@ -197,7 +200,7 @@ class Predictive:
     def __init__(self, settings: PredictiveSettings):
         self.s = settings
         self.estimate = NeedEstimator(settings)
-        self.memory = SeasonalMemory(settings.history_days, settings.lead)
+        self.memory = SeasonalMemory(settings.history_days)
         self.window = ScaleInWindow(settings.scale_in_window, settings.min_instances, settings.max_instances)
         self._hot_run = 0  # samples in a row at or above the hot line
         self._held = 0.0  # the raw need of the first hot sample, while unconfirmed
@@ -213,7 +216,7 @@ class Predictive:
         self.estimate.update(obs.now, need)
         if need.known:
             self.memory.remember(obs.now, self.estimate.down)  # the smoothed need: raw peaks are mostly noise
-        usual_now, usual_ahead = self.memory.now_and_ahead(obs.now)
+        usual_now, usual_ahead = self.memory.now_and_ahead(obs.now, self.lead(obs))
         plan_up, planned_for, decision = self._scale_out(obs, need, jitter, usual_ahead)
         if decision is not None:
             return decision
@@ -221,6 +224,13 @@ class Predictive:
         if decision is not None:
             return decision
         return self._scale_in(obs, need, jitter, plan_up - planned_for, usual_now)
+
+    def lead(self, obs: Observation) -> float:
+        """How far ahead to plan: HELIX_LAUNCH_LEAD, or with 0 the boot time the controller measured
+        on its own launches (DEFAULT_LEAD until it has measured one)."""
+        if self.s.lead > 0:
+            return self.s.lead
+        return obs.boot_time if obs.boot_time > 0 else DEFAULT_LEAD
 
     # --- the scale-out plan ------------------------------------------------------------------
     def _scale_out(
@@ -260,7 +270,7 @@ class Predictive:
         want = clamp(ceil_units(plan), s.min_instances, s.max_instances)
         if want <= cap:
             return plan, base, Decision(clamp(cap, s.min_instances, s.max_instances), "at the maximum")
-        season = f" (recent days needed {usual_ahead:.1f} within {s.lead:g} s)" if plan == expected else ""
+        season = f" (recent days needed {usual_ahead:.1f} within {self.lead(obs):g} s)" if plan == expected else ""
         return (
             plan,
             base,
