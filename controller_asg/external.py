@@ -304,19 +304,15 @@ class HttpMetric(_Source):
 
 
 def make_sqs_client(cfg: Config, region: str, timeout: float) -> Any:
-    """An SQS client with the ec2 provider's credentials (Ec2Provider._make_clients builds the same
-    session), in `region`, at HELIX_SQS_ENDPOINT_URL when set. One attempt, the timeout split
-    between connecting and reading: the controller's next step is the retry."""
-    import boto3  # only an sqs: metric needs boto3
+    """An SQS client with Helix's AWS credentials, in `region`, at HELIX_SQS_ENDPOINT_URL when
+    set. One attempt, the timeout split between connecting and reading: the controller's next step
+    is the retry."""
     from botocore.config import Config as BotoConfig
     from botocore.exceptions import NoRegionError
 
-    session = boto3.session.Session(
-        aws_access_key_id=cfg.aws_access_key or None,
-        aws_secret_access_key=cfg.aws_secret_key or None,
-        aws_session_token=cfg.aws_session_token or None,
-        region_name=region or None,
-    )
+    from controller_asg.providers.aws import aws_session
+
+    session = aws_session(cfg, region)
     try:
         return session.client(
             "sqs",

@@ -147,15 +147,11 @@ class Ec2Provider:
 
     @staticmethod
     def _make_clients(cfg: Config) -> tuple[Any, Any]:
-        import boto3  # only the ec2 provider needs boto3
         from botocore.config import Config as BotoConfig
 
-        session = boto3.session.Session(
-            aws_access_key_id=cfg.aws_access_key or None,
-            aws_secret_access_key=cfg.aws_secret_key or None,
-            aws_session_token=cfg.aws_session_token or None,
-            region_name=cfg.aws_region or None,
-        )
+        from controller_asg.providers.aws import aws_session
+
+        session = aws_session(cfg)
         common = dict(connect_timeout=5, read_timeout=20, user_agent_extra="helix-controller")
         endpoint = cfg.ec2_endpoint_url or None
         client = session.client(

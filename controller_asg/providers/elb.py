@@ -98,18 +98,12 @@ def _one_line(text: str) -> str:
 
 
 def make_elbv2_client(cfg: Config) -> Any:
-    """An elbv2 client with the ec2 provider's credentials, region and endpoint (its
-    Ec2Provider._make_clients makes the same session)."""
-    import boto3  # only target groups need boto3 here
+    """An elbv2 client with the ec2 provider's credentials, region and endpoint."""
     from botocore.config import Config as BotoConfig
 
-    session = boto3.session.Session(
-        aws_access_key_id=cfg.aws_access_key or None,
-        aws_secret_access_key=cfg.aws_secret_key or None,
-        aws_session_token=cfg.aws_session_token or None,
-        region_name=cfg.aws_region or None,
-    )
-    return session.client(
+    from controller_asg.providers.aws import aws_session
+
+    return aws_session(cfg).client(
         "elbv2",
         endpoint_url=cfg.ec2_endpoint_url or None,
         config=BotoConfig(
