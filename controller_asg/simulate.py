@@ -6,6 +6,7 @@ the oracle that knows the future.
 
     python -m controller_asg.simulate --trace rates.txt.gz --capacity 50 --days 7 --plot run.png
     python -m controller_asg.simulate --trace t.gz --peak-instances 20 --smooth 60 --policy k8s-hpa
+    python -m controller_asg.simulate --trace t.gz --peak-instances 20 --warm-pool 4 --warm-start 15
 
 Settings are the live controller's (`HELIX_…` from the environment or `.env`), overridden by
 `--set HELIX_KEY=VALUE` flags.
@@ -68,6 +69,25 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="instead of --capacity: scale so the busiest second of the (smoothed) slice needs this many instances at the target",
     )
     ap.add_argument("--boot-time", type=float, default=90.0, help="seconds from launch to in service (default 90)")
+    # Taken as text and checked in main(), so a bad value is one line on stderr like every other.
+    ap.add_argument(
+        "--warm-pool",
+        metavar="N",
+        help="keep N instances launched, prepared and stopped; a scale-out starts them first"
+        " (default HELIX_WARM_POOL_SIZE, 0: none; HELIX_WARM_POOL_MAX_PREPARED caps it as live)",
+    )
+    ap.add_argument(
+        "--warm-start",
+        default="10",
+        metavar="SECONDS",
+        help="seconds from starting a stopped warm-pool instance to in service, at most --boot-time (default 10)",
+    )
+    ap.add_argument(
+        "--stopped-cost",
+        default="0.1",
+        metavar="FRACTION",
+        help="what a stopped warm-pool instance is billed, as a fraction of a running one: its disk (default 0.1)",
+    )
     ap.add_argument("--days", type=float, default=0.0, help="days of trace to simulate (default: all)")
     ap.add_argument("--start", type=float, default=0.0, help="day of the trace to start at (default 0)")
     ap.add_argument(
@@ -86,6 +106,41 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--plot", metavar="FILE.png", help="plot demand, fleet and CPU")
     ap.add_argument("--reasons", action="store_true", help="print every scaling action with its reason")
     return ap.parse_args(argv)
+
+
+def warm_pool_params(args: argparse.Namespace, prog: str, default_size: int) -> tuple[int, float, float] | None:
+    """(--warm-pool, --warm-start, --stopped-cost), or None after printing why one is bad."""
+    raw = str(default_size) if args.warm_pool is None else args.warm_pool
+    try:
+        size = int(raw)
+        if size < 0:
+            raise ValueError
+    except ValueError:
+        print(f"{prog}: --warm-pool={raw}: expected a whole number of instances, 0 or more", file=sys.stderr)
+        return None
+    try:
+        start = float(args.warm_start)
+        # Bounded by the boot time only with a pool: the default must not refuse a short --boot-time.
+        if not 0 <= start < float("inf") or (size and not start <= args.boot_time):
+            raise ValueError
+    except ValueError:
+        print(
+            f"{prog}: --warm-start={args.warm_start}: expected seconds from 0 to --boot-time ({args.boot_time:g}):"
+            " a stopped instance starts no slower than a new one boots",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        cost = float(args.stopped_cost)
+        if not 0 <= cost <= 1:
+            raise ValueError
+    except ValueError:
+        print(
+            f"{prog}: --stopped-cost={args.stopped_cost}: expected a fraction from 0 to 1 of a running instance's bill",
+            file=sys.stderr,
+        )
+        return None
+    return size, start, cost
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and not value > 0 and not (flag == "--boot-time" and value == 0):
             print(f"{prog}: {flag}={value}: expected a positive number", file=sys.stderr)
             return 2
+    pool = warm_pool_params(args, prog, cfg.warm_pool_size)
+    if pool is None:
+        return 2
+    warm_pool, warm_start, stopped_cost = pool
     try:
         columns = load_columns(args.trace, args.step)
     except TraceError as exc:
@@ -148,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if backlog is not None:
         backlog = backlog[begin - history : end]
     capacity = args.capacity or capacity_for_peak(demand[history:], args.peak_instances, cfg.cpu_target)
-    p = params_from(cfg, capacity, args.boot_time)
+    p = params_from(cfg, capacity, args.boot_time, warm_pool, warm_start, stopped_cost, cfg.warm_pool_max_prepared)
     started = time.monotonic()
     outcomes = compare(names, demand, p, cfg, measure_from=history, keep_reasons=args.reasons, backlog=backlog)
     elapsed = time.monotonic() - started
@@ -160,6 +219,18 @@ def main(argv: list[str] | None = None) -> int:
         f" min {cfg.min_instances}, max {cfg.max_instances}; simulated in {elapsed:.1f} s"
     )
     print(table([(o.name, o.figures.as_dict()) for o in outcomes]))
+    if warm_pool:
+        print(
+            f"warm pool {warm_pool} (in service {warm_start:g} s after a start, stopped billed at {stopped_cost:g};"
+            + (f" at most {cfg.warm_pool_max_prepared} running and stopped;" if cfg.warm_pool_max_prepared else "")
+            + " the oracle has none): "
+            + "; ".join(
+                f"{o.name} {o.figures.stopped_hours:.0f} stopped inst-h, {o.figures.warm_starts} warm starts,"
+                f" {o.figures.pool_launches} refills"
+                for o in outcomes
+                if o.name != "oracle"
+            )
+        )
     if args.reasons:
         for o in outcomes:
             for t, a, b, why in o.run.reasons:
@@ -172,6 +243,10 @@ def main(argv: list[str] | None = None) -> int:
             "days": simulated,
             "capacity": capacity,
             "boot_time": args.boot_time,
+            "warm_pool": warm_pool,
+            "warm_start": warm_start,
+            "stopped_cost": stopped_cost,
+            "warm_max_prepared": cfg.warm_pool_max_prepared,
             "target": cfg.cpu_target,
             "min": cfg.min_instances,
             "max": cfg.max_instances,

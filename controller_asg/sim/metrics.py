@@ -11,7 +11,7 @@ from controller_asg.sim.fleet import FleetParams, Run, required
 
 @dataclass
 class Figures:
-    instance_hours: float
+    instance_hours: float  # billed: running instance-hours, plus stopped ones × the stopped cost
     cost_vs_oracle: float  # instance-hours / the oracle's (NaN when no oracle given)
     lost_pct: float  # requests lost, % of demand
     hot_pct: float  # % of seconds with instances above 90% CPU
@@ -22,6 +22,9 @@ class Figures:
     actions: int  # launches + terminations (instances)
     launches: int
     terminations: int
+    stopped_hours: float = 0.0  # instance-hours stopped in the warm pool (in instance_hours at their cost)
+    warm_starts: int = 0  # launches served from the warm pool
+    pool_launches: int = 0  # launches that refilled the warm pool
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -40,6 +43,9 @@ def figures(run: Run, p: FleetParams, oracle_hours: float | None = None) -> Figu
     denom = np.maximum(r, 1.0)  # r(t) may be 0 when min is 0
     T = len(d)
     hours = float(run.billed.sum()) / 3600.0
+    stopped_hours = float(run.stopped.sum()) / 3600.0 if run.stopped is not None else 0.0
+    if stopped_hours:
+        hours += p.stopped_cost * stopped_hours
     return Figures(
         instance_hours=hours,
         cost_vs_oracle=hours / oracle_hours if oracle_hours else float("nan"),
@@ -52,4 +58,7 @@ def figures(run: Run, p: FleetParams, oracle_hours: float | None = None) -> Figu
         actions=run.launches + run.terminations,
         launches=run.launches,
         terminations=run.terminations,
+        stopped_hours=stopped_hours,
+        warm_starts=run.warm_starts,
+        pool_launches=run.pool_launches,
     )

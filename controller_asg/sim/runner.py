@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -20,7 +20,15 @@ class Outcome:
     figures: Figures
 
 
-def params_from(cfg: Config, capacity: float, boot_time: float) -> FleetParams:
+def params_from(
+    cfg: Config,
+    capacity: float,
+    boot_time: float,
+    warm_pool: int = 0,
+    warm_start: float = 10.0,
+    stopped_cost: float = 0.1,
+    warm_max_prepared: int = 0,
+) -> FleetParams:
     return FleetParams(
         capacity=capacity,
         boot_time=boot_time,
@@ -30,10 +38,16 @@ def params_from(cfg: Config, capacity: float, boot_time: float) -> FleetParams:
         min_instances=cfg.min_instances,
         max_instances=cfg.max_instances,
         target=cfg.cpu_target,
+        warm_pool=warm_pool,
+        warm_start=warm_start,
+        stopped_cost=stopped_cost,
+        warm_max_prepared=warm_max_prepared,
     )
 
 
 def run_oracle(demand: np.ndarray, p: FleetParams, measure_from: int = 0) -> Run:
+    """The oracle runs without a warm pool whatever `p` says: the cost reference stays one bound."""
+    p = replace(p, warm_pool=0)
     return simulate(demand, Oracle(required(demand, p), p.boot_time, p.max_instances), p, measure_from=measure_from)
 
 
