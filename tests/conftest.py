@@ -36,3 +36,31 @@ def table_name():
     yield name
     MetricsTable.remove(name)
     shutil.rmtree(state_dir_for(name), ignore_errors=True)
+
+
+@pytest.fixture
+def quiet_controller_logs():
+    """The controller's loggers quiet for a test that runs thousands of simulated steps; restored
+    after it (other tests read these loggers with caplog)."""
+    from tests.faultsim import quiet_logs, restore_logs
+
+    before = quiet_logs()
+    yield
+    restore_logs(before)
+
+
+@pytest.fixture
+def harness(table_name, tmp_path):
+    """Makes fault-injection harnesses (tests/faultsim.py) on this test's table; closes them after."""
+    from tests.faultsim import Harness
+
+    made: list[Harness] = []
+
+    def make(**kwargs) -> Harness:
+        h = Harness(table_name, str(tmp_path), **kwargs)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()

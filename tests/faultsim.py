@@ -13,6 +13,7 @@ reproduction of the cost-safety issue) and by `make bench BENCH_ARGS=chaos` (tho
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -752,6 +753,18 @@ class Harness:
         self.report.worst_overshoot = self.cloud.worst_overshoot
         self.report.launches = self.cloud.launches
         return self.report
+
+
+def activities(h: Harness) -> list[dict]:
+    """The controller's activity log (HELIX_ACTIVITY_LOG must be set), one dict per line."""
+    with open(h.cfg.activity_log, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+def assert_clean(report: RunReport, *, converge: bool = True) -> None:
+    assert report.violations == [], "\n".join(f"t={v.at:.0f}s: {v.what}" for v in report.violations[:10])
+    if converge:
+        assert report.converged_after is not None, "the fleet did not converge after the faults stopped"
 
 
 def quiet_logs() -> dict[str, int]:

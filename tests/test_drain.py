@@ -15,35 +15,12 @@ import pytest
 from controller_asg.drain import Drain, hook_verdict, start_drain, traffic_verdict
 from controller_asg.traffic import TargetState
 from shared.table import HookResult, InstanceRow, Lifecycle, Notice, State
-from tests.faultsim import Fault, Harness, quiet_logs, restore_logs
-from tests.test_faults import assert_clean
+from tests.faultsim import Fault, Harness, activities, assert_clean
+
+# The controller's loggers quiet in here (thousands of simulated steps); restored after each test.
+pytestmark = pytest.mark.usefixtures("quiet_controller_logs")
 
 DRAIN = 30.0
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    before = quiet_logs()
-    yield
-    restore_logs(before)
-
-
-@pytest.fixture
-def harness(table_name, tmp_path):
-    made: list[Harness] = []
-
-    def make(**kwargs) -> Harness:
-        h = Harness(table_name, str(tmp_path), **kwargs)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
-
-
-def activities(h: Harness) -> list[dict]:
-    return [json.loads(line) for line in open(h.cfg.activity_log, encoding="utf-8")]
 
 
 def scaled_in(h: Harness, *, load_high: int = 40, load_low: int = 5) -> list[str]:

@@ -20,38 +20,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller_asg.breaker import BACKOFF_CAP
-from tests.faultsim import FAULT_KINDS, Fault, Harness, quiet_logs, restore_logs
+from tests.faultsim import FAULT_KINDS, Fault, Harness, assert_clean
+
+# The controller's loggers quiet in here (thousands of simulated steps); restored after each test.
+pytestmark = pytest.mark.usefixtures("quiet_controller_logs")
 
 # Faults stop, then: a tripped breaker probes within BACKOFF_CAP of its last failure, the probe
 # needs its grace (30 s) and boot, and the fleet then refills and settles for 30 s.
 SETTLE = BACKOFF_CAP + 300.0
-
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    before = quiet_logs()
-    yield
-    restore_logs(before)  # other tests read these loggers with caplog
-
-
-@pytest.fixture
-def harness(table_name, tmp_path):
-    made: list[Harness] = []
-
-    def make(**kwargs) -> Harness:
-        h = Harness(table_name, str(tmp_path), **kwargs)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
-
-
-def assert_clean(report, *, converge: bool = True) -> None:
-    assert report.violations == [], "\n".join(f"t={v.at:.0f}s: {v.what}" for v in report.violations[:10])
-    if converge:
-        assert report.converged_after is not None, "the fleet did not converge after the faults stopped"
 
 
 # -- the reproductions -----------------------------------------------------------------------------

@@ -15,34 +15,11 @@ from controller_asg.gate import Budget
 from controller_asg.policy.base import Observation
 from controller_asg.policy.predictive import Predictive
 from controller_asg.providers.base import ProviderInstance
-from tests.faultsim import Fault, Harness, quiet_logs, restore_logs
+from tests.faultsim import Fault, Harness, activities, assert_clean
 from tests.procs import wait_for
-from tests.test_faults import assert_clean
 
-
-@pytest.fixture(autouse=True)
-def _quiet():
-    before = quiet_logs()
-    yield
-    restore_logs(before)
-
-
-@pytest.fixture
-def harness(table_name, tmp_path):
-    made: list[Harness] = []
-
-    def make(**kwargs) -> Harness:
-        h = Harness(table_name, str(tmp_path), **kwargs)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
-
-
-def activities(h: Harness) -> list[dict]:
-    return [json.loads(line) for line in open(h.cfg.activity_log, encoding="utf-8")]
+# The controller's loggers quiet in here (thousands of simulated steps); restored after each test.
+pytestmark = pytest.mark.usefixtures("quiet_controller_logs")
 
 
 def stopped(h: Harness) -> list[str]:
