@@ -84,8 +84,8 @@ from rich.console import Console
 
 from deploy.local import cleanup, demo
 from deploy.local.cleanup import MARKER_KEY
-from deploy.local.demo import WORK_MS, Demo, DemoError, Tuning, _tail, check_environment, tune
-from shared.config import EXIT_BAD_CONFIG, Config, ConfigError, load_config
+from deploy.local.demo import WORK_MS, Demo, DemoError, Tuning, _tail, tune
+from shared.config import Config, ConfigError, load_config
 from shared.table import MetricsTable, Snapshot, State, TableError, lock_path
 
 DEFAULT_DURATION = 600
@@ -1383,23 +1383,9 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(highlight=False, markup=False, soft_wrap=True)
     sys.setswitchinterval(0.001)  # the launch trigger's thread must not wait 5 ms for the GIL
     chaos = Chaos(args, console)
-    errors = check_environment(chaos.tuning, dict(os.environ))
-    if errors:
-        for line in errors:
-            print(f"chaos: bad configuration: {line}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    for run_dir in cleanup.clean_stale_runs(RUNS_ROOT):
-        console.print(f"cleaned up a chaos run left behind: {run_dir}")
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(RUNS_ROOT, exist_ok=True)
-
-    def on_signal(signum: int, frame: object) -> None:
-        if not chaos.stop_reason:
-            chaos.stop_reason = f"{signal.Signals(signum).name} received"
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-
+    refused = demo.prepare_run(chaos, "chaos", console, RUNS_ROOT, args.out)
+    if refused:
+        return refused
     run_dir, watchdog = demo.begin_run(chaos, RUNS_ROOT)
     assert chaos.record is not None
 

@@ -586,6 +586,30 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def prepare_run(run: Any, prog: str, console: Console, runs_root: str, out: str) -> int:
+    """What the demo and `make chaos` do before they start anything: check the caller's
+    environment as the processes will read it (EXIT_BAD_CONFIG, one line per problem), clean up runs
+    a killed predecessor left under `runs_root`, make the output directories, and turn SIGINT,
+    SIGTERM and SIGHUP into the run's stop reason. 0 when the run may go on."""
+    errors = check_environment(run.tuning, dict(os.environ))
+    if errors:
+        for line in errors:
+            print(f"{prog}: bad configuration: {line}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    for run_dir in cleanup.clean_stale_runs(runs_root):
+        console.print(f"cleaned up a {prog} run left behind: {run_dir}")
+    os.makedirs(out, exist_ok=True)
+    os.makedirs(runs_root, exist_ok=True)
+
+    def on_signal(signum: int, frame: object) -> None:
+        if not run.stop_reason:
+            run.stop_reason = f"{signal.Signals(signum).name} received"
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+    return 0
+
+
 def begin_run(run: Any, runs_root: str) -> tuple[str, subprocess.Popen[bytes]]:
     """Record a run (the demo's, or `make chaos`'s: anything with run_id, shm_name and a `record`
     to set) and start its watchdog, which cleans up should this process be killed outright."""
@@ -620,23 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     live = console.is_terminal and not args.plain
     console.soft_wrap = not live  # plain lines stay one line each in a log
     demo = Demo(args, console)
-    errors = check_environment(demo.tuning, dict(os.environ))
-    if errors:
-        for line in errors:
-            print(f"demo: bad configuration: {line}", file=sys.stderr)
-        return EXIT_BAD_CONFIG
-    for run_dir in cleanup.clean_stale_runs():
-        console.print(f"cleaned up a run left behind: {run_dir}")
-    os.makedirs(args.out, exist_ok=True)
-    os.makedirs(RUNS_ROOT, exist_ok=True)
-
-    def on_signal(signum: int, frame: object) -> None:
-        if not demo.stop_reason:
-            demo.stop_reason = f"{signal.Signals(signum).name} received"
-
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-
+    refused = prepare_run(demo, "demo", console, RUNS_ROOT, args.out)
+    if refused:
+        return refused
     run_dir, watchdog = begin_run(demo, RUNS_ROOT)
     assert demo.record is not None
 
