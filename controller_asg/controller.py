@@ -172,7 +172,9 @@ class Controller:
             finally:
                 os.close(fd)
 
-    def run(self, stop: threading.Event) -> None:
+    def run(self, stop: threading.Event, tick: Callable[[], None] | None = None) -> None:
+        """Step every control interval until `stop`; `tick` after each step (the systemd watchdog
+        ping: a step that hangs on a cloud call or a lock stops the pings)."""
         interval = self.cfg.effective_control_interval
         next_tick = time.monotonic()
         while not stop.is_set():
@@ -180,6 +182,8 @@ class Controller:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - one bad step must not kill the controller
                 self._log_error(f"control step failed: {exc!r}")
+            if tick is not None:
+                tick()
             next_tick += interval
             delay = next_tick - time.monotonic()
             if delay < 0:  # we fell behind (slow provider call): do not try to catch up in a burst

@@ -231,6 +231,16 @@ def http_url(raw: str) -> str:
     return value
 
 
+def schedule_spec(raw: str) -> tuple:
+    """HELIX_SCHEDULE, parsed by shared/schedule.py (scheduled actions, each a cron expression)."""
+    from shared.schedule import ScheduleError, parse_schedule
+
+    try:
+        return parse_schedule(raw)
+    except ScheduleError as exc:
+        raise Invalid(str(exc)) from None
+
+
 def external_metric_spec(raw: str) -> str:
     value = raw.strip()
     kind, _, rest = value.partition(":")
@@ -963,6 +973,96 @@ class Config:
         group="external_metric",
     )
 
+    # --- operating the fleet: ctl, refresh, schedules, lifetime, events (issue 13) ---------------
+    ctl_socket: str = setting(
+        "HELIX_CTL_SOCKET",
+        "",
+        "Unix socket the controller listens on for `helix-ctl` (only its own user and root may talk to it: "
+        "the peer's uid is checked); empty: `<HELIX_STATE_DIR>/controller/ctl.sock`.",
+        text(100),
+        group="operations",
+    )
+    controller_metrics_listen: str = setting(
+        "HELIX_CONTROLLER_METRICS_LISTEN",
+        "127.0.0.1:9465",
+        "Address the controller serves its Prometheus metrics on (`/metrics`); empty, `0` or `off` turns them "
+        "off. HELIX_METRICS_TLS_CERT/KEY and HELIX_METRICS_BASIC_AUTH_FILE apply here too.",
+        listen_or_off,
+        group="operations",
+    )
+    webhook_url: str = setting(
+        "HELIX_WEBHOOK_URL",
+        "",
+        "One JSON POST per activity (launch, terminate, replace, freeze, breaker, refresh, override, …) to "
+        "this URL, retried with back-off from a bounded queue; empty: none.",
+        http_url,
+        group="operations",
+    )
+    webhook_secret: str = setting(
+        "HELIX_WEBHOOK_SECRET",
+        "",
+        "With HELIX_WEBHOOK_URL: each POST carries `X-Helix-Signature: sha256=<HMAC-SHA256 of the body>` "
+        "under this key; empty: unsigned.",
+        text(1024),
+        secret=True,
+        group="operations",
+    )
+    webhook_queue: int = setting(
+        "HELIX_WEBHOOK_QUEUE",
+        "1000",
+        "Events waiting for the webhook at most; past it the oldest are dropped (and counted).",
+        integer(1, 1_000_000),
+        group="operations",
+    )
+    webhook_timeout: float = setting(
+        "HELIX_WEBHOOK_TIMEOUT",
+        "5",
+        "Seconds one webhook POST may take.",
+        number(0.1, 120, unit="seconds"),
+        group="operations",
+    )
+    schedule: tuple = setting(
+        "HELIX_SCHEDULE",
+        "",
+        "Scheduled actions, `;`-separated, each `NAME cron='MIN HOUR DOM MON DOW' [tz=Area/City] [for=DURATION] "
+        "[min=N] [max=N] [desired=N]`: from each time the cron expression fires, for DURATION (default: "
+        "until the next scheduled action fires), the fleet's min/max/desired are these (see the README).",
+        lambda raw: schedule_spec(raw),
+        group="operations",
+    )
+    max_instance_lifetime: float = setting(
+        "HELIX_MAX_INSTANCE_LIFETIME",
+        "0",
+        "Seconds an instance may live; older ones are replaced gradually (min-healthy and drain respected). "
+        "0: no limit; else at least 60.",
+        number(0, 3650 * 86400, unit="seconds"),
+        group="operations",
+    )
+    min_healthy_percentage: float = setting(
+        "HELIX_MIN_HEALTHY_PERCENTAGE",
+        "90",
+        "An instance refresh or lifetime replacement keeps at least this percentage of the desired count in "
+        "service (the refresh's default for --min-healthy).",
+        number(0, 100, unit="percent"),
+        group="operations",
+    )
+    max_healthy_percentage: float = setting(
+        "HELIX_MAX_HEALTHY_PERCENTAGE",
+        "100",
+        "A refresh may launch replacements first, up to this percentage of the desired count (never above "
+        "the fleet's max); 100: terminate first (the refresh's default for --max-healthy).",
+        number(100, 200, unit="percent"),
+        group="operations",
+    )
+    refresh_warmup: float = setting(
+        "HELIX_REFRESH_WARMUP",
+        "-1",
+        "Seconds a refresh batch's new instances must have been in service before the next batch; "
+        "-1: HELIX_WARMUP.",
+        number(-1, 86400, unit="seconds"),
+        group="operations",
+    )
+
     # --- providers ------------------------------------------------------------------------------
     provider: str = setting(
         "HELIX_PROVIDER",
@@ -1139,6 +1239,14 @@ class Config:
         return self.warm_pool_max_prepared or self.max_instances + self.warm_pool_size
 
     @property
+    def effective_ctl_socket(self) -> str:
+        return self.ctl_socket or os.path.join(self.state_dir, "controller", "ctl.sock")
+
+    @property
+    def effective_refresh_warmup(self) -> float:
+        return self.warmup if self.refresh_warmup < 0 else self.refresh_warmup
+
+    @property
     def effective_pki_dir(self) -> str:
         return self.pki_dir or os.path.join(self.state_dir, "pki")
 
@@ -1256,6 +1364,17 @@ def _cross_checks(cfg: Config, given: frozenset[str] = frozenset()) -> list[tupl
         bad(
             {"min_instances", "max_instances"},
             f"HELIX_MIN_INSTANCES={cfg.min_instances}: expected at most HELIX_MAX_INSTANCES={cfg.max_instances}",
+        )
+    if 0 < cfg.max_instance_lifetime < 60:
+        bad(
+            {"max_instance_lifetime"},
+            f"HELIX_MAX_INSTANCE_LIFETIME={cfg.max_instance_lifetime:g}: expected 0 (no limit) or at least 60 seconds",
+        )
+    if cfg.min_healthy_percentage >= 100 and cfg.max_healthy_percentage <= 100:
+        bad(
+            {"min_healthy_percentage", "max_healthy_percentage"},
+            f"HELIX_MIN_HEALTHY_PERCENTAGE={cfg.min_healthy_percentage:g}: expected below 100 unless "
+            "HELIX_MAX_HEALTHY_PERCENTAGE is above 100 (a refresh could never take an instance out)",
         )
     if cfg.cpu_lower >= cfg.cpu_upper:
         bad(

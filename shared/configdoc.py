@@ -41,6 +41,7 @@ GROUP_TITLES = {
     "monitor": "MonitorS",
     "controller": "ControllerASG",
     "hooks": "Lifecycle hooks and drain",
+    "operations": "Operating the fleet (helix-ctl, refresh, schedules, lifetime, events)",
     "provider": "Providers",
     "ec2": "The `ec2` provider",
 }
