@@ -7,17 +7,22 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Callable
 
 from controller_asg.hostlock import HostLock, HostLockHeld
 from controller_asg.traffic import Traffic, TrafficError
+from shared import sdnotify
 from shared.config import EXIT_BAD_CONFIG, Config, ConfigError, load_or_exit
 from shared.logs import setup_logging
 from shared.table import MetricsTable, NotPrivate, TableError, TableNotFound
 
 
-def wait_for_table(name: str, directory: str, stop: threading.Event, log: logging.Logger) -> MetricsTable | None:
+def wait_for_table(
+    name: str, directory: str, stop: threading.Event, log: logging.Logger, tick: Callable[[], None] | None = None
+) -> MetricsTable | None:
     """Attach to MonitorS's table, waiting (one log line, not one a second) while it is not there.
-    NotPrivate (a directory, table or lock not ours alone) is not waited out: it is raised."""
+    NotPrivate (a directory, table or lock not ours alone) is not waited out: it is raised.
+    `tick` every second while waiting (the systemd watchdog: this loop is alive)."""
     said = False
     while not stop.is_set():
         try:
@@ -25,15 +30,20 @@ def wait_for_table(name: str, directory: str, stop: threading.Event, log: loggin
         except TableNotFound as exc:
             if not said:
                 log.info("waiting for the metrics table: %s", exc)
+                sdnotify.status(f"waiting for MonitorS's metrics table: {exc}")
                 said = True
+        if tick is not None:
+            tick()
         stop.wait(1.0)
     return None
 
 
-def wait_for_traffic(cfg: Config, stop: threading.Event, log: logging.Logger) -> Traffic | None:
+def wait_for_traffic(
+    cfg: Config, stop: threading.Event, log: logging.Logger, tick: Callable[[], None] | None = None
+) -> Traffic | None:
     """The target groups, checked once (a group that cannot be used is a config error: exit 2);
     while their API fails, wait and retry rather than run without them (an instance must never be
-    terminated while still registered). None if stopped meanwhile."""
+    terminated while still registered). None if stopped meanwhile. `tick`: as wait_for_table's."""
     from controller_asg.providers import make_traffic
 
     while not stop.is_set():
@@ -41,6 +51,9 @@ def wait_for_traffic(cfg: Config, stop: threading.Event, log: logging.Logger) ->
             return make_traffic(cfg)
         except TrafficError as exc:
             log.error("cannot check the target groups (%s); retrying in 10s", exc)
+            sdnotify.status(f"waiting for the target groups' API: {exc}")
+        if tick is not None:
+            tick()
         stop.wait(10.0)
     return None
 
@@ -90,21 +103,30 @@ def main(argv: list[str] | None = None) -> int:
 
     # Imported after the configuration is known good: the ec2 provider pulls in boto3.
     from controller_asg.controller import Controller
+    from controller_asg.ctlserver import CtlServer, CtlServerError
+    from controller_asg.events import activity_listener, make_sink
     from controller_asg.external import make_external
     from controller_asg.policy import make_policy
+    from controller_asg.prom import ControllerMetrics, wrap_provider
     from controller_asg.providers import make_provider
 
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info("received %s: stopping after this step", signal.Signals(signum).name)
+        sdnotify.stopping("stopping after this step")
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    # systemd (Type=notify): READY=1 once started (instances adopted); the waits before that and
+    # every step after ping the watchdog, so a hung cloud call or lock gets the process restarted.
+    watchdog = sdnotify.Watchdog.from_env()
+    watchdog.cover(cfg.effective_control_interval, "a control step (HELIX_CONTROL_INTERVAL)")
+    watchdog.ping()
     try:
-        table = wait_for_table(cfg.shm_name, cfg.shm_dir, stop, log)
+        table = wait_for_table(cfg.shm_name, cfg.shm_dir, stop, log, tick=watchdog.ping)
     except NotPrivate as exc:
         print(f"controller_asg: {exc}", file=sys.stderr)
         if host_lock is not None:
@@ -112,10 +134,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_CONFIG
     if table is None:
         return 0
-    provider = make_provider(cfg)
+    # Events (HELIX_WEBHOOK_URL) and metrics (HELIX_CONTROLLER_METRICS_LISTEN): neither may stop
+    # the controller: a webhook that fails queues (bounded), a port in use logs one line.
+    sink = make_sink(cfg)
+    metrics = ControllerMetrics(sink=sink)
+    endpoint = metrics.serve(cfg, log)
+    ctl: CtlServer | None = None
+    provider = wrap_provider(make_provider(cfg), metrics)
     try:
         try:
-            traffic = wait_for_traffic(cfg, stop, log)
+            traffic = wait_for_traffic(cfg, stop, log, tick=watchdog.ping)
         except ConfigError as exc:  # a target group that cannot be used
             print(f"controller_asg: bad configuration: {exc}", file=sys.stderr)
             return EXIT_BAD_CONFIG
@@ -136,7 +164,12 @@ def main(argv: list[str] | None = None) -> int:
             fence=host_lock,
             traffic=traffic,
             external=external,
+            policy_factory=lambda lo, hi: make_policy(cfg.replace(min_instances=lo, max_instances=hi)),
         )
+        controller.metrics = metrics
+        controller.activity.add_listener(metrics.on_activity)
+        if sink is not None:
+            controller.activity.add_listener(activity_listener(sink))
         log.info(
             "starting: provider %s, policy %s, min %d, max %d, every %gs%s",
             provider.name,
@@ -151,8 +184,21 @@ def main(argv: list[str] | None = None) -> int:
         except TableError as exc:  # a state file that is not ours alone (NotPrivate)
             print(f"controller_asg: {exc}", file=sys.stderr)
             return EXIT_BAD_CONFIG
-        controller.run(stop)
+        ctl = CtlServer(cfg.effective_ctl_socket, controller.handle_ctl, log=log)
+        try:
+            ctl.start()
+        except CtlServerError as exc:  # the fleet is still governed; only helix-ctl cannot reach it
+            log.error("helix-ctl cannot reach this controller: %s", exc)
+            ctl = None
+        sdnotify.ready(f"controlling: provider {provider.name}, policy {cfg.policy}")
+        controller.run(stop, tick=watchdog.ping)
     finally:
+        if ctl is not None:
+            ctl.close()
+        if endpoint is not None:
+            endpoint.close()
+        if sink is not None:
+            sink.close(cfg.webhook_timeout)
         provider.close()
         table.close()
         if host_lock is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -33,10 +34,29 @@ class Activity:
 
 
 class ActivityLog:
-    def __init__(self, path: str):
+    """Records activities; listeners (the webhook, the metrics) hear of each after it is written."""
+
+    def __init__(self, path: str, listeners: Iterable[Callable[[Activity], None]] = ()):
         self.path = path
+        self.listeners: list[Callable[[Activity], None]] = list(listeners)
+        self._failed: set[int] = set()  # listeners whose failure was logged (once each)
+
+    def add_listener(self, fn: Callable[[Activity], None]) -> None:
+        self.listeners.append(fn)
 
     def record(self, activity: Activity) -> None:
+        try:
+            self._write(activity)
+        finally:
+            for fn in self.listeners:
+                try:
+                    fn(activity)
+                except Exception:  # a listener never breaks the record (logged below, with its traceback)
+                    if id(fn) not in self._failed:
+                        self._failed.add(id(fn))
+                        log.exception("activity listener %r failed (logged once; it is still called)", fn)
+
+    def _write(self, activity: Activity) -> None:
         log.warning(activity.message()) if activity.action in ("freeze", "replace") else log.info(activity.message())
         if not self.path:
             return

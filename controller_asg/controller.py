@@ -21,21 +21,46 @@ import os
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 from controller_asg.activity import Activity, ActivityLog
+from controller_asg.bounds import BoundedPolicy
 from controller_asg.breaker import BreakerEvent, ChurnBreaker
+from controller_asg.ctlserver import Caller, CtlError
 from controller_asg.drain import Drain, hook_verdict, start_drain, traffic_verdict
 from controller_asg.external import ExternalMetric
-from controller_asg.fleet import FleetView, build_fleet
+from controller_asg.fleet import FleetMember, FleetView, build_fleet
 from controller_asg.gate import TOKEN_HEX, Budget, Intent, token_prefix, valid_token
-from controller_asg.health import plan_replacements
+from controller_asg.health import HealthPlan, plan_replacements
 from controller_asg.hostlock import AlwaysFence, Fence
+from controller_asg.operator import (
+    PROCESSES,
+    Bounds,
+    Override,
+    Scheduled,
+    check_override,
+    parse_processes,
+    resolve_bounds,
+)
 from controller_asg.plan import Action, ActionKind, Plan, plan_frozen, plan_live
-from controller_asg.policy.base import Policy
-from controller_asg.providers.base import LaunchError, Provider, ProviderInstance
+from controller_asg.policy.base import Decision, Policy
+from controller_asg.prom import ControllerMetrics
+from controller_asg.providers.base import LaunchConfig, LaunchError, Provider, ProviderInstance
+from controller_asg.refresh import (
+    Refresh,
+    RefreshSpec,
+    RefreshState,
+    RefreshStep,
+    cancel,
+    launch_config_for,
+    outdated,
+    start_rollback,
+    step_refresh,
+)
 from controller_asg.traffic import NoTraffic, TargetState, Traffic, TrafficError
+from shared import schedule
 from shared.config import Config
 from shared.table import (
     ControllerStatus,
@@ -89,13 +114,20 @@ class Controller:
         fence: Fence | None = None,
         traffic: Traffic | None = None,
         external: ExternalMetric | None = None,
+        policy_factory: Callable[[int, int], Policy] | None = None,
     ):
         self.cfg = cfg
         self.table = table
         self.provider = provider
         self.traffic: Traffic = traffic or NoTraffic()
         self.external = external  # HELIX_EXTERNAL_METRIC (a queue's backlog), read once per step
-        self.policy = policy
+        # Min/max/desired change at run time (an override, a schedule): the policy is rebuilt for
+        # new bounds by `policy_factory` (without one, it keeps its own and is only clamped).
+        configured = (cfg.min_instances, cfg.max_instances)
+        self.policy = BoundedPolicy(
+            lambda lo, hi: policy if policy_factory is None or (lo, hi) == configured else policy_factory(lo, hi),
+            *configured,
+        )
         self.dry_run = dry_run
         self.clock = clock
         self.fence: Fence = fence or AlwaysFence()
@@ -132,6 +164,17 @@ class Controller:
         self._said: dict[str, str] = {}  # topic -> the last thing said about it (log once per change)
         self._last_error = ("", 0.0)
         self._history_saved_at = 0.0
+        # Operator control (helix-ctl): a step and a request never interleave.
+        self.lock = threading.RLock()
+        self._override: Override | None = None
+        self._suspended: set[str] = set()
+        self._refresh: Refresh | None = None  # the last instance refresh (helix-ctl refresh)
+        self._lifetime: Refresh | None = None  # HELIX_MAX_INSTANCE_LIFETIME's replacement, while one runs
+        self._known_configs: dict[str, dict[str, str]] = {}  # digest -> LaunchConfig settings we launched from
+        self._bounds = Bounds(cfg.min_instances, cfg.max_instances, None, "settings")
+        self._fleet_counts = {"capacity": 0, "draining": 0}
+        self._last_members: tuple[FleetMember, ...] = ()  # the last step's fleet (a refresh starts from it)
+        self.metrics: ControllerMetrics | None = None  # when served (controller_asg/prom.py)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -195,8 +238,16 @@ class Controller:
     # -- one step --------------------------------------------------------------------------------
 
     def step(self) -> None:
+        with self.lock:
+            started = time.monotonic()
+            self._step()
+            if self.metrics is not None:
+                self.metrics.observe_step(time.monotonic() - started)
+
+    def _step(self) -> None:
         now = self.clock()
         self._take_reset_request(now)
+        self._update_bounds(now)
         snap = self._read_table()
         try:
             listed = self.provider.list_instances()
@@ -234,8 +285,8 @@ class Controller:
         if why_frozen:
             plan = plan_frozen(
                 fleet,
-                min_instances=self.cfg.min_instances,
-                max_instances=self.cfg.max_instances,
+                min_instances=self._bounds.min,
+                max_instances=self._bounds.max,
                 termination_policy=self.cfg.termination_policy,
                 why=why_frozen,
             )
@@ -246,6 +297,9 @@ class Controller:
         # After acting: the roster carries this step's drain requests to MonitorS at once.
         self._publish_roster(known, now)
         self._write_status(now, plan.desired, plan.action, plan.reason, fleet, snap, self._budget(listed).billable)
+        self._fleet_counts = {"capacity": fleet.capacity, "draining": len(self._drains)}
+        self._last_members = fleet.members
+        self._observe_metrics(plan, fleet)
         self._save_state()
         if now - self._history_saved_at >= HISTORY_SAVE_SECONDS:
             self.save_history()
@@ -259,22 +313,31 @@ class Controller:
         if self.external is not None:
             obs = dataclasses.replace(obs, external=self._read_external(now))
         decision = self.policy.decide(obs)
+        if "scale-in" in self._suspended and decision.desired < fleet.capacity <= self._bounds.max:
+            decision = Decision(
+                fleet.capacity,
+                f"scale-in suspended (helix-ctl resume scale-in); the policy says {decision.desired}: {decision.reason}",
+            )
         # While the breaker is tripped, an instance that was healthy once is replaced only by the
         # next probe launch (one at a time, when its back-off allows); until then it is kept, and it
         # must not take the place of failed launches (terminated without replacement) in the plan.
         tripped = self.breaker.tripped
         probe = tripped and self.breaker.allowed(1, fleet.now)[0] == 1
         held = self._ever_healthy if tripped and not probe else set()
-        health = plan_replacements(
-            fleet,
-            grace=grace,
-            app_down_after=cfg.app_down_after,
-            desired=decision.desired,
-            in_flight=len(self._replacing),
-            max_unhealthy_fraction=cfg.max_unhealthy_fraction,
-            monitor_started_at=monitor_started,
-            skip=held,
-        )
+        if "replace-unhealthy" in self._suspended:
+            health = HealthPlan((), 0, "replace-unhealthy suspended (helix-ctl resume replace-unhealthy)")
+        else:
+            health = plan_replacements(
+                fleet,
+                grace=grace,
+                app_down_after=cfg.app_down_after,
+                desired=decision.desired,
+                in_flight=len(self._replacing),
+                max_unhealthy_fraction=cfg.max_unhealthy_fraction,
+                monitor_started_at=monitor_started,
+                skip=held,
+            )
+        refresh = self._refresh_step(fleet, decision.desired, now, {r.instance_id for r in health.replace})
         return plan_live(
             fleet,
             decision,
@@ -282,7 +345,66 @@ class Controller:
             termination_policy=cfg.termination_policy,
             breaker=("probe" if probe else "tripped") if tripped else "closed",
             ever_healthy=self._ever_healthy,
+            refresh=refresh,
         )
+
+    # -- instance refresh and max lifetime (refresh.py decides) ------------------------------------
+
+    def _settings_config(self) -> LaunchConfig:
+        return self.provider.launch_config()
+
+    def _launch_config(self) -> LaunchConfig:
+        """What the next launch uses: a refresh's target, a rollback's pin, or the settings'."""
+        active = self._lifetime if self._lifetime is not None and self._refresh is None else self._refresh
+        return launch_config_for(active, self._settings_config())
+
+    def _refresh_step(self, fleet: FleetView, desired: int, now: float, skip: set[str]) -> RefreshStep | None:
+        lifetime = self.cfg.max_instance_lifetime
+        active = self._refresh if self._refresh is not None and self._refresh.state.active else None
+        expired = lifetime > 0 and any(now - m.instance.launched_at > lifetime for m in fleet.members)
+        if active is None and self._lifetime is None and expired:
+            self._lifetime = Refresh(
+                id=f"lifetime-{uuid.uuid4().hex[:8]}",
+                kind="lifetime",
+                spec=RefreshSpec(
+                    min_healthy=self.cfg.min_healthy_percentage,
+                    max_healthy=self.cfg.max_healthy_percentage,
+                    warmup=self.cfg.effective_refresh_warmup,
+                    auto_rollback=False,
+                ),
+                target=self._launch_config().as_dict(),
+                previous=None,
+                started_at=now,
+                who="HELIX_MAX_INSTANCE_LIFETIME",
+            )
+        if active is None:
+            active = self._lifetime
+        if active is None:
+            return None
+        step = step_refresh(
+            active,
+            fleet,
+            desired=desired,
+            max_instances=self._bounds.max,
+            now=now,
+            breaker_tripped=self.breaker.tripped,
+            suspended="refresh" in self._suspended,
+            skip=skip,
+            lifetime=lifetime,
+        )
+        kind = step.refresh.kind
+        for event in step.events:
+            self._record(Activity(now, kind, 0, event, [], desired, fleet.capacity, self.dry_run))
+        if kind == "lifetime":
+            self._lifetime = step.refresh if step.refresh.state.active else None
+        else:
+            self._refresh = step.refresh
+        self._say(
+            f"{kind}:detail",
+            f"{kind} {step.refresh.id}: {step.refresh.detail}" if step.refresh.detail else "",
+            logging.INFO,
+        )
+        return step
 
     def _boot_time(self, fleet: FleetView, now: float) -> float:
         """The median launch-to-in-service time of our last BOOT_SAMPLES cold launches (0: none yet).
@@ -476,6 +598,14 @@ class Controller:
         owned = {i.instance_id for i in listed} | set(self._recent)
         accepted: set[str] = set()  # REPLACE targets whose terminate went through
         for action in plan.actions:
+            if action.kind in (ActionKind.TERMINATE, ActionKind.REPLACE) and "terminate" in self._suspended:
+                self._say(
+                    f"suspended:{action.kind.value}:{','.join(action.instance_ids)}",
+                    f"not terminating {', '.join(action.instance_ids)}: terminate suspended "
+                    f"(helix-ctl resume terminate); wanted: {action.cause}",
+                    logging.WARNING,
+                )
+                continue
             if action.kind in (ActionKind.TERMINATE, ActionKind.REPLACE):
                 accepted |= self._apply_terminate(action, owned, plan, fleet, now)
             elif action.replaces and action.replaces not in accepted:
@@ -637,7 +767,7 @@ class Controller:
         if started >= action.count:
             return
         action = dataclasses.replace(action, count=action.count - started)
-        below_min = max(0, self.cfg.min_instances - fleet.capacity - started)
+        below_min = max(0, self._bounds.min - fleet.capacity - started)
         count, why = self._launch_gate(action.count, listed, now, below_min=below_min)
         if count < action.count:
             self._say("launch-gate", f"launch of {action.count} cut to {count}: {why}", logging.WARNING)
@@ -650,12 +780,15 @@ class Controller:
         )
         if self.dry_run:
             return
-        self._launch(Intent(self.new_token(), count, action.cause[:300], action.replaces, now), listed, now)
+        config = self._launch_config().as_dict()
+        self._launch(
+            Intent(self.new_token(), count, action.cause[:300], action.replaces, now, config=config), listed, now
+        )
 
     def _budget(self, listed: list[ProviderInstance]) -> Budget:
         recent = {instance_id: token for instance_id, (_, token, _) in self._recent.items()}
         max_prepared = self.cfg.effective_max_prepared if self.cfg.warm_pool_size > 0 or self._pool else 0
-        return Budget.build(self.cfg.max_instances, listed, recent, list(self._intents.values()), max_prepared)
+        return Budget.build(self._bounds.max, listed, recent, list(self._intents.values()), max_prepared)
 
     # -- the warm pool ----------------------------------------------------------------------------
 
@@ -671,7 +804,7 @@ class Controller:
         if not stopped:
             return 0
         fenced = "" if self.dry_run else self.fence.may_act()
-        if fenced:
+        if fenced or "launch" in self._suspended:
             return 0
         count = self._budget(listed).allow_start(min(action.count, len(stopped)))
         if count <= 0:
@@ -783,7 +916,8 @@ class Controller:
         if count > 0:
             cause = f"keeping the warm pool at HELIX_WARM_POOL_SIZE={self.cfg.warm_pool_size}"
             self._record(Activity(now, "launch-warm", count, cause, [], plan.desired, fleet.capacity, self.dry_run))
-            self._launch(Intent(self.new_token(), count, cause, "", now, warm=True), listed, now)
+            config = self._launch_config().as_dict()
+            self._launch(Intent(self.new_token(), count, cause, "", now, warm=True, config=config), listed, now)
 
     def _launch_gate(
         self, wanted: int, listed: list[ProviderInstance], now: float, token: str = "", below_min: int = 0
@@ -792,6 +926,8 @@ class Controller:
         fenced = "" if self.dry_run else self.fence.may_act()
         if fenced:
             return 0, f"not acting: {fenced}"
+        if "launch" in self._suspended:
+            return 0, "launch suspended (helix-ctl resume launch)"
         budget = self._budget(listed)
         count = budget.allow(wanted, token)
         why = ""
@@ -799,7 +935,12 @@ class Controller:
             why = (
                 f"{budget.billable - budget.in_doubt.get(token, 0)} instance(s) may be billed "
                 f"({budget.listed} listed, {budget.unlisted} launched not yet listed, "
-                f"{sum(budget.in_doubt.values())} in doubt), HELIX_MAX_INSTANCES={budget.max_instances}"
+                f"{sum(budget.in_doubt.values())} in doubt), "
+                + (
+                    f"HELIX_MAX_INSTANCES={budget.max_instances}"
+                    if self._bounds.source == "settings"
+                    else f"max {budget.max_instances} ({self._bounds.source})"
+                )
             )
         if not token:  # a launch in doubt was already let through; finishing it starts nothing new
             allowed, breaker_why = self.breaker.allowed(count, now, below_min)
@@ -830,10 +971,12 @@ class Controller:
                 return
         else:
             count = intent.count
+        config = LaunchConfig.of(intent.config) if intent.config else self._settings_config()
+        self._known_configs[config.digest] = config.as_dict()
         self._intents[intent.token] = intent
         self._save_state(durable=True)
         try:
-            launched = self.provider.launch(count, intent.token)
+            launched = self.provider.launch(count, intent.token, config)
         except LaunchError as exc:
             # Definitive for this call only. A first call launched nothing; a retry of a launch in
             # doubt may still have instances from the earlier call that the listing does not show
@@ -971,6 +1114,269 @@ class Controller:
             log.error(message)
             self._last_error = (message, now)
 
+    # -- operator control: bounds, overrides, suspended processes (helix-ctl) ----------------------
+
+    def _scheduled(self, now: float) -> Scheduled | None:
+        if not self.cfg.schedule or "scheduled" in self._suspended:
+            return None
+        current = schedule.active(self.cfg.schedule, now)
+        if current is None:
+            return None
+        a = current.action
+        return Scheduled(a.name, a.min, a.max, a.desired)
+
+    def _update_bounds(self, now: float, quiet: bool = False) -> None:
+        """The bounds in force (operator.py's precedence): an override that expired is dropped
+        (one activity entry), and a change reaches the policy and the log."""
+        if self._override is not None and self._override.expired(now):
+            gone, self._override = self._override, None
+            self._record(
+                Activity(
+                    now,
+                    "override-expired",
+                    0,
+                    f"capacity override by {gone.who} expired" + (f" ({gone.reason})" if gone.reason else ""),
+                    [],
+                    self._last_status.desired,
+                    self._fleet_counts["capacity"],
+                    self.dry_run,
+                )
+            )
+        bounds = resolve_bounds(
+            self.cfg.min_instances, self.cfg.max_instances, self._scheduled(now), self._override, now
+        )
+        if bounds == self._bounds:
+            return
+        before, self._bounds = self._bounds, bounds
+        self.policy.set_bounds(bounds.min, bounds.max, bounds.desired, bounds.source)
+        if not quiet:
+            self._record(
+                Activity(
+                    now,
+                    "bounds",
+                    0,
+                    f"now {bounds.describe()}; were {before.describe()}",
+                    [],
+                    self._last_status.desired,
+                    self._fleet_counts["capacity"],
+                    self.dry_run,
+                )
+            )
+
+    def _observe_metrics(self, plan: Plan, fleet: FleetView) -> None:
+        if self.metrics is None:
+            return
+        active = self._active_refresh()
+        self.metrics.observe_status(
+            desired=plan.desired,
+            in_service=len(fleet.in_service),
+            pending=len(fleet.pending),
+            draining=len(self._drains),
+            frozen=self.frozen,
+            breaker=self.breaker.tripped,
+            min_=self._bounds.min,
+            max_=self._bounds.max,
+            suspended=self._suspended,
+            refresh_percent=active.percent if active is not None else None,
+        )
+
+    def _active_refresh(self) -> Refresh | None:
+        if self._refresh is not None and self._refresh.state.active:
+            return self._refresh
+        return self._lifetime
+
+    def ctl_status(self) -> dict:
+        """`helix-ctl status`: what the last step saw and what steers the next."""
+        now = self.clock()
+        st = self._last_status
+        upcoming = schedule.next_fire(self.cfg.schedule, now) if self.cfg.schedule else None
+        shown = self._refresh if self._refresh is not None else self._lifetime
+        if self._lifetime is not None and (self._refresh is None or not self._refresh.state.active):
+            shown = self._lifetime
+        return {
+            "desired": st.desired,
+            "in_service": st.in_service,
+            "pending": st.pending,
+            "draining": len(self._drains),
+            "capacity": self._fleet_counts["capacity"],
+            "frozen": self.frozen,
+            "dry_run": self.dry_run,
+            "policy": st.policy,
+            "breaker": {"tripped": self.breaker.tripped, "failures": self.breaker.consecutive},
+            "suspended": sorted(self._suspended, key=PROCESSES.index),
+            "bounds": {
+                "min": self._bounds.min,
+                "max": self._bounds.max,
+                "desired": self._bounds.desired,
+                "source": self._bounds.source,
+            },
+            "override": self._override.to_json() if self._override is not None else None,
+            "refresh": shown.status() if shown is not None else None,
+            "next_scheduled": (
+                {
+                    "name": upcoming[0].name,
+                    "at": upcoming[1],
+                    "min": upcoming[0].min,
+                    "max": upcoming[0].max,
+                    "desired": upcoming[0].desired,
+                }
+                if upcoming is not None
+                else None
+            ),
+            "lifetime": self.cfg.max_instance_lifetime,
+            "action": st.action,
+            "reason": st.reason,
+        }
+
+    def handle_ctl(self, op: str, args: dict, caller: Caller, reason: str) -> dict:
+        """One helix-ctl request (ctlserver.py has checked its shape). Runs between two steps;
+        every change is one activity entry naming who asked and why, and is saved at once."""
+        if op == "history":
+            return {"entries": self._history(args)}
+        with self.lock:
+            now = self.clock()
+            if op == "status":
+                return self.ctl_status()
+            who = f"{caller.user} (uid {caller.uid}, pid {caller.pid})"
+            why = f": {reason}" if reason else ""
+            if op == "set-capacity":
+                message = self._set_capacity(args, caller.user, reason, now)
+            elif op in ("suspend", "resume"):
+                message = self._suspend(op, args["processes"])
+            elif op == "refresh":
+                if args["action"] == "status":
+                    shown = self._refresh if self._refresh is not None else self._lifetime
+                    return {"refresh": shown.status() if shown is not None else None}
+                message = self._refresh_request(args, caller.user, reason, now)
+            else:
+                raise CtlError(f"op={op!r}: expected a known operation")
+            self._record(
+                Activity(
+                    now,
+                    op if op != "refresh" else f"refresh-{args['action']}",
+                    0,
+                    f"{message}; by {who}{why}",
+                    [],
+                    self._last_status.desired,
+                    self._fleet_counts["capacity"],
+                    self.dry_run,
+                )
+            )
+            self._save_state()
+            return {"message": message, "status": self.ctl_status()}
+
+    def _set_capacity(self, args: dict, user: str, reason: str, now: float) -> str:
+        if args["clear"]:
+            if self._override is None:
+                raise CtlError("clear: there is no capacity override to clear")
+            self._override = None
+            self._update_bounds(now, quiet=True)
+            return f"capacity override cleared: {self._bounds.describe()}"
+        without = resolve_bounds(self.cfg.min_instances, self.cfg.max_instances, self._scheduled(now), None, now)
+        problems = check_override(without, args["min"], args["max"], args["desired"])
+        if problems:
+            raise CtlError(problems[0])
+        until = now + args["for"] if args["for"] else None
+        self._override = Override(args["min"], args["max"], args["desired"], until, user, reason, now)
+        self._update_bounds(now, quiet=True)
+        expiry = f" for {args['for']:g}s" if until else " until cleared"
+        return f"capacity override{expiry}: {self._bounds.describe()}"
+
+    def _suspend(self, op: str, names: list[str]) -> str:
+        processes, problems = parse_processes(names)
+        if problems:
+            raise CtlError(problems[0])
+        if op == "suspend":
+            self._suspended.update(processes)
+        else:
+            self._suspended.difference_update(processes)
+        shown = ", ".join(sorted(self._suspended, key=PROCESSES.index)) or "none"
+        return f"{op}d {', '.join(processes)}; suspended now: {shown}"
+
+    def _refresh_request(self, args: dict, user: str, reason: str, now: float) -> str:
+        action = args["action"]
+        current = self._refresh if self._refresh is not None and self._refresh.state.active else None
+        if action == "start":
+            if current is not None:
+                raise CtlError(f"refresh {current.id} is {current.state.value}: cancel it first")
+            cfg = self.cfg
+            spec = RefreshSpec(
+                min_healthy=cfg.min_healthy_percentage if args["min_healthy"] is None else args["min_healthy"],
+                max_healthy=cfg.max_healthy_percentage if args["max_healthy"] is None else args["max_healthy"],
+                warmup=cfg.effective_refresh_warmup if args["warmup"] is None else args["warmup"],
+                checkpoints=tuple(args["checkpoints"] or ()),
+                checkpoint_delay=3600.0 if args["checkpoint_delay"] is None else args["checkpoint_delay"],
+                skip_matching=args["skip_matching"],
+                auto_rollback=args["auto_rollback"],
+                allow_above_max=args["allow_above_max"],
+            )
+            problems = spec.problems()
+            if problems:
+                raise CtlError(problems[0])
+            target = self._settings_config()
+            members = self._last_members
+            refresh = Refresh(
+                id=f"refresh-{uuid.uuid4().hex[:8]}",
+                kind="refresh",
+                spec=spec,
+                target=target.as_dict(),
+                previous=None,
+                started_at=now,
+                who=user,
+                reason=reason,
+            )
+            old = outdated(refresh, members, now)
+            digests = Counter(m.instance.config for m in old if m.instance.config)
+            if digests:
+                refresh.previous = self._known_configs.get(digests.most_common(1)[0][0])
+            refresh.total = len(old)
+            self._refresh = refresh
+            self._lifetime = None  # a refresh replaces expired instances too, and it goes first
+            known = (
+                ""
+                if refresh.previous is not None or not old
+                else "; the previous configuration is unknown: no rollback"
+            )
+            return (
+                f"refresh {refresh.id} started: {len(old)} instance(s) to replace with {target.describe()} "
+                f"(min healthy {spec.min_healthy:g}%, max healthy {spec.max_healthy:g}%, warm-up {spec.warmup:g}s){known}"
+            )
+        if current is None:
+            raise CtlError(f"action={action}: expected a refresh in progress (there is none)")
+        if action == "cancel":
+            self._refresh = cancel(current, now, f"cancelled by {user}")
+            return f"refresh {current.id} cancelled at {current.percent:.0f}%: instances already replaced stay"
+        self._refresh = start_rollback(current, now, f"rollback asked by {user}")
+        if self._refresh.state == RefreshState.FAILED:
+            raise CtlError(f"refresh {current.id}: cannot roll back: the previous launch configuration is not known")
+        return f"refresh {current.id} rolling back to {LaunchConfig.of(self._refresh.target).describe()}"
+
+    def _history(self, args: dict) -> list[dict]:
+        """The activity log's entries (HELIX_ACTIVITY_LOG), newest last, filtered."""
+        path = self.cfg.activity_log
+        if not path:
+            raise CtlError("history: HELIX_ACTIVITY_LOG is not set, so no activity is kept", code="refused")
+        out: list[dict] = []
+        try:
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    try:
+                        entry = json.loads(line)
+                    except ValueError:
+                        continue
+                    if not isinstance(entry, dict):
+                        continue
+                    if args.get("since") is not None and float(entry.get("time", 0)) < args["since"]:
+                        continue
+                    if args.get("action") and entry.get("action") != args["action"]:
+                        continue
+                    out.append(entry)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise CtlError(f"history: cannot read {path}: {exc.strerror}", code="internal") from None
+        return out[-int(args.get("limit") or 100) :]
+
     # -- operator requests -----------------------------------------------------------------------
 
     def _take_reset_request(self, now: float) -> None:
@@ -1021,6 +1427,11 @@ class Controller:
             "replacing": self._replacing,
             "ever_healthy": sorted(self._ever_healthy),
             "breaker": self.breaker.export_state(),
+            "override": self._override.to_json() if self._override is not None else None,
+            "suspended": sorted(self._suspended),
+            "refresh": self._refresh.to_json() if self._refresh is not None else None,
+            "lifetime": self._lifetime.to_json() if self._lifetime is not None else None,
+            "known_configs": self._known_configs,
         }
 
     def _save_state(self, durable: bool = False) -> None:
@@ -1052,6 +1463,7 @@ class Controller:
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable controller state %s: %s", self.state_path, exc)
             state = {}
+        self._load_operator_state(state)
         intents = list(state.get("intents", []) or [])
         try:  # the single-intent file of earlier versions
             with open(self.legacy_intent_path, encoding="utf-8") as fh:
@@ -1103,6 +1515,35 @@ class Controller:
         except FileNotFoundError:
             pass
 
+    def _load_operator_state(self, state: dict) -> None:
+        """The override, suspended processes, refreshes and known configurations: each part that
+        does not parse is dropped with one warning (the fleet is then steered by the settings)."""
+        try:
+            raw = state.get("override")
+            self._override = Override.from_json(raw) if isinstance(raw, dict) else None
+        except (TypeError, ValueError) as exc:
+            log.warning("ignoring the saved capacity override: %s", exc)
+        suspended = state.get("suspended", [])
+        self._suspended = {str(p) for p in suspended if p in PROCESSES} if isinstance(suspended, list) else set()
+        for key in ("refresh", "lifetime"):
+            raw = state.get(key)
+            try:
+                value = Refresh.from_json(raw) if isinstance(raw, dict) else None
+            except (TypeError, ValueError, KeyError) as exc:
+                log.warning("ignoring the saved %s: %s", key, exc)
+                value = None
+            setattr(self, f"_{key}", value)
+        configs = state.get("known_configs", {})
+        if isinstance(configs, dict):
+            self._known_configs = {
+                str(d): {str(k): str(v) for k, v in c.items()} for d, c in configs.items() if isinstance(c, dict)
+            }
+        self._update_bounds(self.clock(), quiet=True)
+        if self._suspended:
+            log.warning("suspended processes (helix-ctl resume): %s", ", ".join(sorted(self._suspended)))
+        if self._refresh is not None and self._refresh.state.active:
+            log.info("resuming instance refresh %s (%s)", self._refresh.id, self._refresh.state.value)
+
     def _valid_intent(self, raw: object) -> Intent | None:
         """A resumed intent is trusted only in shape (the gate still checks what it may add)."""
         if not isinstance(raw, dict):
@@ -1118,15 +1559,24 @@ class Controller:
                 TOKEN_HEX,
             )
             return None
-        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= self.cfg.max_instances:
+        ceiling = max(self.cfg.max_instances, self._bounds.max)
+        if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= ceiling:
             log.warning(
                 "dropping launch intent %s: count=%r, expected an integer from 1 to HELIX_MAX_INSTANCES=%d",
                 token,
                 count,
-                self.cfg.max_instances,
+                ceiling,
             )
             return None
         assert isinstance(token, str)
+        config = raw.get("config") or {}
+        if not isinstance(config, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in config.items()
+        ):
+            log.warning(
+                "launch intent %s: config=%r is not a map of strings; launching from the settings'", token, config
+            )
+            config = {}
         return Intent(
             token,
             count,
@@ -1134,6 +1584,7 @@ class Controller:
             str(raw.get("replaces", ""))[:128],
             # Unknown (an older state file): as if made now, so its doubt lasts the full window.
             float(raw["created_at"]) if isinstance(raw.get("created_at"), (int, float)) else self.clock(),
+            config=config,
         )
 
     def _load_history(self) -> None:

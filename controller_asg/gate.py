@@ -19,7 +19,7 @@ still resolves the doubt (a launch of 0 under its token only looks up what it la
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controller_asg.providers.base import ProviderInstance
 
@@ -47,6 +47,9 @@ class Intent:
     replaces: str = ""  # the instance this launch replaces, if it is a replacement
     created_at: float = 0.0  # when the first call under this token was made
     warm: bool = False  # for the warm pool: prepared, then stopped
+    # The LaunchConfig settings it launches from (empty: the provider's own, from the settings): a
+    # resumed launch keeps the configuration it was started with (a refresh's, a rollback's).
+    config: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

@@ -10,12 +10,16 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 from controller_asg.fleet import FleetView
 from controller_asg.health import HealthPlan
 from controller_asg.policy.base import Decision
 from controller_asg.termination import choose_victims
 from shared.table import State
+
+if TYPE_CHECKING:  # refresh.py builds on this module's Action
+    from controller_asg.refresh import RefreshStep
 
 
 class ActionKind(StrEnum):
@@ -53,6 +57,7 @@ def plan_live(
     termination_policy: str,
     breaker: str = "closed",
     ever_healthy: Collection[str] = (),
+    refresh: RefreshStep | None = None,
 ) -> Plan:
     """The policy's desired count and the health plan, as actions.
 
@@ -64,7 +69,11 @@ def plan_live(
       (`plan_replacements(skip=...)`): they are kept, as they may recover.
     - `breaker` "probe" (tripped, and one probe launch may go now): one replacement, as usual;
       its launch is the probe.
-    - Then the policy's delta, counted on the fleet as it will be after the replacements.
+    - Then an instance refresh's batch (`refresh`, see refresh.py): REPLACE + LAUNCH pairs, which
+      keep the count, and replacements launched first, which the fleet holds above desired
+      (`refresh.extra`) until the instances they replace are taken out.
+    - Then the policy's delta, counted on the fleet as it will be after all that; a scale-in takes
+      instances the refresh has still to replace first.
     """
     desired = decision.desired
     actions: list[Action] = []
@@ -106,14 +115,30 @@ def plan_live(
     # Replacements keep the count (or, with the breaker tripped, lower it: refilled by the policy
     # when launches may go again, through the same gate).
     capacity = fleet.capacity - (len(replaced) if tripped else 0)
-    delta = desired - capacity
+    target = desired
+    if refresh is not None:
+        for action in refresh.actions:
+            if action.kind == ActionKind.REPLACE and action.instance_ids[0] in replaced:
+                continue  # health replaces it this step already
+            if action.replaces and action.replaces in replaced:
+                continue
+            actions.append(action)
+            if action.kind == ActionKind.REPLACE:
+                replaced.add(action.instance_ids[0])
+            elif action.kind == ActionKind.TERMINATE:
+                replaced.update(action.instance_ids)
+                capacity -= action.count
+            elif action.kind == ActionKind.LAUNCH and not action.replaces:
+                capacity += action.count
+        target = desired + refresh.extra
+    delta = target - capacity
     word = "hold"
     if delta > 0:
         word = "launch"
         actions.append(Action(ActionKind.LAUNCH, decision.reason, delta))
     elif delta < 0:
         candidates = [m for m in fleet.members if m.instance_id not in replaced]
-        victims = choose_victims(candidates, -delta, termination_policy)
+        victims = choose_victims(candidates, -delta, termination_policy, refresh.outdated if refresh else ())
         if len(victims) < -delta:
             notes.append(f"want {-delta} fewer instances but only {len(victims)} are unprotected")
         if victims:

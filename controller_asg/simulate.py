@@ -7,9 +7,13 @@ the oracle that knows the future.
     python -m controller_asg.simulate --trace rates.txt.gz --capacity 50 --days 7 --plot run.png
     python -m controller_asg.simulate --trace t.gz --peak-instances 20 --smooth 60 --policy k8s-hpa
     python -m controller_asg.simulate --trace t.gz --peak-instances 20 --warm-pool 4 --warm-start 15
+    python -m controller_asg.simulate --trace t.gz --capacity 50 --trace-start 2026-03-02T00:00Z \
+        --schedule "business cron='0 8 * * MON-FRI' tz=Europe/Paris for=10h min=4"
 
 Settings are the live controller's (`HELIX_…` from the environment or `.env`), overridden by
-`--set HELIX_KEY=VALUE` flags.
+`--set HELIX_KEY=VALUE` flags. Scheduled actions (`--schedule`, default HELIX_SCHEDULE) run as
+live, at trace time: the trace's first second is `--trace-start` (default 0, i.e.
+1970-01-01T00:00:00Z, a Thursday), and `--start`/`--history-days` move along it.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import argparse
 import json
 import sys
 import time
+from datetime import UTC, datetime
 
 from controller_asg.policy import BASELINES, LIVE_POLICIES
 from controller_asg.sim.runner import capacity_for_peak, compare, params_from
 from controller_asg.sim.trace import TraceError, load_columns, smooth
 from shared.config import ConfigError, load_config
+from shared.schedule import ScheduleError, parse_schedule
 
 DAY = 86400
 COLUMNS = [
@@ -102,6 +108,19 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument(
         "--set", action="append", default=[], metavar="HELIX_KEY=VALUE", help="override a setting (repeatable)"
     )
+    ap.add_argument(
+        "--schedule",
+        metavar="ACTIONS",
+        help="scheduled actions in HELIX_SCHEDULE's syntax, evaluated at trace time (default HELIX_SCHEDULE;"
+        " '' for none)",
+    )
+    ap.add_argument(
+        "--trace-start",
+        default="0",
+        metavar="WHEN",
+        help="when the trace's first second is, for --schedule: Unix seconds or an ISO 8601 date-time"
+        " (UTC unless it says; default 0, 1970-01-01T00:00:00Z)",
+    )
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON ('-' for stdout)")
     ap.add_argument("--plot", metavar="FILE.png", help="plot demand, fleet and CPU")
     ap.add_argument("--reasons", action="store_true", help="print every scaling action with its reason")
@@ -143,6 +162,19 @@ def warm_pool_params(args: argparse.Namespace, prog: str, default_size: int) -> 
     return size, start, cost
 
 
+def trace_start(raw: str) -> float | None:
+    """--trace-start as Unix seconds: a number, or an ISO 8601 date(-time), naive meaning UTC."""
+    try:
+        value = float(raw)
+    except ValueError:
+        try:
+            when = datetime.fromisoformat(raw.strip())
+        except ValueError:
+            return None
+        return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    return value if value == value and abs(value) < 1e11 else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     prog = "simulate"
@@ -179,6 +211,21 @@ def main(argv: list[str] | None = None) -> int:
     if pool is None:
         return 2
     warm_pool, warm_start, stopped_cost = pool
+    schedule = cfg.schedule
+    if args.schedule is not None:
+        try:
+            schedule = parse_schedule(args.schedule)
+        except ScheduleError as exc:
+            print(f"{prog}: --schedule={args.schedule}: expected {exc}", file=sys.stderr)
+            return 2
+    epoch = trace_start(args.trace_start)
+    if epoch is None:
+        print(
+            f"{prog}: --trace-start={args.trace_start}: expected Unix seconds or an ISO 8601 date-time"
+            " such as 2026-03-02T00:00:00Z",
+            file=sys.stderr,
+        )
+        return 2
     try:
         columns = load_columns(args.trace, args.step)
     except TraceError as exc:
@@ -209,7 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     capacity = args.capacity or capacity_for_peak(demand[history:], args.peak_instances, cfg.cpu_target)
     p = params_from(cfg, capacity, args.boot_time, warm_pool, warm_start, stopped_cost, cfg.warm_pool_max_prepared)
     started = time.monotonic()
-    outcomes = compare(names, demand, p, cfg, measure_from=history, keep_reasons=args.reasons, backlog=backlog)
+    # Schedules run at trace time: demand[0] of this slice is the trace's second `begin - history`.
+    slice_epoch = epoch + (begin - history)
+    outcomes = compare(
+        names,
+        demand,
+        p,
+        cfg,
+        measure_from=history,
+        keep_reasons=args.reasons,
+        backlog=backlog,
+        schedule=schedule,
+        epoch=slice_epoch,
+    )
     elapsed = time.monotonic() - started
     simulated = (len(demand) - history) / DAY
     print(
@@ -219,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         f" min {cfg.min_instances}, max {cfg.max_instances}; simulated in {elapsed:.1f} s"
     )
     print(table([(o.name, o.figures.as_dict()) for o in outcomes]))
+    if schedule:
+        first = datetime.fromtimestamp(slice_epoch + history, UTC).isoformat(timespec="seconds")
+        print(
+            f"scheduled actions at trace time (the measured part starts {first}; the oracle has none): "
+            + "; ".join(f"{a.describe()} at '{a.cron}' {a.tz}" for a in schedule)
+        )
     if warm_pool:
         print(
             f"warm pool {warm_pool} (in service {warm_start:g} s after a start, stopped billed at {stopped_cost:g};"
@@ -250,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             "target": cfg.cpu_target,
             "min": cfg.min_instances,
             "max": cfg.max_instances,
+            "trace_start": epoch,
+            "schedule": [a.name for a in schedule],
             "policies": {o.name: o.figures.as_dict() for o in outcomes},
         }
         text = json.dumps(doc, indent=2)

@@ -1,8 +1,7 @@
 """Prometheus exposition for MonitorS: HELIX_METRICS_LISTEN (loopback by default; empty turns it
 off), optionally HTTPS (HELIX_METRICS_TLS_CERT/KEY) and HTTP basic auth
-(HELIX_METRICS_BASIC_AUTH_FILE). Served by a small threaded WSGI server of our own rather than
-prometheus_client's start_http_server, which has no basic auth and does its TLS handshake in the
-accept loop (where one silent client stalls every scrape).
+(HELIX_METRICS_BASIC_AUTH_FILE), served by shared/promhttp.py (the controller's endpoint is served
+the same way).
 
 Per-instance values are read from the in-memory fleet at scrape time by a custom collector, so
 a poll cycle pays nothing for them and a deregistered instance's series simply disappear. The
@@ -12,34 +11,21 @@ same collector reads the table at scrape time for its bad rows and the controlle
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import hmac
-import ipaddress
 import logging
-import socket
-import ssl
-import sys
-import threading
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from monitor_s.fleet import Entry, Fleet
-from shared.config import Config, Invalid, parse_host_port
+from shared.config import Config
+from shared.promhttp import ExporterError, basic_auth, serve_registry
 from shared.table import Lifecycle, Notice, State
 
-if TYPE_CHECKING:
-    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+__all__ = ["ExporterError", "FleetCollector", "basic_auth", "start_exporter"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-CONNECTION_TIMEOUT = 10.0  # seconds a metrics client may take for its TLS handshake, its request, each read
 
 
 class FleetCollector:
@@ -144,72 +130,6 @@ class FleetCollector:
             yield GaugeMetricFamily(name, doc, value=value)
 
 
-class ExporterError(Exception):
-    """The metrics endpoint cannot be served; the message is one line naming the setting."""
-
-
-def basic_auth(app: WSGIApplication, user: str, password: str) -> WSGIApplication:
-    """`app` behind HTTP basic auth: a request without exactly these credentials gets 401.
-
-    Both sides are hashed before the constant-time comparison, so neither the length nor the
-    content of the expected credentials leaks through timing."""
-    expected = hashlib.sha256(f"{user}:{password}".encode()).digest()
-
-    def guarded(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
-        try:
-            given = base64.b64decode(token.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            given = b""
-        # Always compare, whatever the scheme, so a wrong scheme takes as long as a wrong password.
-        matches = hmac.compare_digest(hashlib.sha256(given).digest(), expected)
-        if scheme.lower() == "basic" and matches:
-            return app(environ, start_response)
-        body = b"401 Unauthorized: HTTP basic auth required\n"
-        start_response(
-            "401 Unauthorized",
-            [
-                ("WWW-Authenticate", 'Basic realm="helix metrics", charset="UTF-8"'),
-                ("Content-Type", "text/plain; charset=utf-8"),
-                ("Content-Length", str(len(body))),
-            ],
-        )
-        return [body]
-
-    return guarded
-
-
-class _Handler(WSGIRequestHandler):
-    """One request per connection, no access log (a scrape every few seconds is not an event)."""
-
-    def setup(self) -> None:
-        if isinstance(self.request, ssl.SSLSocket):
-            self.request.do_handshake()  # here, in this connection's thread: see _Server.get_request
-        super().setup()
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        pass
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # never wait on a scrape in flight at exit
-    ssl_context: ssl.SSLContext | None = None
-    log: logging.Logger = logging.getLogger(__name__)
-
-    def get_request(self) -> tuple[socket.socket, Any]:
-        sock, addr = self.socket.accept()
-        sock.settimeout(CONNECTION_TIMEOUT)  # a client that connects and says nothing lets go
-        if self.ssl_context is not None:
-            # No handshake in the accept loop: one silent client would stall every other scrape.
-            sock = self.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-        return sock, addr
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # A failed handshake (plain HTTP to the HTTPS port), a timeout, a reset: one debug line,
-        # never a traceback on stderr.
-        self.log.debug("metrics: connection from %s failed: %r", client_address[0], sys.exc_info()[1])
-
-
 def start_exporter(fleet: Fleet, cfg: Config, log: logging.Logger) -> str:
     """Serve /metrics on cfg.effective_metrics_listen in background threads, with TLS and basic
     auth when configured; return where and how (for the log), or raise ExporterError."""
@@ -221,71 +141,16 @@ def start_exporter(fleet: Fleet, cfg: Config, log: logging.Logger) -> str:
             "set HELIX_METRICS_LISTEN instead",
             listen,
         )
-    host, port = parse_host_port(listen)
     registry = CollectorRegistry()
     registry.register(FleetCollector(fleet))
     latency = Histogram(
         "helix_poll_latency_seconds", "Latency of successful agent polls.", buckets=LATENCY_BUCKETS, registry=registry
     )
 
-    app = make_wsgi_app(registry)
-    how = ["no auth"]
-    try:
-        credentials = cfg.metrics_basic_auth()
-    except (OSError, UnicodeDecodeError, Invalid) as exc:  # changed since the config check
-        raise ExporterError(
-            f"HELIX_METRICS_BASIC_AUTH_FILE={cfg.metrics_basic_auth_file}: expected a readable user:password file "
-            f"({type(exc).__name__})"
-        ) from None
-    if credentials is not None:
-        app = basic_auth(app, *credentials)
-        how = [f"basic auth as {credentials[0]!r}"]
-
-    context = None
-    if cfg.metrics_tls_cert:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
-        try:
-            context.load_cert_chain(cfg.metrics_tls_cert, cfg.metrics_tls_key, password=lambda: b"")
-        except OSError as exc:  # ssl.SSLError is one
-            reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
-            raise ExporterError(
-                f"HELIX_METRICS_TLS_CERT={cfg.metrics_tls_cert}: expected a certificate and key that load ({reason})"
-            ) from None
-
-    try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
-
-        class MetricsServer(_Server):  # the address family is read when the socket is made
-            address_family = family
-
-        MetricsServer.ssl_context = context
-        MetricsServer.log = log
-        httpd: WSGIServer = make_server(host, port, app, server_class=MetricsServer, handler_class=_Handler)
-    except OSError as exc:
-        raise ExporterError(f"{key}={listen}: cannot listen there ({exc.strerror or exc})") from None
-
     def observe(values: list[float]) -> None:
         for value in values:
             latency.observe(value)
 
+    endpoint = serve_registry(registry, cfg, log, listen=listen, key=key)
     fleet.latency_observer = observe
-    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
-    scheme = "https" if context is not None else "http"
-    shown_host = f"[{host}]" if ":" in host else host
-    if credentials is not None and context is None and not _is_loopback(host):
-        log.warning(
-            "metrics: basic auth without TLS on %s: the password crosses the network in clear text "
-            "(set HELIX_METRICS_TLS_CERT and HELIX_METRICS_TLS_KEY)",
-            listen,
-        )
-    return f"{scheme}://{shown_host}:{port}/metrics ({', '.join(how)})"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return endpoint.description

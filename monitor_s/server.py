@@ -20,7 +20,7 @@ from monitor_s.fleet import Fleet
 from monitor_s.identitydoc import DocumentVerifier
 from monitor_s.validation import Refusal, check_caller, check_instance_id, check_reason, check_register, peer_ip
 from protos import helix_pb2, helix_pb2_grpc
-from shared import pki, rpc_security
+from shared import pki, rpc_security, sdnotify
 from shared.config import Config
 from shared.rpc_security import bearer_matches
 from shared.table import MetricsTable, NotPrivate, Roster, TableFull
@@ -260,6 +260,11 @@ async def serve(
             cfg.effective_tls_mode
         ],
     )
+    # systemd (Type=notify): started once the Registry answers; the poll loop below pings the
+    # watchdog after every cycle, so a cycle that hangs (a poll, the table's lock) stops the pings.
+    sdnotify.ready(f"serving Registry on {cfg.monitor_listen}")
+    watchdog = sdnotify.Watchdog.from_env()
+    watchdog.cover(cfg.poll_interval, "the poll loop (HELIX_POLL_INTERVAL)")
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -291,6 +296,7 @@ async def serve(
         # launch hooks only).
         fleet.lifecycle.step(roster)
         table.monitor_heartbeat(time.time(), pid, cfg.poll_interval, cycle_seconds)
+        watchdog.ping()
         if cycle_seconds > cfg.poll_interval:
             log.warning("poll cycle took %.3fs, longer than HELIX_POLL_INTERVAL=%g", cycle_seconds, cfg.poll_interval)
         next_tick += cfg.poll_interval
@@ -299,6 +305,7 @@ async def serve(
             next_tick = now
         await asyncio.wait([stopping], timeout=next_tick - now)
 
+    sdnotify.stopping("stopping")
     for name in ("", "helix.v1.Registry"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.stop(grace=0.5)

@@ -1057,8 +1057,7 @@ class Config:
     refresh_warmup: float = setting(
         "HELIX_REFRESH_WARMUP",
         "-1",
-        "Seconds a refresh batch's new instances must have been in service before the next batch; "
-        "-1: HELIX_WARMUP.",
+        "Seconds a refresh batch's new instances must have been in service before the next batch; -1: HELIX_WARMUP.",
         number(-1, 86400, unit="seconds"),
         group="operations",
     )
@@ -1118,6 +1117,15 @@ class Config:
         "",
         "`ec2`: launch template id or name (else AMI + type + subnets).",
         text(256),
+        group="ec2",
+    )
+    ec2_launch_template_version: str = setting(
+        "HELIX_EC2_LAUNCH_TEMPLATE_VERSION",
+        "$Default",
+        "`ec2`: the launch template's version: a number, `$Default` or `$Latest`. Pin a number so an "
+        "instance refresh can tell which instances run an older version (it cannot see through "
+        "`$Default`/`$Latest`: refresh with --no-skip-matching then).",
+        text(32, allow_empty=False),
         group="ec2",
     )
     ec2_ami: str = setting("HELIX_EC2_AMI", "", "`ec2`: AMI id of the app image.", text(64), group="ec2")

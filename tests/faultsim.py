@@ -20,11 +20,14 @@ import random
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from controller_asg.controller import Controller
+from controller_asg.ctlserver import Caller, CtlError, validate
 from controller_asg.hostlock import HostLock, HostLockHeld
+from controller_asg.operator import PROCESSES
 from controller_asg.policy import build_policy
-from controller_asg.providers.base import LaunchError, ProviderInstance
+from controller_asg.providers.base import LaunchConfig, LaunchError, ProviderInstance
 from controller_asg.traffic import TargetState, TrafficError
 from shared.config import Config, load_config
 from shared.table import HookResult, InstanceRow, Lifecycle, MetricsTable, State
@@ -64,6 +67,10 @@ FAULT_KINDS = (
     "dies_draining",  # one draining instance's agent dies
     # the warm pool (with HELIX_WARM_POOL_SIZE > 0)
     "stop_start_fails",  # StopInstances / StartInstances fail for `duration` seconds
+    # operator control (helix-ctl), each through the controller's own request handler
+    "refresh",  # a new release (image) and `refresh start`; an odd `value` makes it a bad release
+    "override",  # `set-capacity`: desired `value` % (max + 1) (and a lower max when it is odd), for `duration` s
+    "suspend",  # `suspend` process `value` % 6 for `duration` seconds, then `resume`
 )
 
 
@@ -96,6 +103,7 @@ class SimInstance:
     hook_seconds: float = 1.0  # its launch hook's run
     hook_abandons: bool = False
     drain_seconds: float = 3.0  # its terminate hook's run (inf: never ends)
+    config: str = ""  # the digest of the LaunchConfig it was launched from
 
     def billable(self) -> bool:
         return self.state in ("running", "terminating")
@@ -152,6 +160,10 @@ class FakeCloud:
         self.rows: dict[str, InstanceRow] = {}  # what SimMonitor wrote last (for the drain checks)
         self.max_prepared = 0  # with a warm pool: every owned instance, stopped ones too, within this
         self.stop_start_fails_until = -1.0
+        # The launch configuration the settings name (an instance refresh replaces instances of
+        # others), and images whose instances' apps never start (a bad release: refresh rolls back).
+        self.image = "img-1"
+        self.bad_images: set[str] = set()
 
     def owned(self) -> list[SimInstance]:
         return [i for i in self.instances.values() if not i.foreign]
@@ -179,7 +191,7 @@ class FakeCloud:
             if inst.state == "terminating" and now - inst.terminated_at >= TERMINATING_SECONDS:
                 inst.state = "gone"
 
-    def new_instance(self, token: str) -> SimInstance:
+    def new_instance(self, token: str, config: LaunchConfig | None = None) -> SimInstance:
         self._n += 1
         now = self.now
         agent_at: float | None = now + self.rng.uniform(2, 6)
@@ -192,8 +204,11 @@ class FakeCloud:
             app_at = (agent_at or now) + self.rng.uniform(15, 60)
         if self.broken_image or now < self.broken_until:
             app_at = None
+        if config is not None and config.as_dict().get("image") in self.bad_images:
+            app_at = None
         lag = self.lag if now < self.lag_until else 0.0
         inst = SimInstance(f"i-{self._n:05d}", token, f"z{self._n % 2}", now, now + lag, agent_at, app_at)
+        inst.config = config.digest if config is not None else ""
         inst.hook_seconds = self.rng.uniform(0, 4)
         inst.drain_seconds = self.rng.uniform(1, 8)
         if self.hook_abandons > 0:
@@ -228,6 +243,7 @@ class FakeProvider:
             inst.state if inst.state in ("terminating", "stopped") else "running",
             address="",
             launch_token=inst.token,
+            config=inst.config,
         )
 
     def list_instances(self) -> list[ProviderInstance]:
@@ -236,8 +252,12 @@ class FakeProvider:
             raise ConnectionError("RequestLimitExceeded (simulated throttling)")
         return [self._view(i) for i in c.owned() if i.state != "gone" and c.now >= i.listed_at]
 
-    def launch(self, count: int, token: str) -> list[ProviderInstance]:
+    def launch_config(self) -> LaunchConfig:
+        return LaunchConfig.of({"image": self.cloud.image})
+
+    def launch(self, count: int, token: str, config: LaunchConfig | None = None) -> list[ProviderInstance]:
         c = self.cloud
+        config = config or self.launch_config()
         if count < 0:
             raise ValueError(f"count={count}: expected 0 or more")
         fault = c.pending_launch_faults.pop(0) if c.pending_launch_faults and count > 0 else ""
@@ -249,7 +269,7 @@ class FakeProvider:
         c.first_count.setdefault(token, count)
         mine = c.by_token.setdefault(token, [])
         for _ in range(count - len(mine)):
-            mine.append(c.new_instance(token).instance_id)
+            mine.append(c.new_instance(token, config).instance_id)
         if len(mine) > c.first_count[token]:
             c.violations.append(
                 Violation(
@@ -560,6 +580,7 @@ class Harness:
         self.now = 0.0
         self.controller: Controller | None = None
         self.lock: HostLock | None = None
+        self.resumes: list[tuple[float, str]] = []  # (when, process) suspended by a fault
         try:
             self._start_controller()
         except BaseException:
@@ -583,7 +604,16 @@ class Harness:
         self.lock.acquire()
         policy = build_policy(self.cfg.policy, self.cfg)
         self.controller = Controller(
-            self.cfg, self.table, self.provider, policy, clock=lambda: self.now, fence=self.lock, traffic=self.traffic
+            self.cfg,
+            self.table,
+            self.provider,
+            policy,
+            clock=lambda: self.now,
+            fence=self.lock,
+            traffic=self.traffic,
+            policy_factory=lambda lo, hi: build_policy(
+                self.cfg.policy, self.cfg.replace(min_instances=lo, max_instances=hi)
+            ),
         )
         self.controller.start()
 
@@ -603,6 +633,12 @@ class Harness:
         self.report.violations.append(Violation(self.now, "a second controller took the host lock"))
 
     # -- faults ----------------------------------------------------------------------------------
+
+    def ctl(self, op: str, reason: str = "", **args: Any) -> dict:
+        """A helix-ctl request, checked as the control socket checks it, to the controller's handler."""
+        assert self.controller is not None
+        op, full, reason = validate({"op": op, "args": args, "reason": reason})
+        return self.controller.handle_ctl(op, full, Caller(1, 0, "tester"), reason)
 
     def inject(self, fault: Fault) -> None:
         c, now = self.cloud, self.now
@@ -668,8 +704,36 @@ class Harness:
             draining = [i for i, r in self.monitor.rows.items() if r.lifecycle == Lifecycle.DRAINING]
             if draining:
                 c.instances[self.rng.choice(sorted(draining))].agent_dead = True
+        elif kind in ("refresh", "override", "suspend"):
+            self._operate(fault)
         else:
             raise ValueError(f"fault kind={kind!r}: expected one of {', '.join(FAULT_KINDS)}")
+
+    def _operate(self, fault: Fault) -> None:
+        c, cfg = self.cloud, self.cfg
+        try:
+            if fault.kind == "refresh":
+                status = self.ctl("status")
+                if status["refresh"] is None or status["refresh"]["state"] not in (
+                    "in-progress",
+                    "checkpoint",
+                    "rolling-back",
+                ):
+                    c.image = f"img-{c.launches + 2}"
+                    if fault.value % 2:
+                        c.bad_images.add(c.image)
+                    self.ctl("refresh", action="start", warmup=5.0, max_healthy=100.0 + 50 * (fault.value % 3 == 2))
+            elif fault.kind == "override":
+                desired = max(cfg.min_instances, fault.value % (cfg.max_instances + 1))
+                top = max(desired, cfg.max_instances - 2) if fault.value % 2 else None
+                args: dict[str, Any] = {"desired": desired, "max": top, "for": float(max(1, fault.duration))}
+                self.ctl("set-capacity", **args)
+            elif fault.kind == "suspend":
+                process = PROCESSES[fault.value % len(PROCESSES)]
+                self.ctl("suspend", processes=[process])
+                self.resumes.append((self.now + fault.duration, process))
+        except CtlError:
+            pass  # refused (e.g. a desired the bounds in force do not allow): nothing changed
 
     def end_faults(self) -> None:
         """Faults stop: the cloud behaves from now on (instances already broken stay broken)."""
@@ -688,12 +752,20 @@ class Harness:
         for inst in c.instances.values():
             inst.unterminatable = False
         self.monitor.down_until = -1.0
+        c.bad_images.clear()  # the bad release is fixed
+        for _, process in self.resumes:
+            self.ctl("resume", processes=[process])
+        self.resumes.clear()
         if self.monitor.hw_restore_at >= 0:
             self.monitor.hw_restore_at = self.now
 
     # -- running ---------------------------------------------------------------------------------
 
     def step(self) -> None:
+        due = [p for t, p in self.resumes if t <= self.now]
+        if due:
+            self.resumes = [(t, p) for t, p in self.resumes if t > self.now]
+            self.ctl("resume", processes=due)
         self.cloud.advance(self.now)
         self.monitor.tick(self.now)
         assert self.controller is not None

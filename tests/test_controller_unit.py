@@ -14,7 +14,7 @@ from controller_asg.controller import Controller
 from controller_asg.fleet import FleetMember, build_fleet
 from controller_asg.health import plan_replacements
 from controller_asg.policy.base import Decision, Observation
-from controller_asg.providers.base import ProviderInstance
+from controller_asg.providers.base import LaunchConfig, ProviderInstance
 from controller_asg.termination import choose_victims
 from shared.config import load_config
 from shared.table import InstanceRow, Lifecycle, MetricsTable, State
@@ -179,7 +179,10 @@ class MemoryProvider:
     def list_instances(self):
         return list(self.instances.values())
 
-    def launch(self, count, token):
+    def launch_config(self):
+        return LaunchConfig.of({"image": "memory-1"})
+
+    def launch(self, count, token, config=None):
         self.calls.append(("launch", count, token))
         if token in self.tokens:
             return [self.instances[i] for i in self.tokens[token] if i in self.instances]

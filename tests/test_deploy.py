@@ -211,7 +211,8 @@ def test_every_unit_runs_from_the_venv_as_helix_and_stops_gracefully(name):
     for key in ("NoNewPrivileges", "ProtectHome", "PrivateTmp"):
         assert one(svc, key) == "yes", key
     assert one(svc, "ProtectSystem") == "strict"
-    assert one(svc, "Type") == "exec"
+    # The manager units tell systemd when they are ready and ping its watchdog (below).
+    assert one(svc, "Type") == ("notify" if name in MANAGER_UNITS else "exec")
     assert one(u["Install"], "WantedBy") == "multi-user.target"
     assert "PYTHONPATH=/opt/helix" in words(svc, "Environment")
 
@@ -258,6 +259,33 @@ def test_manager_units_share_the_table():
         assert one(svc, "WorkingDirectory") == "/var/lib/helix", name
         assert "HELIX_STATE_DIR=/var/lib/helix" in words(svc, "Environment"), name  # as helix.env.example says
     assert {one(svc, "ExecStart").split()[-1] for svc in units.values()} == {"monitor_s", "controller_asg"}
+
+
+@pytest.mark.parametrize("name, watchdog", [("helix-monitor-s.service", 30), ("helix-controller-asg.service", 90)])
+def test_manager_units_are_notify_with_a_watchdog(name, watchdog):
+    """READY=1 from the main process only (shared/sdnotify.py), and a watchdog with margin: a ping
+    goes out at most every WatchdogSec/2, after each poll cycle or control step (tests/test_watchdog.py)."""
+    from shared.config import Config
+
+    svc = unit(name)["Service"]
+    assert one(svc, "Type") == "notify"
+    assert one(svc, "NotifyAccess") == "main"
+    assert int(one(svc, "WatchdogSec")) == watchdog
+    # Far above the default interval (a poll cycle's deadline is at most 10 s, a stalled cloud
+    # call's attempt 25 s), so only a hung loop misses its pings.
+    assert watchdog >= 4 * max(Config().poll_interval, Config().effective_control_interval)
+    assert watchdog / 2 > 10
+    # A watchdog kill (SIGABRT) is a failure: it must be restarted, and must leave a stack trace.
+    assert one(svc, "Restart") == "on-failure"
+    assert "PYTHONFAULTHANDLER=1" in words(svc, "Environment")
+    assert "WatchdogSignal" not in svc  # SIGABRT, the default: the fault handler's trigger
+    start = one(svc, "TimeoutStartSec")
+    if name == "helix-controller-asg.service":
+        # READY only after the controller adopted its instances, which may wait for MonitorS's
+        # table as long as MonitorS is down: no start timeout (its wait loops ping the watchdog).
+        assert start == "infinity"
+    else:
+        assert 30 <= int(start) <= 300
 
 
 def test_controller_starts_after_monitor_but_does_not_restart_with_it():

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from botocore.stub import ANY, Stubber
 
-from controller_asg.providers.ec2 import GROUP_TAG, LAUNCH_TAG_KEYS, TOKEN_TAG, Ec2Provider
+from controller_asg.providers.ec2 import CONFIG_TAG, GROUP_TAG, LAUNCH_TAG_KEYS, TOKEN_TAG, Ec2Provider
 from controller_asg.providers.userdata import AGENT_UNIT, CA_PATH, ENV_PATH, render_user_data
 from shared.config import load_config
 from tests.procs import manager_pki
@@ -110,7 +110,7 @@ def test_run_instances_tags_and_client_token(stubbed):
     stub.add_response("run_instances", {"Instances": [instance("i-1")]}, run_params("subnet-a"))
     prov.launch(1, "t-2")
     tags = {t["Key"]: t["Value"] for t in seen["TagSpecifications"][0]["Tags"]}
-    assert tags == {GROUP_TAG: "g1", "Name": "helix-g1", TOKEN_TAG: "t-2"}
+    assert tags == {GROUP_TAG: "g1", "Name": "helix-g1", TOKEN_TAG: "t-2", CONFIG_TAG: prov.launch_config().digest}
     assert 1 <= len(seen["ClientToken"]) <= 64 and seen["ClientToken"].isascii()
     # botocore base64-encodes UserData before this hook sees it
     assert yaml.safe_load(base64.b64decode(seen["UserData"]))["write_files"][0]["path"] == ENV_PATH
@@ -220,10 +220,14 @@ def test_launch_tags_are_the_ones_the_policy_allows():
     prov = Ec2Provider.__new__(Ec2Provider)
     # A provider without a client: only the tags of its launch request are under test.
     prov.cfg, prov.group, prov._bearer, prov._ca_pem = cfg(), "g1", "t", ca_pem()  # noqa: SLF001
-    specs = prov._run_params("subnet-a", 1, "tok", 0)["TagSpecifications"]  # noqa: SLF001
+    specs = prov._run_params("subnet-a", 1, "tok", 0, prov.launch_config())["TagSpecifications"]  # noqa: SLF001
     assert {t["Key"] for spec in specs for t in spec["Tags"]} <= set(LAUNCH_TAG_KEYS)
     [instance_tags] = [spec["Tags"] for spec in specs if spec["ResourceType"] == "instance"]
-    assert {t["Key"] for t in instance_tags} >= {GROUP_TAG, TOKEN_TAG}  # what ownership is decided on
+    assert {t["Key"] for t in instance_tags} >= {
+        GROUP_TAG,
+        TOKEN_TAG,
+        CONFIG_TAG,
+    }  # ownership, and what a refresh compares
 
 
 # --- user data ----------------------------------------------------------------------------------

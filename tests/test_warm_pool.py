@@ -181,7 +181,7 @@ def test_the_controller_learns_the_boot_time_it_plans_for(harness, tmp_path):
     h = harness(HELIX_ACTIVITY_LOG=str(tmp_path / "a.jsonl"), HELIX_LAUNCH_LEAD=0)
     seen: list[float] = []
     assert h.controller is not None
-    policy = h.controller.policy
+    policy = h.controller.policy.inner
     decide = policy.decide
 
     def spy(obs):

@@ -6,9 +6,35 @@ A provider only ever sees, counts and terminates instances that carry Helix's gr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """What an instance is launched from (ec2: image, instance type, launch template and version,
+    the user data's hash; local: the app command). Each launch records its digest on the instance,
+    so an instance refresh can tell which instances differ from the configuration in force."""
+
+    settings: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, values: Mapping[str, object]) -> LaunchConfig:
+        return cls(tuple(sorted((str(k), str(v)) for k, v in values.items())))
+
+    @property
+    def digest(self) -> str:
+        text = json.dumps(dict(self.settings), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.settings)
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v[:80]}" for k, v in self.settings) or "(empty)"
 
 
 @dataclass(frozen=True)
@@ -25,6 +51,8 @@ class ProviderInstance:
     # SHA-256 (hex) of the per-instance secret the provider gave the agent ("" if none): the
     # controller publishes it on the roster, and MonitorS registers the agent only with the secret.
     secret_digest: str = ""
+    # The digest of the LaunchConfig it was launched from ("" unknown: launched before Helix recorded it).
+    config: str = ""
 
 
 class LaunchError(Exception):
@@ -40,10 +68,15 @@ class Provider(Protocol):
         local instance when its process group has exited). The launch gate relies on this."""
         ...
 
-    def launch(self, count: int, token: str) -> list[ProviderInstance]:
-        """Launch `count` instances spread over the zones. Calling again with the same `token`
-        (a retry after a lost reply, a restart mid-launch) returns the same instances and launches
-        nothing new. Never waits for the instances to boot."""
+    def launch_config(self) -> LaunchConfig:
+        """The launch configuration the settings say new instances get now."""
+        ...
+
+    def launch(self, count: int, token: str, config: LaunchConfig | None = None) -> list[ProviderInstance]:
+        """Launch `count` instances spread over the zones, from `config` (None: `launch_config()`;
+        an instance refresh rolling back passes the previous one). Calling again with the same
+        `token` (a retry after a lost reply, a restart mid-launch) returns the same instances and
+        launches nothing new. Never waits for the instances to boot."""
         ...
 
     def terminate(self, instance_ids: Sequence[str]) -> None:

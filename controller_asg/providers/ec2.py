@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from controller_asg.providers.base import LaunchError, ProviderInstance
+from controller_asg.providers.base import LaunchConfig, LaunchError, ProviderInstance
 from controller_asg.providers.userdata import render_user_data
 from shared import pki
 from shared.config import Config
@@ -53,8 +53,9 @@ log = logging.getLogger("controller_asg.providers.ec2")
 GROUP_TAG = "helix:group"
 TOKEN_TAG = "helix:launch-token"
 PROTECTED_TAG = "helix:protected"
+CONFIG_TAG = "helix:config"  # the digest of the LaunchConfig an instance was launched from
 # Every tag key a launch request sets (the IAM policy allows these and no other).
-LAUNCH_TAG_KEYS = (GROUP_TAG, "Name", TOKEN_TAG)
+LAUNCH_TAG_KEYS = (GROUP_TAG, "Name", TOKEN_TAG, CONFIG_TAG)
 # Every EC2 API operation this module calls; the policy controller_asg/iam.py generates allows each
 # (tested, and every recorded request against it in the moto tests).
 # CreateTags is not called directly: RunInstances' TagSpecifications need it (tag-on-create).
@@ -244,6 +245,7 @@ class Ec2Provider:
             protected=_tags(inst).get(PROTECTED_TAG, "").lower() == "true",
             address=inst.get("PrivateIpAddress", "") or "",
             launch_token=_tags(inst).get(TOKEN_TAG, ""),
+            config=_tags(inst).get(CONFIG_TAG, ""),
         )
 
     def list_instances(self) -> list[ProviderInstance]:
@@ -254,7 +256,21 @@ class Ec2Provider:
 
     # --- launching ---------------------------------------------------------------------------
 
-    def launch(self, count: int, token: str) -> list[ProviderInstance]:
+    def launch_config(self) -> LaunchConfig:
+        """Image, type, template and version as the settings give them, and the user data's hash
+        (it changes with the agent's settings, e.g. MonitorS's address or the CA)."""
+        cfg = self.cfg
+        user_data = render_user_data(cfg, self._bearer, {"group": self.group}, self._ca_pem)
+        values = {"image": cfg.ec2_ami, "user_data": hashlib.sha256(user_data.encode()).hexdigest()[:16]}
+        if cfg.ec2_launch_template:
+            values["launch_template"] = cfg.ec2_launch_template
+            values["template_version"] = cfg.ec2_launch_template_version
+        else:
+            values["instance_type"] = cfg.ec2_instance_type
+        return LaunchConfig.of(values)
+
+    def launch(self, count: int, token: str, config: LaunchConfig | None = None) -> list[ProviderInstance]:
+        config = config or self.launch_config()
         if count < 0:
             raise ValueError(f"count={count}: expected 0 or more")
         if not token or len(token) > 128:
@@ -277,7 +293,7 @@ class Ec2Provider:
         subnets = list(self.cfg.ec2_subnets)
         if not subnets:  # the launch template places the instances
             try:
-                return out + self._run(None, missing, token, known)
+                return out + self._run(None, missing, token, known, config)
             except _ZoneError as exc:
                 raise LaunchError(f"launch {token}: RunInstances refused: {exc}") from None
 
@@ -296,7 +312,7 @@ class Ec2Provider:
             subnet = next(iter(plan))
             n = plan.pop(subnet)
             try:
-                got = self._run(subnet, n, token, known)
+                got = self._run(subnet, n, token, known, config)
             except _ZoneError as exc:
                 failed[subnet] = str(exc)
                 others = sorted((s for s in subnets if s not in failed), key=lambda s: used[s] + plan.get(s, 0))
@@ -323,14 +339,16 @@ class Ec2Provider:
             log.error("launch %s: %d instance(s) could not be placed in any subnet: %s", token, unplaced, why)
         return out
 
-    def _run(self, subnet: str | None, n: int, token: str, known: set[str]) -> list[ProviderInstance]:
+    def _run(
+        self, subnet: str | None, n: int, token: str, known: set[str], config: LaunchConfig
+    ) -> list[ProviderInstance]:
         """RunInstances for `n` in `subnet`; after a lost reply, looks for the token's instances first.
 
         `known`: the token's instances from before this call (a new one is from this call, since
         RunInstances launches all `n` or none)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        params = self._run_params(subnet, n, token, len(known))
+        params = self._run_params(subnet, n, token, len(known), config)
         last: Exception | None = None
         in_doubt = False
         for attempt in range(_LAUNCH_ATTEMPTS):
@@ -375,12 +393,16 @@ class Ec2Provider:
             )
         raise LaunchError(f"launch {token}: RunInstances failed {_LAUNCH_ATTEMPTS} times: {last}")
 
-    def _run_params(self, subnet: str | None, n: int, token: str, done: int) -> dict:
+    def _run_params(self, subnet: str | None, n: int, token: str, done: int, config: LaunchConfig) -> dict:
+        """`config`: usually the settings' own; a refresh rolling back passes an earlier one, whose
+        image, type and template version win (the user data is always rendered from the settings)."""
         cfg = self.cfg
+        spec = config.as_dict()
         tags = [
             {"Key": GROUP_TAG, "Value": self.group},
             {"Key": "Name", "Value": f"helix-{self.group}"},
             {"Key": TOKEN_TAG, "Value": token},
+            {"Key": CONFIG_TAG, "Value": config.digest},
         ]
         params: dict[str, Any] = {
             "MinCount": n,
@@ -392,15 +414,16 @@ class Ec2Provider:
                 {"ResourceType": "volume", "Tags": tags[:2]},
             ],
         }
-        if cfg.ec2_launch_template:
-            key = "LaunchTemplateId" if cfg.ec2_launch_template.startswith("lt-") else "LaunchTemplateName"
-            params["LaunchTemplate"] = {key: cfg.ec2_launch_template}
+        template = spec.get("launch_template", "")
+        if template:
+            key = "LaunchTemplateId" if template.startswith("lt-") else "LaunchTemplateName"
+            params["LaunchTemplate"] = {key: template, "Version": spec.get("template_version") or "$Default"}
             # The template's type and image win unless set here explicitly.
-            if cfg.ec2_ami:
-                params["ImageId"] = cfg.ec2_ami
+            if spec.get("image"):
+                params["ImageId"] = spec["image"]
         else:
-            params["ImageId"] = cfg.ec2_ami
-            params["InstanceType"] = cfg.ec2_instance_type
+            params["ImageId"] = spec.get("image") or cfg.ec2_ami
+            params["InstanceType"] = spec.get("instance_type") or cfg.ec2_instance_type
         if subnet:
             params["SubnetId"] = subnet
         if cfg.ec2_security_groups:

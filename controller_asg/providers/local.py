@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field
 
 import psutil
 
-from controller_asg.providers.base import LaunchError, ProviderInstance
+from controller_asg.providers.base import LaunchConfig, LaunchError, ProviderInstance
 from shared.config import PORT_PLACEHOLDER, Config
 
 log = logging.getLogger("controller_asg.providers.local")
@@ -81,6 +81,7 @@ class Record:
     terminate_at: float = 0.0  # when SIGTERM was sent; 0 = not terminating
     stopped: bool = False  # paused (SIGSTOP to its group): a warm-pool instance
     secret_digest: str = ""  # SHA-256 (hex) of the secret its agent registers with (the secret is not kept)
+    config: str = ""  # the digest of the LaunchConfig it was launched from
 
     @classmethod
     def from_json(cls, data: dict) -> Record:
@@ -220,6 +221,7 @@ class LocalProvider:
             address=f"{rec.host}:{rec.agent_port}",
             launch_token=rec.token,
             secret_digest=rec.secret_digest,
+            config=rec.config,
         )
 
     # --- the contract ------------------------------------------------------------------------
@@ -245,7 +247,11 @@ class LocalProvider:
                 out.append(self._to_instance(rec))
             return out
 
-    def launch(self, count: int, token: str) -> list[ProviderInstance]:
+    def launch_config(self) -> LaunchConfig:
+        return LaunchConfig.of({"app_cmd": self.cfg.local_app_cmd})
+
+    def launch(self, count: int, token: str, config: LaunchConfig | None = None) -> list[ProviderInstance]:
+        config = config or self.launch_config()
         if count < 0:
             raise ValueError(f"count={count}: expected 0 or more")
         if not token or len(token) > 256:
@@ -284,7 +290,7 @@ class LocalProvider:
                 launched.append(instance_id)
                 _atomic_write(ledger_path, json.dumps({"token": token, "ids": launched, "at": self.clock()}))
                 try:
-                    rec = self._spawn(instance_id, zone, token)
+                    rec = self._spawn(instance_id, zone, token, config)
                 except (OSError, ValueError, LaunchError) as exc:
                     errors.append(str(exc))
                     log.error("launch of %s in %s failed: %s", instance_id, zone, exc)
@@ -397,7 +403,7 @@ class LocalProvider:
     def _child_env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_PREFIXES) and k not in _PRIVATE_KEYS}
 
-    def _spawn(self, instance_id: str, zone: str, token: str) -> Record:
+    def _spawn(self, instance_id: str, zone: str, token: str, config: LaunchConfig) -> Record:
         """Start one instance, crash-consistently: nothing runs before its process group is on disk.
 
         1. the record is written with no process (a crash here leaves a pid-less record: nothing to
@@ -420,16 +426,18 @@ class LocalProvider:
             launched_at=self.clock(),
             host=host,
             agent_port=_free_port(host),
+            config=config.digest,
         )
         app_argv: list[str] = []
-        if cfg.local_app_cmd:
+        app_cmd = config.as_dict().get("app_cmd", "")
+        if app_cmd:
             rec.app_port = _free_port(host)
-            app_argv = [w.replace("{port}", str(rec.app_port)) for w in shlex.split(cfg.local_app_cmd)]
+            app_argv = [w.replace("{port}", str(rec.app_port)) for w in shlex.split(app_cmd)]
             if not app_argv:
-                raise ValueError(f"HELIX_LOCAL_APP_CMD={cfg.local_app_cmd!r}: expected a command")
+                raise ValueError(f"HELIX_LOCAL_APP_CMD={app_cmd!r}: expected a command")
             if shutil.which(app_argv[0]) is None:
                 raise ValueError(
-                    f"HELIX_LOCAL_APP_CMD={cfg.local_app_cmd!r}: expected a command found on PATH, not {app_argv[0]!r}"
+                    f"HELIX_LOCAL_APP_CMD={app_cmd!r}: expected a command found on PATH, not {app_argv[0]!r}"
                 )
         self._write(rec)  # pid-less: a crash from here on is found and forgotten by list_instances
 
