@@ -246,9 +246,11 @@ def run_demo(
     drain: bool,
     during: Callable[[Proc, str, TableWatch, dict], None] | None = None,
     timeout: float = 300.0,
+    settings: dict[str, str] | None = None,
 ) -> DemoRun:
     """`python -m deploy.local.demo` over `curve` (instances' worth per second), watched. `during`
-    gets the demo's process, its state dir, the watch and a dict to note things in, while it runs."""
+    gets the demo's process, its state dir, the watch and a dict to note things in, while it runs.
+    `settings`: HELIX_ settings for the demo's environment (they reach MonitorS and the controller)."""
     os.makedirs(workdir, exist_ok=True)
     trace = os.path.join(workdir, "curve.txt")
     with open(trace, "w", encoding="utf-8") as fh:
@@ -273,7 +275,7 @@ def run_demo(
     ]
     if not drain:
         argv.append("--no-drain")
-    proc = pool.python("demo-drain-" + ("on" if drain else "off"), argv, base_env())
+    proc = pool.python("demo-drain-" + ("on" if drain else "off"), argv, base_env(**(settings or {})))
     m = wait_for(lambda: _RUN_LINE.search(proc.output()) or proc.popen.poll() is not None, 60, "the demo's run line")
     if not isinstance(m, re.Match):
         raise AssertionError(f"the demo exited before it started:\n{proc.output()[-3000:]}")

@@ -117,10 +117,11 @@ def plan_live(
     capacity = fleet.capacity - (len(replaced) if tripped else 0)
     target = desired
     if refresh is not None:
+        healed = set(replaced)  # health replaces these this step already
         for action in refresh.actions:
-            if action.kind == ActionKind.REPLACE and action.instance_ids[0] in replaced:
-                continue  # health replaces it this step already
-            if action.replaces and action.replaces in replaced:
+            if action.kind == ActionKind.REPLACE and action.instance_ids[0] in healed:
+                continue
+            if action.replaces and action.replaces in healed:
                 continue
             actions.append(action)
             if action.kind == ActionKind.REPLACE:
