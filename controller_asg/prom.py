@@ -168,7 +168,11 @@ class _StatusCollector:
                 ("in_service_instances", "Instances in service (healthy, not draining).", status.in_service),
                 ("pending_instances", "Instances launched and not in service yet.", status.pending),
                 ("draining_instances", "Instances draining before they are terminated.", status.draining),
-                ("frozen", "1 while the controller is frozen (it acts on nothing).", float(status.frozen)),
+                (
+                    "frozen",
+                    "1 while the controller is frozen (MonitorS silent: only min/max enforced).",
+                    float(status.frozen),
+                ),
                 ("breaker_tripped", "1 while the controller's launch breaker is tripped.", float(status.breaker)),
                 ("min_instances", "The minimum number of instances in force.", status.min_),
                 ("max_instances", "The maximum number of instances in force.", status.max_),

@@ -663,6 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         console.print(f"run {demo.run_id}: segment /dev/shm/{demo.shm_name}, state {run_dir}")
         console.print("settings tuned for a short demo: " + " ".join(t.shown()))
+        console.print(
+            "steer it from another terminal: "
+            f"helix-ctl --socket {os.path.join(demo.path('state'), 'controller', 'ctl.sock')} status "
+            "(set-capacity, suspend, refresh start, history)"
+        )
         console.print("Ctrl-C stops it at any time and cleans up.")
         with View(console, live, t.shown()) as view:
             demo.run(view)
