@@ -171,6 +171,7 @@ class Controller:
         self._refresh: Refresh | None = None  # the last instance refresh (helix-ctl refresh)
         self._lifetime: Refresh | None = None  # HELIX_MAX_INSTANCE_LIFETIME's replacement, while one runs
         self._known_configs: dict[str, dict[str, str]] = {}  # digest -> LaunchConfig settings we launched from
+        self._ctl_schedule: dict[str, str] = {}  # scheduled actions added with helix-ctl: name -> its text
         self._bounds = Bounds(cfg.min_instances, cfg.max_instances, None, "settings")
         self._fleet_counts = {"capacity": 0, "draining": 0}
         self._last_members: tuple[FleetMember, ...] = ()  # the last step's fleet (a refresh starts from it)
@@ -1116,10 +1117,16 @@ class Controller:
 
     # -- operator control: bounds, overrides, suspended processes (helix-ctl) ----------------------
 
+    def _schedule(self) -> tuple[schedule.ScheduledAction, ...]:
+        """HELIX_SCHEDULE's actions, then those added with helix-ctl (parsed when added)."""
+        added = tuple(a for text in self._ctl_schedule.values() for a in schedule.parse_schedule(text))
+        return tuple(self.cfg.schedule) + added
+
     def _scheduled(self, now: float) -> Scheduled | None:
-        if not self.cfg.schedule or "scheduled" in self._suspended:
+        actions = self._schedule()
+        if not actions or "scheduled" in self._suspended:
             return None
-        current = schedule.active(self.cfg.schedule, now)
+        current = schedule.active(actions, now)
         if current is None:
             return None
         a = current.action
@@ -1189,7 +1196,8 @@ class Controller:
         """`helix-ctl status`: what the last step saw and what steers the next."""
         now = self.clock()
         st = self._last_status
-        upcoming = schedule.next_fire(self.cfg.schedule, now) if self.cfg.schedule else None
+        actions = self._schedule()
+        upcoming = schedule.next_fire(actions, now) if actions else None
         shown = self._refresh if self._refresh is not None else self._lifetime
         if self._lifetime is not None and (self._refresh is None or not self._refresh.state.active):
             shown = self._lifetime
@@ -1243,6 +1251,10 @@ class Controller:
                 message = self._set_capacity(args, caller.user, reason, now)
             elif op in ("suspend", "resume"):
                 message = self._suspend(op, args["processes"])
+            elif op == "schedule":
+                if args["action"] == "list":
+                    return {"actions": self._schedule_list(now)}
+                message = self._schedule_change(args, now)
             elif op == "refresh":
                 if args["action"] == "status":
                     shown = self._refresh if self._refresh is not None else self._lifetime
@@ -1253,7 +1265,7 @@ class Controller:
             self._record(
                 Activity(
                     now,
-                    op if op != "refresh" else f"refresh-{args['action']}",
+                    op if op not in ("refresh", "schedule") else f"{op}-{args['action']}",
                     0,
                     f"{message}; by {who}{why}",
                     [],
@@ -1292,6 +1304,53 @@ class Controller:
             self._suspended.difference_update(processes)
         shown = ", ".join(sorted(self._suspended, key=PROCESSES.index)) or "none"
         return f"{op}d {', '.join(processes)}; suspended now: {shown}"
+
+    def _schedule_list(self, now: float) -> list[dict]:
+        out = []
+        for action in self._schedule():
+            source = "ctl" if action.name in self._ctl_schedule else "settings"
+            text = self._ctl_schedule.get(action.name, "")
+            out.append(
+                {
+                    "name": action.name,
+                    "source": source,
+                    "spec": text or action.describe(),
+                    "next": schedule.fire_after(action, now),
+                }
+            )
+        return out
+
+    def _schedule_change(self, args: dict, now: float) -> str:
+        if args["action"] == "remove":
+            name = args["name"]
+            if name not in self._ctl_schedule:
+                where = (
+                    " (it is in HELIX_SCHEDULE: edit the settings)"
+                    if any(a.name == name for a in self.cfg.schedule)
+                    else ""
+                )
+                raise CtlError(f"name={name!r}: expected a scheduled action added with helix-ctl{where}")
+            del self._ctl_schedule[name]
+            self._update_bounds(now, quiet=True)
+            return f"scheduled action {name!r} removed"
+        try:
+            [action] = schedule.parse_schedule(args["spec"]) or [None]
+        except schedule.ScheduleError as exc:
+            raise CtlError(f"spec={args['spec']!r}: expected {exc}") from None
+        except ValueError:
+            raise CtlError(f"spec={args['spec']!r}: expected exactly one scheduled action") from None
+        if action is None:
+            raise CtlError(f"spec={args['spec']!r}: expected exactly one scheduled action")
+        if any(a.name == action.name for a in self._schedule()):
+            raise CtlError(f"name={action.name!r}: expected a name no scheduled action has yet")
+        self._ctl_schedule[action.name] = args["spec"]
+        self._update_bounds(now, quiet=True)
+        upcoming = schedule.fire_after(action, now)
+        return (
+            f"scheduled action {action.describe()} added; next fires at {upcoming:.0f}"
+            if upcoming
+            else (f"scheduled action {action.describe()} added; it never fires again")
+        )
 
     def _refresh_request(self, args: dict, user: str, reason: str, now: float) -> str:
         action = args["action"]
@@ -1432,6 +1491,7 @@ class Controller:
             "refresh": self._refresh.to_json() if self._refresh is not None else None,
             "lifetime": self._lifetime.to_json() if self._lifetime is not None else None,
             "known_configs": self._known_configs,
+            "ctl_schedule": self._ctl_schedule,
         }
 
     def _save_state(self, durable: bool = False) -> None:
@@ -1533,6 +1593,14 @@ class Controller:
                 log.warning("ignoring the saved %s: %s", key, exc)
                 value = None
             setattr(self, f"_{key}", value)
+        added = state.get("ctl_schedule", {})
+        for name, text in added.items() if isinstance(added, dict) else ():
+            try:
+                schedule.parse_schedule(str(text))
+            except schedule.ScheduleError as exc:
+                log.warning("dropping the scheduled action %r added with helix-ctl: %s", name, exc)
+                continue
+            self._ctl_schedule[str(name)] = str(text)
         configs = state.get("known_configs", {})
         if isinstance(configs, dict):
             self._known_configs = {

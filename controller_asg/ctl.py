@@ -292,6 +292,30 @@ def build_parser() -> argparse.ArgumentParser:
         description="Stop a refresh and replace the instances it launched with the previous configuration.",
     )
 
+    sched = commands.add_parser(
+        "schedule",
+        parents=[common],
+        help="scheduled actions set from here (besides HELIX_SCHEDULE): add, remove, list",
+        description="Scheduled actions kept by the controller across restarts, in HELIX_SCHEDULE's syntax.",
+    )
+    sched_actions = sched.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add = sched_actions.add_parser(
+        "add",
+        parents=[common, changing],
+        help="add one scheduled action",
+        description="Add one scheduled action, e.g. \"night cron='0 22 * * *' tz=Europe/Paris for=8h max=2\".",
+    )
+    add.add_argument(
+        "spec", metavar="ACTION", help="NAME cron='MIN HOUR DOM MON DOW' [tz=…] [for=…] [min=N] [max=N] [desired=N]"
+    )
+    remove = sched_actions.add_parser(
+        "remove", parents=[common, changing], help="remove one added here", description="Remove a scheduled action."
+    )
+    remove.add_argument("name", metavar="NAME")
+    sched_actions.add_parser(
+        "list", parents=[common], help="every scheduled action", description="Every scheduled action and its next fire."
+    )
+
     history = commands.add_parser(
         "history",
         parents=[common],
@@ -342,6 +366,12 @@ def request_of(args: argparse.Namespace) -> tuple[str, dict[str, Any], str]:
             },
             reason,
         )
+    if args.command == "schedule":
+        if args.action == "add":
+            return "schedule", {"action": "add", "spec": args.spec}, reason
+        if args.action == "remove":
+            return "schedule", {"action": "remove", "name": args.name}, reason
+        return "schedule", {"action": "list"}, reason
     if args.command == "history":
         return "history", {"since": args.since, "action": args.action, "limit": args.limit}, reason
     raise UsageError(f"unknown command {args.command!r}")  # argparse refuses it first
@@ -445,6 +475,13 @@ def format_result(op: str, args: dict[str, Any], result: dict[str, Any]) -> str:
     now = time.time()
     if isinstance(result.get("message"), str):
         return result["message"]
+    if op == "schedule" and isinstance(result.get("actions"), list):
+        rows = [
+            f"{a.get('name', '?'):<16} {a.get('source', '?'):<8} next {local_time(float(a['next']), now) if a.get('next') else 'never'}"
+            f"  {a.get('spec', '')}"
+            for a in result["actions"]
+        ]
+        return "\n".join(rows) if rows else "no scheduled actions"
     if op == "refresh" and isinstance(result.get("refresh"), dict):
         return f"refresh: {refresh_line(result['refresh'], now)}"
     if op == "refresh" and args.get("action") == "status" and not result.get("refresh"):

@@ -38,9 +38,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-OPS = ("status", "set-capacity", "suspend", "resume", "refresh", "history")
+OPS = ("status", "set-capacity", "suspend", "resume", "refresh", "schedule", "history")
 PROCESSES = ("launch", "terminate", "replace-unhealthy", "scale-in", "scheduled", "refresh")
 REFRESH_ACTIONS = ("start", "status", "cancel", "rollback")
+SCHEDULE_ACTIONS = ("add", "remove", "list")
 CODES = ("bad-request", "refused", "internal")
 
 MAX_REQUEST = 64 * 1024  # bytes, the newline included
@@ -192,6 +193,11 @@ _SPECS: dict[str, dict[str, tuple[Any, _Check]]] = {
         "auto_rollback": (True, _bool),
         "allow_above_max": (False, _bool),
     },
+    "schedule": {
+        "action": (None, lambda n, v: v),  # checked in validate
+        "spec": (None, lambda n, v: _text_or_none(n, v, 1000)),
+        "name": (None, lambda n, v: _text_or_none(n, v, 64)),
+    },
     "history": {
         "since": (None, lambda n, v: _float(n, v, 0, 1e11, nullable=True)),
         "action": (None, lambda n, v: _text_or_none(n, v, 64)),
@@ -266,6 +272,16 @@ def validate(request: Any) -> tuple[str, dict[str, Any], str]:
             args = {"action": action}
         elif None not in (args["min_healthy"], args["max_healthy"]) and args["min_healthy"] > args["max_healthy"]:
             raise _bad("args.min_healthy", raw_args["min_healthy"], "at most args.max_healthy")
+    elif op == "schedule":
+        action = raw_args.get("action")
+        if action not in SCHEDULE_ACTIONS:
+            raise _bad("args.action", action, f"one of {', '.join(SCHEDULE_ACTIONS)}")
+        needed = {"add": "spec", "remove": "name"}.get(action)
+        for name in ("spec", "name"):
+            if name == needed and args[name] is None:
+                raise _bad(f"args.{name}", None, f"a {name} with action {action}")
+            if name != needed and args[name] is not None:
+                raise _bad(f"args.{name}", raw_args[name], f"null with action {action}")
     return op, args, reason
 
 

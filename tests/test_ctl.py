@@ -670,3 +670,30 @@ def test_status_block_without_optional_parts():
 
 def test_history_of_nothing():
     assert format_history([]) == "no activity"
+
+
+def test_schedule_commands_become_requests_and_bad_ones_are_refused():
+    from controller_asg.ctl import build_parser, request_of
+    from controller_asg.ctlserver import validate
+
+    parser = build_parser()
+    spec = "night cron='0 22 * * *' for=8h max=2"
+    assert request_of(parser.parse_args(["schedule", "add", spec, "--reason", "r"])) == (
+        "schedule",
+        {"action": "add", "spec": spec},
+        "r",
+    )
+    assert request_of(parser.parse_args(["schedule", "remove", "night"]))[1] == {"action": "remove", "name": "night"}
+    assert request_of(parser.parse_args(["schedule", "list"]))[1] == {"action": "list"}
+    assert validate({"op": "schedule", "args": {"action": "add", "spec": spec}})[1] == {
+        "action": "add",
+        "spec": spec,
+        "name": None,
+    }
+    for args, field in (
+        ({"action": "add"}, "args.spec"),
+        ({"action": "remove", "spec": spec}, "args.spec"),
+        ({"action": "drop", "name": "x"}, "args.action"),
+    ):
+        with pytest.raises(CtlError, match=field):
+            validate({"op": "schedule", "args": args})

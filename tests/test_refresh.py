@@ -305,3 +305,33 @@ def test_bounds_precedence():
     ]
     assert check_override(current, None, 12, 11) == []
     assert check_override(current, 1, None, 0) == ["--desired=0: expected at least the min in force, 1"]
+
+
+def test_scheduled_actions_added_with_helix_ctl_fire_and_survive_a_restart(harness, tmp_path):
+    h = harness(
+        HELIX_MIN_INSTANCES=2,
+        HELIX_SCHEDULE="base cron='0 3 * * *' min=2",
+        HELIX_ACTIVITY_LOG=str(tmp_path / "a.jsonl"),
+    )
+    with pytest.raises(CtlError, match="spec="):
+        h.ctl("schedule", action="add", spec="bad cron='61 * * * *' min=3")
+    with pytest.raises(CtlError, match="name='base': expected a name no scheduled action has yet"):
+        h.ctl("schedule", action="add", spec="base cron='5 0 * * *' min=3")
+    h.ctl("schedule", action="add", spec="peak cron='5 0 * * *' for=5m min=3", reason="expected peak")
+    h.restart_controller()
+    listed = {a["name"]: a for a in h.ctl("schedule", action="list")["actions"]}
+    assert (
+        listed["peak"]["source"] == "ctl" and listed["peak"]["next"] == 300.0 and listed["base"]["source"] == "settings"
+    )
+    settle(h, 290, 2)
+    h.run_until(360)
+    assert len(h.cloud.billable()) == 3 and h.ctl("status")["bounds"]["source"] == "schedule 'peak'"
+    with pytest.raises(CtlError, match="in HELIX_SCHEDULE"):
+        h.ctl("schedule", action="remove", name="base")
+    h.ctl("schedule", action="remove", name="peak")
+    # Without `for`, base (fired yesterday at 03:00) lasts until the next fire of any action.
+    assert h.ctl("status")["bounds"]["source"] == "schedule 'base'"
+    assert [a["action"] for a in activities(h) if a["action"].startswith("schedule-")] == [
+        "schedule-add",
+        "schedule-remove",
+    ]
