@@ -188,9 +188,10 @@ def test_a_hot_sample_beyond_the_noise_launches_at_once():
 
 def test_small_noisy_fleet_keeps_its_full_capacity_above_the_noise_peaks():
     """Target 0.5 leaves each instance 100% headroom, not enough on 3 instances whose need jumps by
-    1.7 instances (sigma) from one second to the next around a mean of 1.7: the fleet at 100% CPU
-    covers the smoothed need plus 4 sigma of that jitter (4 instances here, where the noise
-    headroom alone settles at 3 and loses load every few minutes)."""
+    1.7 instances (sigma) from one second to the next around a mean of 1.7: the scale-in headroom
+    (`jitter_z` sigma of that jitter) and the noise floor (the fleet at 100% CPU covers the smoothed
+    need plus `full_z` sigma) keep at least 4 instances here, where the wander headroom alone
+    settles at 3 and loses load every few minutes."""
     import random
 
     def run(**kw):
@@ -207,7 +208,7 @@ def test_small_noisy_fleet_keeps_its_full_capacity_above_the_noise_peaks():
         return lost, lowest
 
     lost, lowest = run()
-    lost_off, lowest_off = run(full_z=0.0)
+    lost_off, lowest_off = run(full_z=0.0, jitter_z=0.0)
     assert lowest >= 4 and lowest_off == 3, (lowest, lowest_off)
     assert lost * 10 < lost_off, (lost, lost_off)
 

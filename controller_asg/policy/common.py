@@ -127,6 +127,11 @@ class ScaleInWindow:
             self._seeded = True
             self._max.push(obs.now, clamp(obs.capacity, self.lo, self.hi))
 
+    def hold(self, window: float) -> None:
+        """Change how long a recommendation holds (a policy that scales it with the boot time);
+        recommendations already older than a shorter window are forgotten."""
+        self.window = self._max.window = window
+
     def push(self, now: float, recommendation: float) -> None:
         self._max.push(now, recommendation)
 

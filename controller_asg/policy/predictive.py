@@ -15,9 +15,11 @@ noise-aware scale-in. Four named parts, each a small class or method below:
   than `floor_fraction` of what recent days needed over the next lead, so a rise that recurs daily
   is met a boot time ahead. Then the noise floor: the fleet at 100% CPU keeps serving the smoothed
   need plus `full_z` σ of the jitter;
-- **the scale-in plan** (`Predictive._scale_in`): the smoothed need plus headroom, the larger of
-  `noise_z` σ of its wander and `in_margin` of the need, less `in_slack` instances of rounding
-  slack; only to the highest such recommendation of the last `scale_in_window` seconds; never
+- **the scale-in plan** (`Predictive._scale_in`): the smoothed need plus headroom, the largest of
+  `noise_z` σ of its wander, `jitter_z` σ of the sample jitter (noise too fast for any launch to
+  catch) and `in_margin` of the need, less `in_slack` instances of rounding slack; only to the
+  highest such recommendation of the last `hold_leads` boot times (at most `scale_in_window`
+  seconds: a short boot relaunches cheaply, so it holds capacity for less long); never
   below `floor_fraction` of what recent days needed at this minute (a sudden silence does not
   throw away capacity that returns with the traffic); never while launches are pending.
 
@@ -44,6 +46,8 @@ STATE_VERSION = 1
 RESTART_AFTER = 1200.0
 # What HELIX_LAUNCH_LEAD=0 plans for before the controller has measured a launch of its own.
 DEFAULT_LEAD = 90.0
+# A sample-to-sample step counts towards the jitter up to this many σ of it.
+JITTER_CLIP = 4.0
 
 
 @dataclass
@@ -64,6 +68,8 @@ class PredictiveSettings:
     noise_z: float = 0.75  # scale-in headroom: this many σ of the need's wander …
     in_margin: float = 0.13  # … or this fraction of the need, whichever is more
     in_slack: float = 0.25  # instances of rounding slack taken off the scale-in need
+    jitter_z: float = 6.0  # … or this many σ of the sample jitter: noise faster than any launch (0: off)
+    hold_leads: float = 8.0  # scale in to the highest need of this many boot times, at most the window (0: the window)
     full_z: float = 4.0  # the fleet at 100% CPU serves the smoothed need plus this many σ of the jitter (0: off)
     metric: str = "CPU"  # what the samples measure, for the reason text
     unit_scale: float = 1.0  # a sample × this is in the metric's own unit (for the reason text)
@@ -107,9 +113,13 @@ class NeedEstimator:
             dev = need.down - self.down
             self._wander_var += (dev * dev - self._wander_var) * a_noise
             # Half the mean squared change from one sample to the next is the variance of the
-            # sample noise, whatever the trend (a slow trend adds almost nothing per second).
+            # sample noise, whatever the trend (a slow trend adds almost nothing per second). One
+            # step far beyond the noise so far is a change of level, not noise: it counts only up
+            # to JITTER_CLIP σ (or a tenth of the need, while the noise is still unmeasured).
             if need.known and self._seen_before >= 0:
                 step = need.seen - self._seen_before
+                clip = max(JITTER_CLIP * self.jitter, 0.1 * max(need.seen, self._seen_before))
+                step = max(-clip, min(clip, step))
                 self._jitter_var += (0.5 * step * step - self._jitter_var) * a_noise
         self._seen_before = need.seen
         self._last = now
@@ -300,9 +310,12 @@ class Predictive:
         s = self.s
         lo, hi, cap, now = s.min_instances, s.max_instances, obs.capacity, obs.now
         plan = self.estimate.down + max(0.0, pre_launch)
-        # Headroom sized from the observed burstiness, or a fixed fraction of the need when the load
-        # is smooth (the hysteresis that stops a calm fleet flapping); the larger, not the sum.
-        headroom = max(s.in_margin * plan, s.noise_z * self.estimate.wander)
+        # Headroom sized from the observed burstiness: how far the need wanders from its average,
+        # and the sample-to-sample jitter, which no launch can follow whatever the boot time (the
+        # heavy-tailed noise that otherwise launches on every spike and hands it straight back);
+        # or a fixed fraction of the need when the load is smooth (the hysteresis that stops a calm
+        # fleet flapping). The largest, not the sum.
+        headroom = max(s.in_margin * plan, s.noise_z * self.estimate.wander, s.jitter_z * jitter)
         rec = ceil_units(plan + headroom - s.in_slack)
         if s.full_z > 0:
             rec = max(rec, ceil_units(s.cpu_target * (self.estimate.down + s.full_z * jitter)))
@@ -311,6 +324,8 @@ class Predictive:
         if floor > rec:
             rec = floor
         rec = clamp(rec, lo, hi)
+        if s.hold_leads > 0:
+            self.window.hold(min(s.scale_in_window, s.hold_leads * self.lead(obs)))
         self.window.push(now, rec)
         allowed = int(self.window.allowed(now, rec))
         desired = clamp(min(cap, allowed), lo, hi)
@@ -329,7 +344,7 @@ class Predictive:
         season = f" (recent days needed {usual_now:.1f} now)" if allowed == floor else ""
         return Decision(
             desired,
-            self._why(obs, need, f"; the highest need of the last {s.scale_in_window:g} s is {allowed}{season}"),
+            self._why(obs, need, f"; the highest need of the last {self.window.window:g} s is {allowed}{season}"),
         )
 
     def _why(self, obs: Observation, need: Needs, tail: str) -> str:
