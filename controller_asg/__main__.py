@@ -8,6 +8,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from controller_asg.hostlock import HostLock, HostLockHeld
 from controller_asg.traffic import Traffic, TrafficError
@@ -15,6 +16,10 @@ from shared import sdnotify
 from shared.config import EXIT_BAD_CONFIG, Config, ConfigError, load_or_exit
 from shared.logs import setup_logging
 from shared.table import MetricsTable, NotPrivate, TableError, TableNotFound
+
+if TYPE_CHECKING:  # imported for real only once the configuration is known good (boto3)
+    from controller_asg.lease import LeaseFence
+    from controller_asg.statestore import StateStore
 
 
 def wait_for_table(
@@ -58,6 +63,18 @@ def wait_for_traffic(
     return None
 
 
+def state_store(cfg: Config, fence: LeaseFence | None) -> StateStore:
+    """The files, or with HELIX_LEASE the lease's table; a dry run (no fence) reads the leader's
+    state there and writes nothing."""
+    from controller_asg.statestore import DynamoDbStore, make_store
+
+    if cfg.lease and fence is None:
+        from controller_asg.lease import dynamodb_client
+
+        return DynamoDbStore(dynamodb_client(cfg), cfg.lease_table, cfg.group_name, lambda: 0)
+    return make_store(cfg, fence)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m controller_asg", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="decide and log as usual, act on nothing")
@@ -82,9 +99,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"controller_asg: bad configuration: HELIX_TLS_MODE=ca: {exc}", file=sys.stderr)
             return EXIT_BAD_CONFIG
 
-    # At most one acting controller per group on this host, before anything is touched.
+    # At most one acting controller per group on this host, before anything is touched. With a
+    # leader lease (HELIX_LEASE) the lease is the fence instead, across hosts (taken further down).
     host_lock = None
-    if not args.dry_run:
+    if not args.dry_run and not cfg.lease:
         host_lock = HostLock(cfg.state_dir, cfg.group_name)
         try:
             host_lock.acquire()
@@ -96,6 +114,18 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_BAD_CONFIG
 
     log = setup_logging(cfg.log_level, "controller_asg")
+    lease_fence = None
+    if cfg.lease and not args.dry_run:
+        from controller_asg.lease import LeaseError, make_fence, make_lease
+
+        lease = make_lease(cfg)
+        assert lease is not None
+        lease_fence = make_fence(cfg, lease)
+        try:
+            lease_fence.start()  # a standby until it holds the lease; only a missing table stops here
+        except LeaseError as exc:
+            print(f"controller_asg: bad configuration: HELIX_LEASE={cfg.lease}: {exc}", file=sys.stderr)
+            return EXIT_BAD_CONFIG
     if not cfg.resolved_token():
         log.warning("INSECURE: no token; instances this controller launches accept RPCs from anyone")
     if cfg.effective_tls_mode == "off" and cfg.provider == "ec2":
@@ -131,8 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"controller_asg: {exc}", file=sys.stderr)
         if host_lock is not None:
             host_lock.release()
+        if lease_fence is not None:
+            lease_fence.stop(release=True)
         return EXIT_BAD_CONFIG
     if table is None:
+        if lease_fence is not None:
+            lease_fence.stop(release=True)
         return 0
     # Events (HELIX_WEBHOOK_URL) and metrics (HELIX_CONTROLLER_METRICS_LISTEN): neither may stop
     # the controller: a webhook that fails queues (bounded), a port in use logs one line.
@@ -161,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             provider,
             policy,
             dry_run=args.dry_run,
-            fence=host_lock,
+            fence=lease_fence or host_lock,
+            store=state_store(cfg, lease_fence),
             traffic=traffic,
             external=external,
             policy_factory=lambda lo, hi: make_policy(cfg.replace(min_instances=lo, max_instances=hi)),
@@ -199,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             endpoint.close()
         if sink is not None:
             sink.close(cfg.webhook_timeout)
+        if lease_fence is not None:
+            lease_fence.stop(release=True)  # a clean stop hands the lease over at once
         provider.close()
         table.close()
         if host_lock is not None:

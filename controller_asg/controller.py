@@ -59,6 +59,7 @@ from controller_asg.refresh import (
     start_rollback,
     step_refresh,
 )
+from controller_asg.statestore import FileStore, StateStore
 from controller_asg.traffic import NoTraffic, TargetState, Traffic, TrafficError
 from shared import schedule
 from shared.config import Config
@@ -115,6 +116,7 @@ class Controller:
         traffic: Traffic | None = None,
         external: ExternalMetric | None = None,
         policy_factory: Callable[[int, int], Policy] | None = None,
+        store: StateStore | None = None,
     ):
         self.cfg = cfg
         self.table = table
@@ -137,6 +139,9 @@ class Controller:
         self.legacy_intent_path = os.path.join(self.state_dir, "launch-intent.json")
         self.reset_path = os.path.join(self.state_dir, BREAKER_RESET_FILE)
         self.history_path = cfg.history_file or os.path.join(cfg.state_dir, "history.json")
+        # Where the state and the history live: these files, or with HELIX_LEASE the lease's table
+        # (statestore.py), so that they move with the leader.
+        self.store: StateStore = store or FileStore(cfg.state_dir, self.history_path)
         self.frozen = False
         self._unfrozen_at = 0.0
         self.breaker = ChurnBreaker(cfg.breaker_failures, cfg.breaker_window)
@@ -174,6 +179,7 @@ class Controller:
         self._ctl_schedule: dict[str, str] = {}  # scheduled actions added with helix-ctl: name -> its text
         self._bounds = Bounds(cfg.min_instances, cfg.max_instances, None, "settings")
         self._fleet_counts = {"capacity": 0, "draining": 0}
+        self._leader_epoch = 0  # the lease epoch whose state this controller restored (HELIX_LEASE)
         self._last_members: tuple[FleetMember, ...] = ()  # the last step's fleet (a refresh starts from it)
         self.metrics: ControllerMetrics | None = None  # when served (controller_asg/prom.py)
 
@@ -247,6 +253,7 @@ class Controller:
 
     def _step(self) -> None:
         now = self.clock()
+        self._follow_lease(now)
         self._take_reset_request(now)
         self._update_bounds(now)
         snap = self._read_table()
@@ -592,6 +599,12 @@ class Controller:
         is dry run decided. `snap`/`targets`: this step's rows and target states (drains read them)."""
         for note in plan.notes:
             self._say(f"note:{note.split(':')[0]}", note, logging.WARNING)
+        fenced = "" if self.dry_run else self.fence.may_act()
+        self._say("fence", f"not acting: {fenced}" if fenced else "", logging.WARNING)
+        if fenced:
+            # A standby (or a leader whose lease lapsed): it decides every step, with its history
+            # current, and acts on nothing: no launch, no terminate, no drain, no traffic change.
+            return
         if not self.dry_run:
             for intent in list(self._intents.values()):
                 self._launch(intent, listed, now, resumed=True)
@@ -880,7 +893,7 @@ class Controller:
                 rows is not None and now - inst.launched_at > self.cfg.effective_health_grace
             ):
                 failed.append(instance_id)
-        if to_stop:
+        if to_stop and not self.fence.may_act():
             try:
                 self.provider.stop(to_stop)
             except Exception as exc:  # noqa: BLE001 - retried next step; meanwhile they run (billed, not capacity)
@@ -976,8 +989,14 @@ class Controller:
         self._known_configs[config.digest] = config.as_dict()
         self._intents[intent.token] = intent
         self._save_state(durable=True)
+        # Checked again right before the call (after the intent is in the store): a lease can lapse
+        # in the middle of a step, and the next leader resumes the intent under the same token.
+        fenced = self.fence.may_act()
+        if fenced:
+            self._say("fence", f"not acting: {fenced}", logging.WARNING)
+            return
         try:
-            launched = self.provider.launch(count, intent.token, config)
+            launched = self.provider.launch(count, intent.token, config, epoch=self._epoch())
         except LaunchError as exc:
             # Definitive for this call only. A first call launched nothing; a retry of a launch in
             # doubt may still have instances from the earlier call that the listing does not show
@@ -1023,6 +1042,11 @@ class Controller:
             )
 
     def _terminate(self, ids: list[str], cause: str, now: float) -> bool:
+        # Checked again right before the call: a lease can lapse in the middle of a step.
+        fenced = self.fence.may_act()
+        if fenced:
+            self._say("fence", f"not acting: {fenced}", logging.WARNING)
+            return False
         for instance_id in ids:
             self._condemned.setdefault(instance_id, _Condemned(now, cause[:200]))
         try:
@@ -1114,6 +1138,45 @@ class Controller:
         if message != last or now - at > 60:
             log.error(message)
             self._last_error = (message, now)
+
+    # -- the leader lease (HELIX_LEASE): standby, then leader --------------------------------------
+
+    def _epoch(self) -> int:
+        return self.fence.epoch
+
+    def _follow_lease(self, now: float) -> None:
+        """On becoming the leader (a new epoch we hold), take the state the last leader left in the
+        store before acting: its launches in doubt (resumed under the same tokens), terminates and
+        drains in flight, the breaker, overrides, suspended processes and refresh progress. The
+        policy's history is this controller's own: it decided every step as a standby."""
+        epoch = self._epoch()
+        if not epoch or epoch == self._leader_epoch or self.fence.may_act():
+            return
+        self._reset_persisted()
+        self._load_state()
+        self._leader_epoch = epoch
+        log.warning(
+            "leader now (epoch %d): state restored from the store (%d launch(es) in doubt, %d terminate(s) "
+            "and %d drain(s) in flight)",
+            epoch,
+            len(self._intents),
+            len(self._condemned),
+            len(self._drains),
+        )
+
+    def _reset_persisted(self) -> None:
+        self._intents.clear()
+        self._recent.clear()
+        self._condemned.clear()
+        self._drains.clear()
+        self._in_traffic = set()
+        self._pool = set()
+        self._started_at, self._booting, self._boot_samples, self._replacing = {}, {}, [], {}
+        self._ever_healthy = set()
+        self._override, self._suspended, self._refresh, self._lifetime = None, set(), None, None
+        self._known_configs, self._ctl_schedule = {}, {}
+        self.breaker = ChurnBreaker(self.cfg.breaker_failures, self.cfg.breaker_window)
+        self._saved_state = ""
 
     # -- operator control: bounds, overrides, suspended processes (helix-ctl) ----------------------
 
@@ -1496,14 +1559,15 @@ class Controller:
 
     def _save_state(self, durable: bool = False) -> None:
         """Write the state when it changed. `durable`: before a launch call, the intent must be
-        on disk (fsync) or the call must not happen."""
-        if self.dry_run:
+        on disk (fsync) or the call must not happen. Not while fenced: a standby's view is not the
+        leader's state (and a deposed leader must not overwrite its successor's)."""
+        if self.dry_run or self.fence.may_act():
             return
         text = json.dumps(self._state(), sort_keys=True)
         if text == self._saved_state:
             return
         try:
-            _write_json(self.state_path, text, sync=durable)
+            self.store.save("state", text, durable=durable)
         except OSError as exc:
             if durable:
                 raise  # no launch without its intent on disk
@@ -1514,12 +1578,10 @@ class Controller:
     def _load_state(self) -> None:
         state: dict = {}
         try:
-            with open(self.state_path, encoding="utf-8") as fh:
-                state = json.load(fh)
+            text = self.store.load("state")
+            state = json.loads(text) if text is not None else {}
             if not isinstance(state, dict):
                 raise ValueError("not a JSON object")
-        except FileNotFoundError:
-            pass
         except (OSError, ValueError) as exc:
             log.warning("ignoring unreadable controller state %s: %s", self.state_path, exc)
             state = {}
@@ -1657,18 +1719,22 @@ class Controller:
 
     def _load_history(self) -> None:
         try:
-            with open(self.history_path, encoding="utf-8") as fh:
-                state = json.load(fh)
-            self.policy.import_state(state)
-            log.info("policy history restored from %s", self.history_path)
-        except FileNotFoundError:
-            pass
+            text = self.store.load("history")
+            if text is None:
+                return
+            self.policy.import_state(json.loads(text))
+            log.info(
+                "policy history restored from %s",
+                self.history_path if isinstance(self.store, FileStore) else "the store",
+            )
         except Exception as exc:  # noqa: BLE001 - a corrupt history costs learning, not the fleet
             log.warning("ignoring unreadable policy history %s: %s", self.history_path, exc)
 
     def save_history(self) -> None:
+        if self.fence.may_act():
+            return  # a standby's history is its own; the leader's is the one kept
         try:
-            _write_json(self.history_path, json.dumps(self.policy.export_state()), sync=True)
+            self.store.save("history", json.dumps(self.policy.export_state()), durable=True)
         except Exception as exc:  # noqa: BLE001
             self._log_error(f"cannot save policy history to {self.history_path}: {exc}")
 
@@ -1686,17 +1752,3 @@ def _restate(listed: list[ProviderInstance], ids: list[str], state: str) -> None
 def _prepared(row: InstanceRow | None) -> bool:
     """A warm-pool launch is ready to stop once its launch hook said CONTINUE and it is healthy."""
     return row is not None and row.lifecycle == Lifecycle.IN_SERVICE and row.state == State.HEALTHY
-
-
-def _write_json(path: str, text: str, sync: bool = True) -> None:
-    """Write-then-rename, so a crash mid-write leaves the old file, never half a new one."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    # 0600: the controller refuses state files others may read or write (see `check_state_files`).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        if sync:
-            fh.flush()
-            os.fsync(fh.fileno())
-    os.replace(tmp, path)

@@ -21,12 +21,21 @@ class Fence(Protocol):
         """'' when this controller may act now, else why not (one line)."""
         ...
 
+    @property
+    def epoch(self) -> int:
+        """The leader lease's epoch held (controller_asg/lease.py); 0 for a fence without one."""
+        ...
+
 
 class AlwaysFence:
     """No fence (dry runs, tests of the pure parts)."""
 
     def may_act(self) -> str:
         return ""
+
+    @property
+    def epoch(self) -> int:
+        return 0
 
 
 class HostLockHeld(Exception):
@@ -60,6 +69,10 @@ class HostLock:
 
     def may_act(self) -> str:
         return "" if self._fd is not None else f"the host lock {self.path} is not held"
+
+    @property
+    def epoch(self) -> int:
+        return 0
 
     def release(self) -> None:
         if self._fd is not None:

@@ -18,6 +18,12 @@ What the policy allows, and nothing else:
   * with an `sqs:` HELIX_EXTERNAL_METRIC (controller_asg/external.py): sqs:GetQueueAttributes on
     exactly that queue's ARN: its region, account and name from its URL (a stand-in endpoint's
     URL names no region: HELIX_AWS_REGION's, else any, said in the Sid). Nothing about SQS otherwise;
+  * with HELIX_LEASE=dynamodb:<table> (controller_asg/lease.py, controller_asg/statestore.py):
+    dynamodb:GetItem, PutItem and UpdateItem on exactly that table's ARN and only on this group's
+    items (`dynamodb:LeadingKeys`: `lease#<group>` and `state#<group>#*`), dynamodb:DescribeTable on
+    the table, and CreateTable on it only with HELIX_LEASE_CREATE_TABLE=1. Never DeleteItem, Scan,
+    Query or a change to the table: the lease's item is never deleted (its epoch must never go back).
+    Nothing about DynamoDB without the setting;
   * all of it only in HELIX_AWS_REGION (`aws:RequestedRegion` and the ARNs), but the queue, which
     is wherever its URL says (a queue in another account is readable when its queue policy allows).
 
@@ -41,6 +47,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from controller_asg.lease import CREATE_OPERATIONS as LEASE_CREATE_OPERATIONS
+from controller_asg.lease import OPERATIONS as LEASE_OPERATIONS
 from controller_asg.providers.ec2 import GROUP_TAG, LAUNCH_TAG_KEYS, TOKEN_TAG
 from shared.config import ENV_FILE_KEY, Config, ConfigError, load_config, load_or_exit, sqs_queue
 
@@ -54,6 +62,10 @@ ELB = "elasticloadbalancing"
 _TARGET_GROUP_ARN = (
     r"arn:(aws[a-z-]*):elasticloadbalancing:([a-z0-9-]+):([0-9]{12}):targetgroup/[A-Za-z0-9-]{1,32}/[0-9a-f]{16}"
 )
+
+
+# The DynamoDB operations on an item (they carry dynamodb:LeadingKeys); the others are on the table.
+_ITEM_OPERATIONS = ("GetItem", "PutItem", "UpdateItem")
 
 
 class PolicyError(ValueError):
@@ -256,6 +268,7 @@ def policy_for(cfg: Config, account: str = "*") -> dict[str, Any]:
         )
     statements += _target_group_statements(cfg, account, in_region, anywhere)
     statements += _external_metric_statements(cfg)
+    statements += _lease_statements(cfg, account, in_region, anywhere)
     return {"Version": "2012-10-17", "Statement": statements}
 
 
@@ -311,6 +324,44 @@ def _external_metric_statements(cfg: Config) -> list[dict]:
     arn = f"arn:{partition(region)}:sqs:{region or '*'}:{queue.account}:{queue.name}"
     sid = "HelixReadTheExternalMetricQueue" + ("" if region else "AnyRegion")
     return [_statement(sid, "sqs:GetQueueAttributes", [arn], None)]
+
+
+def _lease_statements(cfg: Config, account: str, in_region: dict[str, str], anywhere: str) -> list[dict]:
+    """What controller_asg/lease.py and statestore.py call with HELIX_LEASE (none: nothing)."""
+    if not cfg.lease:
+        return []
+    table = _checked(
+        "HELIX_LEASE", cfg.lease_table, r"[A-Za-z0-9_.-]{3,255}", "dynamodb:<table> (3 to 255 letters, digits, _ . -)"
+    )
+    region = cfg.aws_region
+    table_arn = f"arn:{partition(region)}:dynamodb:{region or '*'}:{account}:table/{table}"
+    group = cfg.group_name  # checked by policy_for: no * ? or $ in it, so a prefix is exact
+    items: dict[str, dict] = {
+        # This group's lease and state items only. ForAllValues alone holds when the key is
+        # missing: Null pins that it is present (every item operation sends it).
+        "ForAllValues:StringLike": {"dynamodb:LeadingKeys": [f"lease#{group}", f"state#{group}#*"]},
+        "Null": {"dynamodb:LeadingKeys": "false"},
+    }
+    if in_region:
+        items["StringEquals"] = dict(in_region)
+    table_actions = [f"dynamodb:{op}" for op in LEASE_OPERATIONS if op not in _ITEM_OPERATIONS]
+    if cfg.lease_create_table:
+        table_actions += [f"dynamodb:{op}" for op in LEASE_CREATE_OPERATIONS]
+    return [
+        _statement(
+            "HelixLeaseAndStateItemsOfTheGroup" + anywhere,
+            [f"dynamodb:{op}" for op in LEASE_OPERATIONS if op in _ITEM_OPERATIONS],
+            [table_arn],
+            items,
+        ),
+        _statement(
+            ("HelixCreateAndDescribeTheLeaseTable" if cfg.lease_create_table else "HelixDescribeTheLeaseTable")
+            + anywhere,
+            sorted(table_actions),
+            [table_arn],
+            {"StringEquals": in_region} if in_region else None,
+        ),
+    ]
 
 
 def render(policy: dict[str, Any]) -> str:

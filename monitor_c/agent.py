@@ -7,6 +7,18 @@ or WatchMetrics message counts as "polled". Register is idempotent on MonitorS (
 (at least MIN_SILENCE seconds) it simply registers again. That one rule covers MonitorS restarting
 with a fresh table, MonitorS deregistering a live agent, and a lost registration, with no extra RPC.
 
+Several managers. HELIX_MONITOR_ADDR may list several MonitorS (one per manager: the leader and its
+warm standbys). The agent keeps one `Manager` per address, each with its own registration loop,
+back-off, credential, poll clock and log lines naming it, so a manager that is down or slow never
+delays registering with the others, and one that restarts is re-registered with on its own. Each
+poll is attributed to its MonitorS by the per-agent credential it carries (each MonitorS derives its
+own), which is how "not polled" is judged per manager, and how the rates a poll returns (CPU,
+network: monitor_c/sampling.py) are computed over each poller's own interval instead of being reset
+by the other poller. The agent accepts the credential of every MonitorS it registered with, and no
+fleet token once it holds one. Under the manager CA (HELIX_TLS_MODE=ca) the managers share one CA
+(the operator copies the PKI directory to each): every MonitorS signs this agent's one key for the
+same name, so the certificate the agent serves (the latest one issued) verifies for all of them.
+
 Lifecycle hooks (Prepare, Drain) and EC2 notices live in monitor_c/hooks.py and monitor_c/notices.py;
 this module validates the calls and streams the hook's progress.
 """
@@ -21,7 +33,8 @@ import random
 import secrets
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -48,6 +61,25 @@ MIN_HOOK_TIMEOUT, MAX_HOOK_TIMEOUT = 1.0, 7200.0
 MAX_HOOK_REASON = 200  # bytes
 
 
+class Manager:
+    """What the agent keeps per MonitorS (one per HELIX_MONITOR_ADDR address)."""
+
+    def __init__(self, addr: str):
+        self.addr = addr
+        # The per-agent credential this MonitorS handed out at registration ('' until then): what
+        # its polls carry, and what tells them apart from the other managers' polls.
+        self.credential = ""
+        self.last_polled = time.monotonic()
+        self.poll_interval = 1.0
+        self.registered = False  # has answered a Register (the poll interval is its own)
+        self.register_sent = False  # a Register went out: deregister from it when stopping
+        self.channel: grpc.aio.Channel | None = None
+        self.registry: helix_pb2_grpc.RegistryStub | None = None
+
+    def __repr__(self) -> str:
+        return f"Manager({self.addr!r})"
+
+
 class AgentState:
     def __init__(self, identity: Identity, vcpus: int, sampler: Sampler, probe: AppProbe):
         self.identity = identity
@@ -55,11 +87,26 @@ class AgentState:
         self.sampler = sampler
         self.probe = probe
         self.started = time.monotonic()
-        self.last_polled = time.monotonic()
         self.app_live, self.app_detail = True, "not probed yet"
-        self.poll_interval = 1.0
+        self.poll_interval = 1.0  # the shortest of the managers' intervals (probe cadence, app metrics wait)
         self.notices: NoticeWatcher | None = None  # on EC2 only
         self.app_metrics: AppMetrics | None = None  # with HELIX_APP_METRICS_URL only
+        self.managers: list[Manager] = []
+
+    def polled(self, metadata: Iterable[tuple[str, Any]] | None) -> str:
+        """Note an authenticated call (a poll, a hook call) as its MonitorS polling this agent;
+        returns the poller's key for the per-poller rates: its address, or "" for a caller that
+        carries no manager's credential (a MonitorS that handed out none, the fleet token before
+        registration, an insecure agent), which counts for every manager without a credential."""
+        now = time.monotonic()
+        for manager in self.managers:
+            if manager.credential and rpc_security.bearer_matches(metadata, [manager.credential]):
+                manager.last_polled = now
+                return manager.addr
+        for manager in self.managers:
+            if not manager.credential:
+                manager.last_polled = now
+        return ""
 
     async def sample_app(self, interval: float) -> None:
         """The app's request counter is read as part of a poll (monitor_c/appmetrics.py), before
@@ -67,9 +114,8 @@ class AgentState:
         if self.app_metrics is not None:
             await self.app_metrics.sample(interval)
 
-    def metrics(self) -> helix_pb2.Metrics:
-        s = self.sampler.sample()
-        self.last_polled = time.monotonic()
+    def metrics(self, poller: str = "") -> helix_pb2.Metrics:
+        s = self.sampler.sample(poller)
         notice = self.notices.current if self.notices else None
         return helix_pb2.Metrics(
             cpu=s.cpu,
@@ -111,7 +157,7 @@ class AgentService(helix_pb2_grpc.AgentServicer):
         self, request: helix_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext
     ) -> helix_pb2.HeartbeatResponse:
         st = self.state
-        st.last_polled = time.monotonic()
+        st.polled(context.invocation_metadata())
         return helix_pb2.HeartbeatResponse(
             agent_time=time.time(),
             uptime_seconds=time.monotonic() - st.started,
@@ -124,8 +170,9 @@ class AgentService(helix_pb2_grpc.AgentServicer):
         self, request: helix_pb2.GetMetricsRequest, context: grpc.aio.ServicerContext
     ) -> helix_pb2.Metrics:
         await self._check_id(request.instance_id, context)
+        poller = self.state.polled(context.invocation_metadata())
         await self.state.sample_app(self.state.poll_interval)
-        return self.state.metrics()
+        return self.state.metrics(poller)
 
     async def WatchMetrics(
         self, request: helix_pb2.WatchMetricsRequest, context: grpc.aio.ServicerContext
@@ -139,9 +186,11 @@ class AgentService(helix_pb2_grpc.AgentServicer):
             )
         loop = asyncio.get_running_loop()
         next_at = loop.time()
+        metadata = context.invocation_metadata()
         while True:
+            poller = self.state.polled(metadata)  # each message pushed counts as a poll by its MonitorS
             await self.state.sample_app(interval)
-            yield self.state.metrics()
+            yield self.state.metrics(poller)
             next_at += interval
             delay = next_at - loop.time()
             if delay < 0:  # fell behind (host stalled): skip, never burst
@@ -181,7 +230,8 @@ class AgentService(helix_pb2_grpc.AgentServicer):
                 f"reason: {reason[:40]!r}, expected printable text (no control characters)",
             )
         st = self.state
-        st.last_polled = time.monotonic()
+        metadata = context.invocation_metadata()
+        st.polled(metadata)
         launch = self.hooks.get("launch")
         if kind == "terminate" and launch is not None and launch.running:
             # Going away: preparing for service is moot, and two hooks must not fight over the app.
@@ -189,7 +239,8 @@ class AgentService(helix_pb2_grpc.AgentServicer):
             await launch.close()
         runner = self.hooks.get(kind) or self._no_hook(kind)
         if not runner.start(timeout, reason):
-            # A repeated call (its caller lost the stream, or a restarted MonitorS): no new run.
+            # A repeated call (its caller lost the stream, a restarted MonitorS, or another manager's
+            # MonitorS asking too): no new run.
             final = runner.final
             self.log.info(
                 "%s called again (reason: %r): %s",
@@ -200,7 +251,7 @@ class AgentService(helix_pb2_grpc.AgentServicer):
                 else f"the {kind} hook already ended: {final.result.name} ({final.detail})",
             )
         async for progress in runner.follow(timeout, reason):
-            st.last_polled = time.monotonic()  # a caller streaming a hook is polling this agent
+            st.polled(metadata)  # a caller streaming a hook is polling this agent
             yield helix_pb2.HookProgress(
                 result=progress.result.name, elapsed_seconds=progress.elapsed, detail=progress.detail
             )
@@ -209,6 +260,57 @@ class AgentService(helix_pb2_grpc.AgentServicer):
         runner = HookRunner(kind, "", self.state.identity.instance_id, self.log)
         self.hooks[kind] = runner
         return runner
+
+
+class ManagersAuthInterceptor(grpc.aio.ServerInterceptor):
+    """The agent's bearer check: a call must carry one of the bearers `accepted()` gives right now
+    (every registered MonitorS's credential; before any, the fleet token). An empty list accepts
+    every call (HELIX_INSECURE before registering). shared.rpc_security's interceptor takes one token;
+    several managers need several."""
+
+    def __init__(self, accepted: Callable[[], list[str]], log: logging.Logger):
+        self._accepted = accepted
+        self.log = log
+        self.refused = 0
+        self._last_log = 0.0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        accepted = self._accepted()
+        if handler is None or not accepted:
+            return handler
+        if rpc_security.bearer_matches(handler_call_details.invocation_metadata, accepted):
+            return handler
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._last_log > 10.0:  # one line per 10 s, not one per call
+            self._last_log = now
+            self.log.warning(
+                "refused unauthenticated call to %s (%d refused so far)", handler_call_details.method, self.refused
+            )
+        return _unauthenticated(handler)
+
+
+def _unauthenticated(handler: Any) -> Any:
+    """A handler answering UNAUTHENTICATED before the method runs (the agent serves unary and
+    server-streaming methods only)."""
+    message = "missing or wrong bearer token"
+
+    async def unary(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def stream(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    kwargs = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
+    if handler.unary_stream or handler.stream_stream:
+        return grpc.unary_stream_rpc_method_handler(stream, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
 
 
 class Agent:
@@ -229,20 +331,26 @@ class Agent:
         self.auth = auth
         self.log = log
         self.stop_event = asyncio.Event()
-        self.register_sent = False
-        # The per-agent credential MonitorS handed out at registration: once set, the only bearer
-        # this agent accepts (the fleet token, if any, no longer opens it).
-        self.credential = ""
+        # One per MonitorS (HELIX_MONITOR_ADDR lists one per manager), in the order given.
+        self.managers = [Manager(addr) for addr in cfg.monitor_addrs]
         self._refuse_all = secrets.token_urlsafe(32)
 
-    def accepted_bearer(self) -> str:
-        if self.credential:
-            return self.credential
+    def accepted_bearers(self) -> list[str]:
+        # The per-agent credentials the MonitorS handed out at registration: once there is one, the
+        # only bearers this agent accepts (the fleet token, if any, no longer opens it).
+        credentials = [m.credential for m in self.managers if m.credential]
+        # A MonitorS that registered the agent without handing out a credential (one from before
+        # credentials) polls with the fleet token: then that stays accepted beside the credentials.
+        legacy = any(m.registered and not m.credential for m in self.managers)
+        if credentials and not legacy:
+            return credentials
         if self.auth.token:
-            return self.auth.token
-        # Not registered yet and no token: refuse everything (an impossible bearer), unless the
+            return [*credentials, self.auth.token]
+        # No token: refuse everything (an impossible bearer) until a credential arrives, unless the
         # operator asked for an insecure agent.
-        return "" if self.cfg.insecure else self._refuse_all
+        if self.cfg.insecure:
+            return []
+        return credentials or [self._refuse_all]
 
     async def run(self) -> int:
         cfg, log = self.cfg, self.log
@@ -261,7 +369,7 @@ class Agent:
                 log.error("bad configuration: %s", exc)
                 return EXIT_BAD_CONFIG
         interceptors = [
-            rpc_security.BearerAuthInterceptor(self.accepted_bearer, log),  # first: see monitor_s/server.py
+            ManagersAuthInterceptor(self.accepted_bearers, log),  # first: see monitor_s/server.py
             rpc_security.DecodeGuardInterceptor(log),
         ]
         server = grpc.aio.server(interceptors=interceptors, options=rpc_security.SERVER_OPTIONS)
@@ -279,6 +387,7 @@ class Agent:
             identity, vcpus, Sampler(cfg.cpu_source, allotment), AppProbe(cfg.app_check, cfg.app_check_timeout)
         )
         self.state.app_metrics = app_metrics
+        self.state.managers = self.managers
         hooks = {kind: HookRunner(kind, command, identity.instance_id, log) for kind, command in commands.items()}
         # EC2's notices are only asked of the IMDS this agent's identity came from.
         if cfg.imds_url and identity.source == "imds":
@@ -290,7 +399,7 @@ class Agent:
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "agent %s (%s) serving on %s, advertising %s, cpu %s over %d vCPUs, app check %s, app metrics %s, "
-            "hooks %s, EC2 notices %s, version %s",
+            "hooks %s, EC2 notices %s, MonitorS %s, version %s",
             identity.instance_id,
             identity.source,
             cfg.agent_listen,
@@ -301,6 +410,7 @@ class Agent:
             f"{cfg.app_metrics_name} at {cfg.app_metrics_url}" if app_metrics else "none",
             "+".join(kind for kind, runner in hooks.items() if runner.argv) or "none",
             "on" if self.state.notices else "off",
+            " + ".join(m.addr for m in self.managers),
             AGENT_VERSION,
         )
 
@@ -312,25 +422,27 @@ class Agent:
         registry_tls = None
         if self.key:
             registry_tls = rpc_security.ChannelTLS(grpc.ssl_channel_credentials(self.key.ca_pem), pki.MONITOR_NAME)
-        self.channel = rpc_security.open_channel(cfg.monitor_addr, cfg, self.auth, tls=registry_tls)
-        self.registry = helix_pb2_grpc.RegistryStub(self.channel)
-        tasks = [asyncio.create_task(self._probe_loop()), asyncio.create_task(self._registration_loop())]
+        for manager in self.managers:
+            manager.channel = rpc_security.open_channel(manager.addr, cfg, self.auth, tls=registry_tls)
+            manager.registry = helix_pb2_grpc.RegistryStub(manager.channel)
+        tasks = [asyncio.create_task(self._probe_loop())]
+        # One registration loop per MonitorS: each with its own back-off, none waits for another.
+        tasks += [asyncio.create_task(self._registration_loop(manager)) for manager in self.managers]
         if self.state.notices:
             tasks.append(asyncio.create_task(self.state.notices.run()))
         await self.stop_event.wait()
 
         # Shutdown: stop a running hook (its whole process group; its callers get ABANDON), then
-        # deregister (bounded), then stop serving.
+        # deregister from every MonitorS at once (each bounded), then stop serving.
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, *(runner.close() for runner in hooks.values()), return_exceptions=True)
         if app_metrics is not None:
             await app_metrics.close()
-        if self.register_sent:
-            await self._deregister("agent stopping")
+        await asyncio.gather(*(self._deregister(m, "agent stopping") for m in self.managers if m.register_sent))
         await _set_health(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(grace=0.5)
-        await self.channel.close()
+        await asyncio.gather(*(m.channel.close() for m in self.managers if m.channel is not None))
         log.info("agent %s stopped", identity.instance_id)
         return 0
 
@@ -361,16 +473,17 @@ class Agent:
             csr=self.key.csr_pem if self.key else b"",
         )
 
-    async def _registration_loop(self) -> None:
+    async def _registration_loop(self, manager: Manager) -> None:
         st, log = self.state, self.log
+        assert manager.registry is not None
         backoff = BACKOFF_FIRST
         reason = "start"
         while True:
             try:
                 # Set before the call: a stop while Register is in flight must still deregister,
                 # since MonitorS may have written the row already (Deregister of an unknown id is harmless).
-                self.register_sent = True
-                resp = await self.registry.Register(self._request(), timeout=REGISTER_TIMEOUT)
+                manager.register_sent = True
+                resp = await manager.registry.Register(self._request(), timeout=REGISTER_TIMEOUT)
             except grpc.aio.AioRpcError as exc:
                 code = exc.code()
                 level = (
@@ -387,7 +500,7 @@ class Agent:
                 log.log(
                     level,
                     "register with %s failed: %s %s; retrying in %.1fs",
-                    self.cfg.monitor_addr,
+                    manager.addr,
                     code.name,
                     exc.details(),
                     delay,
@@ -395,66 +508,74 @@ class Agent:
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
-            if self.key and not self._enrol(resp.certificate):
+            if self.key and not self._enrol(manager, resp.certificate):
                 delay = backoff * random.uniform(0.5, 1.5)
                 await asyncio.sleep(delay)
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_FIRST
             if resp.credential:
-                self.credential = resp.credential
-            st.poll_interval = resp.poll_interval or 1.0
-            st.last_polled = time.monotonic()
+                manager.credential = resp.credential
+            manager.poll_interval = resp.poll_interval or 1.0
+            manager.registered = True
+            st.poll_interval = min(m.poll_interval for m in self.managers if m.registered)
+            manager.last_polled = time.monotonic()
             log.info(
                 "registered with %s as %s at %s (slot %d, poll interval %gs, reason: %s)",
-                self.cfg.monitor_addr,
+                manager.addr,
                 st.identity.instance_id,
                 st.identity.address,
                 resp.slot,
-                st.poll_interval,
+                manager.poll_interval,
                 reason,
             )
-            silence = max(SILENT_INTERVALS * st.poll_interval, MIN_SILENCE)
-            while (quiet := time.monotonic() - st.last_polled) < silence and time.time() < self.renew_at:
-                await asyncio.sleep(min(silence - quiet, st.poll_interval) + 0.01)
+            silence = max(SILENT_INTERVALS * manager.poll_interval, MIN_SILENCE)
+            while (quiet := time.monotonic() - manager.last_polled) < silence and time.time() < self.renew_at:
+                await asyncio.sleep(min(silence - quiet, manager.poll_interval) + 0.01)
             if quiet < silence:
+                # Any one MonitorS signs the renewal (they share the manager CA); the first loop to
+                # get one moves renew_at on, and the others keep waiting.
                 reason = "certificate renewal"
-                log.info("certificate is two-thirds through its life: registering again for a new one")
+                log.info(
+                    "certificate is two-thirds through its life: registering again with %s for a new one",
+                    manager.addr,
+                )
                 continue
-            reason = f"not polled for {quiet:.1f}s"
-            log.warning("%s: MonitorS may have lost this agent; registering again", reason)
+            reason = f"not polled by {manager.addr} for {quiet:.1f}s"
+            log.warning("%s: that MonitorS may have lost this agent; registering again", reason)
 
-    def _enrol(self, certificate: bytes) -> bool:
+    def _enrol(self, manager: Manager, certificate: bytes) -> bool:
         """Serve with the certificate Register returned, once it checks out (for this key, from the
-        manager CA, for this instance); False (logged) when it does not."""
+        manager CA, for this instance); False (logged) when it does not. With several managers the
+        latest certificate wins: any of them, from the one manager CA for the one key and name,
+        verifies for every MonitorS."""
         assert self.key is not None and self.server_tls is not None
         if not certificate:
             self.log.error(
                 "register with %s returned no certificate: is MonitorS running HELIX_TLS_MODE=ca? retrying",
-                self.cfg.monitor_addr,
+                manager.addr,
             )
             return False
         try:
             expires_at = self.key.accept(certificate, self.state.identity.instance_id)
         except ValueError as exc:
-            self.log.error("register with %s returned a bad %s; retrying", self.cfg.monitor_addr, exc)
+            self.log.error("register with %s returned a bad %s; retrying", manager.addr, exc)
             return False
         self.server_tls.install(certificate)
         self.renew_at = pki.renew_at(time.time(), expires_at)
         return True
 
-    async def _deregister(self, reason: str) -> None:
+    async def _deregister(self, manager: Manager, reason: str) -> None:
+        assert manager.registry is not None
         try:
-            resp = await self.registry.Deregister(
+            resp = await manager.registry.Deregister(
                 helix_pb2.DeregisterRequest(instance_id=self.state.identity.instance_id, reason=reason),
                 timeout=DEREGISTER_TIMEOUT,
-                metadata=((rpc_security.AUTH_KEY, f"Bearer {self.credential}"),) if self.credential else None,
+                metadata=((rpc_security.AUTH_KEY, f"Bearer {manager.credential}"),) if manager.credential else None,
             )
-            self.log.info(
-                "deregistered from %s (row %s)", self.cfg.monitor_addr, "freed" if resp.found else "already gone"
-            )
+            self.log.info("deregistered from %s (row %s)", manager.addr, "freed" if resp.found else "already gone")
         except grpc.aio.AioRpcError as exc:
-            self.log.warning("deregister failed: %s %s", exc.code().name, exc.details())
+            self.log.warning("deregister from %s failed: %s %s", manager.addr, exc.code().name, exc.details())
 
 
 async def _set_health(servicer: health.HealthServicer | health.aio.HealthServicer, status: int) -> None:
@@ -467,4 +588,4 @@ async def _set_health(servicer: health.HealthServicer | health.aio.HealthService
         await result
 
 
-__all__ = ["Agent", "AgentService", "AgentState"]
+__all__ = ["Agent", "AgentService", "AgentState", "Manager"]

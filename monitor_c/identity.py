@@ -102,7 +102,7 @@ def resolve_identity(cfg: Config, listen_port: int) -> Identity:
     else:
         host, _ = parse_host_port(cfg.agent_listen)
         if host in ("0.0.0.0", "::", ""):
-            host = _route_ip(cfg.monitor_addr)
+            host = _route_ip(cfg.monitor_addrs[0])  # the first MonitorS: all are on the managers' network
         address = f"[{host}]:{listen_port}" if ":" in host else f"{host}:{listen_port}"
     return Identity(
         instance_id=instance_id,

@@ -1,11 +1,21 @@
 """Where the agent's numbers come from: CPU (host, a process tree or a cgroup), memory, load,
-network and disk, each sampled on demand as the change since the previous sample."""
+network and disk, each sampled on demand; CPU and network as the change since the previous sample.
+
+Per poller. Several MonitorS may poll one agent (one per manager, HELIX_MONITOR_ADDR). A rate "since
+the previous sample" shared by all of them would be consumed by whichever polled last: with two
+pollers one second apart each, one of them could be handed a rate over a few milliseconds. So every
+rate keeps one baseline per poller (`poller`: the MonitorS address, "" for a caller the agent cannot
+tell apart), and each MonitorS sees the rate over its own interval, exactly as with one poller. A
+poller's first sample measures since the source was made (the agent's start), as the first poll did
+before. The pollers are the configured managers, at most a handful, so the baselines stay few.
+"""
 
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import psutil
 
@@ -25,14 +35,33 @@ class Sample:
     sample_time: float
 
 
+def _busy_share(before: Any, after: Any) -> float:
+    """Busy share of all CPUs between two `psutil.cpu_times()` readings (psutil's own cpu_percent
+    rule: idle and iowait are not busy; guest time is already counted in user time on Linux)."""
+
+    def totals(t: Any) -> tuple[float, float]:
+        total = sum(t) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+        return total, total - t.idle - getattr(t, "iowait", 0.0)
+
+    (all0, busy0), (all1, busy1) = totals(before), totals(after)
+    if all1 <= all0 or busy1 <= busy0:
+        return 0.0
+    return min((busy1 - busy0) / (all1 - all0), 1.0)
+
+
 class HostCpu:
-    """The whole machine (what an EC2 instance needs): busy share of all CPUs since the last call."""
+    """The whole machine (what an EC2 instance needs): busy share of all CPUs since this poller's
+    last call."""
 
     def __init__(self) -> None:
-        psutil.cpu_percent(interval=None)  # prime: the first call only sets the baseline
+        self._first = psutil.cpu_times()  # every poller's first baseline
+        self._last: dict[str, Any] = {}
 
-    def utilisation(self) -> float:
-        return psutil.cpu_percent(interval=None) / 100.0
+    def utilisation(self, poller: str = "") -> float:
+        now = psutil.cpu_times()
+        before = self._last.get(poller, self._first)
+        self._last[poller] = now
+        return _busy_share(before, now)
 
     def memory(self) -> float:
         return psutil.virtual_memory().percent / 100.0
@@ -44,15 +73,16 @@ class _CounterCpu:
     def __init__(self, vcpus: float):
         # A fraction is a CPU allotment (a local instance sized at 0.25 vCPU, a cgroup quota).
         self.vcpus = vcpus if vcpus > 0 else 1.0
-        self._last = (time.monotonic(), self._cpu_seconds())
+        self._first = (time.monotonic(), self._cpu_seconds())  # every poller's first baseline
+        self._last: dict[str, tuple[float, float]] = {}
 
     def _cpu_seconds(self) -> float:
         raise NotImplementedError
 
-    def utilisation(self) -> float:
+    def utilisation(self, poller: str = "") -> float:
         now, used = time.monotonic(), self._cpu_seconds()
-        then, before = self._last
-        self._last = (now, used)
+        then, before = self._last.get(poller, self._first)
+        self._last[poller] = (now, used)
         wall = now - then
         if wall <= 0:
             return 0.0
@@ -154,12 +184,13 @@ def cpu_source(spec: str, vcpus: float) -> HostCpu | TreeCpu | CgroupCpu:
 
 
 class Sampler:
-    """Takes one Sample per call: CPU and network as rates since the previous call."""
+    """Takes one Sample per call: CPU and network as rates since the same poller's previous call."""
 
     def __init__(self, spec: str, vcpus: float, disk_path: str = "/"):
         self.cpu = cpu_source(spec, vcpus)
         self.disk_path = disk_path
-        self._net = (time.monotonic(), self._net_counters())
+        self._net_first = (time.monotonic(), self._net_counters())
+        self._net: dict[str, tuple[float, tuple[int, int]]] = {}
 
     @staticmethod
     def _net_counters() -> tuple[int, int]:
@@ -169,11 +200,11 @@ class Sampler:
         except (OSError, AttributeError):
             return 0, 0
 
-    def sample(self) -> Sample:
+    def sample(self, poller: str = "") -> Sample:
         now = time.monotonic()
         rx, tx = self._net_counters()
-        then, (rx0, tx0) = self._net
-        self._net = (now, (rx, tx))
+        then, (rx0, tx0) = self._net.get(poller, self._net_first)
+        self._net[poller] = (now, (rx, tx))
         wall = max(now - then, 1e-6)
         load1, load5, load15 = os.getloadavg()
         try:
@@ -181,7 +212,7 @@ class Sampler:
         except OSError:
             disk = 0.0
         return Sample(
-            cpu=self.cpu.utilisation(),
+            cpu=self.cpu.utilisation(poller),
             mem=self.cpu.memory(),
             load1=load1,
             load5=load5,

@@ -135,6 +135,32 @@ def host_port(optional: bool = False) -> Parser:
     return parse
 
 
+def host_port_list(max_items: int = 5) -> Parser:
+    """1 to `max_items` comma-separated host:port addresses, no duplicates; returned as written,
+    each item stripped (so one address reads exactly as before)."""
+    expected = (
+        f"1 to {max_items} comma-separated host:port addresses with ports from 1 to 65535 "
+        "(IPv6 as [addr]:port), none twice"
+    )
+
+    def parse(raw: str) -> str:
+        items = [part.strip() for part in raw.split(",")]
+        if len(items) > max_items:
+            raise Invalid(f"{expected}; got {len(items)}")
+        seen: set[tuple[str, int]] = set()
+        for n, item in enumerate(items, 1):
+            try:
+                host, port = parse_host_port(item)
+            except Invalid:
+                raise Invalid(f"{expected}; item {n} ({item!r}) is not host:port") from None
+            if (host.lower(), port) in seen:
+                raise Invalid(f"{expected}; item {n} ({item!r}) is listed twice")
+            seen.add((host.lower(), port))
+        return ",".join(items)
+
+    return parse
+
+
 def listen_or_off(raw: str) -> str:
     """A listen address, or '' for off (written as empty, `0` or `off`)."""
     value = raw.strip()
@@ -228,6 +254,18 @@ def http_url(raw: str) -> str:
         raise Invalid(expected) from None
     if value and (parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc):
         raise Invalid(expected)
+    return value
+
+
+_DYNAMODB_TABLE = re.compile(r"[A-Za-z0-9_.-]{3,255}")
+
+
+def lease_spec(raw: str) -> str:
+    """HELIX_LEASE: empty, or `dynamodb:<table name>`."""
+    value = raw.strip()
+    kind, _, table = value.partition(":")
+    if value and not (kind == "dynamodb" and _DYNAMODB_TABLE.fullmatch(table)):
+        raise Invalid("empty or dynamodb:<table> (a table name of 3 to 255 letters, digits, _ . -)")
     return value
 
 
@@ -518,8 +556,9 @@ class Config:
     monitor_addr: str = setting(
         "HELIX_MONITOR_ADDR",
         "127.0.0.1:50052",
-        "MonitorS address the agent registers with.",
-        host_port(),
+        "MonitorS address(es) the agent registers with: one host:port, or up to 5 comma-separated (one per "
+        "manager; the agent registers with each and every MonitorS polls it).",
+        host_port_list(),
         group="agent",
     )
     cpu_source: str = setting(
@@ -1062,6 +1101,55 @@ class Config:
         group="operations",
     )
 
+    # --- no single manager: the leader lease (issue 14) -------------------------------------------
+    lease: str = setting(
+        "HELIX_LEASE",
+        "",
+        "`dynamodb:<table>`: managers compete for a per-group leader lease in that DynamoDB table; only "
+        "the holder's controller acts, the others are warm standbys, and the controller's state lives in "
+        "the table. Empty: a single manager (the host lock).",
+        lambda raw: lease_spec(raw),
+        group="ha",
+    )
+    lease_ttl: float = setting(
+        "HELIX_LEASE_TTL",
+        "10",
+        "Seconds a lease lasts unless renewed (renewed every quarter of it); a standby takes over at most "
+        "this long after the leader stops renewing.",
+        number(3, 600, unit="seconds"),
+        group="ha",
+    )
+    lease_clock_margin: float = setting(
+        "HELIX_LEASE_CLOCK_MARGIN",
+        "2",
+        "Seconds before its lease ends (by its own clock) that a holder stops acting: the clock drift "
+        "between managers it tolerates. Below HELIX_LEASE_TTL / 2.",
+        number(0, 300, unit="seconds"),
+        group="ha",
+    )
+    manager_id: str = setting(
+        "HELIX_MANAGER_ID",
+        "",
+        "This manager's name in the lease (and in the logs); empty: the host name.",
+        text(128),
+        group="ha",
+    )
+    lease_create_table: bool = setting(
+        "HELIX_LEASE_CREATE_TABLE",
+        "0",
+        "Create the lease table (on demand billing) when it does not exist; else a missing table is an error.",
+        flag,
+        group="ha",
+    )
+    dynamodb_endpoint_url: str = setting(
+        "HELIX_DYNAMODB_ENDPOINT_URL",
+        "",
+        "A non-AWS DynamoDB endpoint for the lease (tests use moto's server); boto3's own "
+        "AWS_ENDPOINT_URL_DYNAMODB works too. Credentials are the `ec2` provider's (HELIX_AWS_…).",
+        http_url,
+        group="ha",
+    )
+
     # --- providers ------------------------------------------------------------------------------
     provider: str = setting(
         "HELIX_PROVIDER",
@@ -1255,6 +1343,22 @@ class Config:
         return self.warmup if self.refresh_warmup < 0 else self.refresh_warmup
 
     @property
+    def effective_manager_id(self) -> str:
+        import socket
+
+        return self.manager_id or socket.gethostname()
+
+    @property
+    def lease_table(self) -> str:
+        """The DynamoDB table of HELIX_LEASE ('' without a lease)."""
+        return self.lease.partition(":")[2] if self.lease else ""
+
+    @property
+    def monitor_addrs(self) -> tuple[str, ...]:
+        """HELIX_MONITOR_ADDR as its addresses (one per MonitorS), in the order given."""
+        return tuple(part.strip() for part in self.monitor_addr.split(",") if part.strip())
+
+    @property
     def effective_pki_dir(self) -> str:
         return self.pki_dir or os.path.join(self.state_dir, "pki")
 
@@ -1383,6 +1487,12 @@ def _cross_checks(cfg: Config, given: frozenset[str] = frozenset()) -> list[tupl
             {"min_healthy_percentage", "max_healthy_percentage"},
             f"HELIX_MIN_HEALTHY_PERCENTAGE={cfg.min_healthy_percentage:g}: expected below 100 unless "
             "HELIX_MAX_HEALTHY_PERCENTAGE is above 100 (a refresh could never take an instance out)",
+        )
+    if cfg.lease and cfg.lease_clock_margin * 2 >= cfg.lease_ttl:
+        bad(
+            {"lease_clock_margin", "lease_ttl"},
+            f"HELIX_LEASE_CLOCK_MARGIN={cfg.lease_clock_margin:g}: expected below HELIX_LEASE_TTL / 2 "
+            f"({cfg.lease_ttl / 2:g})",
         )
     if cfg.cpu_lower >= cfg.cpu_upper:
         bad(

@@ -42,6 +42,7 @@ GROUP_TITLES = {
     "controller": "ControllerASG",
     "hooks": "Lifecycle hooks and drain",
     "operations": "Operating the fleet (helix-ctl, refresh, schedules, lifetime, events)",
+    "ha": "No single manager (the leader lease)",
     "provider": "Providers",
     "ec2": "The `ec2` provider",
 }

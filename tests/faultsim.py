@@ -255,7 +255,9 @@ class FakeProvider:
     def launch_config(self) -> LaunchConfig:
         return LaunchConfig.of({"image": self.cloud.image})
 
-    def launch(self, count: int, token: str, config: LaunchConfig | None = None) -> list[ProviderInstance]:
+    def launch(
+        self, count: int, token: str, config: LaunchConfig | None = None, *, epoch: int = 0
+    ) -> list[ProviderInstance]:
         c = self.cloud
         config = config or self.launch_config()
         if count < 0:

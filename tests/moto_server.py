@@ -10,6 +10,8 @@ subnet, which moto never produces) or forward a request and then drop the reply 
 The same for the other query-protocol services on moto's one endpoint (elbv2: an error answers in
 that service's own error format), and a rule may rewrite moto's reply (a state moto never reports,
 such as a target draining). `requests` keeps every request it received: (service, action, params).
+JSON-protocol services (DynamoDB) are proxied too: their action is X-Amz-Target's operation, and
+an error verdict answers in the query format (rules for them drop or lose requests instead).
 """
 
 from __future__ import annotations
@@ -102,7 +104,8 @@ class FaultProxy:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 params = {k: v[0] for k, v in urllib.parse.parse_qs(body.decode()).items()}
-                action = params.get("Action", "")
+                # The query protocol's Action, else a JSON protocol's X-Amz-Target (DynamoDB_20120810.GetItem).
+                action = params.get("Action", "") or self.headers.get("X-Amz-Target", "").rpartition(".")[2]
                 scope = _SCOPE.search(self.headers.get("Authorization", ""))
                 service = scope.group(1) if scope else ""
                 with proxy._lock:

@@ -182,7 +182,7 @@ class MemoryProvider:
     def launch_config(self):
         return LaunchConfig.of({"image": "memory-1"})
 
-    def launch(self, count, token, config=None):
+    def launch(self, count, token, config=None, *, epoch=0):
         self.calls.append(("launch", count, token))
         if token in self.tokens:
             return [self.instances[i] for i in self.tokens[token] if i in self.instances]

@@ -13,6 +13,8 @@ import pytest
 
 from controller_asg.external import OPERATIONS as SQS_OPERATIONS
 from controller_asg.iam import DEFAULT_POLICY_PATH, PolicyError, default_policy, main, policy_for, render
+from controller_asg.lease import CREATE_OPERATIONS as LEASE_CREATE
+from controller_asg.lease import OPERATIONS as LEASE_OPS
 from controller_asg.providers.ec2 import GROUP_TAG, OPERATIONS, POOL_OPERATIONS, TOKEN_TAG
 from controller_asg.providers.elb import OPERATIONS as ELB_OPERATIONS
 from shared.config import load_config
@@ -526,3 +528,52 @@ def test_readme_tells_how_to_generate_and_regenerate():
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
         readme = fh.read()
     assert "python -m controller_asg.iam --account" in readme and "python -m controller_asg.iam --write" in readme
+
+
+# --- the leader lease's table (HELIX_LEASE): calls made against moto are checked in tests/test_lease.py
+
+
+def dynamodb(operation, key=None, table="helix-lease", region=REGION, account=ACCOUNT):
+    context = {"aws:RequestedRegion": region}
+    if key is not None:
+        context["dynamodb:LeadingKeys"] = (key,)
+    return Request(f"dynamodb:{operation}", f"arn:aws:dynamodb:{region}:{account}:table/{table}", context)
+
+
+def test_lease_table_only_with_a_lease_and_only_the_groups_items():
+    assert "dynamodb" not in json.dumps(policy_for(cfg(), ACCOUNT)) and "dynamodb" not in json.dumps(default_policy())
+    policy = policy_for(cfg(HELIX_LEASE="dynamodb:helix-lease"), ACCOUNT)
+    lease = [s for s in policy["Statement"] if "dynamodb" in json.dumps(s["Action"])]
+    assert [s["Sid"] for s in lease] == ["HelixLeaseAndStateItemsOfTheGroup", "HelixDescribeTheLeaseTable"]
+    actions = {a for s in lease for a in s["Action"]}
+    assert actions == {f"dynamodb:{op}" for op in LEASE_OPS}  # exactly what the code calls
+    for operation in ("GetItem", "PutItem", "UpdateItem"):
+        for key in ("lease#web", "state#web#state", "state#web#history"):
+            assert allowed(policy, dynamodb(operation, key)), (operation, key)
+        for key in ("lease#api", "state#api#state", "lease#web2", "state#web2#state", "lease#we", "x"):
+            assert not allowed(policy, dynamodb(operation, key)), (operation, key)
+        assert not allowed(policy, dynamodb(operation))  # no key in the request: not allowed
+        assert not allowed(policy, dynamodb(operation, "lease#web", table="other"))
+        assert not allowed(policy, dynamodb(operation, "lease#web", region="us-east-1"))
+        assert not allowed(policy, dynamodb(operation, "lease#web", account="999999999999"))
+    assert allowed(policy, dynamodb("DescribeTable")) and not allowed(policy, dynamodb("DescribeTable", table="x"))
+    for operation in ("CreateTable", "DeleteTable", "DeleteItem", "Scan", "Query", "UpdateTable", "BatchWriteItem"):
+        assert not allowed(policy, dynamodb(operation, "lease#web")) and not allowed(policy, dynamodb(operation))
+
+    # CreateTable on that table only when allowed to create it.
+    creating = policy_for(cfg(HELIX_LEASE="dynamodb:helix-lease", HELIX_LEASE_CREATE_TABLE="1"), ACCOUNT)
+    assert allowed(creating, dynamodb("CreateTable")) and not allowed(creating, dynamodb("CreateTable", table="x"))
+    sids = [s["Sid"] for s in creating["Statement"] if "dynamodb" in json.dumps(s["Action"])]
+    assert sids == ["HelixLeaseAndStateItemsOfTheGroup", "HelixCreateAndDescribeTheLeaseTable"]
+    assert {f"dynamodb:{op}" for op in LEASE_CREATE} <= {a for s in creating["Statement"] for a in _list(s["Action"])}
+
+    # Without a region: any region, said in the Sids; the table name still pins it.
+    anywhere = policy_for(cfg(HELIX_AWS_REGION="", HELIX_LEASE="dynamodb:helix-lease"))
+    sids = [s["Sid"] for s in anywhere["Statement"] if "dynamodb" in json.dumps(s["Action"])]
+    assert sids == ["HelixLeaseAndStateItemsOfTheGroupAnyRegion", "HelixDescribeTheLeaseTableAnyRegion"]
+    assert allowed(anywhere, dynamodb("GetItem", "lease#web", region="ap-south-1", account="999999999999"))
+    assert not allowed(anywhere, dynamodb("GetItem", "lease#web", table="other", region="ap-south-1"))
+
+
+def _list(value):
+    return value if isinstance(value, list) else [value]

@@ -262,6 +262,17 @@ def test_user_data_is_cloud_config_writing_the_agent_env():
     assert not any(line.startswith(("HELIX_LAUNCH_HOOK=", "HELIX_TERMINATE_HOOK=")) for line in lines)  # none set
 
 
+def test_user_data_lists_every_managers_monitor():
+    """Several managers (HELIX_MONITOR_ADDR lists each MonitorS): the agent is told all of them, in
+    one line that its own configuration reads back as the same list."""
+    several = cfg(HELIX_MONITOR_ADDR=" 10.0.0.5:50052 , 10.1.0.5:50052,[fd00::7]:50052", HELIX_ROSTER="off")
+    content = yaml.safe_load(render_user_data(several, "t", {}, ca_pem()))["write_files"][0]["content"]
+    [line] = [line for line in content.splitlines() if line.startswith("HELIX_MONITOR_ADDR=")]
+    assert line == 'HELIX_MONITOR_ADDR="10.0.0.5:50052,10.1.0.5:50052,[fd00::7]:50052"'
+    agent = load_config({"HELIX_ENV_FILE": "", "HELIX_MONITOR_ADDR": line.partition("=")[2].strip('"')})
+    assert agent.monitor_addrs == ("10.0.0.5:50052", "10.1.0.5:50052", "[fd00::7]:50052")
+
+
 def test_user_data_passes_the_managers_lifecycle_hooks():
     hooked = cfg(
         HELIX_LAUNCH_HOOK="/opt/app/warm-up --quick",

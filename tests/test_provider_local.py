@@ -88,6 +88,16 @@ def agent_env(env_dir: str, instance_id: str) -> dict:
     return wait_for(read, 30, f"agent of {instance_id} to start")
 
 
+def test_agents_are_told_every_managers_monitor(state_dir, env_dir):
+    cfg = make_cfg(state_dir, HELIX_MONITOR_ADDR="127.0.0.1:5999, 127.0.0.1:6999")
+    prov = LocalProvider(cfg, agent_argv=fake_agent(env_dir))
+    try:
+        [inst] = prov.launch(1, "tok-1")
+        assert agent_env(env_dir, inst.instance_id)["HELIX_MONITOR_ADDR"] == "127.0.0.1:5999,127.0.0.1:6999"
+    finally:
+        prov.close()
+
+
 def test_launch_spreads_over_zones_with_the_agent_env(state_dir, env_dir):
     cfg = make_cfg(state_dir, HELIX_LOCAL_APP_CMD=APP_CMD, HELIX_LOCAL_ZONES="za,zb", HELIX_LOCAL_VCPUS="2")
     prov = LocalProvider(cfg, agent_argv=fake_agent(env_dir))

@@ -72,11 +72,14 @@ class Provider(Protocol):
         """The launch configuration the settings say new instances get now."""
         ...
 
-    def launch(self, count: int, token: str, config: LaunchConfig | None = None) -> list[ProviderInstance]:
+    def launch(
+        self, count: int, token: str, config: LaunchConfig | None = None, *, epoch: int = 0
+    ) -> list[ProviderInstance]:
         """Launch `count` instances spread over the zones, from `config` (None: `launch_config()`;
         an instance refresh rolling back passes the previous one). Calling again with the same
         `token` (a retry after a lost reply, a restart mid-launch) returns the same instances and
-        launches nothing new. Never waits for the instances to boot."""
+        launches nothing new. Never waits for the instances to boot. `epoch`: the leader lease's
+        epoch the launch was made under (0: no lease), recorded on the instances (a tag)."""
         ...
 
     def terminate(self, instance_ids: Sequence[str]) -> None:

@@ -54,8 +54,9 @@ GROUP_TAG = "helix:group"
 TOKEN_TAG = "helix:launch-token"
 PROTECTED_TAG = "helix:protected"
 CONFIG_TAG = "helix:config"  # the digest of the LaunchConfig an instance was launched from
+EPOCH_TAG = "helix:epoch"  # the leader lease's epoch a launch was made under (with HELIX_LEASE)
 # Every tag key a launch request sets (the IAM policy allows these and no other).
-LAUNCH_TAG_KEYS = (GROUP_TAG, "Name", TOKEN_TAG, CONFIG_TAG)
+LAUNCH_TAG_KEYS = (GROUP_TAG, "Name", TOKEN_TAG, CONFIG_TAG, EPOCH_TAG)
 # Every EC2 API operation this module calls; the policy controller_asg/iam.py generates allows each
 # (tested, and every recorded request against it in the moto tests).
 # CreateTags is not called directly: RunInstances' TagSpecifications need it (tag-on-create).
@@ -269,7 +270,9 @@ class Ec2Provider:
             values["instance_type"] = cfg.ec2_instance_type
         return LaunchConfig.of(values)
 
-    def launch(self, count: int, token: str, config: LaunchConfig | None = None) -> list[ProviderInstance]:
+    def launch(
+        self, count: int, token: str, config: LaunchConfig | None = None, *, epoch: int = 0
+    ) -> list[ProviderInstance]:
         config = config or self.launch_config()
         if count < 0:
             raise ValueError(f"count={count}: expected 0 or more")
@@ -293,7 +296,7 @@ class Ec2Provider:
         subnets = list(self.cfg.ec2_subnets)
         if not subnets:  # the launch template places the instances
             try:
-                return out + self._run(None, missing, token, known, config)
+                return out + self._run(None, missing, token, known, config, epoch)
             except _ZoneError as exc:
                 raise LaunchError(f"launch {token}: RunInstances refused: {exc}") from None
 
@@ -312,7 +315,7 @@ class Ec2Provider:
             subnet = next(iter(plan))
             n = plan.pop(subnet)
             try:
-                got = self._run(subnet, n, token, known, config)
+                got = self._run(subnet, n, token, known, config, epoch)
             except _ZoneError as exc:
                 failed[subnet] = str(exc)
                 others = sorted((s for s in subnets if s not in failed), key=lambda s: used[s] + plan.get(s, 0))
@@ -340,7 +343,7 @@ class Ec2Provider:
         return out
 
     def _run(
-        self, subnet: str | None, n: int, token: str, known: set[str], config: LaunchConfig
+        self, subnet: str | None, n: int, token: str, known: set[str], config: LaunchConfig, epoch: int = 0
     ) -> list[ProviderInstance]:
         """RunInstances for `n` in `subnet`; after a lost reply, looks for the token's instances first.
 
@@ -348,7 +351,7 @@ class Ec2Provider:
         RunInstances launches all `n` or none)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        params = self._run_params(subnet, n, token, len(known), config)
+        params = self._run_params(subnet, n, token, len(known), config, epoch)
         last: Exception | None = None
         in_doubt = False
         for attempt in range(_LAUNCH_ATTEMPTS):
@@ -393,7 +396,9 @@ class Ec2Provider:
             )
         raise LaunchError(f"launch {token}: RunInstances failed {_LAUNCH_ATTEMPTS} times: {last}")
 
-    def _run_params(self, subnet: str | None, n: int, token: str, done: int, config: LaunchConfig) -> dict:
+    def _run_params(
+        self, subnet: str | None, n: int, token: str, done: int, config: LaunchConfig, epoch: int = 0
+    ) -> dict:
         """`config`: usually the settings' own; a refresh rolling back passes an earlier one, whose
         image, type and template version win (the user data is always rendered from the settings)."""
         cfg = self.cfg
@@ -404,6 +409,8 @@ class Ec2Provider:
             {"Key": TOKEN_TAG, "Value": token},
             {"Key": CONFIG_TAG, "Value": config.digest},
         ]
+        if epoch:
+            tags.append({"Key": EPOCH_TAG, "Value": str(epoch)})
         params: dict[str, Any] = {
             "MinCount": n,
             "MaxCount": n,

@@ -21,6 +21,7 @@ sends SIGKILL when the grace period has passed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -82,10 +83,14 @@ class Record:
     stopped: bool = False  # paused (SIGSTOP to its group): a warm-pool instance
     secret_digest: str = ""  # SHA-256 (hex) of the secret its agent registers with (the secret is not kept)
     config: str = ""  # the digest of the LaunchConfig it was launched from
+    epoch: int = 0  # the leader lease's epoch it was launched under (0: no lease)
 
     @classmethod
     def from_json(cls, data: dict) -> Record:
-        data = dict(data)
+        # Fields a newer Helix wrote are left out rather than making the instance unreadable
+        # (an unreadable record is an instance nobody sees, and so never terminates).
+        known = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
         data["members"] = [Member(**m) for m in data.get("members", [])]
         return cls(**data)
 
@@ -250,7 +255,9 @@ class LocalProvider:
     def launch_config(self) -> LaunchConfig:
         return LaunchConfig.of({"app_cmd": self.cfg.local_app_cmd})
 
-    def launch(self, count: int, token: str, config: LaunchConfig | None = None) -> list[ProviderInstance]:
+    def launch(
+        self, count: int, token: str, config: LaunchConfig | None = None, *, epoch: int = 0
+    ) -> list[ProviderInstance]:
         config = config or self.launch_config()
         if count < 0:
             raise ValueError(f"count={count}: expected 0 or more")
@@ -290,7 +297,7 @@ class LocalProvider:
                 launched.append(instance_id)
                 _atomic_write(ledger_path, json.dumps({"token": token, "ids": launched, "at": self.clock()}))
                 try:
-                    rec = self._spawn(instance_id, zone, token, config)
+                    rec = self._spawn(instance_id, zone, token, config, epoch)
                 except (OSError, ValueError, LaunchError) as exc:
                     errors.append(str(exc))
                     log.error("launch of %s in %s failed: %s", instance_id, zone, exc)
@@ -403,7 +410,7 @@ class LocalProvider:
     def _child_env(self) -> dict[str, str]:
         return {k: v for k, v in os.environ.items() if not k.startswith(_PRIVATE_PREFIXES) and k not in _PRIVATE_KEYS}
 
-    def _spawn(self, instance_id: str, zone: str, token: str, config: LaunchConfig) -> Record:
+    def _spawn(self, instance_id: str, zone: str, token: str, config: LaunchConfig, epoch: int = 0) -> Record:
         """Start one instance, crash-consistently: nothing runs before its process group is on disk.
 
         1. the record is written with no process (a crash here leaves a pid-less record: nothing to
@@ -427,6 +434,7 @@ class LocalProvider:
             host=host,
             agent_port=_free_port(host),
             config=config.digest,
+            epoch=epoch,
         )
         app_argv: list[str] = []
         app_cmd = config.as_dict().get("app_cmd", "")

@@ -1,5 +1,6 @@
 """The user data an EC2 instance boots with: how the baked agent learns where MonitorS is.
 
+HELIX_MONITOR_ADDR carries every manager's MonitorS (comma-separated), so a standby's table is warm.
 The AMI runs the agent as `helix-monitor-c.service` with `EnvironmentFile=/etc/helix/helix.env`.
 cloud-init writes that file (root only) and restarts the unit, which may already have started
 (and failed) before the file existed. With HELIX_ROSTER=required (the default) it holds no secret:
@@ -32,7 +33,8 @@ def _env_value(key: str, value: str) -> str:
 
 def render_env_file(cfg: Config, token: str, labels: Mapping[str, str], ca_pem: str = "") -> str:
     label_text = ",".join(f"{k}={v}" for k, v in labels.items())
-    lines = [_env_value("HELIX_MONITOR_ADDR", cfg.monitor_addr)]
+    # Every manager's MonitorS (HELIX_MONITOR_ADDR may list several): the agent registers with each.
+    lines = [_env_value("HELIX_MONITOR_ADDR", ",".join(cfg.monitor_addrs))]
     mode = cfg.effective_tls_mode
     if mode == "ca":
         # Public: the agent verifies MonitorS with it and enrols for its own certificate.
