@@ -1366,7 +1366,7 @@ class Controller:
         else:
             self._suspended.difference_update(processes)
         shown = ", ".join(sorted(self._suspended, key=PROCESSES.index)) or "none"
-        return f"{op}d {', '.join(processes)}; suspended now: {shown}"
+        return f"{'suspended' if op == 'suspend' else 'resumed'} {', '.join(processes)}; suspended now: {shown}"
 
     def _schedule_list(self, now: float) -> list[dict]:
         out = []
