@@ -18,7 +18,7 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from controller_asg.hostlock import HostLock, HostLockHeld
 from controller_asg.operator import PROCESSES
 from controller_asg.policy import build_policy
 from controller_asg.providers.base import LaunchConfig, LaunchError, ProviderInstance
+from controller_asg.statestore import StaleEpoch
 from controller_asg.traffic import TargetState, TrafficError
 from shared.config import Config, load_config
 from shared.table import HookResult, InstanceRow, Lifecycle, MetricsTable, State
@@ -162,6 +163,7 @@ class FakeCloud:
         self.stop_start_fails_until = -1.0
         # The launch configuration the settings name (an instance refresh replaces instances of
         # others), and images whose instances' apps never start (a bad release: refresh rolls back).
+        self.monitor_down_at = -1e9  # the last second MonitorS was down (nobody could run a hook then)
         self.image = "img-1"
         self.bad_images: set[str] = set()
 
@@ -338,6 +340,10 @@ class FakeProvider:
             if left is not None and c.now < t.drained_at[instance_id] and c.now < left + c.drain_timeout:
                 c.violations.append(Violation(c.now, f"{instance_id} terminated undrained before the drain timeout"))
         row = c.rows.get(instance_id)
+        if c.now - c.monitor_down_at <= c.drain_timeout + POLL:
+            # MonitorS was down while it drained: nobody could ask its agent to run the hook, and the
+            # hook never holds a terminate past its deadline (controller_asg/drain.py).
+            return
         if (
             c.drain_timeout > 0
             and row is not None
@@ -416,22 +422,31 @@ class SimMonitor:
         self.load = 1.0  # instances' worth of work at 100% CPU
         self.rows: dict[str, InstanceRow] = {}
         self.hw_restore_at = -1.0
+        # With several managers (HAHarness): each one's MonitorS polls every agent into its own
+        # table; an agent's terminate hook runs when any of them asks for a drain.
+        self.mirrors: list[MetricsTable] = []
 
     def tick(self, now: float) -> None:
         if now < self.down_until:
+            self.cloud.monitor_down_at = now
             return
         if 0 <= self.hw_restore_at <= now:
             with self.table.writing() as w:  # MonitorS's start-up repair clamps it
                 w.header["high_water"] = min(int(w.header["high_water"]), self.table.capacity)
             self.hw_restore_at = -1.0
         live = {i.instance_id: i for i in self.cloud.owned() if i.state == "running"}
-        drains = {i: e.drain_deadline for i, e in self.table.roster().entries.items() if e.drain_deadline > 0}
+        drains: dict[str, float] = {}
+        for table in [self.table, *self.mirrors]:
+            for i, e in table.roster().entries.items():
+                if e.drain_deadline > 0:
+                    drains[i] = max(drains.get(i, 0.0), e.drain_deadline)
         self.cloud.rows = self.rows
         healthy = [i for i in live.values() if self._healthy(i, now)]
         cpu = min(1.0, self.load / len(healthy)) if healthy else 0.0
         for instance_id in list(self.rows):
             if instance_id not in live:
-                self.table.free(instance_id)
+                for table in [self.table, *self.mirrors]:
+                    table.free(instance_id)
                 del self.rows[instance_id]
         for inst in live.values():
             if inst.agent_at is None or now < inst.agent_at:
@@ -454,11 +469,13 @@ class SimMonitor:
                     row.state, row.app_live = State.APP_DOWN, False
                     row.app_down_polls += 1
             self._lifecycle(inst, row, drains.get(inst.instance_id, 0.0), now)
-            try:
-                self.table.register(row)
-            except Exception:  # noqa: BLE001 - a corrupted header may refuse writes until repaired
-                pass
-        self.table.monitor_heartbeat(now, 4242, POLL, 0.0, started_at=self.started_at)
+            for table in [self.table, *self.mirrors]:
+                try:
+                    table.register(row)
+                except Exception:  # noqa: BLE001 - a corrupted header may refuse writes until repaired
+                    pass
+        for table in [self.table, *self.mirrors]:
+            table.monitor_heartbeat(now, 4242, POLL, 0.0, started_at=self.started_at)
 
     @staticmethod
     def _lifecycle(inst: SimInstance, row: InstanceRow, drain_deadline: float, now: float) -> None:
@@ -713,6 +730,8 @@ class Harness:
 
     def _operate(self, fault: Fault) -> None:
         c, cfg = self.cloud, self.cfg
+        if self.controller is None:
+            return  # helix-ctl finds no controller to talk to (a dead leader)
         try:
             if fault.kind == "refresh":
                 status = self.ctl("status")
@@ -755,9 +774,7 @@ class Harness:
             inst.unterminatable = False
         self.monitor.down_until = -1.0
         c.bad_images.clear()  # the bad release is fixed
-        for _, process in self.resumes:
-            self.ctl("resume", processes=[process])
-        self.resumes.clear()
+        self.resumes = [(self.now, p) for _, p in self.resumes]  # resumed at the next step
         if self.monitor.hw_restore_at >= 0:
             self.monitor.hw_restore_at = self.now
 
@@ -765,7 +782,7 @@ class Harness:
 
     def step(self) -> None:
         due = [p for t, p in self.resumes if t <= self.now]
-        if due:
+        if due and self.controller is not None:  # (a dead leader: once another leads)
             self.resumes = [(t, p) for t, p in self.resumes if t > self.now]
             self.ctl("resume", processes=due)
         self.cloud.advance(self.now)
@@ -858,3 +875,259 @@ def restore_logs(before: dict[str, int]) -> None:
 
 def unique_table_name() -> str:
     return f"helix-faultsim-{os.getpid()}-{random.getrandbits(32):08x}"
+
+
+# -- several managers: the leader lease (issue 14) ------------------------------------------------
+
+HA_FAULT_KINDS = (
+    "leader_dies",  # the leader's controller is killed (kill -9); it restarts `duration` s later
+    "leader_paused",  # the leader's controller is stopped (SIGSTOP) for `duration` s, then wakes as it was
+    "store_cut",  # the leader cannot reach the lease store for `duration` s (it keeps stepping)
+)
+
+
+class SimLease:
+    """The lease item (DynamoDbLease's conditional writes, on the simulated clock)."""
+
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self.holder = ""
+        self.epoch = 0
+        self.expires = -1.0
+
+    def try_acquire(self, me: str, now: float) -> int:
+        """The epoch `me` holds after the attempt, 0 when another live holder has it."""
+        if self.holder == me and now < self.expires:
+            self.expires = now + self.ttl
+            return self.epoch
+        if self.holder and now < self.expires:
+            return 0
+        self.holder, self.epoch, self.expires = me, self.epoch + 1, now + self.ttl
+        return self.epoch
+
+
+class SimLeaseFence:
+    """LeaseFence's rule: act only until the last renewal + TTL - margin, by its own clock."""
+
+    def __init__(self, lease: SimLease, me: str, clock: Callable[[], float], margin: float):
+        self.lease, self.me, self.clock, self.margin = lease, me, clock, margin
+        self._epoch = 0
+        self.valid_until = -1.0
+
+    def renew(self, now: float) -> None:
+        epoch = self.lease.try_acquire(self.me, now)
+        self._epoch = epoch
+        if epoch:
+            self.valid_until = now + self.lease.ttl - self.margin
+
+    def may_act(self) -> str:
+        if self._epoch and self.clock() < self.valid_until:
+            return ""
+        return f"standby: {self.lease.holder or 'nobody'} holds the lease (epoch {self.lease.epoch})"
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+
+class SimStore:
+    """The state items in the lease's table: a write older than the stored epoch is refused."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, tuple[int, str]] = {}
+
+    def view(self, fence: SimLeaseFence) -> SimStoreView:
+        return SimStoreView(self, fence)
+
+
+class SimStoreView:
+    def __init__(self, store: SimStore, fence: SimLeaseFence):
+        self.store, self.fence = store, fence
+
+    def load(self, name: str) -> str | None:
+        item = self.store.items.get(name)
+        return item[1] if item else None
+
+    def save(self, name: str, text: str, *, durable: bool) -> None:
+        epoch = self.fence.epoch
+        stored = self.store.items.get(name)
+        if epoch <= 0 or (stored is not None and stored[0] > epoch):
+            raise StaleEpoch(f"state {name}: epoch {epoch} is older than the stored {stored[0] if stored else 0}")
+        self.store.items[name] = (epoch, text)
+
+
+class LeasedProvider(FakeProvider):
+    """One manager's view of the cloud: every call that changes it must come from the lease's
+    current holder, under its epoch, before the lease expires (checked, never enforced)."""
+
+    def __init__(self, cloud: FakeCloud, lease: SimLease, fence: SimLeaseFence):
+        super().__init__(cloud)
+        self.lease, self.fence = lease, fence
+
+    def _check(self, what: str) -> None:
+        lease, c = self.lease, self.cloud
+        if lease.holder != self.fence.me or self.fence.epoch != lease.epoch or c.now >= lease.expires:
+            c.violations.append(
+                Violation(
+                    c.now,
+                    f"{self.fence.me} called {what} without the lease (its epoch {self.fence.epoch}, "
+                    f"lease {lease.holder} epoch {lease.epoch})",
+                )
+            )
+
+    def launch(
+        self, count: int, token: str, config: LaunchConfig | None = None, *, epoch: int = 0
+    ) -> list[ProviderInstance]:
+        if count > 0:
+            self._check(f"launch of {count}")
+            if epoch != self.lease.epoch:
+                self.cloud.violations.append(Violation(self.cloud.now, f"launch tagged epoch {epoch}"))
+        return super().launch(count, token, config, epoch=epoch)
+
+    def terminate(self, instance_ids: Sequence[str]) -> None:
+        self._check(f"terminate of {', '.join(instance_ids)}")
+        super().terminate(instance_ids)
+
+    def stop(self, instance_ids: Sequence[str]) -> None:
+        self._check("stop")
+        super().stop(instance_ids)
+
+    def start(self, instance_ids: Sequence[str]) -> None:
+        self._check("start")
+        super().start(instance_ids)
+
+
+@dataclass
+class Manager:
+    name: str
+    table: MetricsTable
+    fence: SimLeaseFence
+    controller: Controller | None = None
+    state: str = "up"  # up | dead | paused | cut (no store)
+    until: float = 0.0
+
+
+class HAHarness(Harness):
+    """`managers` managers (a MonitorS table and a controller each) on one simulated cloud, one
+    lease and one state store; the faults of HA_FAULT_KINDS act on whoever leads."""
+
+    def __init__(self, table_name: str, state_dir: str | None = None, *, managers: int = 2, **kwargs: Any):
+        self.n_managers = managers
+        self.managers: list[Manager] = []
+        self.table_base = table_name
+        super().__init__(table_name, state_dir, **kwargs)
+
+    def close(self) -> None:
+        for m in self.managers[1:]:
+            m.table.close()
+            MetricsTable.remove(m.table.name)
+        if self.managers:
+            self.table = self.managers[0].table  # the base harness's own, closed and removed by it
+        super().close()
+
+    def _start_controller(self) -> None:
+        if not self.managers:
+            self.lease = SimLease(self.cfg.lease_ttl)
+            self.store = SimStore()
+            for k in range(self.n_managers):
+                table = self.table if k == 0 else MetricsTable.open_or_create(f"{self.table_base}-m{k + 1}", 64)
+                if k:
+                    self.monitor.mirrors.append(table)
+                fence = SimLeaseFence(self.lease, f"m{k + 1}", lambda: self.now, self.cfg.lease_clock_margin)
+                self.managers.append(Manager(f"m{k + 1}", table, fence))
+            for m in self.managers:
+                self._boot(m)
+        self._lead()
+
+    def _boot(self, m: Manager) -> None:
+        """A fresh controller process for manager `m` (its fence starts over, as a new process's)."""
+        m.fence = SimLeaseFence(self.lease, m.name, lambda: self.now, self.cfg.lease_clock_margin)
+        m.fence.renew(self.now)
+        policy = build_policy(self.cfg.policy, self.cfg)
+        m.controller = Controller(
+            self.cfg,
+            m.table,
+            LeasedProvider(self.cloud, self.lease, m.fence),
+            policy,
+            clock=lambda: self.now,
+            fence=m.fence,
+            traffic=self.traffic,
+            policy_factory=lambda lo, hi: build_policy(
+                self.cfg.policy, self.cfg.replace(min_instances=lo, max_instances=hi)
+            ),
+            store=self.store.view(m.fence),
+        )
+        m.controller.start()
+        m.state = "up"
+
+    def leader(self) -> Manager:
+        for m in self.managers:
+            if self.lease.holder == m.name:
+                return m
+        return self.managers[0]
+
+    def _lead(self) -> None:
+        """`controller` and `table` name the leader's (ctl requests, convergence)."""
+        m = self.leader()
+        self.controller, self.table = m.controller, m.table
+
+    def restart_controller(self) -> None:
+        self.report.restarts += 1
+        self._boot(self.leader())
+        self._lead()
+
+    def try_second_controller(self) -> None:
+        """There is no host lock with a lease: every manager's controller runs, and the lease (whose
+        holder every call is checked against) is what keeps all but one from acting."""
+
+    def inject(self, fault: Fault) -> None:
+        if fault.kind not in HA_FAULT_KINDS:
+            super().inject(fault)
+            return
+        m = self.leader()
+        if m.state != "up":
+            return
+        m.until = self.now + fault.duration
+        if fault.kind == "leader_dies":
+            m.state, m.controller = "dead", None
+            self.report.restarts += 1
+        elif fault.kind == "leader_paused":
+            m.state = "paused"
+        else:
+            m.state = "cut"
+
+    def end_faults(self) -> None:
+        super().end_faults()
+        for m in self.managers:
+            m.until = min(m.until, self.now)
+
+    def step(self) -> None:
+        for m in self.managers:
+            if m.state != "up" and self.now >= m.until:
+                if m.state == "dead":
+                    self._boot(m)
+                m.state = "up"
+        for m in self.managers:
+            if m.state == "up":
+                m.fence.renew(self.now)
+        self._lead()
+        due = [p for t, p in self.resumes if t <= self.now]
+        if due and self.controller is not None:  # (a dead leader: once another leads)
+            self.resumes = [(t, p) for t, p in self.resumes if t > self.now]
+            self.ctl("resume", processes=due)
+        self.cloud.advance(self.now)
+        self.monitor.tick(self.now)
+        for m in self.managers:
+            if m.state in ("up", "cut") and m.controller is not None:
+                try:
+                    m.controller.step()
+                except Crash:
+                    self._boot(m)
+                except Exception as exc:  # noqa: BLE001 - a step that raises is itself a violation
+                    self.report.violations.append(Violation(self.now, f"{m.name}'s step raised {exc!r}"))
+        self._lead()
+        self.report.steps += 1
+        self.cloud.check_budget("after a step")
+        billable = self.cloud.billable()
+        self.report.instance_seconds += len(billable)
+        self.report.instance_seconds_unhealthy += sum(1 for i in billable if not self.monitor.is_healthy(i.instance_id))

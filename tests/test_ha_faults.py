@@ -1,0 +1,122 @@
+"""Issue 14 on the fault-injection harness: two or three managers (a table and a real controller
+each) on one simulated cloud, one lease and one state store (tests/faultsim.py's HAHarness, the
+rules of controller_asg/lease.py's LeaseFence and statestore.py's epoch-fenced writes on the
+simulated clock). Every call that changes the cloud is checked to come from the lease's holder,
+under its epoch, before its lease ends; billable never above max; no launch token doubled."""
+
+from __future__ import annotations
+
+import os
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.faultsim import FAULT_KINDS, HA_FAULT_KINDS, Fault, HAHarness, assert_clean
+
+SETTLE = 900
+
+
+def make(table_name: str, tmp: str, managers: int = 2, **config: object) -> HAHarness:
+    settings_ = {
+        "HELIX_MIN_INSTANCES": 2,
+        "HELIX_MAX_INSTANCES": 6,
+        "HELIX_LEASE_TTL": 10,
+        "HELIX_LEASE_CLOCK_MARGIN": 2,
+    }
+    settings_.update(config)
+    return HAHarness(table_name, tmp, managers=managers, **settings_)
+
+
+def test_one_leader_acts_and_a_standby_takes_over_when_it_dies(table_name, tmp_path):
+    h = make(table_name, str(tmp_path))
+    try:
+        h.run_until(60)
+        first = h.leader()
+        assert first.name == "m1" and h.lease.epoch == 1 and len(h.cloud.billable()) == 2
+        standby = h.managers[1]
+        assert standby.controller is not None and standby.fence.may_act() != ""
+        # The standby decides every step: its table is warm and its status follows the fleet.
+        assert standby.table.snapshot().controller.desired == 2
+        h.inject(Fault(int(h.now), "leader_dies", duration=300))
+        victim = sorted(h.cloud.billable(), key=lambda i: i.instance_id)[0]
+        victim.agent_dead = True  # and an instance dies with it: someone must replace it
+        died = h.now
+        while h.leader().name == "m1" or h.lease.epoch < 2:
+            h.step()
+            h.now += 1
+            assert h.now - died < 30, "no takeover"
+        assert h.now - died <= h.cfg.lease_ttl + 1
+        h.run_until(h.now + 200)
+        assert victim.state in ("terminating", "gone")
+        assert h.converged() and len(h.cloud.billable()) == 2
+        assert h.cloud.violations == []
+    finally:
+        h.close()
+
+
+def test_a_paused_leader_that_wakes_after_its_lease_was_taken_acts_on_nothing(table_name, tmp_path):
+    h = make(table_name, str(tmp_path), managers=3)
+    try:
+        h.run_until(60)
+        old = h.leader()
+        h.inject(Fault(int(h.now), "leader_paused", duration=40))
+        h.monitor.load = 4.0  # demand rises while it sleeps: the new leader scales out
+        h.run_until(h.now + 120)
+        assert h.leader() is not old and h.lease.epoch == 2
+        assert old.state == "up" and old.fence.may_act() != "", "woke up, and knows it is not the leader"
+        assert len(h.cloud.billable()) > 2
+        assert h.cloud.violations == [], h.cloud.violations[:3]
+    finally:
+        h.close()
+
+
+def test_a_leader_cut_off_from_the_store_stops_acting_before_another_takes_over(table_name, tmp_path):
+    h = make(table_name, str(tmp_path))
+    try:
+        h.run_until(60)
+        old = h.leader()
+        h.inject(Fault(int(h.now), "store_cut", duration=60))
+        cut = h.now
+        while old.fence.may_act() == "":
+            h.step()
+            h.now += 1
+        assert h.now - cut <= h.cfg.lease_ttl - h.cfg.lease_clock_margin + 1
+        h.monitor.load = 4.0
+        h.run_until(h.now + 150)
+        assert h.leader() is not old and len(h.cloud.billable()) > 2
+        assert h.cloud.violations == []
+    finally:
+        h.close()
+
+
+FAULTS_END = 900
+
+fault_strategy = st.builds(
+    Fault,
+    at=st.integers(0, FAULTS_END - 1),
+    kind=st.sampled_from(HA_FAULT_KINDS * 4 + FAULT_KINDS),
+    duration=st.integers(1, 90),
+    value=st.integers(1, 40),
+)
+
+
+@settings(
+    max_examples=int(os.environ.get("HELIX_HA_FAULT_EXAMPLES", "10")),
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    faults=st.lists(fault_strategy, min_size=1, max_size=30),
+    seed=st.integers(0, 2**16),
+    managers=st.sampled_from([2, 3]),
+)
+def test_random_fault_schedules_with_several_managers_keep_every_invariant(
+    table_name, tmp_path_factory, faults, seed, managers
+):
+    h = make(table_name, str(tmp_path_factory.mktemp("ha")), managers=managers, seed=seed)
+    try:
+        report = h.run(faults, FAULTS_END, settle=SETTLE)
+    finally:
+        h.close()
+    assert_clean(report)
