@@ -17,7 +17,7 @@ SETTLE = 900
 
 
 def make(table_name: str, tmp: str, managers: int = 2, **config: object) -> HAHarness:
-    settings_ = {
+    settings_: dict[str, object] = {
         "HELIX_MIN_INSTANCES": 2,
         "HELIX_MAX_INSTANCES": 6,
         "HELIX_LEASE_TTL": 10,
