@@ -1308,6 +1308,10 @@ class Controller:
             now = self.clock()
             if op == "status":
                 return self.ctl_status()
+            fenced = self.fence.may_act()
+            if fenced and not (op in ("refresh", "schedule") and args["action"] in ("status", "list")):
+                # A standby's change would live only in its memory (it writes nothing to the store).
+                raise CtlError(f"{fenced}: run helix-ctl on the manager that holds the lease", code="refused")
             who = f"{caller.user} (uid {caller.uid}, pid {caller.pid})"
             why = f": {reason}" if reason else ""
             if op == "set-capacity":

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from controller_asg.ctlserver import Caller, CtlError, validate
 from tests.faultsim import FAULT_KINDS, HA_FAULT_KINDS, Fault, HAHarness, assert_clean
 
 SETTLE = 900
@@ -120,3 +122,26 @@ def test_random_fault_schedules_with_several_managers_keep_every_invariant(
     finally:
         h.close()
     assert_clean(report)
+
+
+def test_helix_ctl_changes_only_on_the_leader_and_they_move_with_it(table_name, tmp_path):
+    h = make(table_name, str(tmp_path))
+    try:
+        h.run_until(30)
+        standby = h.managers[1]
+        assert standby.controller is not None
+        op, args, reason = validate({"op": "suspend", "args": {"processes": ["scale-in"]}})
+        with pytest.raises(CtlError, match="holds the lease"):
+            standby.controller.handle_ctl(op, args, Caller(1, 0, "tester"), reason)
+        assert standby.controller.ctl_status()["desired"] == 2, "a standby answers status"
+        h.ctl("suspend", processes=["scale-in"], reason="incident")
+        h.ctl("set-capacity", desired=3, reason="event")
+        h.run_until(h.now + 5)
+        h.inject(Fault(int(h.now), "leader_dies", duration=600))
+        h.run_until(h.now + 30)
+        assert h.leader() is standby
+        status = h.ctl("status")
+        assert status["suspended"] == ["scale-in"] and status["bounds"]["desired"] == 3, "restored from the store"
+        assert h.cloud.violations == []
+    finally:
+        h.close()
