@@ -145,3 +145,27 @@ def test_helix_ctl_changes_only_on_the_leader_and_they_move_with_it(table_name, 
         assert h.cloud.violations == []
     finally:
         h.close()
+
+
+def test_a_new_leader_resumes_the_old_ones_launch_in_doubt_under_its_token(table_name, tmp_path):
+    h = make(table_name, str(tmp_path))
+    try:
+        h.run_until(60)
+        h.inject(Fault(int(h.now), "lost_reply"))  # the next launch runs, its reply is lost
+        h.monitor.load = 3.5  # a scale-out: the leader launches, and never hears back
+        before = len(h.cloud.calls)
+        while len(h.cloud.calls) == before:
+            h.step()
+            h.now += 1
+            assert h.now < 200
+        token = h.cloud.calls[-1][1]
+        state = h.store.items["state"][1]
+        assert token in state, "the intent was in the store before the call"
+        h.inject(Fault(int(h.now), "leader_dies", duration=600))  # before it could retry
+        h.run_until(h.now + 60)
+        assert h.leader().name == "m2"
+        assert [t for _, t in h.cloud.calls].count(token) >= 2, "resumed under the same token"
+        assert len(h.cloud.by_token[token]) == h.cloud.first_count[token], "nothing launched twice"
+        assert h.cloud.violations == []
+    finally:
+        h.close()
