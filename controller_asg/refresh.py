@@ -220,11 +220,15 @@ def step_refresh(
     r.total = max(r.total, r.replaced + len(old))
 
     # Rollback: new instances fail health (the churn breaker tripped on them).
-    if breaker_tripped and r.kind == "refresh" and r.replaced + len(surge_left) > 0:
-        if r.state != RefreshState.ROLLING_BACK and r.spec.auto_rollback:
-            return _roll_back(r, now, "new instances fail health (the churn breaker tripped)")
-        if r.state == RefreshState.ROLLING_BACK and not r.spec.auto_rollback:
-            pass  # a manual rollback goes on: the breaker's probes decide
+    # (A rollback already under way goes on: the breaker's probes launch the good configuration.)
+    if (
+        breaker_tripped
+        and r.kind == "refresh"
+        and r.spec.auto_rollback
+        and r.state != RefreshState.ROLLING_BACK
+        and r.replaced + len(surge_left) > 0
+    ):
+        return _roll_back(r, now, "new instances fail health (the churn breaker tripped)")
     extra = len(surge_left)
 
     if breaker_tripped:
