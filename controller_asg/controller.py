@@ -1,15 +1,19 @@
 """The control loop: every interval, read the table and the provider, plan, apply, report.
 
 Everything that decides is pure and lives elsewhere (policy/, fleet.py, health.py, plan.py,
-termination.py, gate.py, breaker.py). This module does the I/O around it, and `apply` is the one
-act path: every launch and every terminate, whatever planned it, goes through it, past the
-fence (the host lock), the launch budget (`gate.Budget`: never above max, counting in-doubt and
-not-yet-listed launches and terminating instances) and the churn breaker, and through the
-terminate gate (only instances the provider lists as ours). Dry run is decided there, once.
+refresh.py, operator.py, termination.py, gate.py, breaker.py). This module does the I/O around
+it, and `apply` is the one act path: every launch and every terminate, whatever planned it (the
+policy, health, an instance refresh or lifetime, min/max while frozen), goes through it, past the
+fence (the host lock, or the leader lease: a standby decides and acts on nothing), the launch
+budget (`gate.Budget`: never above the max in force, counting in-doubt and not-yet-listed
+launches and terminating instances) and the churn breaker, and through the terminate gate (only
+instances the provider lists as ours). Dry run is decided there, once.
 
 What must outlive one step (launches in doubt, instances we are terminating, replacements in
-flight, the breaker) is kept in `<HELIX_STATE_DIR>/controller/state.json`, written before a
-launch call and after every change, so a restart at any point resumes without doubling.
+flight, the breaker, operator overrides, suspended processes, refresh progress) is kept in the
+state store (statestore.py: `<HELIX_STATE_DIR>/controller/state.json`, or the lease's table),
+written before a launch call and after every change, so a restart or a new leader resumes
+without doubling. helix-ctl's requests (`handle_ctl`) run between two steps, under `lock`.
 """
 
 from __future__ import annotations
