@@ -165,6 +165,9 @@ class Controller:
         self._boot_samples: list[float] = []
         self._replacing: dict[str, float] = {}  # replacement id -> launched at, until healthy or its grace ends
         self._ever_healthy: set[str] = set()
+        # Ids seen healthy that are gone since, and when they went (in memory only): a launch the
+        # restored state still watches is not judged failed for having died after it served.
+        self._healthy_then_gone: dict[str, float] = {}
         self._saved_state = ""
         self._last_status = ControllerStatus(
             pid=os.getpid(), policy=getattr(policy, "name", cfg.policy)[:16], max_instances=cfg.max_instances
@@ -566,14 +569,26 @@ class Controller:
                     present.add(inst.instance_id)
                     if inst.state == "stopped" or _prepared(rows.get(inst.instance_id)):
                         healthy.add(inst.instance_id)
-        self._ever_healthy = (self._ever_healthy | healthy) & (present | set(self._condemned))
+        ever = self._ever_healthy | healthy
+        kept = present | set(self._condemned)
+        # Healthy once and gone since: remembered a while (not saved), for the verdicts below.
+        for instance_id in ever - kept:
+            self._healthy_then_gone[instance_id] = now
+        self._healthy_then_gone = {
+            i: t for i, t in self._healthy_then_gone.items() if now - t <= LAUNCH_VISIBILITY_SECONDS
+        }
+        self._ever_healthy = ever & kept
         # A replacement is in flight until it is HEALTHY or its own grace is over; then it is
         # just another instance, so a stuck one never blocks healing.
         for instance_id, launched_at in list(self._replacing.items()):
             if instance_id in healthy or instance_id not in present or now - max(launched_at, grace_from) > grace:
                 del self._replacing[instance_id]
         if judge:
-            for event in self.breaker.observe(healthy, present, now, grace, grace_from):
+            # A watched launch seen healthy before (by this controller as a standby, before the
+            # state it restored was saved) was a success, even if it is gone by now.
+            for event in self.breaker.observe(
+                healthy | ever | set(self._healthy_then_gone), present, now, grace, grace_from
+            ):
                 self._breaker_event(event, now, fleet)
 
     def _breaker_event(self, event: BreakerEvent, now: float, fleet: FleetView) -> None:
@@ -1156,8 +1171,12 @@ class Controller:
         epoch = self._epoch()
         if not epoch or epoch == self._leader_epoch or self.fence.may_act():
             return
+        # What this controller saw healthy itself is kept: the last leader's saved view may lag (a
+        # verdict it had no time to save), and a launch seen healthy must not count as failed.
+        seen_healthy = self._ever_healthy | set(self._healthy_then_gone)
         self._reset_persisted()
         self._load_state()
+        self._ever_healthy |= seen_healthy
         self._leader_epoch = epoch
         log.warning(
             "leader now (epoch %d): state restored from the store (%d launch(es) in doubt, %d terminate(s) "

@@ -94,10 +94,10 @@ class Lease(Protocol):
         """This manager's name in the lease."""
         ...
 
-    def try_acquire(self, now: float) -> LeaseView:
+    def try_acquire(self, now: float, renew: bool = True) -> LeaseView:
         """Take the lease when free or expired at `now` (wall-clock epoch seconds), or renew it when
-        held by us; never overwrites another live holder. Raises LeaseError when the store cannot
-        answer."""
+        held by us (unless `renew` is False: then only take it anew); never overwrites another live
+        holder. Raises LeaseError when the store cannot answer."""
         ...
 
     def release(self) -> None:
@@ -245,9 +245,14 @@ class DynamoDbLease:
             ensure_table(self.client, self.table, self.create_table)
             self._ready = True
 
-    def try_acquire(self, now: float) -> LeaseView:
+    def try_acquire(self, now: float, renew: bool = True) -> LeaseView:
+        """`renew` False: the caller no longer trusts its hold (its renewals went unanswered past
+        its validity): never extend the lease then, only take it anew (a new epoch) once expired.
+        Otherwise a holder whose replies are lost would extend, forever, a lease it cannot use."""
         with self._lock:
             self.ensure_table()
+            if self._epoch and not renew:
+                self._epoch = 0
             if self._epoch:
                 try:
                     return self._renew(now)
@@ -255,7 +260,7 @@ class DynamoDbLease:
                     self._epoch = 0  # another manager changed the holder since
             item = self._get()
             view = self._view(item)
-            if item and view.holder == self._holder and _s(item, "nonce") == self.nonce:
+            if renew and item and view.holder == self._holder and _s(item, "nonce") == self.nonce:
                 # Ours: an acquisition whose reply was lost (or retried). Renew it to learn when.
                 self._epoch = view.epoch
                 try:
@@ -508,8 +513,11 @@ class LeaseFence:
         view: LeaseView | None = None
         error = ""
         exc: Exception | None = None
+        with self._lock:
+            # Renew only while the last answered renewal still holds: see DynamoDbLease.try_acquire.
+            renew = self._epoch == 0 or self._acting()
         try:
-            view = self.lease.try_acquire(sent_wall)
+            view = self.lease.try_acquire(sent_wall, renew=renew)
         except LeaseError as failed:
             error, exc = str(failed), failed
         except Exception as failed:  # a bug must not kill the fence's thread: logged, retried

@@ -28,7 +28,7 @@ from controller_asg.hostlock import HostLock, HostLockHeld
 from controller_asg.operator import PROCESSES
 from controller_asg.policy import build_policy
 from controller_asg.providers.base import LaunchConfig, LaunchError, ProviderInstance
-from controller_asg.statestore import StaleEpoch
+from controller_asg.statestore import StaleEpoch, StoreError
 from controller_asg.traffic import TargetState, TrafficError
 from shared.config import Config, load_config
 from shared.table import HookResult, InstanceRow, Lifecycle, MetricsTable, State
@@ -883,6 +883,7 @@ HA_FAULT_KINDS = (
     "leader_dies",  # the leader's controller is killed (kill -9); it restarts `duration` s later
     "leader_paused",  # the leader's controller is stopped (SIGSTOP) for `duration` s, then wakes as it was
     "store_cut",  # the leader cannot reach the lease store for `duration` s (it keeps stepping)
+    "replies_lost",  # the leader's lease requests reach the store, their replies are lost, for `duration` s
 )
 
 
@@ -920,6 +921,12 @@ class SimLeaseFence:
         if epoch:
             self.valid_until = now + self.lease.ttl - self.margin
 
+    def renew_unanswered(self, now: float) -> None:
+        """A request that reaches the store but whose reply is lost. As LeaseFence: it renews only
+        while its last answered renewal holds; past that it may only take an expired lease anew."""
+        if self._epoch and now < self.valid_until or self.lease.holder != self.me and now >= self.lease.expires:
+            self.lease.try_acquire(self.me, now)
+
     def may_act(self) -> str:
         if self._epoch and self.clock() < self.valid_until:
             return ""
@@ -936,13 +943,16 @@ class SimStore:
     def __init__(self) -> None:
         self.items: dict[str, tuple[int, str]] = {}
 
-    def view(self, fence: SimLeaseFence) -> SimStoreView:
-        return SimStoreView(self, fence)
+    def view(self, fence: SimLeaseFence, reach: Callable[[], str] = lambda: "up") -> SimStoreView:
+        return SimStoreView(self, fence, reach)
 
 
 class SimStoreView:
-    def __init__(self, store: SimStore, fence: SimLeaseFence):
-        self.store, self.fence = store, fence
+    """`reach`: the manager's state: "cut" (a write never arrives), "unanswered" (it arrives, its
+    reply does not), anything else (it works)."""
+
+    def __init__(self, store: SimStore, fence: SimLeaseFence, reach: Callable[[], str]):
+        self.store, self.fence, self.reach = store, fence, reach
 
     def load(self, name: str) -> str | None:
         item = self.store.items.get(name)
@@ -951,9 +961,14 @@ class SimStoreView:
     def save(self, name: str, text: str, *, durable: bool) -> None:
         epoch = self.fence.epoch
         stored = self.store.items.get(name)
+        reach = self.reach()
+        if reach == "cut":
+            raise StoreError(f"state {name}: the store is unreachable (simulated)")
         if epoch <= 0 or (stored is not None and stored[0] > epoch):
             raise StaleEpoch(f"state {name}: epoch {epoch} is older than the stored {stored[0] if stored else 0}")
         self.store.items[name] = (epoch, text)
+        if reach == "unanswered":
+            raise StoreError(f"state {name}: the store's reply was lost (simulated)")
 
 
 class LeasedProvider(FakeProvider):
@@ -1003,7 +1018,7 @@ class Manager:
     table: MetricsTable
     fence: SimLeaseFence
     controller: Controller | None = None
-    state: str = "up"  # up | dead | paused | cut (no store)
+    state: str = "up"  # up | dead | paused | cut (no store) | unanswered (the store's replies lost)
     until: float = 0.0
 
 
@@ -1055,7 +1070,7 @@ class HAHarness(Harness):
             policy_factory=lambda lo, hi: build_policy(
                 self.cfg.policy, self.cfg.replace(min_instances=lo, max_instances=hi)
             ),
-            store=self.store.view(m.fence),
+            store=self.store.view(m.fence, lambda: m.state),
         )
         m.controller.start()
         m.state = "up"
@@ -1093,6 +1108,8 @@ class HAHarness(Harness):
             self.report.restarts += 1
         elif fault.kind == "leader_paused":
             m.state = "paused"
+        elif fault.kind == "replies_lost":
+            m.state = "unanswered"
         else:
             m.state = "cut"
 
@@ -1110,6 +1127,8 @@ class HAHarness(Harness):
         for m in self.managers:
             if m.state == "up":
                 m.fence.renew(self.now)
+            elif m.state == "unanswered":
+                m.fence.renew_unanswered(self.now)
         self._lead()
         due = [p for t, p in self.resumes if t <= self.now]
         if due and self.controller is not None:  # (a dead leader: once another leads)
@@ -1118,7 +1137,7 @@ class HAHarness(Harness):
         self.cloud.advance(self.now)
         self.monitor.tick(self.now)
         for m in self.managers:
-            if m.state in ("up", "cut") and m.controller is not None:
+            if m.state in ("up", "cut", "unanswered") and m.controller is not None:
                 try:
                     m.controller.step()
                 except Crash:

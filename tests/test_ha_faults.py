@@ -169,3 +169,54 @@ def test_a_new_leader_resumes_the_old_ones_launch_in_doubt_under_its_token(table
         assert h.cloud.violations == []
     finally:
         h.close()
+
+
+def test_a_leader_whose_lease_replies_are_lost_lets_another_take_over(table_name, tmp_path):
+    """Found live: its renewals kept reaching the store and extending a lease it could no longer
+    use (it never heard back), so nobody acted. It now renews only while its last answered
+    renewal holds."""
+    h = make(table_name, str(tmp_path))
+    try:
+        h.run_until(60)
+        old = h.leader()
+        h.inject(Fault(int(h.now), "replies_lost", duration=120))
+        h.monitor.load = 4.0
+        h.run_until(h.now + 60)
+        assert h.leader() is not old and old.fence.may_act() != ""
+        assert len(h.cloud.billable()) > 2, "the new leader scaled out"
+        assert h.cloud.violations == []
+    finally:
+        h.close()
+
+
+def test_a_launch_the_standby_saw_healthy_is_not_a_failure_after_a_failover(table_name, tmp_path):
+    """Found live: the new leader restored the last saved state, in which a launch was still
+    'watched' (its healthy verdict came after the old leader's last successful save), then judged
+    it failed when it died: a back-off and a strike towards the breaker for a launch that worked."""
+    # A lease long enough for the launch to come into service before it can be taken over.
+    h = make(table_name, str(tmp_path), HELIX_ACTIVITY_LOG=str(tmp_path / "a.jsonl"), HELIX_LEASE_TTL=40)
+    try:
+        h.run_until(60)
+        h.monitor.load = 3.5
+        before = {i.instance_id for i in h.cloud.billable()}
+        while not ({i.instance_id for i in h.cloud.billable()} - before):
+            h.step()
+            h.now += 1
+            assert h.now < 120
+        # The launch (and its intent) is in the store; from now on the leader's saves fail.
+        h.inject(Fault(int(h.now), "store_cut", duration=600))
+        new = sorted({i.instance_id for i in h.cloud.billable()} - before)
+        # They come into service (every table sees them) while the old leader still leads…
+        while h.now < h.lease.expires - 1:
+            h.step()
+            h.now += 1
+        assert all(h.monitor.is_healthy(i) for i in new) and h.leader().name == "m1"
+        h.cloud.instances[new[0]].state = "gone"  # … and one dies just as the standby takes over
+        h.run_until(h.now + 30)
+        assert h.leader().name == "m2"
+        with open(tmp_path / "a.jsonl", encoding="utf-8") as fh:
+            failed = [line for line in fh if '"launch-failed"' in line]
+        assert failed == [], failed
+        assert h.cloud.violations == []
+    finally:
+        h.close()

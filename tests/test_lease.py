@@ -197,7 +197,12 @@ def test_a_paused_process_refuses_at_once_when_it_wakes_past_its_lease(moto_endp
     # Either clock alone is enough: a VM paused whole may wake with its monotonic clock unmoved.
     clock["mono"] -= 1.0
     assert fence.may_act() != ""
-    # A renewal sent now makes it valid again (nobody took it meanwhile: same epoch).
+    # Past its validity it does not extend the lease on the strength of a hold it lost track of
+    # (its renewals may have gone unanswered, as when replies are lost): it stands by. The next
+    # attempt finds the lease still its own (its nonce, the same epoch: nobody took it between)
+    # and carries on under that epoch.
+    fence.renew_now()
+    assert fence.may_act() != "" and fence.epoch == 0 and lease.read().holder == "A"
     fence.renew_now()
     assert fence.may_act() == "" and fence.epoch == 1
     # Released, then taken again by the same manager: a new epoch (a standby may have acted between).
@@ -237,6 +242,27 @@ def test_a_holder_cut_off_from_the_store_stops_acting_within_ttl_minus_margin(mo
         a.fence.stop()
         b.fence.stop()
     assert ("UpdateItem", "forwarded") in fault_proxy.seen
+
+
+def test_a_holder_whose_replies_are_lost_lets_another_take_over(moto_endpoint, fault_proxy, table):
+    """Found live: its renewals still reached the store and extended the lease, and it never heard
+    back, so it could not act and nobody else could take over. Past its validity it no longer
+    renews: the lease expires in the store and the standby takes it."""
+    a = Manager(fault_proxy.url, table, "A")
+    b = Manager(moto_endpoint, table, "B")
+    a.fence.start()
+    b.fence.start()
+    assert a.acting() and not b.acting()
+    try:
+        fault_proxy.rules.append(lambda action, params: "drop")  # served, the reply never arrives
+        wait_for(lambda: not a.acting(), TTL, "the holder to stop acting")
+        wait_for(b.acting, 6 * TTL, "the standby to take over")
+        assert b.fence.epoch == 2 and not a.acting()
+    finally:
+        fault_proxy.rules.clear()
+        a.fence.stop()
+        b.fence.stop()
+    assert ("UpdateItem", "dropped") in fault_proxy.seen
 
 
 def test_a_store_that_never_answered_leaves_a_standby(moto_endpoint, table):
