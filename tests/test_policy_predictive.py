@@ -261,11 +261,50 @@ def test_history_launches_ahead_of_a_recurring_rise():
     p = history_policy()
     burst = lambda s: 30.0 if 14 * 3600 <= s < 15 * 3600 else 5.0  # noqa: E731
     for day in range(2):
-        feed_day(p, day, burst)
+        feed_day(p, day, burst, n=40)  # a fleet that kept up with it
     # day 2, a minute before the usual burst, load still at the usual 5: launch ahead
     t = 2 * DAY + 14 * 3600 - 60
     d = p.decide(obs(t, [0.25] * 5))
     assert d.desired >= 15 and "recent days needed" in d.reason, d
+
+
+SPIKE_AT = 12 * 3600
+
+
+def spike(s):
+    """A one-minute spike to 20 at noon over a need of 5."""
+    return 20.0 if SPIKE_AT <= s < SPIKE_AT + 60 else 5.0
+
+
+def before_the_spike(p, day):
+    return p.decide(obs(day * DAY + SPIKE_AT - 60, [0.25] * 5))
+
+
+def test_a_spike_that_overloaded_the_fleet_on_two_days_is_launched_for_whole_ahead():
+    p = history_policy()
+    feed_day(p, 0, spike)  # 10 instances: at 100% CPU during the spike
+    d = before_the_spike(p, 1)
+    assert d.desired < 12 and "spike" not in d.reason, d  # one day is not a recurrence
+    feed_day(p, 1, spike)
+    d = before_the_spike(p, 2)
+    assert d.desired >= 18 and "a spike of" in d.reason, d  # all of it, not floor_fraction of it
+
+
+def test_a_peak_the_fleet_served_is_no_spike():
+    p = history_policy()
+    for day in range(2):
+        feed_day(p, day, spike, n=40)  # at 25% CPU during the spike
+    d = before_the_spike(p, 2)
+    assert d.desired < 12 and "spike" not in d.reason, d
+
+
+def test_a_spike_the_pre_warm_served_is_still_expected_the_next_day():
+    p = history_policy()
+    for day in range(2):
+        feed_day(p, day, spike)
+    feed_day(p, 2, spike, n=40)  # pre-warmed: the spike no longer overloads the fleet
+    d = before_the_spike(p, 3)
+    assert d.desired >= 18 and "a spike of" in d.reason, d
 
 
 def test_state_survives_export_import_and_garbage_is_ignored():
@@ -275,6 +314,11 @@ def test_state_survives_export_import_and_garbage_is_ignored():
     q = history_policy()
     q.import_state(state)
     assert q.export_state() == p.export_state()
+    assert state["spikes"].keys() == state["days"].keys()
+    older = {"version": 1, "days": state["days"]}  # saved before spikes were kept
+    r = history_policy()
+    r.import_state(older)
+    assert r.export_state()["days"] == state["days"] and r.export_state()["spikes"] == {}
     for garbage in (
         None,
         3,
@@ -286,6 +330,7 @@ def test_state_survives_export_import_and_garbage_is_ignored():
         {"version": 1, "days": {"1": [1e300] * 1440}},
         {"version": 1, "days": {"1": ["x"] * 1440}},
         {"version": 1, "days": []},
+        {"version": 1, "days": state["days"], "spikes": {"1": [-5.0]}},
     ):
         r = history_policy()
         r.import_state(garbage)  # must not raise

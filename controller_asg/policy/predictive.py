@@ -7,14 +7,16 @@ noise-aware scale-in. Four named parts, each a small class or method below:
   two measures of noise: how far the raw need wanders from its average (`wander`), and the
   sample-to-sample jitter (`jitter`);
 - **the seasonal memory** (`SeasonalMemory`): per-minute peaks of the smoothed need for
-  `history_days` days; what recent days needed at this minute, and over the next `lead` seconds;
+  `history_days` days; what recent days needed at this minute, and over the next `lead` seconds.
+  Beside them, per-minute peaks of a short average of the need at moments it overloaded the fleet:
+  a spike shorter than the smoothing that came back at this time on several recent days;
 - **the scale-out plan** (`Predictive._scale_out`): at once, as far as the plan says, once it
   exceeds capacity × (1 + tolerance). The plan is the smoothed need, or for hot instances (mean
   CPU ≥ `hot_ratio` × target) their raw need, trusted once the next sample confirms it
   (`hot_confirm`) or when it stands `hot_z` σ of the jitter above the hot line; and never less
   than `floor_fraction` of what recent days needed over the next lead, so a rise that recurs daily
-  is met a boot time ahead. Then the noise floor: the fleet at 100% CPU keeps serving the smoothed
-  need plus `full_z` σ of the jitter;
+  is met a boot time ahead, nor than the whole of a spike that recurred within it. Then the noise
+  floor: the fleet at 100% CPU keeps serving the smoothed need plus `full_z` σ of the jitter;
 - **the scale-in plan** (`Predictive._scale_in`): the smoothed need plus headroom, the largest of
   `noise_z` σ of its wander, `jitter_z` σ of the sample jitter (noise too fast for any launch to
   catch) and `in_margin` of the need, less `in_slack` instances of rounding slack; only to the
@@ -48,6 +50,14 @@ RESTART_AFTER = 1200.0
 DEFAULT_LEAD = 90.0
 # A sample-to-sample step counts towards the jitter up to this many σ of it.
 JITTER_CLIP = 4.0
+# Spikes: the need averaged over SPIKE_SMOOTH seconds (a 20 s spike keeps most of its height) is
+# remembered while it runs the fleet at SPIKE_CPU or more (a spike the fleet barely served, or not:
+# traffic that only wanders rarely does), and planned for when it did so at the same time on at
+# least SPIKE_DAYS of the recent days SPIKE_BACK (a one-off spike is not worth a pre-warm).
+SPIKE_SMOOTH = 10.0
+SPIKE_CPU = 0.9
+SPIKE_BACK = (1, 2, 7)
+SPIKE_DAYS = 2
 
 
 @dataclass
@@ -87,12 +97,13 @@ class NeedEstimator:
         self.s = s
         self.up = 0.0  # the scale-out need, averaged over up_smooth
         self.down = 0.0  # the scale-in need, averaged over in_smooth
+        self.fast = -1.0  # what the measured instances see, averaged over SPIKE_SMOOTH (-1: none yet)
         self._wander_var = 0.0  # variance of the raw scale-in need around its average
         self._jitter_var = 0.0  # variance of the sample noise
         self._seen_before = -1.0
         self._last: float | None = None
         self._dt = -1.0
-        self._alphas = (1.0, 1.0, 1.0)
+        self._alphas = (1.0, 1.0, 1.0, 1.0)
 
     @property
     def wander(self) -> float:
@@ -105,11 +116,14 @@ class NeedEstimator:
     def update(self, now: float, need: Needs) -> None:
         if self._last is None or now - self._last > RESTART_AFTER or now < self._last:
             self.up, self.down = need.up, need.down
+            self.fast = need.seen
             self._wander_var = self._jitter_var = 0.0
         else:
-            a_up, a_down, a_noise = self._weights(now - self._last)
+            a_up, a_down, a_noise, a_fast = self._weights(now - self._last)
             self.up += (need.up - self.up) * a_up
             self.down += (need.down - self.down) * a_down
+            if need.known:
+                self.fast = need.seen if self.fast < 0 else self.fast + (need.seen - self.fast) * a_fast
             dev = need.down - self.down
             self._wander_var += (dev * dev - self._wander_var) * a_noise
             # Half the mean squared change from one sample to the next is the variance of the
@@ -124,34 +138,40 @@ class NeedEstimator:
         self._seen_before = need.seen
         self._last = now
 
-    def _weights(self, dt: float) -> tuple[float, float, float]:
+    def _weights(self, dt: float) -> tuple[float, float, float, float]:
         if dt != self._dt:  # cached: dt is nearly always the control interval
             s = self.s
             self._dt = dt
             # Noise is measured over two scale-in windows.
-            self._alphas = (_alpha(dt, s.up_smooth), _alpha(dt, s.in_smooth), _alpha(dt, 2 * s.scale_in_window))
+            self._alphas = (
+                _alpha(dt, s.up_smooth),
+                _alpha(dt, s.in_smooth),
+                _alpha(dt, 2 * s.scale_in_window),
+                _alpha(dt, SPIKE_SMOOTH),
+            )
         return self._alphas
 
 
 class SeasonalMemory:
-    """Per-minute peaks of the smoothed need for the last `days` days."""
+    """Per-minute peaks of the smoothed need, and of the spikes, for the last `days` days."""
 
     def __init__(self, days: int):
         self.days = days
         self.by_day: dict[int, list[float]] = {}  # day number -> SLOTS per-minute peaks (-1: not seen)
+        self.spikes: dict[int, list[float]] = {}  # day number -> SLOTS per-minute spike peaks (0: none)
         self._cache_minute = -1
         self._cache_lead = -1.0
         self._cache = (-1.0, -1.0)
+        self._spike_minute = -1
+        self._spike_lead = -1.0
+        self._spike = 0.0
 
-    def remember(self, now: float, need: float) -> None:
+    def remember(self, now: float, need: float, spike: float | None = None) -> None:
+        """`need` is the smoothed need; `spike` (None: not measured) the spike peak, 0 when none."""
         day, slot = int(now // DAY), int(now % DAY // 60)
-        row = self.by_day.get(day)
-        if row is None:
-            row = self.by_day[day] = [-1.0] * SLOTS
-            for old in [d for d in self.by_day if d <= day - self.days]:
-                del self.by_day[old]
-        if need > row[slot]:
-            row[slot] = need
+        _raise(self.by_day, self.days, day, slot, need, -1.0)
+        if spike is not None:
+            _raise(self.spikes, self.days, day, slot, spike, 0.0)
 
     def usual(self, day: int, slot: int) -> float:
         """What recent days needed at this minute: the lower of yesterday's and last week's same
@@ -178,10 +198,34 @@ class SeasonalMemory:
             self._cache_minute, self._cache = minute, (current, ahead)
         return self._cache
 
+    def spike_ahead(self, now: float, lead: float) -> float:
+        """The spike that came over the next `lead` seconds on at least SPIKE_DAYS of the recent
+        days: the lowest of those days' peaks in that window, 0 when none (cached per minute). Each
+        day's peak is taken over the whole window, so a spike a few minutes early or late on one
+        day still counts as the same."""
+        minute = int(now // 60)
+        if minute != self._spike_minute or lead != self._spike_lead:
+            self._spike_minute, self._spike_lead = minute, lead
+            day, slot = int(now // DAY), int(now % DAY // 60)
+            # the minutes now_and_ahead looks at: to the minute after the lead, and one either side
+            window = range(slot - 1, slot + int(lead // 60) + 3)
+            peaks = []
+            for back in SPIKE_BACK:
+                seen = -1.0  # -1: the controller did not run that day
+                for m in window:
+                    row = self.spikes.get(day - back + m // SLOTS)
+                    if row is not None:
+                        seen = max(seen, row[m % SLOTS])
+                if seen >= 0:
+                    peaks.append(seen)
+            self._spike = min(peaks) if len(peaks) >= SPIKE_DAYS else 0.0
+        return self._spike
+
     def export(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "days": {str(d): [round(v, 3) for v in row] for d, row in self.by_day.items()},
+            "spikes": {str(d): [round(v, 3) for v in row] for d, row in self.spikes.items()},
         }
 
     def load(self, state: dict[str, Any]) -> None:
@@ -189,19 +233,39 @@ class SeasonalMemory:
         try:
             if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
                 return
-            days: dict[int, list[float]] = {}
-            for key, row in dict(state["days"]).items():
-                if not isinstance(row, list) or len(row) != SLOTS:
-                    return
-                vals = [float(v) for v in row]
-                if any(not math.isfinite(v) or v > 1e7 for v in vals):
-                    return
-                days[int(key)] = [max(-1.0, v) for v in vals]
+            days = _rows(state["days"], -1.0)
+            spikes = _rows(state.get("spikes", {}), 0.0)  # a history saved before spikes were kept has none
         except (KeyError, TypeError, ValueError, AttributeError):
             return
         newest = max(days, default=0)
         self.by_day = {d: r for d, r in days.items() if d > newest - self.days}
-        self._cache_minute = -1
+        self.spikes = {d: r for d, r in spikes.items() if d > newest - self.days}
+        self._cache_minute = self._spike_minute = -1
+
+
+def _raise(rows: dict[int, list[float]], days: int, day: int, slot: int, value: float, unseen: float) -> None:
+    """Raise `rows[day][slot]` to `value`, starting the day's row (and forgetting days older than
+    `days`) at its first value."""
+    row = rows.get(day)
+    if row is None:
+        row = rows[day] = [unseen] * SLOTS
+        for old in [d for d in rows if d <= day - days]:
+            del rows[old]
+    if value > row[slot]:
+        row[slot] = value
+
+
+def _rows(saved: Any, lowest: float) -> dict[int, list[float]]:
+    """Per-day rows as saved by `SeasonalMemory.export`; ValueError when malformed."""
+    rows: dict[int, list[float]] = {}
+    for key, row in dict(saved).items():
+        if not isinstance(row, list) or len(row) != SLOTS:
+            raise ValueError("a day's row is not one value per minute")
+        vals = [float(v) for v in row]
+        if any(not math.isfinite(v) or v > 1e7 for v in vals):
+            raise ValueError("a value is out of range")
+        rows[int(key)] = [max(lowest, v) for v in vals]
+    return rows
 
 
 class Predictive:
@@ -224,16 +288,27 @@ class Predictive:
         # The noise as measured before this sample: a jump is not evidence of its own noise.
         jitter = self.estimate.jitter
         self.estimate.update(obs.now, need)
+        lead = self.lead(obs)
         if need.known:
-            self.memory.remember(obs.now, self.estimate.down)  # the smoothed need: raw peaks are mostly noise
-        usual_now, usual_ahead = self.memory.now_and_ahead(obs.now, self.lead(obs))
-        plan_up, planned_for, decision = self._scale_out(obs, need, jitter, usual_ahead)
+            self.memory.remember(obs.now, self.estimate.down, self._spike_peak(obs, lead))
+        usual_now, usual_ahead = self.memory.now_and_ahead(obs.now, lead)
+        spike_ahead = self.memory.spike_ahead(obs.now, lead)
+        plan_up, planned_for, decision = self._scale_out(obs, need, jitter, usual_ahead, spike_ahead)
         if decision is not None:
             return decision
         decision = self._noise_floor(obs, need, jitter)
         if decision is not None:
             return decision
         return self._scale_in(obs, need, jitter, plan_up - planned_for, usual_now)
+
+    def _spike_peak(self, obs: Observation, lead: float) -> float:
+        """What the seasonal memory keeps of this moment as a spike: the shortly averaged need when
+        it runs the fleet at SPIKE_CPU or more, or while a recurring spike is due (a spike the
+        pre-warm served in full does not overload the fleet, yet it is there again); else 0.
+        The smoothed need alone would not do: a 90 s average keeps a fraction of a 30 s spike."""
+        fast = self.estimate.fast
+        overloads = fast * self.s.cpu_target >= SPIKE_CPU * obs.in_service
+        return fast if overloads or self.memory.spike_ahead(obs.now, lead) > 0 else 0.0
 
     def lead(self, obs: Observation) -> float:
         """How far ahead to plan: HELIX_LAUNCH_LEAD, or with 0 the boot time the controller measured
@@ -244,7 +319,7 @@ class Predictive:
 
     # --- the scale-out plan ------------------------------------------------------------------
     def _scale_out(
-        self, obs: Observation, need: Needs, jitter: float, usual_ahead: float
+        self, obs: Observation, need: Needs, jitter: float, usual_ahead: float, spike_ahead: float
     ) -> tuple[float, float, Decision | None]:
         """(the plan, the need it was planned from, a launch decision or None)."""
         s = self.s
@@ -268,6 +343,11 @@ class Predictive:
         plan = base
         # What recent days needed over the next lead: launch a boot time ahead of a recurring rise.
         expected = s.floor_fraction * usual_ahead if usual_ahead > 0 else 0.0
+        # A spike that recurred within it: all of it, since a fleet it overloaded saw less than it
+        # asked for, and a fraction would lose the rest.
+        spiking = spike_ahead > expected
+        if spiking:
+            expected = spike_ahead
         if expected > plan:
             plan = expected
         # The sample that confirms a hot reading launches, past the tolerance, what the first one
@@ -280,7 +360,12 @@ class Predictive:
         want = clamp(ceil_units(plan), s.min_instances, s.max_instances)
         if want <= cap:
             return plan, base, Decision(clamp(cap, s.min_instances, s.max_instances), "at the maximum")
-        season = f" (recent days needed {usual_ahead:.1f} within {self.lead(obs):g} s)" if plan == expected else ""
+        if plan != expected:
+            season = ""
+        elif spiking:
+            season = f" (a spike of {spike_ahead:.1f} recurred within {self.lead(obs):g} s on recent days)"
+        else:
+            season = f" (recent days needed {usual_ahead:.1f} within {self.lead(obs):g} s)"
         return (
             plan,
             base,
