@@ -7,7 +7,7 @@ import uuid
 import pytest
 
 from shared.table import MetricsTable
-from tests.moto_server import fault_proxy, moto_endpoint  # noqa: F401 - fixtures, for test_provider_ec2.py
+from tests.moto_server import fault_proxy, moto_endpoint, moto_server  # noqa: F401 - fixtures, for test_provider_ec2.py
 from tests.procs import ProcessPool, state_dir_for
 
 
@@ -36,6 +36,28 @@ def table_name():
     yield name
     MetricsTable.remove(name)
     shutil.rmtree(state_dir_for(name), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def demo_under_load(tmp_path_factory):
+    """One run of `make demo` (`python -m deploy.local.demo`, through bench/bench_drain.py's
+    `run_demo`) under load, with drain on, one app SIGKILLed at the peak (tests/test_drain_e2e.py's
+    `kill_one_app`) and the table watched every 50 ms: a `DemoRun`. About 70 s of real processes,
+    so it runs once per session and both tests that need it read it: test_demo.py (scales out and
+    back in, the summary and plot, nothing left behind) and test_drain_e2e.py (every terminate
+    drained, no request failed by one). A run that fails fails both, with its output."""
+    from bench.bench_drain import cycle_curve, run_demo
+    from tests.test_drain_e2e import kill_one_app
+
+    pool = ProcessPool()
+    try:
+        workdir = str(tmp_path_factory.mktemp("demo-under-load"))
+        return run_demo(pool, workdir, cycle_curve(1), drain=True, during=kill_one_app, timeout=200)
+    except BaseException:
+        print(pool.dump())
+        raise
+    finally:
+        pool.stop_all()
 
 
 @pytest.fixture

@@ -1,8 +1,10 @@
 """moto's EC2 server as a real HTTP endpoint for tests, and a fault-injecting proxy in front of it.
 
-`moto_endpoint` (module-scoped fixture): starts `python -m moto.server` on a free loopback port in a
-subprocess (tests/procs.py), waits until it answers, yields its URL, kills it at the end. Tests call
-`reset_moto(url)` to start from an empty account.
+`moto_endpoint` (module-scoped fixture): the URL of `python -m moto.server`, run on a free loopback
+port in a subprocess (tests/procs.py) once per test session (`moto_server`: started when a test first
+needs it, killed at the end; about 1.5 s to start), and reset (`reset_moto`) before each module that
+uses it: every module starts from an empty account, as on a server of its own. Tests call
+`reset_moto(url)` to start from an empty account again.
 
 `FaultProxy`: an HTTP proxy (a thread in the test process) that forwards every request to moto, but
 can answer chosen EC2 actions with an error of its own (e.g. InsufficientInstanceCapacity for one
@@ -53,13 +55,20 @@ def reset_moto(url: str) -> None:
         assert resp.status == 200
 
 
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """One moto server for the session; modules take it through `moto_endpoint`."""
     pool = ProcessPool()
     try:
         yield start_moto(pool)
     finally:
         pool.stop_all()
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint(moto_server: str) -> str:
+    reset_moto(moto_server)  # nothing from the modules before
+    return moto_server
 
 
 # A rule sees (action, form params) and returns None (forward), "drop" (forward, lose the reply),
@@ -151,7 +160,10 @@ class FaultProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, name="fault-proxy", daemon=True)
+        # poll_interval: close() (shutdown) returns within 50 ms instead of 0.5 s.
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="fault-proxy", daemon=True
+        )
         self.thread.start()
 
     def _verdict(self, action: str, params: dict[str, str]) -> object:

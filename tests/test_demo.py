@@ -1,6 +1,11 @@
 """`make demo` end to end: a shortened demo as a real process, Ctrl-C mid-run, and the watchdog
 that cleans up after a demo killed outright. Nothing may be left behind: no process, no segment,
-no state."""
+no state.
+
+The full run (scale out, back in, summary, plot) is the session's `demo_under_load`
+(tests/conftest.py), shared with test_drain_e2e.py: the demo under a demand curve of its own
+(`--trace`). The built-in curve (nasa, the default) runs here up to its load in the Ctrl-C and
+crash tests."""
 
 from __future__ import annotations
 
@@ -50,11 +55,12 @@ def demo_argv(tmp_path, duration: int) -> list[str]:
     ]
 
 
-def test_demo_scales_out_under_load_and_back_in_and_leaves_nothing(procs, tmp_path):
-    demo = procs.python("demo", demo_argv(tmp_path, 60), base_env())
-    assert demo.wait(timeout=200) == 0, demo.output()[-5000:]
-    out = demo.output()
-    s = json.loads((tmp_path / "summary.json").read_text())
+def test_demo_scales_out_under_load_and_back_in_and_leaves_nothing(demo_under_load):
+    # The session's one run of the demo under load (tests/conftest.py: `python -m deploy.local.demo`
+    # over bench/bench_drain.py's one-cycle demand curve, with an app killed at the peak), which
+    # test_drain_e2e.py reads too. It exited 0 (`run_demo` fails otherwise).
+    out = demo_under_load.output
+    s = demo_under_load.summary
     detail = f"{out[-4000:]}\nsummary: { {k: v for k, v in s.items() if k != 'samples'} }"
     assert s["error"] == "" and s["stop_reason"] == "the demand curve has been replayed", detail
     # Scaled out under load: from one instance to at least three, by launches.

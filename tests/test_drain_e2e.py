@@ -5,7 +5,8 @@ terminated instance must have gone through its terminate hook (the table showed 
 DRAINED) before it went.
 
 The stack is `make demo`'s, run as the demo process through bench/bench_drain.py's `run_demo`
-(also what `make bench BENCH_ARGS=drain` measures), with a watch on the table every 50 ms."""
+(also what `make bench BENCH_ARGS=drain` measures), with a watch on the table every 50 ms. The run
+is the session's `demo_under_load` (tests/conftest.py), which test_demo.py reads too."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from bench.bench_drain import TableWatch, cycle_curve, run_demo
+from bench.bench_drain import TableWatch
 from deploy.local import demo
 from deploy.local.loadgen import DIED, TERMINATED
 from shared.config import load_config
@@ -68,8 +69,8 @@ def test_the_demo_drains_unless_told_not_to(monkeypatch, capsys):
 
 
 @pytest.mark.slow
-def test_scale_ins_and_a_replacement_under_load_fail_no_request(procs, tmp_path):
-    run = run_demo(procs, str(tmp_path), cycle_curve(1), drain=True, during=kill_one_app, timeout=200)
+def test_scale_ins_and_a_replacement_under_load_fail_no_request(demo_under_load):
+    run = demo_under_load  # run_demo over cycle_curve(1), drain on, `kill_one_app` at the peak
     s = run.summary
     terms = run.terminations()
     detail = (

@@ -337,13 +337,16 @@ def test_requests_broken_by_a_backend_are_attributed(procs, table_name, tmp_path
     with MetricsTable.open_or_create(table_name, 8) as table:
         table.register(row("i-victim", port=victim_port))
         table.register(row("i-other", port=other_port))
+        # 5 s: the kill comes within the first second or two (a request every 0.25 s, half of them
+        # to the victim), its failures are settled at the next look at the table (one a second),
+        # and the seconds after it send the refused requests to the other instance.
         gen = procs.python(
             "loadgen",
             [
                 "-m",
                 "deploy.local.loadgen",
                 "--duration",
-                "8",
+                "5",
                 "--peak-rps",
                 "4",
                 "--trace",

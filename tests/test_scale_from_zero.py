@@ -34,7 +34,7 @@ def stack_env(table_name: str, tmp_path, **extra: str) -> dict[str, str]:
         HELIX_MAX_INSTANCES="3",
         HELIX_CONTROL_INTERVAL="1",
         HELIX_LOCAL_VCPUS="1",
-        HELIX_SCALE_IN_WINDOW="8",
+        HELIX_SCALE_IN_WINDOW="3",
         HELIX_HEALTH_GRACE="60",
         HELIX_DRAIN_TIMEOUT="5",
         HELIX_EXTERNAL_TARGET="10",
