@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-from shared.inspect import read_once
 from tests.procs import ROOT, base_env, free_port, kill_local_instances, wait_for
 from tests.procs import local_instance_records as owned_records
 
@@ -31,12 +30,6 @@ def inspect(table_name: str) -> dict:
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
-
-
-def look(table_name: str) -> dict:
-    """What `inspect` above prints (shared/inspect.py's `read_once`, its --json data), read in this
-    process: the waits below look every 50 ms, without a Python process started for each look."""
-    return json.loads(json.dumps(read_once(table_name)))
 
 
 def healthy_ids(data: dict) -> set[str]:
@@ -68,14 +61,14 @@ def stack(procs, table_name, tmp_path):
         **common,
         HELIX_PROVIDER="local",
         HELIX_MIN_INSTANCES="1",
-        HELIX_MAX_INSTANCES="3",
+        HELIX_MAX_INSTANCES="3",  # the load asks for 4: out to max, then two steps back in to min
         HELIX_CONTROL_INTERVAL="1",
         HELIX_LOCAL_VCPUS="1",
         HELIX_CPU_TARGET="0.1",
         HELIX_WARMUP="2",
-        # Short: the test waits them out. The scale-in window after the load stops; the health
-        # grace before the survivor (launched under load) may be replaced: a local instance
-        # registers within a second or two.
+        # Short, as the test waits them out: the scale-in window once the load stops, and the health
+        # grace the survivor (launched under load) must be past before it may be replaced. A local
+        # instance registers within a second or two.
         HELIX_SCALE_IN_WINDOW="3",
         HELIX_HEALTH_GRACE="15",
         HELIX_APP_DOWN_AFTER="3",
@@ -121,13 +114,13 @@ def test_scale_out_in_replace_and_fail_static(procs, table_name, stack):
     activity_log = tmp / "activity.jsonl"
 
     # Brought to min: one healthy instance.
-    first = wait_for(lambda: healthy_ids(look(table_name)), 90, "the first instance to be healthy")
+    first = wait_for(lambda: healthy_ids(inspect(table_name)), 90, "the first instance to be healthy")
     assert len(first) == 1
 
     # Load well above target (about 0.3 of a core against a target of 0.1 per instance): the fleet grows.
     load = start_load(procs, table_name, tmp, rps=30)
     wait_for(
-        lambda: (lambda h: h if len(h) >= 2 else None)(healthy_ids(look(table_name))),
+        lambda: (lambda h: h if len(h) >= 2 else None)(healthy_ids(inspect(table_name))),
         120,
         "the fleet to grow under load",
     )
@@ -141,7 +134,7 @@ def test_scale_out_in_replace_and_fail_static(procs, table_name, stack):
     load.signal(signal.SIGTERM)
     load.wait(60)
     wait_for(
-        lambda: (lambda d: len(d["instances"]) == 1 and d["controller"]["desired"] == 1)(look(table_name)),
+        lambda: len(inspect(table_name)["instances"]) == 1 and inspect(table_name)["controller"]["desired"] == 1,
         180,
         "the fleet to shrink back to min",
     )
@@ -155,11 +148,11 @@ def test_scale_out_in_replace_and_fail_static(procs, table_name, stack):
         120,
         "the dead agent's instance to be replaced",
     )
-    wait_for(lambda: (lambda h: h and victim not in h)(healthy_ids(look(table_name))), 120, "a healthy replacement")
+    wait_for(lambda: (lambda h: h and victim not in h)(healthy_ids(inspect(table_name))), 120, "a healthy replacement")
 
     # SIGKILL MonitorS: the controller freezes and says so; nothing is terminated meanwhile.
     before = wait_for(
-        lambda: (lambda owned: owned if owned == healthy_ids(look(table_name)) else None)(
+        lambda: (lambda owned: owned if owned == healthy_ids(inspect(table_name)) else None)(
             set(owned_records(tmp / "state"))
         ),
         60,
@@ -167,15 +160,14 @@ def test_scale_out_in_replace_and_fail_static(procs, table_name, stack):
     )
     stack["monitor"].signal(signal.SIGKILL)
     stack["monitor"].wait(30)
-    wait_for(lambda: look(table_name)["controller"]["frozen"], 60, "the controller to freeze")
+    wait_for(lambda: inspect(table_name)["controller"]["frozen"], 60, "the controller to freeze")
     assert "freez" in stack["controller"].output()
     n_before = len(activities(activity_log))
     restarted = procs.python("monitor_s-2", ["-m", "monitor_s"], stack["monitor_env"])
-    wait_for(lambda: not look(table_name)["controller"]["frozen"], 90, "the controller to resume")
+    wait_for(lambda: not inspect(table_name)["controller"]["frozen"], 90, "the controller to resume")
     assert restarted.alive()
     during = activities(activity_log)[n_before - 1 :]
     assert [a["action"] for a in during if a["action"] in ("terminate", "replace")] == [], during
     assert set(owned_records(tmp / "state")) == before
     # The registry survived the restart: the instance is still there and polled.
-    wait_for(lambda: healthy_ids(look(table_name)) == before, 60, "the instance to be polled again")
-    assert healthy_ids(inspect(table_name)) == before  # and `python -m shared.inspect --json` says so
+    wait_for(lambda: healthy_ids(inspect(table_name)) == before, 60, "the instance to be polled again")

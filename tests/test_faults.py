@@ -243,17 +243,19 @@ fault_strategy = st.builds(
 
 # Every kind of fault at least once, whatever Hypothesis draws: all of them spread over the
 # schedule, in order and in reverse, under each policy, with and without traffic and a warm pool.
-# (The draws below are mostly variations of a few schedules: 40 of them left 6 kinds untried.)
 EVERY_KIND = [Fault(i * FAULTS_END // len(FAULT_KINDS), kind, 60, 3) for i, kind in enumerate(FAULT_KINDS)]
 EVERY_KIND_REVERSED = [
     Fault(i * FAULTS_END // len(FAULT_KINDS), kind, 20, 1) for i, kind in enumerate(reversed(FAULT_KINDS))
 ]
 
 
-# 20 drawn schedules by default (about a second each): `make bench BENCH_ARGS=chaos` runs thousands
-# of the same family; HELIX_FAULT_EXAMPLES raises the count here.
+# 15 drawn schedules by default, about a second each. Derandomized, Hypothesis draws the same ones
+# every run for a given count: 15 held all 30 kinds of fault there were when this was set (173
+# faults), where 40, mostly small variations of a few schedules, held 24. The two examples above
+# hold every kind whatever is drawn. `make bench BENCH_ARGS=chaos` runs thousands of schedules of
+# the same family; HELIX_FAULT_EXAMPLES raises the count here.
 @settings(
-    max_examples=int(os.environ.get("HELIX_FAULT_EXAMPLES", "20")),
+    max_examples=int(os.environ.get("HELIX_FAULT_EXAMPLES", "15")),
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
