@@ -24,11 +24,11 @@ from typing import Any
 
 from controller_asg.controller import Controller
 from controller_asg.ctlserver import Caller, CtlError, validate
-from controller_asg.hostlock import HostLock, HostLockHeld
+from controller_asg.hostlock import Fence, HostLock, HostLockHeld
 from controller_asg.operator import PROCESSES
 from controller_asg.policy import build_policy
 from controller_asg.providers.base import LaunchConfig, LaunchError, ProviderInstance
-from controller_asg.statestore import StaleEpoch, StoreError
+from controller_asg.statestore import StaleEpoch, StateStore, StoreError
 from controller_asg.traffic import TargetState, TrafficError
 from shared.config import Config, load_config
 from shared.table import HookResult, InstanceRow, Lifecycle, MetricsTable, State
@@ -621,20 +621,26 @@ class Harness:
             self.lock.release()  # the kernel drops a dead process's flock
         self.lock = HostLock(self.cfg.state_dir, self.cfg.group_name)
         self.lock.acquire()
-        policy = build_policy(self.cfg.policy, self.cfg)
-        self.controller = Controller(
+        self.controller = self.new_controller(self.table, self.provider, self.lock)
+        self.controller.start()
+
+    def new_controller(
+        self, table: MetricsTable, provider: FakeProvider, fence: Fence, store: StateStore | None = None
+    ) -> Controller:
+        """The real controller as the process builds it, on the simulated clock."""
+        return Controller(
             self.cfg,
-            self.table,
-            self.provider,
-            policy,
+            table,
+            provider,
+            build_policy(self.cfg.policy, self.cfg),
             clock=lambda: self.now,
-            fence=self.lock,
+            fence=fence,
             traffic=self.traffic,
             policy_factory=lambda lo, hi: build_policy(
                 self.cfg.policy, self.cfg.replace(min_instances=lo, max_instances=hi)
             ),
+            store=store,
         )
-        self.controller.start()
 
     def restart_controller(self) -> None:
         """SIGKILL and start again: nothing of the old object is kept but what it wrote to disk."""
@@ -1058,19 +1064,11 @@ class HAHarness(Harness):
         """A fresh controller process for manager `m` (its fence starts over, as a new process's)."""
         m.fence = SimLeaseFence(self.lease, m.name, lambda: self.now, self.cfg.lease_clock_margin)
         m.fence.renew(self.now)
-        policy = build_policy(self.cfg.policy, self.cfg)
-        m.controller = Controller(
-            self.cfg,
+        m.controller = self.new_controller(
             m.table,
             LeasedProvider(self.cloud, self.lease, m.fence),
-            policy,
-            clock=lambda: self.now,
-            fence=m.fence,
-            traffic=self.traffic,
-            policy_factory=lambda lo, hi: build_policy(
-                self.cfg.policy, self.cfg.replace(min_instances=lo, max_instances=hi)
-            ),
-            store=self.store.view(m.fence, lambda: m.state),
+            m.fence,
+            self.store.view(m.fence, lambda: m.state),
         )
         m.controller.start()
         m.state = "up"
