@@ -31,9 +31,10 @@ from functools import lru_cache
 
 import numpy as np
 
+from bench import burst_bound
 from bench.bench_policies import NASA, PEAK_INSTANCES
 from controller_asg.sim import synthetic
-from controller_asg.sim.runner import capacity_for_peak, compare, params_from
+from controller_asg.sim.runner import capacity_for_peak, compare, params_from, run_oracle
 from controller_asg.sim.trace import load_trace, smooth
 from shared.config import Config, load_config
 
@@ -184,6 +185,53 @@ def summarize(boot: float, keys: list[str], figures: dict[tuple[str, float], dic
     }
 
 
+def bounds(figures: dict[tuple[str, float], dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """For each short-bursts member and boot time: the least cost at which any policy that does
+    not know when the next burst starts can lose at most LOSS_GOAL of k8s-hpa's loss
+    (bench/burst_bound.py), beside predictive's figures."""
+    out: dict[str, dict[str, dict]] = {}
+    for seed in synthetic.FAMILY_SEEDS:
+        key = f"short-bursts/s{seed}"
+        parts = synthetic.short_bursts_parts(seed)
+        demand = parts.base * parts.mult * parts.noise
+        for boot in BOOTS:
+            cfg = config(boot)
+            p = params_from(cfg, capacity_for_peak(demand, PEAK_INSTANCES, cfg.cpu_target), boot)
+            oracle_hours = float(run_oracle(demand, p).billed.sum()) / 3600.0
+            points = burst_bound.frontier(parts, p, oracle_hours)
+            figs = figures[(key, boot)]
+            allowed = LOSS_GOAL * figs["k8s-hpa"]["lost_pct"]
+            least = burst_bound.least_cost(points, allowed)
+            out.setdefault(key, {})[f"{boot:g}"] = {
+                "goal_lost_pct": allowed,
+                "least_cost": least,
+                "reachable": least is not None and least <= COST_GOAL,
+                "predictive": {k: figs["predictive"][k] for k in ("lost_pct", "cost_vs_oracle")},
+                "frontier": [vars(q) for q in points],
+            }
+    return out
+
+
+def bound_table(found: dict[str, dict[str, dict]]) -> str:
+    lines = [
+        "\nshort bursts: the least cost at which ANY policy that cannot tell when the next burst starts"
+        f" loses <= {LOSS_GOAL:.0%} of k8s-hpa's (bench/burst_bound.py), beside predictive (lost %, cost)",
+        f"{'member':<18}" + "".join(f"{f'{b:g} s':>26}" for b in BOOTS),
+    ]
+    for key, by_boot in found.items():
+        cells = []
+        for b in BOOTS:
+            row = by_boot[f"{b:g}"]
+            least = "none" if row["least_cost"] is None else f"{row['least_cost']:.2f}x"
+            mark = "" if row["reachable"] else "!"
+            cells.append(
+                f"{least + mark:>8} | {row['predictive']['lost_pct']:.2f}% {row['predictive']['cost_vs_oracle']:.2f}x"
+            )
+        lines.append(f"{key:<18}" + "".join(f"{c:>26}" for c in cells))
+    lines.append(f"(!: above {COST_GOAL}x: the bursty goal cannot be met there by any such policy)")
+    return "\n".join(lines)
+
+
 def main() -> None:
     os.makedirs(OUT, exist_ok=True)
     family = members()
@@ -237,6 +285,8 @@ def main() -> None:
         s = summary[boot]
         if s["more_lost_than_k8s_hpa"]:
             print(f"boot {boot:g} s: predictive loses more than k8s-hpa on {', '.join(s['more_lost_than_k8s_hpa'])}")
+    found = bounds(figures)
+    print(bound_table(found))
     doc = {
         "boots": list(BOOTS),
         "policies": SHOWN + ["oracle"],
@@ -253,6 +303,7 @@ def main() -> None:
         },
         "figures": {f"{b:g}": {k: figures[(k, b)] for k in keys} for b in BOOTS},
         "summary": {f"{b:g}": summary[b] for b in BOOTS},
+        "short_bursts_bound": found,
     }
     with open(os.path.join(OUT, "bursty.json"), "w", encoding="utf-8") as fh:
         json.dump(doc, fh, indent=2)

@@ -19,7 +19,8 @@ noise-aware scale-in. Four named parts, each a small class or method below:
   floor: the fleet at 100% CPU keeps serving the smoothed need plus `full_z` σ of the jitter;
 - **the scale-in plan** (`Predictive._scale_in`): the smoothed need plus headroom, the largest of
   `noise_z` σ of its wander, `jitter_z` σ of the sample jitter (noise too fast for any launch to
-  catch) and `in_margin` of the need, less `in_slack` instances of rounding slack; only to the
+  catch) and `in_margin` of the need, less `in_slack` instances of rounding slack (the margin and
+  the wander's share scaled by the boot time planned for, `headroom_factor`); only to the
   highest such recommendation of the last `hold_leads` boot times (at most `scale_in_window`
   seconds: a short boot relaunches cheaply, so it holds capacity for less long); never
   below `floor_fraction` of what recent days needed at this minute (a sudden silence does not
@@ -58,6 +59,10 @@ SPIKE_SMOOTH = 10.0
 SPIKE_CPU = 0.9
 SPIKE_BACK = (1, 2, 7)
 SPIKE_DAYS = 2
+# The scale-in headroom scales as (boot time / DEFAULT_LEAD) ** HEADROOM_POWER, the boot time held
+# within HEADROOM_LEADS (the range `make bench BENCH_ARGS=bursty` measures).
+HEADROOM_POWER = 0.25
+HEADROOM_LEADS = (20.0, 300.0)
 
 
 @dataclass
@@ -317,6 +322,13 @@ class Predictive:
             return self.s.lead
         return obs.boot_time if obs.boot_time > 0 else DEFAULT_LEAD
 
+    def headroom_factor(self, obs: Observation) -> float:
+        """How the scale-in headroom (tuned at a 90 s boot) scales with the boot time planned for:
+        as its fourth root, the boot time held within the 20-300 s the bench measures. A short boot
+        relaunches before the need has moved far; a long one must hold more."""
+        lead = min(HEADROOM_LEADS[1], max(HEADROOM_LEADS[0], self.lead(obs)))
+        return (lead / DEFAULT_LEAD) ** HEADROOM_POWER
+
     # --- the scale-out plan ------------------------------------------------------------------
     def _scale_out(
         self, obs: Observation, need: Needs, jitter: float, usual_ahead: float, spike_ahead: float
@@ -400,7 +412,10 @@ class Predictive:
         # heavy-tailed noise that otherwise launches on every spike and hands it straight back);
         # or a fixed fraction of the need when the load is smooth (the hysteresis that stops a calm
         # fleet flapping). The largest, not the sum.
-        headroom = max(s.in_margin * plan, s.noise_z * self.estimate.wander, s.jitter_z * jitter)
+        # The margin and the wander's share grow with the boot time they cover (the sample jitter's
+        # does not: no launch follows it, however short the boot).
+        f = self.headroom_factor(obs)
+        headroom = max(f * s.in_margin * plan, f * s.noise_z * self.estimate.wander, s.jitter_z * jitter)
         rec = ceil_units(plan + headroom - s.in_slack)
         if s.full_z > 0:
             rec = max(rec, ceil_units(s.cpu_target * (self.estimate.down + s.full_z * jitter)))

@@ -140,11 +140,29 @@ def _day_cycle(n: int, rng: np.random.Generator, offset: int = 0) -> np.ndarray:
 def short_bursts(seed: int, hours: float = 6.0) -> np.ndarray:
     """A steady load drifting ±20% over a few hours, hit at random times (Poisson, 4-10 an hour) by
     bursts of ×2-5 lasting 20-80 s: each is over before an instance booted for it would serve."""
+    parts = short_bursts_parts(seed, hours)
+    return parts.base * parts.mult * parts.noise
+
+
+@dataclass
+class BurstParts:
+    """`short_bursts` taken apart: the demand is base × mult × noise."""
+
+    base: np.ndarray  # the drifting level
+    mult: np.ndarray  # the bursts: ×1 outside them
+    noise: np.ndarray
+    bursts: list[tuple[int, int]]  # (start, length) of each burst, in seconds
+    quiet_after: int  # seconds after a burst in which no other starts
+
+
+def short_bursts_parts(seed: int, hours: float = 6.0) -> BurstParts:
     rng = np.random.default_rng([seed, 1])
     n = int(hours * HOUR)
     t = np.arange(n)
     base = 10.0 * (1 + 0.2 * np.sin(2 * np.pi * t / rng.uniform(2, 4) / HOUR + rng.uniform(0, 2 * np.pi)))
     mult = np.ones(n)
+    bursts = []
+    gap = 120  # bursts never merge into one longer than 80 s
     rate = rng.uniform(4, 10) / HOUR
     at = 600.0  # the first ten minutes are calm: the initial fleet is sized for them
     while True:
@@ -153,8 +171,9 @@ def short_bursts(seed: int, hours: float = 6.0) -> np.ndarray:
         if at + length >= n:
             break
         _pulse(mult, int(at), length, rng.uniform(2, 5), 3)
-        at += length + 120  # bursts never merge into one longer than 80 s
-    return base * mult * _noise(n, rng, 0.05)
+        bursts.append((int(at), length))
+        at += length + gap
+    return BurstParts(base, mult, _noise(n, rng, 0.05), bursts, gap)
 
 
 def _recurring(

@@ -1,0 +1,50 @@
+"""bench/burst_bound.py: the frontier of what a policy that cannot tell when the next burst starts
+can do on the short-bursts members. It is only evidence if it is a real lower bound, so the policies
+the bench runs must land on or above it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench import bench_bursty
+from bench.burst_bound import Point, frontier, least_cost
+from controller_asg.policy import build_policy
+from controller_asg.sim import synthetic
+from controller_asg.sim.fleet import simulate
+from controller_asg.sim.metrics import figures
+from controller_asg.sim.runner import capacity_for_peak, params_from, run_oracle
+
+
+def test_the_parts_are_the_member():
+    for seed in (1, 2):
+        parts = synthetic.short_bursts_parts(seed)
+        assert (parts.base * parts.mult * parts.noise).tobytes() == synthetic.short_bursts(seed).tobytes()
+        assert np.all(parts.mult[: parts.bursts[0][0]] == 1.0)
+        start, length = parts.bursts[0]
+        assert np.all(parts.mult[start : start + length] > 1.0) and parts.mult[start + length] == 1.0
+
+
+def test_least_cost_reads_the_frontier_between_its_points():
+    pts = [Point(0, 1.0, 4.0), Point(1, 1.2, 2.0), Point(2, 1.4, 1.0)]
+    assert least_cost(pts, 5.0) == 1.0
+    assert least_cost(pts, 2.0) == 1.2
+    assert least_cost(pts, 3.0) == pytest.approx(1.1)  # half-way: alternating headroom 0 and 1
+    assert least_cost(pts, 0.5) is None
+
+
+@pytest.mark.parametrize("boot", [20.0, 90.0])
+def test_no_policy_the_bench_runs_beats_the_frontier(boot):
+    parts = synthetic.short_bursts_parts(1)
+    demand = parts.base * parts.mult * parts.noise
+    cfg = bench_bursty.config(boot)
+    p = params_from(cfg, capacity_for_peak(demand, bench_bursty.PEAK_INSTANCES, cfg.cpu_target), boot)
+    oracle_hours = float(run_oracle(demand, p).billed.sum()) / 3600.0
+    points = frontier(parts, p, oracle_hours)
+    costs = [q.cost_vs_oracle for q in points]
+    lost = [q.lost_pct for q in points]
+    assert costs == sorted(costs) and lost == sorted(lost, reverse=True) and lost[-1] < 0.5 < lost[0]
+    for name in bench_bursty.SHOWN:
+        f = figures(simulate(demand, build_policy(name, cfg), p), p, oracle_hours)
+        least = least_cost(points, f.lost_pct)
+        assert least is not None and least <= f.cost_vs_oracle + 1e-9, (name, f.lost_pct, f.cost_vs_oracle, least)
