@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import fcntl
 import os
+import pickle
 import shutil
 import uuid
 
@@ -45,7 +47,33 @@ def demo_under_load(tmp_path_factory):
     `kill_one_app`) and the table watched every 50 ms: a `DemoRun`. About 70 s of real processes,
     so it runs once per session and both tests that need it read it: test_demo.py (scales out and
     back in, the summary and plot, nothing left behind) and test_drain_e2e.py (every terminate
-    drained, no request failed by one). A run that fails fails both, with its output."""
+    drained, no request failed by one). A run that fails fails both, with its output.
+
+    Under `make test`'s workers (pytest-xdist) a session is one per worker, so the first worker to
+    need the run makes it under a file lock beside the workers' temporary directories and leaves it
+    there (pickled) for the other. (xdist's --dist loadgroup would put both tests on one worker,
+    but with pytest 9 it does not group.)"""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _demo_under_load(tmp_path_factory)
+    shared = tmp_path_factory.getbasetemp().parent
+    with open(shared / "demo-under-load.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the worker dies
+        made = shared / "demo-under-load.pickle"
+        if made.exists():
+            outcome, value = pickle.loads(made.read_bytes())
+            if outcome == "failed":
+                pytest.fail(f"the demo run failed on another worker: {value}")
+            return value
+        try:
+            run = _demo_under_load(tmp_path_factory)
+        except Exception as e:
+            made.write_bytes(pickle.dumps(("failed", f"{type(e).__name__}: {e}")))
+            raise
+        made.write_bytes(pickle.dumps(("made", run)))
+        return run
+
+
+def _demo_under_load(tmp_path_factory):
     from bench.bench_drain import cycle_curve, run_demo
     from tests.test_drain_e2e import kill_one_app
 

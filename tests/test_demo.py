@@ -98,27 +98,29 @@ def test_ctrl_c_mid_run_stops_everything(procs, tmp_path):
 def test_bad_arguments_exit_2_and_start_nothing(procs, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("1\nmany\n")
-    before = set(os.listdir(cleanup.RUNS_ROOT)) if os.path.isdir(cleanup.RUNS_ROOT) else set()
+    # A temporary directory of their own: another demo (another pytest worker's) may start a run meanwhile.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    runs = tmp / os.path.basename(cleanup.RUNS_ROOT)
     for args, message in (
         (["--duration", "5"], "duration=5: expected 20 to 86400 seconds"),
         (["--trace", str(bad)], "bad.txt:2: 'many': expected one non-negative number"),
     ):
-        demo = procs.python("demo", ["-m", "deploy.local.demo", *args], base_env())
+        demo = procs.python("demo", ["-m", "deploy.local.demo", *args], base_env(TMPDIR=str(tmp)))
         assert demo.wait(timeout=60) == 2
         assert message in demo.output()
     demo = procs.python(
-        "demo", ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)], base_env(DEMO_DURATION="abc")
+        "demo", ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)], base_env(DEMO_DURATION="abc", TMPDIR=str(tmp))
     )
     assert demo.wait(timeout=60) == 2 and "DEMO_DURATION=abc: expected a whole number" in demo.output()
     demo = procs.python(
         "demo",
         ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)],
-        base_env(HELIX_CPU_TARGET="2", HELIX_SHM_NAME="ignored-the-demo-uses-its-own"),
+        base_env(HELIX_CPU_TARGET="2", HELIX_SHM_NAME="ignored-the-demo-uses-its-own", TMPDIR=str(tmp)),
     )
     assert demo.wait(timeout=60) == 2
     assert demo.output().strip() == "demo: bad configuration: HELIX_CPU_TARGET=2: expected a number greater than 0 to 1"
-    after = set(os.listdir(cleanup.RUNS_ROOT)) if os.path.isdir(cleanup.RUNS_ROOT) else set()
-    assert after <= before
+    assert not runs.exists() or not os.listdir(runs)
 
 
 # -- the watchdog, with a stand-in demo --------------------------------------------------------
