@@ -110,7 +110,9 @@ def test_bad_arguments_exit_2_and_start_nothing(procs, tmp_path):
         assert demo.wait(timeout=60) == 2
         assert message in demo.output()
     demo = procs.python(
-        "demo", ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)], base_env(DEMO_DURATION="abc", TMPDIR=str(tmp))
+        "demo",
+        ["-m", "deploy.local.demo", "--plain", "--out", str(tmp_path)],
+        base_env(DEMO_DURATION="abc", TMPDIR=str(tmp)),
     )
     assert demo.wait(timeout=60) == 2 and "DEMO_DURATION=abc: expected a whole number" in demo.output()
     demo = procs.python(
