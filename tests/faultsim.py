@@ -786,13 +786,18 @@ class Harness:
 
     # -- running ---------------------------------------------------------------------------------
 
-    def step(self) -> None:
+    def _advance_world(self) -> None:
+        """What each simulated second does before the controller steps: the operator's resumes
+        that fell due, then the cloud and the monitor move on."""
         due = [p for t, p in self.resumes if t <= self.now]
         if due and self.controller is not None:  # (a dead leader: once another leads)
             self.resumes = [(t, p) for t, p in self.resumes if t > self.now]
             self.ctl("resume", processes=due)
         self.cloud.advance(self.now)
         self.monitor.tick(self.now)
+
+    def step(self) -> None:
+        self._advance_world()
         assert self.controller is not None
         try:
             self.controller.step()
@@ -1128,12 +1133,7 @@ class HAHarness(Harness):
             elif m.state == "unanswered":
                 m.fence.renew_unanswered(self.now)
         self._lead()
-        due = [p for t, p in self.resumes if t <= self.now]
-        if due and self.controller is not None:  # (a dead leader: once another leads)
-            self.resumes = [(t, p) for t, p in self.resumes if t > self.now]
-            self.ctl("resume", processes=due)
-        self.cloud.advance(self.now)
-        self.monitor.tick(self.now)
+        self._advance_world()
         for m in self.managers:
             if m.state in ("up", "cut", "unanswered") and m.controller is not None:
                 try:
