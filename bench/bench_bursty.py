@@ -193,7 +193,7 @@ def bounds(figures: dict[tuple[str, float], dict[str, dict]]) -> dict[str, dict[
     for seed in synthetic.FAMILY_SEEDS:
         key = f"short-bursts/s{seed}"
         parts = synthetic.short_bursts_parts(seed)
-        demand = parts.base * parts.mult * parts.noise
+        demand = parts.demand
         for boot in BOOTS:
             cfg = config(boot)
             p = params_from(cfg, capacity_for_peak(demand, PEAK_INSTANCES, cfg.cpu_target), boot)

@@ -43,10 +43,9 @@ class Point:
 def frontier(parts: BurstParts, p: FleetParams, oracle_hours: float) -> list[Point]:
     """BaseAware(h) for every h in HEADROOMS on the member `parts`, with `p`'s boot time, min and
     max, capacity and target; cost relative to the oracle's `oracle_hours`."""
-    demand = parts.base * parts.mult * parts.noise
-    calm = parts.base * parts.noise
+    demand = parts.demand
     boot = int(np.ceil(p.boot_time))
-    calm_supply = forward_max(required(calm, p), boot)
+    calm_supply = forward_max(required(parts.calm, p), boot)
     need = required(demand, p)
     quiet = np.zeros(len(demand), dtype=bool)
     for start, length in parts.bursts:

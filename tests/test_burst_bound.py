@@ -16,13 +16,19 @@ from controller_asg.sim.metrics import figures
 from controller_asg.sim.runner import capacity_for_peak, params_from, run_oracle
 
 
-def test_the_parts_are_the_member():
+def test_the_parts_say_where_the_bursts_are():
+    """The bound trusts `bursts` and `quiet_after`: every second above x1 is in a listed burst, and
+    no burst starts within `quiet_after` seconds of the last one's end."""
     for seed in (1, 2):
         parts = synthetic.short_bursts_parts(seed)
-        assert (parts.base * parts.mult * parts.noise).tobytes() == synthetic.short_bursts(seed).tobytes()
-        assert np.all(parts.mult[: parts.bursts[0][0]] == 1.0)
-        start, length = parts.bursts[0]
-        assert np.all(parts.mult[start : start + length] > 1.0) and parts.mult[start + length] == 1.0
+        assert parts.demand.tobytes() == synthetic.member("short-bursts", seed).demand.tobytes()
+        listed = np.zeros(len(parts.mult), dtype=bool)
+        for start, length in parts.bursts:
+            listed[start : start + length] = True
+        assert np.array_equal(listed, parts.mult > 1.0)
+        ends = [start + length for start, length in parts.bursts]
+        starts = [start for start, _ in parts.bursts]
+        assert all(nxt - end >= parts.quiet_after for end, nxt in zip(ends[:-1], starts[1:], strict=True))
 
 
 def test_least_cost_reads_the_frontier_between_its_points():
@@ -36,7 +42,7 @@ def test_least_cost_reads_the_frontier_between_its_points():
 @pytest.mark.parametrize("boot", [20.0, 90.0])
 def test_no_policy_the_bench_runs_beats_the_frontier(boot):
     parts = synthetic.short_bursts_parts(1)
-    demand = parts.base * parts.mult * parts.noise
+    demand = parts.demand
     cfg = bench_bursty.config(boot)
     p = params_from(cfg, capacity_for_peak(demand, bench_bursty.PEAK_INSTANCES, cfg.cpu_target), boot)
     oracle_hours = float(run_oracle(demand, p).billed.sum()) / 3600.0

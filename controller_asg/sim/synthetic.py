@@ -140,8 +140,7 @@ def _day_cycle(n: int, rng: np.random.Generator, offset: int = 0) -> np.ndarray:
 def short_bursts(seed: int, hours: float = 6.0) -> np.ndarray:
     """A steady load drifting ±20% over a few hours, hit at random times (Poisson, 4-10 an hour) by
     bursts of ×2-5 lasting 20-80 s: each is over before an instance booted for it would serve."""
-    parts = short_bursts_parts(seed, hours)
-    return parts.base * parts.mult * parts.noise
+    return short_bursts_parts(seed, hours).demand
 
 
 @dataclass
@@ -153,6 +152,15 @@ class BurstParts:
     noise: np.ndarray
     bursts: list[tuple[int, int]]  # (start, length) of each burst, in seconds
     quiet_after: int  # seconds after a burst in which no other starts
+
+    @property
+    def demand(self) -> np.ndarray:
+        return self.base * self.mult * self.noise
+
+    @property
+    def calm(self) -> np.ndarray:
+        """The demand without its bursts."""
+        return self.base * self.noise
 
 
 def short_bursts_parts(seed: int, hours: float = 6.0) -> BurstParts:
