@@ -19,6 +19,12 @@ Every figure goes to bench/out/bursty.json. Simulations run in BENCH_WORKERS pro
 every core); each is independent, so the figures do not depend on how many.
 
     python -m bench bursty          # or: make bench BENCH_ARGS=bursty
+
+A trial of predictive's settings, for tuning: BENCH_PREDICTIVE sets PredictiveSettings fields
+(k8s-hpa and the oracle run beside it), BENCH_ONLY picks scenarios (a member alone: every boot
+time). It prints one line per scenario and the goals held; bench/out/bursty.json is left alone.
+
+    BENCH_PREDICTIVE="in_margin=0.05,hold_leads=4" BENCH_ONLY="nasa@20,short-bursts/s1" python -m bench bursty
 """
 
 from __future__ import annotations
@@ -27,13 +33,18 @@ import json
 import multiprocessing
 import os
 import time
+from dataclasses import fields
 from functools import lru_cache
 
 import numpy as np
 
 from bench import burst_bound
 from bench.bench_policies import NASA, PEAK_INSTANCES
+from controller_asg.policy import predictive_settings
+from controller_asg.policy.predictive import Predictive, PredictiveSettings
 from controller_asg.sim import synthetic
+from controller_asg.sim.fleet import simulate
+from controller_asg.sim.metrics import figures as figures_of
 from controller_asg.sim.runner import capacity_for_peak, compare, params_from, run_oracle
 from controller_asg.sim.trace import load_trace, smooth
 from shared.config import Config, load_config
@@ -80,8 +91,70 @@ def run_one(task: tuple[str, float]) -> tuple[str, float, dict[str, dict]]:
     demand, history = scenario(key)
     cfg = config(boot)
     p = params_from(cfg, capacity_for_peak(demand[history:], PEAK_INSTANCES, cfg.cpu_target), boot)
-    outcomes = compare(SHOWN + ["oracle"], demand, p, cfg, measure_from=history)
-    return key, boot, {o.name: o.figures.as_dict() for o in outcomes}
+    trial = trial_settings()
+    if not trial:
+        outcomes = compare(SHOWN + ["oracle"], demand, p, cfg, measure_from=history)
+        return key, boot, {o.name: o.figures.as_dict() for o in outcomes}
+    outcomes = compare(["k8s-hpa", "oracle"], demand, p, cfg, measure_from=history)
+    found = {o.name: o.figures.as_dict() for o in outcomes}
+    oracle_hours = found["oracle"]["instance_hours"]
+    settings = predictive_settings(cfg)
+    for name, value in trial.items():
+        setattr(settings, name, type(getattr(settings, name))(value))  # hot_confirm is an int
+    policy = Predictive(settings)
+    found["predictive"] = figures_of(simulate(demand, policy, p, measure_from=history), p, oracle_hours).as_dict()
+    return key, boot, found
+
+
+def trial_settings() -> dict[str, float]:
+    """BENCH_PREDICTIVE="field=value,...": PredictiveSettings fields for a trial ({}: none)."""
+    raw = os.environ.get("BENCH_PREDICTIVE", "").strip()
+    known = {f.name for f in fields(PredictiveSettings) if f.type in ("float", "int")}
+    out: dict[str, float] = {}
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        name, _, value = item.partition("=")
+        if name not in known:
+            raise SystemExit(f"BENCH_PREDICTIVE={raw}: {name!r}: expected one of {', '.join(sorted(known))}")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise SystemExit(f"BENCH_PREDICTIVE={raw}: {name}={value}: expected a number") from None
+    return out
+
+
+def trial_tasks(keys: list[str]) -> list[tuple[str, float]]:
+    """BENCH_ONLY="nasa@20,short-bursts/s1": the scenarios for a trial (all when unset)."""
+    raw = os.environ.get("BENCH_ONLY", "").strip()
+    if not raw:
+        return [(k, b) for k in keys for b in BOOTS]
+    tasks = []
+    for item in filter(None, (x.strip() for x in raw.split(","))):
+        key, _, boot = item.partition("@")
+        if key not in keys or (boot and float(boot) not in BOOTS):
+            raise SystemExit(f"BENCH_ONLY={raw}: {item!r}: expected a member of {', '.join(keys)}, @ one of {BOOTS}")
+        tasks += [(key, float(boot))] if boot else [(key, b) for b in BOOTS]
+    return tasks
+
+
+def trial(keys: list[str], bursty: dict[str, bool], workers: int) -> None:
+    """One line per scenario: predictive with BENCH_PREDICTIVE's settings against k8s-hpa, and
+    whether the goals hold; nothing is written."""
+    tasks = trial_tasks(keys)
+    print(f"trial: predictive with {trial_settings() or 'its defaults'} on {len(tasks)} scenarios")
+    found = run_all(tasks, workers)
+    for key, boot in tasks:
+        me, hpa = found[(key, boot)]["predictive"], found[(key, boot)]["k8s-hpa"]
+        if key == "nasa":
+            why = nasa_goal(found[(key, boot)])[1]
+        elif bursty[key]:
+            ok, why = bursty_goal(found[(key, boot)])
+            why = "goal held" if ok else f"goal missed: {why}"
+        else:
+            why = "-"
+        print(
+            f"{key:<22}{boot:>5g} s  predictive {me['lost_pct']:7.3f}% {me['cost_vs_oracle']:6.3f}x {me['actions']:5d}"
+            f"  k8s-hpa {hpa['lost_pct']:7.3f}% {hpa['cost_vs_oracle']:6.3f}x {hpa['actions']:5d}  {why}"
+        )
 
 
 def run_all(tasks: list[tuple[str, float]], workers: int) -> dict[tuple[str, float], dict[str, dict]]:
@@ -245,6 +318,9 @@ def main() -> None:
         print(f"  {shape:<18} {'bursty' if m.bursty else 'smooth'}  {m.description}")
     length = {m.name: len(m.demand) for m in family}
     length["nasa"] = 14 * DAY
+    if os.environ.get("BENCH_PREDICTIVE", "").strip() or os.environ.get("BENCH_ONLY", "").strip():
+        trial(keys, bursty, workers_wanted())
+        return
     # longest first, so the last task to finish is a short one
     tasks = sorted(((k, b) for k in keys for b in BOOTS), key=lambda t: (-length[t[0]] * (1 + t[1] / 3000), t))
     workers = workers_wanted()
