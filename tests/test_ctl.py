@@ -349,7 +349,10 @@ def as_nobody(path: str) -> dict:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(10)
                 sock.connect(path)
-                sock.sendall(b'{"op": "status", "args": {}, "reason": ""}\n')
+                try:
+                    sock.sendall(b'{"op": "status", "args": {}, "reason": ""}\n')
+                except BrokenPipeError:
+                    pass  # refused (and closed) before the request was read: read that answer, as helix-ctl does
                 outcome = {"answer": json.loads(read_line(sock))}
         except OSError as exc:
             outcome = {"errno": exc.errno}
@@ -407,7 +410,7 @@ def test_an_oversize_request_is_refused_without_reading_it_all(served):
 
 def test_slow_clients_never_block_others_and_are_cut_off(workdir, log):
     path = os.path.join(workdir, "ctl.sock")
-    with CtlServer(path, Handler(), log=log, read_timeout=1.0, max_connections=2) as _server:
+    with CtlServer(path, Handler(), log=log, read_timeout=3.0, max_connections=2) as _server:
         slow = []
         for _ in range(2):  # they take every connection slot, and never finish their request
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -418,10 +421,10 @@ def test_slow_clients_never_block_others_and_are_cut_off(workdir, log):
         started = time.monotonic()
         busy = call(path, "status", timeout=5)
         assert busy["code"] == "refused" and "busy" in busy["error"]
-        assert time.monotonic() - started < 0.9  # answered at once, not after the slow ones
+        assert time.monotonic() - started < 2.5  # answered at once, not at the slow ones' 3 s deadline
         for sock in slow:  # each is cut off at its deadline with one line saying why
             answer = json.loads(read_line(sock))
-            assert answer["code"] == "bad-request" and "within 1s" in answer["error"]
+            assert answer["code"] == "bad-request" and "within 3s" in answer["error"]
             sock.close()
         assert call(path, "status")["ok"]  # their slots are back
 
