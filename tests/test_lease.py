@@ -40,7 +40,9 @@ TTL = 2.0
 MARGIN = 0.5
 PERIOD = 0.5
 MOTO_ACCOUNT = "123456789012"
-SLACK = 0.25  # polling granularity and scheduling
+# Polling granularity and scheduling on a loaded machine. At most MARGIN, so "stopped within
+# TTL - MARGIN + SLACK" still means stopped before the lease expired, when another may act.
+SLACK = 0.5
 
 
 def config(endpoint: str, table: str, **extra: str):
