@@ -10,10 +10,11 @@ EC2 publishes; `failing = 500` answers every GET with that status; `stop()` take
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.procs import serve_in_thread
 
 TOKEN = "imds-token"
 ACTION_PATH = "/latest/meta-data/spot/instance-action"
@@ -88,9 +89,7 @@ def serve_imds(answers: dict[str, str] | None = None) -> Iterator[FakeImds]:
                 self._send(404)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    # poll_interval: stop() (shutdown) returns within 50 ms instead of 0.5 s.
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    serve_in_thread(server, "fake-imds")
     imds.url = f"http://127.0.0.1:{server.server_address[1]}"
     imds.server = server
     try:

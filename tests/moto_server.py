@@ -25,11 +25,12 @@ import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 from xml.sax.saxutils import escape
 
 import pytest
 
-from tests.procs import ProcessPool, base_env, free_port, wait_for
+from tests.procs import ProcessPool, base_env, free_port, serve_in_thread, wait_for
 
 REGION = "us-east-1"
 CREDENTIALS = {"HELIX_AWS_ACCESS_KEY": "testing", "HELIX_AWS_SECRET_KEY": "testing", "HELIX_AWS_REGION": REGION}
@@ -47,6 +48,15 @@ def start_moto(pool: ProcessPool) -> str:
 
     wait_for(answers, 60, "moto's server to answer")
     return url
+
+
+def moto_client(url: str, service: str, region: str = REGION) -> Any:
+    """A boto3 client of `service` on moto's server at `url`, with moto's test credentials."""
+    import boto3
+
+    return boto3.client(
+        service, endpoint_url=url, region_name=region, aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
 
 
 def reset_moto(url: str) -> None:
@@ -160,11 +170,7 @@ class FaultProxy:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        # poll_interval: close() (shutdown) returns within 50 ms instead of 0.5 s.
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="fault-proxy", daemon=True
-        )
-        self.thread.start()
+        self.thread = serve_in_thread(self.server, "fault-proxy")
 
     def _verdict(self, action: str, params: dict[str, str]) -> object:
         with self._lock:

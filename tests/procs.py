@@ -11,9 +11,11 @@ import json
 import os
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -181,3 +183,11 @@ class ProcessPool:
     def stop_all(self) -> None:
         for proc in self.procs:
             proc.kill_group()
+
+
+def serve_in_thread(server: socketserver.BaseServer, name: str = "test-server") -> threading.Thread:
+    """Serve `server` from a daemon thread, started. It polls for shutdown every 50 ms, so the
+    test's `server.shutdown()` returns at once, not after the default 0.5 s."""
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=name, daemon=True)
+    thread.start()
+    return thread

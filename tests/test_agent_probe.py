@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from monitor_c.probe import AppProbe
-from tests.procs import free_port, wait_for
+from tests.procs import free_port, serve_in_thread, wait_for
 
 
 def check(spec: str, timeout: float = 2.0) -> tuple[bool, str]:
@@ -31,7 +30,7 @@ class Health(BaseHTTPRequestHandler):
 @pytest.fixture
 def http_port():
     server = ThreadingHTTPServer(("127.0.0.1", 0), Health)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    serve_in_thread(server)
     yield server.server_address[1]
     server.shutdown()
     server.server_close()

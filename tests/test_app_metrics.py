@@ -25,7 +25,7 @@ from monitor_s.fleet import Entry, _sample
 from protos import helix_pb2, helix_pb2_grpc
 from shared.config import ConfigError, load_config
 from shared.table import LAYOUT_VERSION, ROW_DTYPE, InstanceRow, MetricsTable, PollSample, State
-from tests.procs import free_port, manager_pki, wait_for
+from tests.procs import free_port, manager_pki, serve_in_thread, wait_for
 from tests.test_monitor_e2e import AUTH, agent_env, inspect_json, rows, start_monitor
 from tests.test_provider_local import APP_CMD, _kill_recorded, fake_agent, make_cfg
 from tests.test_provider_local import agent_env as recorded_agent_env
@@ -63,9 +63,7 @@ class CounterApp:
         self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/metrics"
-        # poll_interval: stop() (shutdown) returns within 50 ms instead of 0.5 s.
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self.thread.start()
+        self.thread = serve_in_thread(self.server, "counter-app")
 
     def value(self) -> float:
         with self.lock:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import re
 
-import boto3
 import pytest
 
 from controller_asg.iam import policy_for
@@ -30,7 +29,7 @@ from controller_asg.providers.elb import OPERATIONS, TargetGroups, TrafficConfig
 from controller_asg.traffic import NoTraffic, TargetState, TrafficError
 from shared.config import ConfigError, load_config
 from tests.iam_eval import Request, allowed, denied, elb_requests
-from tests.moto_server import CREDENTIALS, REGION, reset_moto  # its fixtures come through conftest.py
+from tests.moto_server import CREDENTIALS, REGION, moto_client, reset_moto  # its fixtures come through conftest.py
 from tests.procs import manager_pki
 
 MOTO_AMI = "ami-12c6146b"
@@ -39,23 +38,13 @@ PORT = 8080  # the web target group's port
 ADMIN_PORT = 9090  # the admin one's: each target is registered on its group's port
 
 
-def client(world_url, service):
-    return boto3.client(
-        service,
-        endpoint_url=world_url,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-
-
 @pytest.fixture
 def world(moto_endpoint):
     """An empty account with a VPC, two subnets, four running instances, an ALB with two instance
     target groups behind listeners (`web`, `admin`), one Helix is never configured with (`other`)
     and one of target type `ip`."""
     reset_moto(moto_endpoint)
-    ec2, elb = client(moto_endpoint, "ec2"), client(moto_endpoint, "elbv2")
+    ec2, elb = moto_client(moto_endpoint, "ec2"), moto_client(moto_endpoint, "elbv2")
     vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
     subnets = [
         ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.9.{i}.0/24", AvailabilityZone=f"{REGION}{z}")["Subnet"]["SubnetId"]

@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import boto3
 import psutil
 import pytest
 
@@ -22,8 +21,8 @@ from controller_asg.external import CommandMetric, FileMetric, HttpMetric, Readi
 from controller_asg.iam import policy_for
 from shared.config import ConfigError, load_config
 from tests.iam_eval import allowed, denied, sqs_requests
-from tests.moto_server import CREDENTIALS, REGION, reset_moto  # its fixtures come through conftest.py
-from tests.procs import free_port, manager_pki, wait_for
+from tests.moto_server import CREDENTIALS, REGION, moto_client, reset_moto  # its fixtures come through conftest.py
+from tests.procs import free_port, manager_pki, serve_in_thread, wait_for
 
 MOTO_ACCOUNT = "123456789012"  # the account moto answers as
 PY = sys.executable
@@ -329,7 +328,7 @@ class Site:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        serve_in_thread(self.server)
 
     def close(self):
         self.release.set()
@@ -413,19 +412,13 @@ def test_https_certificates_are_verified(site):
 # --- sqs, on moto's server ----------------------------------------------------------------------
 
 
-def sqs_client(url: str, region: str = REGION):
-    return boto3.client(
-        "sqs", endpoint_url=url, region_name=region, aws_access_key_id="testing", aws_secret_access_key="testing"
-    )
-
-
 def sqs_config(moto: str, queue_url: str, **extra: str):
     return config(f"sqs:{queue_url}", HELIX_SQS_ENDPOINT_URL=moto, **{**CREDENTIALS, **extra})
 
 
 def test_sqs_visible_messages(moto_endpoint):
     reset_moto(moto_endpoint)
-    client = sqs_client(moto_endpoint)
+    client = moto_client(moto_endpoint, "sqs")
     url = client.create_queue(QueueName="jobs")["QueueUrl"]
     client.create_queue(QueueName="other")
     cfg = sqs_config(moto_endpoint, url)
@@ -458,7 +451,7 @@ def test_sqs_region_is_the_queue_urls(moto_endpoint):
     # The fleet in eu-west-1, the queue in us-east-1: the client asks us-east-1, where the queue is
     # (moto keeps each region's queues apart, so the wrong region would not find it).
     reset_moto(moto_endpoint)
-    client = sqs_client(moto_endpoint, "us-east-1")
+    client = moto_client(moto_endpoint, "sqs", "us-east-1")
     client.send_message(QueueUrl=client.create_queue(QueueName="jobs")["QueueUrl"], MessageBody="x")
     aws_url = f"https://sqs.us-east-1.amazonaws.com/{MOTO_ACCOUNT}/jobs"
     cfg = sqs_config(moto_endpoint, aws_url, HELIX_AWS_REGION="eu-west-1")

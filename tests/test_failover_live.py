@@ -44,7 +44,7 @@ from typing import Any
 import pytest
 
 from shared.table import MetricsTable, State
-from tests.moto_server import CREDENTIALS, REGION, FaultProxy
+from tests.moto_server import CREDENTIALS, REGION, FaultProxy, moto_client
 from tests.procs import (
     ROOT,
     Proc,
@@ -274,15 +274,7 @@ class Cluster:
         """The lease item as the store holds it, read from moto directly (never through a proxy):
         (holder, epoch, expires_at); ('', 0, 0.0) before anyone took it."""
         if self._dynamodb is None:
-            import boto3
-
-            self._dynamodb = boto3.client(
-                "dynamodb",
-                endpoint_url=self.moto_url,
-                region_name=REGION,
-                aws_access_key_id="testing",
-                aws_secret_access_key="testing",
-            )
+            self._dynamodb = moto_client(self.moto_url, "dynamodb")
         item = self._dynamodb.get_item(
             TableName=f"{self.prefix}-lease",
             Key={"pk": {"S": f"lease#{self.shared['HELIX_GROUP']}"}},
@@ -577,14 +569,6 @@ def test_kill_pause_cut_off_and_restart_all_the_fleet_keeps_healing_under_one_ac
 MOTO_AMI = "ami-12c6146b"  # one of the AMIs moto ships
 
 
-def _ec2(url: str) -> Any:
-    import boto3
-
-    return boto3.client(
-        "ec2", endpoint_url=url, region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
-    )
-
-
 def ec2_fleet(ec2: Any, group: str) -> dict[str, dict[str, str]]:
     """The group's instances that bill (not terminated) in moto: id -> tags."""
     pages = ec2.get_paginator("describe_instances").paginate(
@@ -608,7 +592,7 @@ def test_ec2_only_the_leader_launches_under_its_epoch_and_a_standby_does_not_lau
     """Two managers with the ec2 provider on moto: instances there have no agent, so a long health
     grace keeps every one of them (nothing is replaced for being unregistered)."""
     started = time.monotonic()
-    ec2 = _ec2(moto_endpoint)
+    ec2 = moto_client(moto_endpoint, "ec2")
     vpc = ec2.create_vpc(CidrBlock="10.7.0.0/16")["Vpc"]["VpcId"]
     subnets = [
         ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.7.{i}.0/24", AvailabilityZone=f"{REGION}{z}")["Subnet"]["SubnetId"]

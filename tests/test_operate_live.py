@@ -24,7 +24,7 @@ import pytest
 
 from bench.bench_drain import TableWatch, run_demo
 from deploy.local.loadgen import TERMINATED
-from tests.procs import ROOT, Proc, base_env, wait_for
+from tests.procs import ROOT, Proc, base_env, serve_in_thread, wait_for
 
 HOLD = 240  # seconds of steady load at 3.5 instances' worth; the test ends the demo when done
 FAIL_FIRST = 4  # POSTs the webhook receiver refuses before it recovers
@@ -57,7 +57,6 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
     def url(self) -> str:
@@ -85,7 +84,7 @@ def ctl(socket_path: str, *words: str) -> dict:
 @pytest.mark.slow
 def test_refresh_override_and_suspend_under_load_with_a_webhook(procs, tmp_path):
     receiver = Receiver()
-    receiver.thread.start()
+    serve_in_thread(receiver.server, "receiver")
 
     def operate(proc: Proc, state_dir: str, watch: TableWatch, notes: dict) -> None:
         sock = os.path.join(state_dir, "controller", "ctl.sock")

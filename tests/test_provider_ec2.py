@@ -7,7 +7,6 @@ import dataclasses
 import json
 import logging
 
-import boto3
 import pytest
 import yaml
 
@@ -26,7 +25,7 @@ from controller_asg.providers.ec2 import (
 from shared.config import load_config
 from tests.fake_imds import serve_imds
 from tests.iam_eval import Request, allowed, denied, ec2_requests
-from tests.moto_server import CREDENTIALS, REGION, reset_moto  # its fixtures come through conftest.py
+from tests.moto_server import CREDENTIALS, REGION, moto_client, reset_moto  # its fixtures come through conftest.py
 from tests.procs import manager_pki
 
 TOKEN = "bearer-token-for-tests"
@@ -40,13 +39,7 @@ EVERY_STATE = ("pending", "running", "shutting-down", "stopping", "stopped", "te
 def world(moto_endpoint):
     """An empty account with a VPC, two subnets in two zones, a security group and an AMI."""
     reset_moto(moto_endpoint)
-    ec2 = boto3.client(
-        "ec2",
-        endpoint_url=moto_endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    ec2 = moto_client(moto_endpoint, "ec2")
     vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
     subnets = [
         ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.9.{i}.0/24", AvailabilityZone=f"{REGION}{z}")["Subnet"]["SubnetId"]
@@ -128,13 +121,7 @@ def iam_requests(world, call) -> list[Request]:
 
 
 def iam_client(world):
-    return boto3.client(
-        "iam",
-        endpoint_url=world["url"],
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return moto_client(world["url"], "iam")
 
 
 def all_instances(ec2, states=("pending", "running")) -> list[dict]:

@@ -7,10 +7,9 @@ from __future__ import annotations
 import json
 import os
 
-import boto3
 import pytest
 
-from tests.moto_server import CREDENTIALS, REGION, reset_moto
+from tests.moto_server import CREDENTIALS, moto_client, reset_moto
 from tests.procs import base_env, free_port, kill_local_instances, wait_for
 from tests.test_monitor_e2e import rows
 
@@ -91,13 +90,7 @@ def test_a_file_queue_wakes_an_empty_fleet_and_lets_it_sleep(procs, table_name, 
 
 def test_an_sqs_queue_on_moto_wakes_an_empty_fleet_and_lets_it_sleep(procs, table_name, tmp_path, moto_endpoint):
     reset_moto(moto_endpoint)
-    sqs = boto3.client(
-        "sqs",
-        endpoint_url=moto_endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    sqs = moto_client(moto_endpoint, "sqs")
     url = sqs.create_queue(QueueName="jobs")["QueueUrl"]
 
     def set_backlog(n: int) -> None:

@@ -20,7 +20,7 @@ import pytest
 from controller_asg.activity import Activity, ActivityLog
 from controller_asg.events import WebhookSink, activity_listener, event_from_activity, make_sink
 from shared.config import load_config
-from tests.procs import wait_for
+from tests.procs import serve_in_thread, wait_for
 
 SECRET = "webhook-secret-0123456789"
 FAST = dict(retry_first=0.01, retry_max=0.05)  # back-off short enough for a test
@@ -91,11 +91,7 @@ class Receiver:
 
         self.server = Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        # poll_interval: close() (shutdown) returns within 50 ms instead of 0.5 s.
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="receiver", daemon=True
-        )
-        self.thread.start()
+        self.thread = serve_in_thread(self.server, "receiver")
 
     def delivered(self) -> list[dict[str, Any]]:
         """The events answered 200, deduplicated by id, in the order they first arrived."""
@@ -318,8 +314,7 @@ def test_a_redirect_is_a_failure(receiver, sinks):
             pass
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
+    thread = serve_in_thread(server)
     try:
         sink.url = f"http://127.0.0.1:{server.server_address[1]}/hook"
         sink.start()
