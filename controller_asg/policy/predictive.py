@@ -248,6 +248,13 @@ class SeasonalMemory:
         self._cache_minute = self._spike_minute = -1
 
 
+def headroom_factor(lead: float) -> float:
+    """How the scale-in headroom (tuned at a 90 s boot) scales with the boot time planned for:
+    as its fourth root, the boot time held within the 20-300 s the bench measures. A short boot
+    relaunches before the need has moved far; a long one must hold more."""
+    return (min(HEADROOM_LEADS[1], max(HEADROOM_LEADS[0], lead)) / DEFAULT_LEAD) ** HEADROOM_POWER
+
+
 def _raise(rows: dict[int, list[float]], days: int, day: int, slot: int, value: float, unseen: float) -> None:
     """Raise `rows[day][slot]` to `value`, starting the day's row (and forgetting days older than
     `days`) at its first value."""
@@ -298,13 +305,13 @@ class Predictive:
             self.memory.remember(obs.now, self.estimate.down, self._spike_peak(obs, lead))
         usual_now, usual_ahead = self.memory.now_and_ahead(obs.now, lead)
         spike_ahead = self.memory.spike_ahead(obs.now, lead)
-        plan_up, planned_for, decision = self._scale_out(obs, need, jitter, usual_ahead, spike_ahead)
+        plan_up, planned_for, decision = self._scale_out(obs, need, jitter, lead, usual_ahead, spike_ahead)
         if decision is not None:
             return decision
         decision = self._noise_floor(obs, need, jitter)
         if decision is not None:
             return decision
-        return self._scale_in(obs, need, jitter, plan_up - planned_for, usual_now)
+        return self._scale_in(obs, need, jitter, lead, plan_up - planned_for, usual_now)
 
     def _spike_peak(self, obs: Observation, lead: float) -> float:
         """What the seasonal memory keeps of this moment as a spike: the shortly averaged need when
@@ -322,16 +329,9 @@ class Predictive:
             return self.s.lead
         return obs.boot_time if obs.boot_time > 0 else DEFAULT_LEAD
 
-    def headroom_factor(self, obs: Observation) -> float:
-        """How the scale-in headroom (tuned at a 90 s boot) scales with the boot time planned for:
-        as its fourth root, the boot time held within the 20-300 s the bench measures. A short boot
-        relaunches before the need has moved far; a long one must hold more."""
-        lead = min(HEADROOM_LEADS[1], max(HEADROOM_LEADS[0], self.lead(obs)))
-        return (lead / DEFAULT_LEAD) ** HEADROOM_POWER
-
     # --- the scale-out plan ------------------------------------------------------------------
     def _scale_out(
-        self, obs: Observation, need: Needs, jitter: float, usual_ahead: float, spike_ahead: float
+        self, obs: Observation, need: Needs, jitter: float, lead: float, usual_ahead: float, spike_ahead: float
     ) -> tuple[float, float, Decision | None]:
         """(the plan, the need it was planned from, a launch decision or None)."""
         s = self.s
@@ -375,9 +375,9 @@ class Predictive:
         if plan != expected:
             season = ""
         elif spiking:
-            season = f" (a spike of {spike_ahead:.1f} recurred within {self.lead(obs):g} s on recent days)"
+            season = f" (a spike of {spike_ahead:.1f} recurred within {lead:g} s on recent days)"
         else:
-            season = f" (recent days needed {usual_ahead:.1f} within {self.lead(obs):g} s)"
+            season = f" (recent days needed {usual_ahead:.1f} within {lead:g} s)"
         return (
             plan,
             base,
@@ -401,7 +401,9 @@ class Predictive:
         return Decision(want, self._why(obs, need, f"; its sample noise needs {full_line:.1f} instances at 100% CPU"))
 
     # --- the scale-in plan -------------------------------------------------------------------
-    def _scale_in(self, obs: Observation, need: Needs, jitter: float, pre_launch: float, usual_now: float) -> Decision:
+    def _scale_in(
+        self, obs: Observation, need: Needs, jitter: float, lead: float, pre_launch: float, usual_now: float
+    ) -> Decision:
         """`pre_launch`: how far the scale-out plan rose above the need on what recent days needed
         next; the scale-in plan keeps that much too, or it would hand back what was just planned."""
         s = self.s
@@ -414,7 +416,7 @@ class Predictive:
         # fleet flapping). The largest, not the sum.
         # The margin and the wander's share grow with the boot time they cover (the sample jitter's
         # does not: no launch follows it, however short the boot).
-        f = self.headroom_factor(obs)
+        f = headroom_factor(lead)
         headroom = max(f * s.in_margin * plan, f * s.noise_z * self.estimate.wander, s.jitter_z * jitter)
         rec = ceil_units(plan + headroom - s.in_slack)
         if s.full_z > 0:
@@ -425,7 +427,7 @@ class Predictive:
             rec = floor
         rec = clamp(rec, lo, hi)
         if s.hold_leads > 0:
-            self.window.hold(min(s.scale_in_window, s.hold_leads * self.lead(obs)))
+            self.window.hold(min(s.scale_in_window, s.hold_leads * lead))
         self.window.push(now, rec)
         allowed = int(self.window.allowed(now, rec))
         desired = clamp(min(cap, allowed), lo, hi)
