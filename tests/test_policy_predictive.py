@@ -379,3 +379,12 @@ def test_build_policy_knows_every_name():
     cfg = load_config({}, env_file="")
     for name in ("predictive", "target", "threshold", "seed", "aws-target-tracking", "k8s-hpa"):
         assert build_policy(name, cfg).name == name
+
+
+def test_the_scale_in_headroom_scales_with_the_boot_time_within_the_measured_range():
+    from controller_asg.policy.predictive import headroom_factor
+
+    assert headroom_factor(90.0) == 1.0  # the boot time the settings were tuned at
+    assert headroom_factor(5.0) == headroom_factor(20.0) == pytest.approx((20 / 90) ** 0.25)
+    assert headroom_factor(900.0) == headroom_factor(300.0) == pytest.approx((300 / 90) ** 0.25)
+    assert headroom_factor(20.0) < headroom_factor(45.0) < 1.0 < headroom_factor(180.0) < headroom_factor(300.0)
