@@ -10,7 +10,7 @@ import pytest
 from controller_asg.policy import build_policy, make_policy
 from controller_asg.policy.base import Observation
 from controller_asg.policy.baselines import AwsTargetTracking, K8sHpa, Limits, SeedLoop
-from controller_asg.policy.predictive import DAY, Predictive, PredictiveSettings
+from controller_asg.policy.predictive import DAY, OVERLOAD_MEMORY, Predictive, PredictiveSettings, ShortOverloads
 from shared.config import load_config
 
 
@@ -208,7 +208,7 @@ def test_small_noisy_fleet_keeps_its_full_capacity_above_the_noise_peaks():
         return lost, lowest
 
     lost, lowest = run()
-    lost_off, lowest_off = run(full_z=0.0, jitter_z=0.0)
+    lost_off, lowest_off = run(full_z=0.0, jitter_z=0.0, short_overloads=0)
     assert lowest >= 4 and lowest_off == 3, (lowest, lowest_off)
     assert lost * 10 < lost_off, (lost, lost_off)
 
@@ -388,3 +388,96 @@ def test_the_scale_in_headroom_scales_with_the_boot_time_within_the_measured_ran
     assert headroom_factor(5.0) == headroom_factor(20.0) == pytest.approx((20 / 90) ** 0.25)
     assert headroom_factor(900.0) == headroom_factor(300.0) == pytest.approx((300 / 90) ** 0.25)
     assert headroom_factor(20.0) < headroom_factor(45.0) < 1.0 < headroom_factor(180.0) < headroom_factor(300.0)
+
+
+# --- overloads shorter than the boot time -----------------------------------------------------------
+
+
+def test_an_overload_is_measured_against_the_capacity_it_started_at():
+    """A launch does not end an overload: it lasts while the need stays above the capacity it
+    started at, so its length is what a launch asked at its start would have had to outlast."""
+    o = ShortOverloads(PredictiveSettings(tolerance=0.1))
+    o.update(0, 3.0, 3.0, 4, lead=90)
+    assert not o.running
+    o.update(1, 4.3, 4.3, 4, lead=90)  # within the tolerance: 4.3 <= 4 x 1.1
+    assert not o.running
+    o.update(2, 8.0, 8.0, 4, lead=90)
+    assert o.running
+    for t in range(3, 30):
+        o.update(t, 7.0, 7.0, 8, lead=90)  # the fleet launched to 8: still above the 4 it started at
+    o.update(30, 4.0, 4.0, 8, lead=90)
+    assert not o.running and list(o.recent) == [(30, 28, 4.0)]
+    # one that outlasts the boot time is recorded as long, and the next is measured afresh
+    o.update(100, 9.0, 9.0, 8, lead=90)
+    o.update(191, 9.0, 9.0, 8, lead=90)
+    assert not o.running and o.recent[-1][1] == 91
+
+
+def test_the_wait_is_the_longest_of_the_last_overloads_when_all_ended_within_the_boot():
+    o = ShortOverloads(PredictiveSettings(short_overloads=4))
+
+    def overload(start, length, size=4.0):
+        o.update(start, 4 + size, 4 + size, 4, lead=90)
+        o.update(start + length, 3.0, 3.0, 4, lead=90)
+
+    for k, length in enumerate((30, 50, 40)):
+        overload(600 * k, length)
+    assert o.wait(2000, 90) == 0  # three are not evidence enough
+    overload(1800, 45)
+    assert o.wait(2000, 90) == 50
+    assert o.waiting(2000, 90) == 50  # a smoothed need still up after one: wait too
+    o.update(2400, 8.0, 8.0, 4, lead=90)
+    o.update(2410, 8.0, 8.0, 4, lead=90)
+    assert o.waiting(2410, 90) == 40  # 10 s into the next: 40 s more
+    o.update(2411, 9.0, 9.0, 4, lead=90)  # larger than any recent one: not one of them
+    assert o.waiting(2411, 90) == 0
+    assert o.wait(2000, 45) == 0  # one of them outlasted a 45 s boot: launch at once
+    assert o.wait(1845 + OVERLOAD_MEMORY + 1, 90) == 0  # the oldest is forgotten
+
+
+def short_burst_run(**kw):
+    """4 hours of a calm need of 3 instances hit every 10 minutes by a 40 s burst to 9, at a 90 s
+    boot: (launches, the lowest capacity in the last hour, the requests lost, in instance-seconds)."""
+    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90, **kw))
+    fleet = Fleet(p, n=4, boot=90)
+    launches, lowest, lost = 0, 99, 0.0
+    for t in range(4 * 3600):
+        load = (9.0 if 100 <= t % 600 < 140 else 3.0) * 0.5
+        before = fleet.serving + len(fleet.pending)
+        fleet.step(t, load)
+        after = fleet.serving + len(fleet.pending)
+        launches += max(0, after - before)
+        if t >= 3 * 3600:
+            lowest = min(lowest, after)
+        lost += max(0.0, load - fleet.serving)
+    return launches, lowest, lost
+
+
+def test_bursts_shorter_than_the_boot_are_served_by_standing_capacity_not_launches():
+    launches, lowest, lost = short_burst_run()
+    launches_off, lowest_off, lost_off = short_burst_run(short_overloads=0)
+    # Without the rule each of the 24 bursts launches what arrives after it is over.
+    assert launches_off >= 72, launches_off
+    # With it only the first bursts do, until four have shown that they end within the boot.
+    assert launches <= 24, launches
+    # The fleet stands above the calm 3 (3 x 1.6 = 4.8, less rounding slack) for the next burst,
+    # and loses less than launching for each one.
+    assert lowest >= 5 > lowest_off, (lowest, lowest_off)
+    assert lost * 3 < lost_off, (lost, lost_off)
+
+
+def test_a_sustained_rise_after_short_bursts_launches_within_the_wait():
+    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90))
+    fleet = Fleet(p, n=4, boot=90)
+    t = 0
+    for t in range(3600):
+        fleet.step(t, (9.0 if 100 <= t % 600 < 140 else 3.0) * 0.5)
+    assert p.overloads.wait(t, 90) == pytest.approx(40, abs=2)
+    # the next burst does not end: a launch is asked once it has outlasted the recent ones
+    start = 3600 + 100
+    asked = None
+    for t in range(3600, start + 120):
+        d = fleet.step(t, (9.0 if t >= start else 3.0) * 0.5)
+        if t >= start and asked is None and d.desired > fleet.serving:
+            asked = t - start
+    assert asked is not None and asked <= 45, asked

@@ -1,5 +1,5 @@
 """`predictive` (the default): target tracking with a memory of recent days and a patient,
-noise-aware scale-in. Four named parts, each a small class or method below:
+noise-aware scale-in. Five named parts, each a small class or method below:
 
 - **the need estimator** (`NeedEstimator`): the need R = in_service × mean CPU / target (the
   `target` formula, in instances at the target, under the conservative rules of
@@ -10,6 +10,10 @@ noise-aware scale-in. Four named parts, each a small class or method below:
   `history_days` days; what recent days needed at this minute, and over the next `lead` seconds.
   Beside them, per-minute peaks of a short average of the need at moments it overloaded the fleet:
   a spike shorter than the smoothing that came back at this time on several recent days;
+- **the short-overload rule** (`ShortOverloads`): how long recent overloads lasted against the
+  capacity they started at. When the last `short_overloads` all ended within the boot time, a
+  launch for the next would serve after it is over: it is asked only once an overload outlasts
+  them or is larger than any of them, and the scale-in plan keeps a standing headroom instead;
 - **the scale-out plan** (`Predictive._scale_out`): at once, as far as the plan says, once it
   exceeds capacity × (1 + tolerance). The plan is the smoothed need, or for hot instances (mean
   CPU ≥ `hot_ratio` × target) their raw need, trusted once the next sample confirms it
@@ -24,7 +28,9 @@ noise-aware scale-in. Four named parts, each a small class or method below:
   highest such recommendation of the last `hold_leads` boot times (at most `scale_in_window`
   seconds: a short boot relaunches cheaply, so it holds capacity for less long); never
   below `floor_fraction` of what recent days needed at this minute (a sudden silence does not
-  throw away capacity that returns with the traffic); never while launches are pending.
+  throw away capacity that returns with the traffic); never while launches are pending. While
+  overloads are short it plans from the calm need between them, plus `burst_headroom` of it (at
+  most their measured size), and holds the fleet while one runs.
 
 With no history it is smoothed target tracking with a hot fast path. The history is what
 `export_state` returns, so it survives a controller restart. Why each part is shaped as it is,
@@ -35,6 +41,7 @@ the commit history, not here.
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +70,8 @@ SPIKE_DAYS = 2
 # within HEADROOM_LEADS (the range `make bench BENCH_ARGS=bursty` measures).
 HEADROOM_POWER = 0.25
 HEADROOM_LEADS = (20.0, 300.0)
+# Short overloads older than this are forgotten: a burst pattern of an hour ago says little now.
+OVERLOAD_MEMORY = 2 * 3600.0
 
 
 @dataclass
@@ -85,6 +94,9 @@ class PredictiveSettings:
     in_slack: float = 0.25  # instances of rounding slack taken off the scale-in need
     jitter_z: float = 6.0  # … or this many σ of the sample jitter: noise faster than any launch (0: off)
     hold_leads: float = 8.0  # scale in to the highest need of this many boot times, at most the window (0: the window)
+    short_overloads: int = 4  # when this many recent overloads all ended within a boot time, wait out the next (0: off)
+    burst_headroom: float = 0.6  # … and stand this fraction of the calm need above it,
+    burst_size: float = 0.6  # … at most this fraction of the recent overloads' size (RMS)
     full_z: float = 4.0  # the fleet at 100% CPU serves the smoothed need plus this many σ of the jitter (0: off)
     metric: str = "CPU"  # what the samples measure, for the reason text
     unit_scale: float = 1.0  # a sample × this is in the metric's own unit (for the reason text)
@@ -155,6 +167,89 @@ class NeedEstimator:
                 _alpha(dt, SPIKE_SMOOTH),
             )
         return self._alphas
+
+
+class ShortOverloads:
+    """Whether recent overloads were all over before a launch asked at their start could serve.
+
+    An overload starts when the need seen exceeds the capacity of that moment past the tolerance,
+    and ends when the need falls back to that capacity. It is measured against the capacity it
+    started at, so a launch does not end it: its length is what a launch asked at its start would
+    have had to outlast, and its size (the most it asked above that capacity) is what the fleet
+    standing at its start missed. A CPU sample stops at 100%, so that size stops at about the
+    fleet itself: a small burst is measured, a large one is seen as large. One that runs longer
+    than the boot time is recorded as long.
+
+    Beside them, the calm need: the scale-in need averaged over the moments outside overloads, and
+    how far it wanders. Nothing here is saved: after a restart the rule is off until `keep` new
+    overloads are seen, and the policy launches for every overload as it does without it."""
+
+    def __init__(self, s: PredictiveSettings):
+        self.keep = s.short_overloads
+        self.tolerance = s.tolerance
+        self.tau = s.in_smooth
+        self.wander_tau = 2 * s.scale_in_window  # as the need estimator measures its wander
+        self.recent: deque[tuple[float, float, float]] = deque(maxlen=max(1, self.keep))  # (ended, length, size)
+        self.start = -1.0  # when the running overload started (-1: none running)
+        self.cap0 = 0  # the capacity it started at
+        self.size = 0.0  # the most it asked above cap0 so far
+        self.calm = -1.0  # -1: not measured yet
+        self._calm_var = 0.0
+        self._last = -1.0
+
+    @property
+    def running(self) -> bool:
+        return self.start >= 0
+
+    @property
+    def calm_wander(self) -> float:
+        return math.sqrt(self._calm_var)
+
+    def update(self, now: float, seen: float, down: float, cap: int, lead: float) -> None:
+        if not self.running:
+            if seen > cap * (1 + self.tolerance):
+                self.start, self.cap0, self.size = now, cap, seen - cap
+        elif seen <= self.cap0 or now - self.start > lead:
+            self.recent.append((now, now - self.start, self.size))
+            self.start = -1.0
+        else:
+            self.size = max(self.size, seen - self.cap0)
+        if self.running:
+            return
+        if self.calm < 0 or now - self._last > RESTART_AFTER or now < self._last:
+            self.calm, self._calm_var = down, 0.0
+        else:
+            dt = now - self._last
+            self.calm += (down - self.calm) * _alpha(dt, self.tau)
+            dev = down - self.calm
+            self._calm_var += (dev * dev - self._calm_var) * _alpha(dt, self.wander_tau)
+        self._last = now
+
+    def wait(self, now: float, lead: float) -> float:
+        """How long an overload must last before a launch for it is worth asking: the longest of
+        the last `keep` when every one of them (ended within OVERLOAD_MEMORY) was shorter than
+        `lead`, else 0 (launch at once)."""
+        lengths = [length for ended, length, _ in self.recent if ended >= now - OVERLOAD_MEMORY]
+        if self.keep <= 0 or len(lengths) < self.keep or max(lengths) >= lead:
+            return 0.0
+        return max(lengths)
+
+    def waiting(self, now: float, lead: float) -> float:
+        """The wait still to run before launching for the running overload, or for a smoothed need
+        still above the capacity after one (0: none). An overload larger than any of the recent
+        short ones is not one of them: it launches at once."""
+        wait = self.wait(now, lead)
+        if wait <= 0:
+            return 0.0
+        if not self.running:
+            return wait
+        if self.size > max(size for _, _, size in self.recent):
+            return 0.0
+        return max(0.0, wait - (now - self.start))
+
+    def size_rms(self) -> float:
+        """The root mean square of the recent overloads' sizes, in instances at the target."""
+        return math.sqrt(sum(size * size for _, _, size in self.recent) / len(self.recent)) if self.recent else 0.0
 
 
 class SeasonalMemory:
@@ -290,6 +385,7 @@ class Predictive:
         self.window = ScaleInWindow(settings.scale_in_window, settings.min_instances, settings.max_instances)
         self._hot_run = 0  # samples in a row at or above the hot line
         self._held = 0.0  # the raw need of the first hot sample, while unconfirmed
+        self.overloads = ShortOverloads(settings)
 
     def decide(self, obs: Observation) -> Decision:
         s = self.s
@@ -305,13 +401,17 @@ class Predictive:
             self.memory.remember(obs.now, self.estimate.down, self._spike_peak(obs, lead))
         usual_now, usual_ahead = self.memory.now_and_ahead(obs.now, lead)
         spike_ahead = self.memory.spike_ahead(obs.now, lead)
-        plan_up, planned_for, decision = self._scale_out(obs, need, jitter, lead, usual_ahead, spike_ahead)
+        if need.known and s.short_overloads > 0:
+            self.overloads.update(obs.now, need.seen, need.down, obs.capacity, lead)
+        short = self.overloads.wait(obs.now, lead) > 0
+        waiting = self.overloads.waiting(obs.now, lead) if short else 0.0
+        plan_up, planned_for, decision = self._scale_out(obs, need, jitter, lead, usual_ahead, spike_ahead, waiting)
         if decision is not None:
             return decision
-        decision = self._noise_floor(obs, need, jitter)
+        decision = None if waiting > 0 else self._noise_floor(obs, need, jitter)
         if decision is not None:
             return decision
-        return self._scale_in(obs, need, jitter, lead, plan_up - planned_for, usual_now)
+        return self._scale_in(obs, need, jitter, lead, plan_up - planned_for, usual_now, short)
 
     def _spike_peak(self, obs: Observation, lead: float) -> float:
         """What the seasonal memory keeps of this moment as a spike: the shortly averaged need when
@@ -331,9 +431,18 @@ class Predictive:
 
     # --- the scale-out plan ------------------------------------------------------------------
     def _scale_out(
-        self, obs: Observation, need: Needs, jitter: float, lead: float, usual_ahead: float, spike_ahead: float
+        self,
+        obs: Observation,
+        need: Needs,
+        jitter: float,
+        lead: float,
+        usual_ahead: float,
+        spike_ahead: float,
+        waiting: float = 0.0,
     ) -> tuple[float, float, Decision | None]:
-        """(the plan, the need it was planned from, a launch decision or None)."""
+        """(the plan, the need it was planned from, a launch decision or None). `waiting`: seconds
+        to wait out before launching for the need itself (what recent days needed is not waited
+        for)."""
         s = self.s
         cap, n = obs.capacity, obs.in_service
         hot_line = min(0.95, s.hot_ratio * s.cpu_target)
@@ -369,6 +478,9 @@ class Predictive:
             plan = self._held
         if not (need.known and (topping_up or plan > cap * (1 + s.tolerance))):
             return plan, base, None
+        if waiting > 0 and plan != expected:
+            tail = f"; not launching for {plan:.1f} yet: recent overloads ended within the {lead:g} s boot ({waiting:.0f} s to wait)"
+            return plan, base, Decision(clamp(cap, s.min_instances, s.max_instances), self._why(obs, need, tail))
         want = clamp(ceil_units(plan), s.min_instances, s.max_instances)
         if want <= cap:
             return plan, base, Decision(clamp(cap, s.min_instances, s.max_instances), "at the maximum")
@@ -402,13 +514,25 @@ class Predictive:
 
     # --- the scale-in plan -------------------------------------------------------------------
     def _scale_in(
-        self, obs: Observation, need: Needs, jitter: float, lead: float, pre_launch: float, usual_now: float
+        self,
+        obs: Observation,
+        need: Needs,
+        jitter: float,
+        lead: float,
+        pre_launch: float,
+        usual_now: float,
+        short: bool = False,
     ) -> Decision:
         """`pre_launch`: how far the scale-out plan rose above the need on what recent days needed
-        next; the scale-in plan keeps that much too, or it would hand back what was just planned."""
+        next; the scale-in plan keeps that much too, or it would hand back what was just planned.
+        `short`: recent overloads were all over within a boot time, so no launch serves them: plan
+        from the calm need between them, with a standing headroom for them, and hold the fleet
+        while one runs."""
         s = self.s
         lo, hi, cap, now = s.min_instances, s.max_instances, obs.capacity, obs.now
-        plan = self.estimate.down + max(0.0, pre_launch)
+        base = self.overloads.calm if short else self.estimate.down
+        wander = self.overloads.calm_wander if short else self.estimate.wander
+        plan = base + max(0.0, pre_launch)
         # Headroom sized from the observed burstiness: how far the need wanders from its average,
         # and the sample-to-sample jitter, which no launch can follow whatever the boot time (the
         # heavy-tailed noise that otherwise launches on every spike and hands it straight back);
@@ -417,10 +541,16 @@ class Predictive:
         # The margin and the wander's share grow with the boot time they cover (the sample jitter's
         # does not: no launch follows it, however short the boot).
         f = headroom_factor(lead)
-        headroom = max(f * s.in_margin * plan, f * s.noise_z * self.estimate.wander, s.jitter_z * jitter)
+        headroom = max(f * s.in_margin * plan, f * s.noise_z * wander, s.jitter_z * jitter)
+        if short:
+            # Bursts no launch can catch are served by what stands when they start (bench/burst_bound.py:
+            # a steady headroom loses less than a varying one of the same cost). A fraction of the calm
+            # need, so it scales with the fleet, and of the bursts' own size, so small ones get little;
+            # scaled with the boot time like the margin.
+            headroom = max(headroom, f * min(s.burst_headroom * plan, s.burst_size * self.overloads.size_rms()))
         rec = ceil_units(plan + headroom - s.in_slack)
         if s.full_z > 0:
-            rec = max(rec, ceil_units(s.cpu_target * (self.estimate.down + s.full_z * jitter)))
+            rec = max(rec, ceil_units(s.cpu_target * (base + s.full_z * jitter)))
         # Rounded down: the floor is a guard against sudden silence, not extra headroom.
         floor = int(s.floor_fraction * usual_now) if usual_now > 0 else 0
         if floor > rec:
@@ -431,6 +561,9 @@ class Predictive:
         self.window.push(now, rec)
         allowed = int(self.window.allowed(now, rec))
         desired = clamp(min(cap, allowed), lo, hi)
+        if desired < cap and short and self.overloads.running:
+            # The calm need ignores a running burst, so the fleet is held until it is over.
+            desired = cap
         if desired < cap and obs.pending and cap <= hi:
             # Never scale in while launches are pending: a launch about to serve is the worst
             # capacity to give up, and cancelling it restarts the boot clock when the load returns.
