@@ -33,6 +33,7 @@ def test_the_family_has_every_shape_on_at_least_three_seeds():
     names = [m.name for seed in synthetic.FAMILY_SEEDS for m in synthetic.family(seed)]
     assert len(names) == len(set(names)) == len(synthetic.SHAPES) * len(synthetic.FAMILY_SEEDS)
     wanted = {"short-bursts", "recurring-spikes", "recurring-bursts", "weekly", "ramps", "heavy-tail", "outage"}
+    wanted |= {"mixed-bursts"}
     assert wanted <= set(synthetic.SHAPES)
     with pytest.raises(ValueError, match="shape=nope: expected one of"):
         synthetic.member("nope", 1)
@@ -133,6 +134,24 @@ def test_an_outage_drops_demand_for_10_to_30_minutes_then_it_returns(seed):
     assert f"×{surge}" in m.description if surge > 1 else "no surge" in m.description
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_mixed_bursts_are_both_shorter_and_far_longer_than_a_boot_at_random_times(seed):
+    m = synthetic.member("mixed-bursts", seed)
+    assert m.history == DAY
+    parts = synthetic.mixed_bursts_parts(seed)
+    assert parts.demand.tobytes() == m.demand.tobytes()
+    lengths = np.array([length for _, length in parts.bursts])
+    # every boot time the bench measures (20-300 s) has bursts on both sides of it
+    assert (lengths < 20).sum() >= 5 and (lengths > 300).sum() >= 20
+    assert 0.2 <= (lengths < 90).mean() <= 0.6
+    starts = np.array([start for start, _ in parts.bursts])
+    gaps = np.diff(starts) - lengths[:-1]
+    assert gaps.min() >= 0 and gaps.std() > 0.5 * gaps.mean()  # never overlapping, irregular
+    # each burst is there in the demand: well above the load under it, for its length
+    start, length = max(parts.bursts, key=lambda b: b[1])
+    assert np.median(parts.mult[start : start + length]) >= 1.5
+
+
 def test_bursty_flags_are_what_the_goals_judge():
     flags = {m.shape: m.bursty for m in synthetic.family(1)}
     assert flags == {
@@ -143,4 +162,5 @@ def test_bursty_flags_are_what_the_goals_judge():
         "ramps": False,
         "heavy-tail": True,
         "outage": True,
+        "mixed-bursts": True,
     }

@@ -277,6 +277,33 @@ def heavy_tail(seed: int, days: float = 2.0) -> np.ndarray:
     return level * mult * spikes
 
 
+def mixed_bursts_parts(seed: int, days: float = 2.0) -> BurstParts:
+    """`mixed_bursts` taken apart (its `quiet_after` is 0: a burst may follow another at once)."""
+    rng = np.random.default_rng([seed, 8])
+    n = int(days * DAY)
+    base = 10.0 + 20.0 * _day_cycle(n, rng)
+    mult = np.ones(n)
+    bursts = []
+    rate = rng.uniform(3, 8) / HOUR
+    at = 0.0
+    while True:
+        at += rng.exponential(1 / rate)
+        length = int(np.exp(rng.uniform(np.log(15), np.log(1200))))
+        if at + length >= n:
+            break
+        _pulse(mult, int(at), length, rng.uniform(1.5, 4), int(rng.integers(3, 31)))
+        bursts.append((int(at), length))
+        at += length
+    return BurstParts(base, mult, _noise(n, rng, 0.05), bursts, 0)
+
+
+def mixed_bursts(seed: int, days: float = 2.0) -> np.ndarray:
+    """A diurnal load hit at random times (Poisson, 3-8 an hour) by bursts of ×1.5-4 whose lengths
+    are spread evenly on a log scale from 15 s to 20 min, rising over 3-30 s: short ones that no
+    launch catches mixed with long ones a launch must, so no single rule about bursts fits."""
+    return mixed_bursts_parts(seed, days).demand
+
+
 def outage(seed: int, days: float = 1.75, surge: float | None = None) -> np.ndarray:
     """A diurnal load (measured from day 1) that drops to 2% for 10-30 min at a time drawn between
     08:00 and 16:00 of day 1 (an upstream outage), then returns within a minute; with `surge` > 1
@@ -306,6 +333,7 @@ SHAPES = (
     "ramps",
     "heavy-tail",
     "outage",
+    "mixed-bursts",
 )
 
 
@@ -337,6 +365,9 @@ def member(shape: str, seed: int) -> Member:
         what = f"then a ×{surge} retry surge" if surge > 1 else "no surge"
         desc = f"drops to 2% for 10-30 min, {what}; 18 h after 1 day of history"
         return Member(name, shape, seed, desc, outage(seed), DAY, True)
+    if shape == "mixed-bursts":
+        desc = "random 15 s-20 min bursts ×1.5-4 on a diurnal load, 1 day after 1 of history"
+        return Member(name, shape, seed, desc, mixed_bursts(seed), DAY, True)
     raise ValueError(f"shape={shape}: expected one of {', '.join(SHAPES)}")
 
 
