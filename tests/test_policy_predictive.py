@@ -425,12 +425,12 @@ def test_the_wait_is_the_longest_of_the_last_overloads_when_all_ended_within_the
     assert o.wait(2000, 90) == 0  # three are not evidence enough
     overload(1800, 45)
     assert o.wait(2000, 90) == 50
-    assert o.waiting(2000, 90) == 50  # a smoothed need still up after one: wait too
+    assert o.waiting(2000, o.wait(2000, 90)) == 50  # a smoothed need still up after one: wait too
     o.update(2400, 8.0, 8.0, 4, lead=90)
     o.update(2410, 8.0, 8.0, 4, lead=90)
-    assert o.waiting(2410, 90) == 40  # 10 s into the next: 40 s more
+    assert o.waiting(2410, o.wait(2410, 90)) == 40  # 10 s into the next: 40 s more
     o.update(2411, 9.0, 9.0, 4, lead=90)  # larger than any recent one: not one of them
-    assert o.waiting(2411, 90) == 0
+    assert o.waiting(2411, o.wait(2411, 90)) == 0
     assert o.wait(2000, 45) == 0  # one of them outlasted a 45 s boot: launch at once
     assert o.wait(1845 + OVERLOAD_MEMORY + 1, 90) == 0  # the oldest is forgotten
 

@@ -234,11 +234,10 @@ class ShortOverloads:
             return 0.0
         return max(lengths)
 
-    def waiting(self, now: float, lead: float) -> float:
-        """The wait still to run before launching for the running overload, or for a smoothed need
-        still above the capacity after one (0: none). An overload larger than any of the recent
-        short ones is not one of them: it launches at once."""
-        wait = self.wait(now, lead)
+    def waiting(self, now: float, wait: float) -> float:
+        """Of `wait` (what `wait` returned), what is still to run before launching for the running
+        overload, or for a smoothed need still above the capacity after one (0: none). An overload
+        larger than any of the recent short ones is not one of them: it launches at once."""
         if wait <= 0:
             return 0.0
         if not self.running:
@@ -403,15 +402,15 @@ class Predictive:
         spike_ahead = self.memory.spike_ahead(obs.now, lead)
         if need.known and s.short_overloads > 0:
             self.overloads.update(obs.now, need.seen, need.down, obs.capacity, lead)
-        short = self.overloads.wait(obs.now, lead) > 0
-        waiting = self.overloads.waiting(obs.now, lead) if short else 0.0
+        wait = self.overloads.wait(obs.now, lead)
+        waiting = self.overloads.waiting(obs.now, wait)
         plan_up, planned_for, decision = self._scale_out(obs, need, jitter, lead, usual_ahead, spike_ahead, waiting)
         if decision is not None:
             return decision
         decision = None if waiting > 0 else self._noise_floor(obs, need, jitter)
         if decision is not None:
             return decision
-        return self._scale_in(obs, need, jitter, lead, plan_up - planned_for, usual_now, short)
+        return self._scale_in(obs, need, jitter, lead, plan_up - planned_for, usual_now, wait > 0)
 
     def _spike_peak(self, obs: Observation, lead: float) -> float:
         """What the seasonal memory keeps of this moment as a spike: the shortly averaged need when
