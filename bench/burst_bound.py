@@ -1,5 +1,6 @@
 """The least any policy can pay on bursts shorter than the boot time (issue 12 §4), for the
-synthetic family's `short-bursts` members: whether the bursty goal is reachable there at all.
+synthetic family's members made of random bursts (`short-bursts`, `mixed-bursts`): whether the
+bursty goal is reachable there at all.
 
 A burst that starts at a random time and is over before a launch asked at its first second could
 serve is met only by the capacity already standing when it starts. So give a policy every other

@@ -16,12 +16,13 @@ from controller_asg.sim.metrics import figures
 from controller_asg.sim.runner import capacity_for_peak, params_from, run_oracle
 
 
-def test_the_parts_say_where_the_bursts_are():
+@pytest.mark.parametrize("shape", sorted(bench_bursty.BOUND_SHAPES))
+def test_the_parts_say_where_the_bursts_are(shape):
     """The bound trusts `bursts` and `quiet_after`: every second above x1 is in a listed burst, and
     no burst starts within `quiet_after` seconds of the last one's end."""
     for seed in (1, 2):
-        parts = synthetic.short_bursts_parts(seed)
-        assert parts.demand.tobytes() == synthetic.member("short-bursts", seed).demand.tobytes()
+        parts = bench_bursty.BOUND_SHAPES[shape](seed)
+        assert parts.demand.tobytes() == synthetic.member(shape, seed).demand.tobytes()
         listed = np.zeros(len(parts.mult), dtype=bool)
         for start, length in parts.bursts:
             listed[start : start + length] = True
@@ -29,6 +30,18 @@ def test_the_parts_say_where_the_bursts_are():
         ends = [start + length for start, length in parts.bursts]
         starts = [start for start, _ in parts.bursts]
         assert all(nxt - end >= parts.quiet_after for end, nxt in zip(ends[:-1], starts[1:], strict=True))
+
+
+def test_the_measured_part_keeps_the_bursts_running_into_it():
+    parts = synthetic.BurstParts(np.ones(100), np.ones(100), np.ones(100), [(10, 20), (40, 30), (80, 5)], 0)
+    parts.mult[10:30] = parts.mult[40:70] = parts.mult[80:85] = 2.0
+    later = parts.after(50)
+    assert later.bursts == [(0, 20), (30, 5)]  # the one from 40 has 20 s left at 50
+    assert np.array_equal(later.demand, parts.demand[50:])
+    listed = np.zeros(50, dtype=bool)
+    for start, length in later.bursts:
+        listed[start : start + length] = True
+    assert np.array_equal(listed, later.mult > 1.0)
 
 
 def test_least_cost_reads_the_frontier_between_its_points():
@@ -39,18 +52,19 @@ def test_least_cost_reads_the_frontier_between_its_points():
     assert least_cost(pts, 0.5) is None
 
 
-@pytest.mark.parametrize("boot", [20.0, 90.0])
-def test_no_policy_the_bench_runs_beats_the_frontier(boot):
-    parts = synthetic.short_bursts_parts(1)
-    demand = parts.demand
+@pytest.mark.parametrize("key, boot", [("short-bursts/s1", 20.0), ("short-bursts/s1", 90.0), ("mixed-bursts/s1", 90.0)])
+def test_no_policy_the_bench_runs_beats_the_frontier(key, boot):
+    demand, history = bench_bursty.scenario(key)
+    shape, _, seed = key.partition("/s")
+    parts = bench_bursty.BOUND_SHAPES[shape](int(seed)).after(history)
     cfg = bench_bursty.config(boot)
-    p = params_from(cfg, capacity_for_peak(demand, bench_bursty.PEAK_INSTANCES, cfg.cpu_target), boot)
-    oracle_hours = float(run_oracle(demand, p).billed.sum()) / 3600.0
+    p = params_from(cfg, capacity_for_peak(parts.demand, bench_bursty.PEAK_INSTANCES, cfg.cpu_target), boot)
+    oracle_hours = float(run_oracle(demand, p, measure_from=history).billed.sum()) / 3600.0
     points = frontier(parts, p, oracle_hours)
     costs = [q.cost_vs_oracle for q in points]
     lost = [q.lost_pct for q in points]
     assert costs == sorted(costs) and lost == sorted(lost, reverse=True) and lost[-1] < 0.5 < lost[0]
     for name in bench_bursty.SHOWN:
-        f = figures(simulate(demand, build_policy(name, cfg), p), p, oracle_hours)
+        f = figures(simulate(demand, build_policy(name, cfg), p, measure_from=history), p, oracle_hours)
         least = least_cost(points, f.lost_pct)
         assert least is not None and least <= f.cost_vs_oracle + 1e-9, (name, f.lost_pct, f.cost_vs_oracle, least)
