@@ -165,7 +165,9 @@ class BurstParts:
     def after(self, start: int) -> BurstParts:
         """The parts from second `start` on (a member's measured part, after its history); a burst
         running at `start` keeps the rest of its length."""
-        bursts = [(max(0, at - start), length - max(0, start - at)) for at, length in self.bursts if at + length > start]
+        bursts = [
+            (max(0, at - start), length - max(0, start - at)) for at, length in self.bursts if at + length > start
+        ]
         return BurstParts(self.base[start:], self.mult[start:], self.noise[start:], bursts, self.quiet_after)
 
 
