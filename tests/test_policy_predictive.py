@@ -397,19 +397,19 @@ def test_an_overload_is_measured_against_the_capacity_it_started_at():
     """A launch does not end an overload: it lasts while the need stays above the capacity it
     started at, so its length is what a launch asked at its start would have had to outlast."""
     o = ShortOverloads(PredictiveSettings(tolerance=0.1))
-    o.update(0, 3.0, 3.0, 4, lead=90)
+    o.update(0, 3.0, 4, lead=90)
     assert not o.running
-    o.update(1, 4.3, 4.3, 4, lead=90)  # within the tolerance: 4.3 <= 4 x 1.1
+    o.update(1, 4.3, 4, lead=90)  # within the tolerance: 4.3 <= 4 x 1.1
     assert not o.running
-    o.update(2, 8.0, 8.0, 4, lead=90)
+    o.update(2, 8.0, 4, lead=90)
     assert o.running
     for t in range(3, 30):
-        o.update(t, 7.0, 7.0, 8, lead=90)  # the fleet launched to 8: still above the 4 it started at
-    o.update(30, 4.0, 4.0, 8, lead=90)
+        o.update(t, 7.0, 8, lead=90)  # the fleet launched to 8: still above the 4 it started at
+    o.update(30, 4.0, 8, lead=90)
     assert not o.running and list(o.recent) == [(30, 28, 4.0)]
     # one that outlasts the boot time is recorded as long, and the next is measured afresh
-    o.update(100, 9.0, 9.0, 8, lead=90)
-    o.update(191, 9.0, 9.0, 8, lead=90)
+    o.update(100, 9.0, 8, lead=90)
+    o.update(191, 9.0, 8, lead=90)
     assert not o.running and o.recent[-1][1] == 91
 
 
@@ -417,8 +417,8 @@ def test_the_wait_is_the_longest_of_the_last_overloads_when_all_ended_within_the
     o = ShortOverloads(PredictiveSettings(short_overloads=4))
 
     def overload(start, length, size=4.0):
-        o.update(start, 4 + size, 4 + size, 4, lead=90)
-        o.update(start + length, 3.0, 3.0, 4, lead=90)
+        o.update(start, 4 + size, 4, lead=90)
+        o.update(start + length, 3.0, 4, lead=90)
 
     for k, length in enumerate((30, 50, 40)):
         overload(600 * k, length)
@@ -426,10 +426,10 @@ def test_the_wait_is_the_longest_of_the_last_overloads_when_all_ended_within_the
     overload(1800, 45)
     assert o.wait(2000, 90) == 50
     assert o.waiting(2000, o.wait(2000, 90)) == 50  # a smoothed need still up after one: wait too
-    o.update(2400, 8.0, 8.0, 4, lead=90)
-    o.update(2410, 8.0, 8.0, 4, lead=90)
+    o.update(2400, 8.0, 4, lead=90)
+    o.update(2410, 8.0, 4, lead=90)
     assert o.waiting(2410, o.wait(2410, 90)) == 40  # 10 s into the next: 40 s more
-    o.update(2411, 9.0, 9.0, 4, lead=90)  # larger than any recent one: not one of them
+    o.update(2411, 9.0, 4, lead=90)  # larger than any recent one: not one of them
     assert o.waiting(2411, o.wait(2411, 90)) == 0
     assert o.wait(2000, 45) == 0  # one of them outlasted a 45 s boot: launch at once
     assert o.wait(1845 + OVERLOAD_MEMORY + 1, 90) == 0  # the oldest is forgotten

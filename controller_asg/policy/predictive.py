@@ -108,7 +108,8 @@ def _alpha(dt: float, tau: float) -> float:
 
 
 class NeedEstimator:
-    """The need, smoothed for each direction, and two measures of its noise."""
+    """The need, smoothed for each direction, and two measures of its noise; and the calm need,
+    the scale-in need averaged over the moments outside overloads only, with its wander."""
 
     def __init__(self, s: PredictiveSettings):
         self.s = s
@@ -117,6 +118,9 @@ class NeedEstimator:
         self.fast = -1.0  # what the measured instances see, averaged over SPIKE_SMOOTH (-1: none yet)
         self._wander_var = 0.0  # variance of the raw scale-in need around its average
         self._jitter_var = 0.0  # variance of the sample noise
+        self.calm = -1.0  # -1: not measured yet
+        self._calm_var = 0.0
+        self._calm_last = -1.0
         self._seen_before = -1.0
         self._last: float | None = None
         self._dt = -1.0
@@ -129,6 +133,23 @@ class NeedEstimator:
     @property
     def jitter(self) -> float:
         return math.sqrt(self._jitter_var)
+
+    @property
+    def calm_wander(self) -> float:
+        return math.sqrt(self._calm_var)
+
+    def update_calm(self, now: float, down: float) -> None:
+        """Take `down`, the scale-in need at a moment outside any overload, into the calm need (the
+        time since the last such moment weighs it, as `update` weighs every sample)."""
+        last = self._calm_last
+        if self.calm < 0 or now - last > RESTART_AFTER or now < last:
+            self.calm, self._calm_var = down, 0.0
+        else:
+            _, a_down, a_noise, _ = self._weights(now - last)
+            self.calm += (down - self.calm) * a_down
+            dev = down - self.calm
+            self._calm_var += (dev * dev - self._calm_var) * a_noise
+        self._calm_last = now
 
     def update(self, now: float, need: Needs) -> None:
         if self._last is None or now - self._last > RESTART_AFTER or now < self._last:
@@ -180,32 +201,22 @@ class ShortOverloads:
     fleet itself: a small burst is measured, a large one is seen as large. One that runs longer
     than the boot time is recorded as long.
 
-    Beside them, the calm need: the scale-in need averaged over the moments outside overloads, and
-    how far it wanders. Nothing here is saved: after a restart the rule is off until `keep` new
-    overloads are seen, and the policy launches for every overload as it does without it."""
+    Nothing here is saved: after a restart the rule is off until `keep` new overloads are seen,
+    and the policy launches for every overload as it does without it."""
 
     def __init__(self, s: PredictiveSettings):
         self.keep = s.short_overloads
         self.tolerance = s.tolerance
-        self.tau = s.in_smooth
-        self.wander_tau = 2 * s.scale_in_window  # as the need estimator measures its wander
         self.recent: deque[tuple[float, float, float]] = deque(maxlen=max(1, self.keep))  # (ended, length, size)
         self.start = -1.0  # when the running overload started (-1: none running)
         self.cap0 = 0  # the capacity it started at
         self.size = 0.0  # the most it asked above cap0 so far
-        self.calm = -1.0  # -1: not measured yet
-        self._calm_var = 0.0
-        self._last = -1.0
 
     @property
     def running(self) -> bool:
         return self.start >= 0
 
-    @property
-    def calm_wander(self) -> float:
-        return math.sqrt(self._calm_var)
-
-    def update(self, now: float, seen: float, down: float, cap: int, lead: float) -> None:
+    def update(self, now: float, seen: float, cap: int, lead: float) -> None:
         if not self.running:
             if seen > cap * (1 + self.tolerance):
                 self.start, self.cap0, self.size = now, cap, seen - cap
@@ -214,16 +225,6 @@ class ShortOverloads:
             self.start = -1.0
         else:
             self.size = max(self.size, seen - self.cap0)
-        if self.running:
-            return
-        if self.calm < 0 or now - self._last > RESTART_AFTER or now < self._last:
-            self.calm, self._calm_var = down, 0.0
-        else:
-            dt = now - self._last
-            self.calm += (down - self.calm) * _alpha(dt, self.tau)
-            dev = down - self.calm
-            self._calm_var += (dev * dev - self._calm_var) * _alpha(dt, self.wander_tau)
-        self._last = now
 
     def wait(self, now: float, lead: float) -> float:
         """How long an overload must last before a launch for it is worth asking: the longest of
@@ -401,7 +402,9 @@ class Predictive:
         usual_now, usual_ahead = self.memory.now_and_ahead(obs.now, lead)
         spike_ahead = self.memory.spike_ahead(obs.now, lead)
         if need.known and s.short_overloads > 0:
-            self.overloads.update(obs.now, need.seen, need.down, obs.capacity, lead)
+            self.overloads.update(obs.now, need.seen, obs.capacity, lead)
+            if not self.overloads.running:
+                self.estimate.update_calm(obs.now, need.down)
         wait = self.overloads.wait(obs.now, lead)
         waiting = self.overloads.waiting(obs.now, wait)
         plan_up, planned_for, decision = self._scale_out(obs, need, jitter, lead, usual_ahead, spike_ahead, waiting)
@@ -529,8 +532,8 @@ class Predictive:
         while one runs."""
         s = self.s
         lo, hi, cap, now = s.min_instances, s.max_instances, obs.capacity, obs.now
-        base = self.overloads.calm if short else self.estimate.down
-        wander = self.overloads.calm_wander if short else self.estimate.wander
+        base = self.estimate.calm if short else self.estimate.down
+        wander = self.estimate.calm_wander if short else self.estimate.wander
         plan = base + max(0.0, pre_launch)
         # Headroom sized from the observed burstiness: how far the need wanders from its average,
         # and the sample-to-sample jitter, which no launch can follow whatever the boot time (the
