@@ -7,6 +7,7 @@ Shapes the default policy was NOT tuned on are what the bench's "never tuned on"
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,7 +146,8 @@ def short_bursts(seed: int, hours: float = 6.0) -> np.ndarray:
 
 @dataclass
 class BurstParts:
-    """`short_bursts` taken apart: the demand is base × mult × noise."""
+    """A member made of random bursts (`short_bursts`, `mixed_bursts`) taken apart: the demand is
+    base × mult × noise."""
 
     base: np.ndarray  # the drifting level
     mult: np.ndarray  # the bursts: ×1 outside them
@@ -171,24 +173,44 @@ class BurstParts:
         return BurstParts(self.base[start:], self.mult[start:], self.noise[start:], bursts, self.quiet_after)
 
 
+def _random_bursts(
+    rng: np.random.Generator,
+    n: int,
+    rate: float,
+    first: float,
+    gap: int,
+    length_of: Callable[[], int],
+    shape_of: Callable[[], tuple[float, int]],
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """(multiplier, bursts) over `n` seconds: bursts starting at random (Poisson, `rate` a second)
+    from second `first`, at least `gap` seconds after the last one's end, each `length_of()`
+    seconds long and shaped (×amp, edge) by `shape_of()`; drawn in that order, until one would
+    run past the end."""
+    mult = np.ones(n)
+    bursts = []
+    at = first
+    while True:
+        at += rng.exponential(1 / rate)
+        length = length_of()
+        if at + length >= n:
+            break
+        amp, edge = shape_of()
+        _pulse(mult, int(at), length, amp, edge)
+        bursts.append((int(at), length))
+        at += length + gap
+    return mult, bursts
+
+
 def short_bursts_parts(seed: int, hours: float = 6.0) -> BurstParts:
     rng = np.random.default_rng([seed, 1])
     n = int(hours * HOUR)
     t = np.arange(n)
     base = 10.0 * (1 + 0.2 * np.sin(2 * np.pi * t / rng.uniform(2, 4) / HOUR + rng.uniform(0, 2 * np.pi)))
-    mult = np.ones(n)
-    bursts = []
     gap = 120  # bursts never merge into one longer than 80 s
-    rate = rng.uniform(4, 10) / HOUR
-    at = 600.0  # the first ten minutes are calm: the initial fleet is sized for them
-    while True:
-        at += rng.exponential(1 / rate)
-        length = int(rng.integers(20, 81))
-        if at + length >= n:
-            break
-        _pulse(mult, int(at), length, rng.uniform(2, 5), 3)
-        bursts.append((int(at), length))
-        at += length + gap
+    # the first ten minutes are calm: the initial fleet is sized for them
+    mult, bursts = _random_bursts(
+        rng, n, rng.uniform(4, 10) / HOUR, 600.0, gap, lambda: int(rng.integers(20, 81)), lambda: (rng.uniform(2, 5), 3)
+    )
     return BurstParts(base, mult, _noise(n, rng, 0.05), bursts, gap)
 
 
@@ -290,18 +312,15 @@ def mixed_bursts_parts(seed: int, days: float = 2.0) -> BurstParts:
     rng = np.random.default_rng([seed, 8])
     n = int(days * DAY)
     base = 10.0 + 20.0 * _day_cycle(n, rng)
-    mult = np.ones(n)
-    bursts = []
-    rate = rng.uniform(3, 8) / HOUR
-    at = 0.0
-    while True:
-        at += rng.exponential(1 / rate)
-        length = int(np.exp(rng.uniform(np.log(15), np.log(1200))))
-        if at + length >= n:
-            break
-        _pulse(mult, int(at), length, rng.uniform(1.5, 4), int(rng.integers(3, 31)))
-        bursts.append((int(at), length))
-        at += length
+    mult, bursts = _random_bursts(
+        rng,
+        n,
+        rng.uniform(3, 8) / HOUR,
+        0.0,
+        0,
+        lambda: int(np.exp(rng.uniform(np.log(15), np.log(1200)))),
+        lambda: (rng.uniform(1.5, 4), int(rng.integers(3, 31))),
+    )
     return BurstParts(base, mult, _noise(n, rng, 0.05), bursts, 0)
 
 
