@@ -17,8 +17,9 @@ whether the issue's goals hold:
 - bursty members: cost <= 1.05x the oracle with lost <= 70% of k8s-hpa's;
 - NASA: lost < 0.03% at cost <= 1.02x, with fewer actions than k8s-hpa.
 Then, for the members made of random bursts, the least cost at which any policy that cannot tell
-when the next burst starts meets the loss goal (bench/burst_bound.py). Every figure goes to bench/out/bursty.json. Simulations run in BENCH_WORKERS processes (default:
-every core); each is independent, so the figures do not depend on how many.
+when the next burst starts meets the loss goal (bench/burst_bound.py). Every figure goes to
+bench/out/bursty.json. Simulations run in BENCH_WORKERS processes (default: every core); each is
+independent, so the figures do not depend on how many.
 
     python -m bench bursty          # or: make bench BENCH_ARGS=bursty
 
@@ -264,15 +265,16 @@ def summarize(boot: float, keys: list[str], figures: dict[tuple[str, float], dic
 BOUND_SHAPES = {"short-bursts": synthetic.short_bursts_parts, "mixed-bursts": synthetic.mixed_bursts_parts}
 
 
-def bounds(figures: dict[tuple[str, float], dict[str, dict]]) -> dict[str, dict[str, dict]]:
+def bounds(figures: dict[tuple[str, float], dict[str, dict]], history: dict[str, int]) -> dict[str, dict[str, dict]]:
     """For each member made of random bursts and each boot time: the least cost at which any policy
     that does not know when the next burst starts can lose at most LOSS_GOAL of k8s-hpa's loss
-    (bench/burst_bound.py, over the measured part), beside predictive's figures."""
+    (bench/burst_bound.py, over the measured part, after the member's `history` seconds), beside
+    predictive's figures."""
     out: dict[str, dict[str, dict]] = {}
     for shape, parts_of in BOUND_SHAPES.items():
         for seed in synthetic.FAMILY_SEEDS:
             key = f"{shape}/s{seed}"
-            parts = parts_of(seed).after(scenario(key)[1])
+            parts = parts_of(seed).after(history[key])
             demand = parts.demand
             for boot in BOOTS:
                 cfg = config(boot)
@@ -367,7 +369,7 @@ def main() -> None:
         s = summary[boot]
         if s["more_lost_than_k8s_hpa"]:
             print(f"boot {boot:g} s: predictive loses more than k8s-hpa on {', '.join(s['more_lost_than_k8s_hpa'])}")
-    found = bounds(figures)
+    found = bounds(figures, {m.name: m.history for m in family})
     print(bound_table(found))
     doc = {
         "boots": list(BOOTS),
