@@ -4,13 +4,21 @@ rules. Fake clock throughout: time is in the observation."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from controller_asg.policy import build_policy, make_policy
 from controller_asg.policy.base import Observation
 from controller_asg.policy.baselines import AwsTargetTracking, K8sHpa, Limits, SeedLoop
-from controller_asg.policy.predictive import DAY, OVERLOAD_MEMORY, Predictive, PredictiveSettings, ShortOverloads
+from controller_asg.policy.predictive import (
+    DAY,
+    OVERLOAD_MEMORY,
+    Predictive,
+    PredictiveSettings,
+    SeasonalMemory,
+    ShortOverloads,
+)
 from shared.config import load_config
 
 
@@ -266,6 +274,61 @@ def test_history_launches_ahead_of_a_recurring_rise():
     t = 2 * DAY + 14 * 3600 - 60
     d = p.decide(obs(t, [0.25] * 5))
     assert d.desired >= 15 and "recent days needed" in d.reason, d
+
+
+def test_a_long_silence_keeps_the_floor_all_through():
+    # A silence is what the floor is for: minutes far below what the memory said do not count
+    # against it, or an outage would lose its floor half an hour in.
+    p = history_policy()
+    for day in range(2):
+        feed_day(p, day, lambda s: 10.0)
+    t0 = 2 * DAY + 12 * 3600
+    d = None
+    for k in range(0, 45 * 60, 5):
+        d = p.decide(obs(t0 + k, [0.0] * 10))
+    assert p.memory.trusted and d.desired >= 6, (p.memory.false_alarms, d)
+
+
+def yesterdays_bursts(s):
+    """A need of 5, and 30 for the first 4 minutes of every 10."""
+    return 30.0 if s % 600 < 240 else 5.0
+
+
+def test_one_days_bursts_that_do_not_come_back_are_no_longer_planned_for():
+    p = history_policy()
+    feed_day(p, 0, yesterdays_bursts, n=40)
+    calm = [0.25] * 10  # day 1: the need stays at 5
+    d = p.decide(obs(DAY + 540, calm))  # a minute before yesterday's 00:10 burst
+    assert d.desired >= 12 and "recent days needed" in d.reason, d  # one day is trusted at first
+    for s in range(600, 2 * 3600, 20):
+        p.decide(obs(DAY + s, calm))
+    d = p.decide(obs(DAY + 2 * 3600 + 540, calm))
+    assert not p.memory.trusted and p.memory.false_alarms > 0.3, p.memory.false_alarms
+    assert d.desired <= 10 and "recent days" not in d.reason, d
+
+
+def test_a_days_shape_that_comes_back_keeps_the_memory_trusted():
+    p = history_policy()
+    feed_day(p, 0, burst_at_two, n=40)
+    feed_day(p, 1, burst_at_two, n=40)
+    assert p.memory.trusted and p.memory.false_alarms < 0.05, p.memory.false_alarms
+
+
+def burst_at_two(s):
+    """A need of 5 with an hour at 30 from 14:00, and a slow day cycle around it."""
+    return (30.0 if 14 * 3600 <= s < 15 * 3600 else 5.0) * (1 + 0.3 * math.sin(2 * math.pi * s / DAY))
+
+
+def test_what_two_days_agree_on_is_used_whatever_the_memory_promised():
+    m = SeasonalMemory(8)
+    for day in (0, 6):
+        m.remember(day * DAY + 600, 20.0)
+    m.false_alarms = 1.0
+    assert not m.trusted
+    assert m.usual(7, 10) == 20.0  # yesterday and last week's same weekday agree
+    assert m.usual(1, 10) == -1.0  # day 0 alone
+    m.false_alarms = 0.0
+    assert m.usual(1, 10) == 20.0
 
 
 SPIKE_AT = 12 * 3600

@@ -9,7 +9,9 @@ noise-aware scale-in. Five named parts, each a small class or method below:
 - **the seasonal memory** (`SeasonalMemory`): per-minute peaks of the smoothed need for
   `history_days` days; what recent days needed at this minute, and over the next `lead` seconds.
   Beside them, per-minute peaks of a short average of the need at moments it overloaded the fleet:
-  a spike shorter than the smoothing that came back at this time on several recent days;
+  a spike shorter than the smoothing that came back at this time on several recent days. What
+  one day alone says is used only while the memory keeps its promises (`SeasonalMemory.trusted`):
+  yesterday's random bursts are no plan for today;
 - **the short-overload rule** (`ShortOverloads`): how long recent overloads lasted against the
   capacity they started at. When the last `short_overloads` all ended within the boot time, a
   launch for the next would serve after it is over: it is asked only once an overload outlasts
@@ -70,6 +72,16 @@ SPIKE_DAYS = 2
 # within HEADROOM_LEADS (the range `make bench BENCH_ARGS=bursty` measures).
 HEADROOM_POWER = 0.25
 HEADROOM_LEADS = (20.0, 300.0)
+# A claim of the seasonal memory that rests on one day is used only while the memory keeps its
+# promises: over the last PROMISE_MINUTES finished minutes (a moving average), at most
+# FALSE_ALARMS of them were ones it said would need more than (1 + OVER_PROMISE) × what they
+# did. A minute that needed less than SILENCE of what it said is a silence, which the floor is
+# there for, and is not judged. Bursts at random times fail it by the hour; a day's shape and
+# bursts that recur at about the same time keep it.
+PROMISE_MINUTES = 60.0
+FALSE_ALARMS = 0.15
+OVER_PROMISE = 0.5
+SILENCE = 0.2
 # Short overloads older than this are forgotten: a burst pattern of an hour ago says little now.
 OVERLOAD_MEMORY = 2 * 3600.0
 
@@ -265,25 +277,53 @@ class SeasonalMemory:
         self._spike_minute = -1
         self._spike_lead = -1.0
         self._spike = 0.0
+        self.false_alarms = 0.0  # the share of recent minutes the memory over-promised
+        self._minute = -1  # the minute being remembered, judged once it is over
+
+    @property
+    def trusted(self) -> bool:
+        """Whether what one day alone says is used (see FALSE_ALARMS); not saved, so a restarted
+        controller trusts its memory until it breaks its promises again."""
+        return self.false_alarms <= FALSE_ALARMS
 
     def remember(self, now: float, need: float, spike: float | None = None) -> None:
         """`need` is the smoothed need; `spike` (None: not measured) the spike peak, 0 when none."""
         day, slot = int(now // DAY), int(now % DAY // 60)
+        minute = int(now // 60)
+        if minute != self._minute:
+            if self._minute >= 0:
+                self._judge(self._minute)
+            self._minute = minute
         _raise(self.by_day, self.days, day, slot, need, -1.0)
         if spike is not None:
             _raise(self.spikes, self.days, day, slot, spike, 0.0)
 
     def usual(self, day: int, slot: int) -> float:
         """What recent days needed at this minute: the lower of yesterday's and last week's same
-        weekday peaks when both are known (weekends are quieter than weekdays), else what is known;
-        -1 when there is no history."""
+        weekday peaks when both are known (weekends are quieter than weekdays), else what is known
+        while the memory is `trusted`; -1 when there is no such history."""
+        said, days = self._said(day, slot)
+        return said if days > 1 or self.trusted else -1.0
+
+    def _said(self, day: int, slot: int) -> tuple[float, int]:
+        """(what `usual` would say trusting one day, on how many days it rests)."""
         vals = []
         for back in (1, 7):
             row = self.by_day.get(day - back)
             if row is not None and row[slot % SLOTS] >= 0:
                 # a 3-minute neighbourhood smooths the per-minute noise
                 vals.append(max(row[(slot - 1) % SLOTS], row[slot % SLOTS], row[(slot + 1) % SLOTS]))
-        return min(vals) if vals else -1.0
+        return (min(vals) if vals else -1.0), len(vals)
+
+    def _judge(self, minute: int) -> None:
+        """Score the finished `minute`: did the memory say it would need far more than it did?"""
+        day, slot = minute // SLOTS, minute % SLOTS
+        row = self.by_day.get(day)
+        said, _ = self._said(day, slot)
+        if row is None or row[slot] < 0 or said <= 0 or row[slot] < SILENCE * said:
+            return
+        alarm = 1.0 if said > (1 + OVER_PROMISE) * row[slot] else 0.0
+        self.false_alarms += (alarm - self.false_alarms) / PROMISE_MINUTES
 
     def now_and_ahead(self, now: float, lead: float) -> tuple[float, float]:
         """(usual need now, usual peak over the next `lead` seconds), cached per minute."""
