@@ -18,6 +18,8 @@ from controller_asg.policy.predictive import (
     PredictiveSettings,
     SeasonalMemory,
     ShortOverloads,
+    headroom_factor,
+    jitter_factor,
 )
 from shared.config import load_config
 
@@ -239,6 +241,12 @@ def test_scale_in_headroom_grows_with_the_observed_burstiness():
     without = settle(bursts, noise_z=0.0)
     assert without <= 6, without  # the fraction alone barely sees the bursts
     assert settle(bursts) >= without + 2, (without, settle(bursts))
+
+
+def test_the_jitter_headroom_shrinks_at_short_boots_only_and_less_than_the_margin():
+    assert jitter_factor(90) == jitter_factor(300) == jitter_factor(3600) == 1.0
+    assert headroom_factor(20) < jitter_factor(20) < jitter_factor(45) < 1.0
+    assert jitter_factor(5) == jitter_factor(20)  # held within the boot times the bench measures
 
 
 def history_policy(**kw):

@@ -26,7 +26,8 @@ noise-aware scale-in. Five named parts, each a small class or method below:
 - **the scale-in plan** (`Predictive._scale_in`): the smoothed need plus headroom, the largest of
   `noise_z` σ of its wander, `jitter_z` σ of the sample jitter (noise too fast for any launch to
   catch) and `in_margin` of the need, less `in_slack` instances of rounding slack (the margin and
-  the wander's share scaled by the boot time planned for, `headroom_factor`); only to the
+  the wander's share scaled by the boot time planned for, `headroom_factor`, the jitter's only
+  below a 90 s boot, `jitter_factor`); only to the
   highest such recommendation of the last `hold_leads` boot times (at most `scale_in_window`
   seconds: a short boot relaunches cheaply, so it holds capacity for less long); never
   below `floor_fraction` of what recent days needed at this minute (a sudden silence does not
@@ -390,6 +391,14 @@ def headroom_factor(lead: float) -> float:
     return (min(HEADROOM_LEADS[1], max(HEADROOM_LEADS[0], lead)) / DEFAULT_LEAD) ** HEADROOM_POWER
 
 
+def jitter_factor(lead: float) -> float:
+    """How the sample jitter's share of the scale-in headroom (tuned at a 90 s boot) scales with the
+    boot time planned for: as the square root of `headroom_factor` below DEFAULT_LEAD, not at all
+    above it. A launch that serves in 20 s follows a run of noisy seconds the standing headroom
+    would otherwise have to hold; no launch follows noise that fast, however long the boot."""
+    return math.sqrt(min(1.0, headroom_factor(lead)))
+
+
 def _raise(rows: dict[int, list[float]], days: int, day: int, slot: int, value: float, unseen: float) -> None:
     """Raise `rows[day][slot]` to `value`, starting the day's row (and forgetting days older than
     `days`) at its first value."""
@@ -580,10 +589,10 @@ class Predictive:
         # heavy-tailed noise that otherwise launches on every spike and hands it straight back);
         # or a fixed fraction of the need when the load is smooth (the hysteresis that stops a calm
         # fleet flapping). The largest, not the sum.
-        # The margin and the wander's share grow with the boot time they cover (the sample jitter's
-        # does not: no launch follows it, however short the boot).
+        # The margin and the wander's share grow with the boot time they cover; the sample jitter's
+        # only shrinks, and less, at short boots (`jitter_factor`).
         f = headroom_factor(lead)
-        headroom = max(f * s.in_margin * plan, f * s.noise_z * wander, s.jitter_z * jitter)
+        headroom = max(f * s.in_margin * plan, f * s.noise_z * wander, jitter_factor(lead) * s.jitter_z * jitter)
         if short:
             # Bursts no launch can catch are served by what stands when they start (bench/burst_bound.py:
             # a steady headroom loses less than a varying one of the same cost). A fraction of the calm
