@@ -313,6 +313,12 @@ def test_one_days_bursts_that_do_not_come_back_are_no_longer_planned_for():
     d = p.decide(obs(DAY + 2 * 3600 + 540, calm))
     assert not p.memory.trusted and p.memory.false_alarms > 0.3, p.memory.false_alarms
     assert d.desired <= 10 and "recent days" not in d.reason, d
+    assert p.memory.usual(1, 130) < 6, p.memory.usual(1, 130)  # yesterday's calm level, not its burst
+
+
+def burst_at_two(s):
+    """A need of 5 with an hour at 30 from 14:00, and a slow day cycle around it."""
+    return (30.0 if 14 * 3600 <= s < 15 * 3600 else 5.0) * (1 + 0.3 * math.sin(2 * math.pi * s / DAY))
 
 
 def test_a_days_shape_that_comes_back_keeps_the_memory_trusted():
@@ -322,21 +328,21 @@ def test_a_days_shape_that_comes_back_keeps_the_memory_trusted():
     assert p.memory.trusted and p.memory.false_alarms < 0.05, p.memory.false_alarms
 
 
-def burst_at_two(s):
-    """A need of 5 with an hour at 30 from 14:00, and a slow day cycle around it."""
-    return (30.0 if 14 * 3600 <= s < 15 * 3600 else 5.0) * (1 + 0.3 * math.sin(2 * math.pi * s / DAY))
-
-
 def test_what_two_days_agree_on_is_used_whatever_the_memory_promised():
     m = SeasonalMemory(8)
     for day in (0, 6):
-        m.remember(day * DAY + 600, 20.0)
+        for minute in range(40):
+            m.remember(day * DAY + minute * 60, 20.0 if minute == 10 else 5.0)
     m.false_alarms = 1.0
     assert not m.trusted
     assert m.usual(7, 10) == 20.0  # yesterday and last week's same weekday agree
-    assert m.usual(1, 10) == -1.0  # day 0 alone
+    assert m.usual(1, 10) == 5.0  # day 0 alone: its calm level around 00:10, not its burst
     m.false_alarms = 0.0
     assert m.usual(1, 10) == 20.0
+    m.remember(12 * DAY + 100 * 60, 5.0)  # day 12 is seen, but not around 00:10
+    m.false_alarms = 1.0
+    assert m.usual(13, 10) == 5.0  # so day 13 rests on day 6 alone: its calm level
+    assert m.usual(14, 10) == -1.0  # day 7 was never seen, nor day 13
 
 
 SPIKE_AT = 12 * 3600

@@ -10,8 +10,9 @@ noise-aware scale-in. Five named parts, each a small class or method below:
   `history_days` days; what recent days needed at this minute, and over the next `lead` seconds.
   Beside them, per-minute peaks of a short average of the need at moments it overloaded the fleet:
   a spike shorter than the smoothing that came back at this time on several recent days. What
-  one day alone says is used only while the memory keeps its promises (`SeasonalMemory.trusted`):
-  yesterday's random bursts are no plan for today;
+  one day alone says is taken minute by minute only while the memory keeps its promises
+  (`SeasonalMemory.trusted`), else as that day's calm level: yesterday's random bursts are no plan
+  for today, its shape is;
 - **the short-overload rule** (`ShortOverloads`): how long recent overloads lasted against the
   capacity they started at. When the last `short_overloads` all ended within the boot time, a
   launch for the next would serve after it is over: it is asked only once an overload outlasts
@@ -77,12 +78,16 @@ HEADROOM_LEADS = (20.0, 300.0)
 # promises: over the last PROMISE_MINUTES finished minutes (a moving average), at most
 # FALSE_ALARMS of them were ones it said would need more than (1 + OVER_PROMISE) × what they
 # did. A minute that needed less than SILENCE of what it said is a silence, which the floor is
-# there for, and is not judged. Bursts at random times fail it by the hour; a day's shape and
-# bursts that recur at about the same time keep it.
+# there for, and is not judged. Bursts at random times fail it by the hour, and so does real web
+# traffic's minute-to-minute bursts; a smooth day's shape and bursts that recur at about the same
+# time keep it. Untrusted, one day says its calm level: the lowest of its peaks within
+# CALM_MINUTES either side (the day's shape without its bursts, which still guards against a
+# silence and plans for a slow daily rise).
 PROMISE_MINUTES = 60.0
 FALSE_ALARMS = 0.15
 OVER_PROMISE = 0.5
 SILENCE = 0.2
+CALM_MINUTES = 15
 # Short overloads older than this are forgotten: a burst pattern of an hour ago says little now.
 OVERLOAD_MEMORY = 2 * 3600.0
 
@@ -283,8 +288,8 @@ class SeasonalMemory:
 
     @property
     def trusted(self) -> bool:
-        """Whether what one day alone says is used (see FALSE_ALARMS); not saved, so a restarted
-        controller trusts its memory until it breaks its promises again."""
+        """Whether what one day alone says is taken minute by minute (see FALSE_ALARMS); not saved,
+        so a restarted controller trusts its memory until it breaks its promises again."""
         return self.false_alarms <= FALSE_ALARMS
 
     def remember(self, now: float, need: float, spike: float | None = None) -> None:
@@ -302,9 +307,15 @@ class SeasonalMemory:
     def usual(self, day: int, slot: int) -> float:
         """What recent days needed at this minute: the lower of yesterday's and last week's same
         weekday peaks when both are known (weekends are quieter than weekdays), else what is known
-        while the memory is `trusted`; -1 when there is no such history."""
+        while the memory is `trusted`, or that day's calm level when it is not; -1 when there is no
+        history."""
         said, days = self._said(day, slot)
-        return said if days > 1 or self.trusted else -1.0
+        if days != 1 or self.trusted:
+            return said
+        rows = (self.by_day.get(day - back) for back in (1, 7))
+        row = next(r for r in rows if r is not None and r[slot % SLOTS] >= 0)
+        near = [row[(slot + k) % SLOTS] for k in range(-CALM_MINUTES, CALM_MINUTES + 1)]
+        return min(v for v in near if v >= 0)  # the minute itself is among them
 
     def _said(self, day: int, slot: int) -> tuple[float, int]:
         """(what `usual` would say trusting one day, on how many days it rests)."""
