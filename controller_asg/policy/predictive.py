@@ -309,23 +309,22 @@ class SeasonalMemory:
         weekday peaks when both are known (weekends are quieter than weekdays), else what is known
         while the memory is `trusted`, or that day's calm level when it is not; -1 when there is no
         history."""
-        said, days = self._said(day, slot)
-        if days != 1 or self.trusted:
+        said, rows = self._said(day, slot)
+        if len(rows) != 1 or self.trusted:
             return said
-        rows = (self.by_day.get(day - back) for back in (1, 7))
-        row = next(r for r in rows if r is not None and r[slot % SLOTS] >= 0)
-        near = [row[(slot + k) % SLOTS] for k in range(-CALM_MINUTES, CALM_MINUTES + 1)]
+        near = [rows[0][(slot + k) % SLOTS] for k in range(-CALM_MINUTES, CALM_MINUTES + 1)]
         return min(v for v in near if v >= 0)  # the minute itself is among them
 
-    def _said(self, day: int, slot: int) -> tuple[float, int]:
-        """(what `usual` would say trusting one day, on how many days it rests)."""
-        vals = []
+    def _said(self, day: int, slot: int) -> tuple[float, list[list[float]]]:
+        """(what `usual` would say trusting one day, the days' rows it rests on)."""
+        vals, rows = [], []
         for back in (1, 7):
             row = self.by_day.get(day - back)
             if row is not None and row[slot % SLOTS] >= 0:
                 # a 3-minute neighbourhood smooths the per-minute noise
                 vals.append(max(row[(slot - 1) % SLOTS], row[slot % SLOTS], row[(slot + 1) % SLOTS]))
-        return (min(vals) if vals else -1.0), len(vals)
+                rows.append(row)
+        return (min(vals) if vals else -1.0), rows
 
     def _judge(self, minute: int) -> None:
         """Score the finished `minute`: did the memory say it would need far more than it did?"""
