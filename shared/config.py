@@ -869,7 +869,8 @@ class Config:
     scale_in_window: float = setting(
         "HELIX_SCALE_IN_WINDOW",
         "300",
-        "Scale in only to the highest recommendation of this many seconds.",
+        "Scale in only to the highest recommendation of this many seconds (`predictive` holds at most this"
+        " long: less at short boot times, and one boot time while what it holds is not needed again).",
         number(0, 86400, unit="seconds"),
         group="controller",
     )

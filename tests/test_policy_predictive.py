@@ -17,6 +17,7 @@ from controller_asg.policy.predictive import (
     Predictive,
     PredictiveSettings,
     SeasonalMemory,
+    HoldRecord,
     ShortOverloads,
     headroom_factor,
     jitter_factor,
@@ -558,3 +559,60 @@ def test_a_sustained_rise_after_short_bursts_launches_within_the_wait():
         if t >= start and asked is None and d.desired > fleet.serving:
             asked = t - start
     assert asked is not None and asked <= 45, asked
+
+
+def test_the_hold_record_counts_held_capacity_that_came_back_and_capacity_let_go():
+    r = HoldRecord()
+    for t in range(10):
+        r.update(t, 10.0, full=100)
+    for t in range(10, 50):
+        r.update(t, 4.0, full=100)  # held at 10
+    assert r.released == 0 and r.back == 0
+    r.update(50, 8.0, full=100)  # rises within the hold: 4 of the 6 held came back
+    assert r.back == pytest.approx(4, rel=0.01)
+    for t in range(51, 200):
+        r.update(t, 4.0, full=100)
+    # the hold lets the rest go when the 10 leaves it, then the 8: 2 + 4 released unused
+    assert r.released == pytest.approx(6, rel=0.05)
+    assert r.pays  # too little released to judge
+
+
+def isolated_bursts(**kw):
+    """3 hours of a calm need of 3 instances hit every 30 minutes by a 4-minute burst to 9, at a
+    90 s boot with a 300 s hold: (seconds from each burst's end until the fleet is back to 5 or
+    fewer, the policy)."""
+    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90, scale_in_window=300, **kw))
+    fleet = Fleet(p, n=4, boot=90)
+    released, ended = [], None
+    for t in range(3 * 3600):
+        phase = t % 1800
+        fleet.step(t, (9.0 if 100 <= phase < 340 else 3.0) * 0.5)
+        if phase == 340:
+            ended = t
+        if ended is not None and fleet.serving + len(fleet.pending) <= 5:
+            released.append(t - ended)
+            ended = None
+    return released, p
+
+
+def test_the_hold_is_cut_to_a_boot_time_once_held_capacity_stops_coming_back():
+    released, p = isolated_bursts()
+    assert len(released) == 6, released
+    # The first bursts are held in full: nothing has been judged yet.
+    assert min(released[:2]) >= 400, released
+    # After them the hold is seen not to pay: the fleet is back to its calm size 150 s sooner.
+    assert not p.hold_record.pays
+    assert max(released[-3:]) <= 300, released
+    assert p.window.window == 90
+
+
+def test_load_that_comes_back_within_the_hold_keeps_it_whole():
+    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90, scale_in_window=300))
+    fleet = Fleet(p, n=4, boot=90)
+    lowest = 99
+    for t in range(2 * 3600):
+        fleet.step(t, (9.0 if t % 240 < 120 else 3.0) * 0.5)  # a need of 9 for 2 minutes in every 4
+        if t >= 3600:
+            lowest = min(lowest, fleet.serving + len(fleet.pending))
+    assert p.hold_record.pays and p.window.window == 300
+    assert lowest >= 8, lowest  # the fleet stays sized for the need that keeps coming back

@@ -1,5 +1,5 @@
 """`predictive` (the default): target tracking with a memory of recent days and a patient,
-noise-aware scale-in. Five named parts, each a small class or method below:
+noise-aware scale-in. Six named parts, each a small class or method below:
 
 - **the need estimator** (`NeedEstimator`): the need R = in_service × mean CPU / target (the
   `target` formula, in instances at the target, under the conservative rules of
@@ -30,11 +30,15 @@ noise-aware scale-in. Five named parts, each a small class or method below:
   the wander's share scaled by the boot time planned for, `headroom_factor`, the jitter's only
   below a 90 s boot, `jitter_factor`); only to the
   highest such recommendation of the last `hold_leads` boot times (at most `scale_in_window`
-  seconds: a short boot relaunches cheaply, so it holds capacity for less long); never
+  seconds: a short boot relaunches cheaply, so it holds capacity for less long), or of the last
+  boot time alone while the hold does not pay (below); never
   below `floor_fraction` of what recent days needed at this minute (a sudden silence does not
   throw away capacity that returns with the traffic); never while launches are pending. While
   overloads are short it plans from the calm need between them, plus `burst_headroom` of it (at
-  most their measured size), and holds the fleet while one runs.
+  most their measured size), and holds the fleet while one runs;
+- **the hold record** (`HoldRecord`): whether the capacity the scale-in hold keeps is needed again
+  before the hold lets it go, at least as often as it is let go unused. Load that returns keeps the
+  whole hold; bursts that end and stay gone cut it to a boot time (at least `in_smooth`).
 
 With no history it is smoothed target tracking with a hot fast path. The history is what
 `export_state` returns, so it survives a controller restart. Why each part is shaped as it is,
@@ -50,7 +54,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from controller_asg.policy.base import Decision, Observation
-from controller_asg.policy.common import Needs, ScaleInWindow, ceil_units, clamp, describe, needs, no_metrics
+from controller_asg.policy.common import (
+    Needs,
+    ScaleInWindow,
+    WindowMax,
+    ceil_units,
+    clamp,
+    describe,
+    needs,
+    no_metrics,
+)
 
 DAY = 86400
 SLOTS = 1440  # one-minute slots per day
@@ -90,6 +103,16 @@ SILENCE = 0.2
 CALM_MINUTES = 15
 # Short overloads older than this are forgotten: a burst pattern of an hour ago says little now.
 OVERLOAD_MEMORY = 2 * 3600.0
+# The scale-in hold keeps the highest recommendation of its last seconds: it pays when what it keeps
+# is needed again before it would let it go. Over the last HOLD_MEMORY seconds (a decaying sum) the
+# hold record counts the instances a rising recommendation found still held (they came back) and
+# those the hold released unused. While fewer come back than are released, and at least
+# HOLD_EVIDENCE have been released, the hold is cut to a boot time (at least the scale-in
+# average's own time): random bursts end and stay gone, and capacity held after one is a headroom
+# that stands only after bursts, which costs more than the same headroom standing always
+# (bench/burst_bound.py). Load that returns, as real web traffic does, keeps the whole hold.
+HOLD_MEMORY = 2 * 3600.0
+HOLD_EVIDENCE = 10.0
 
 
 @dataclass
@@ -270,6 +293,37 @@ class ShortOverloads:
         return math.sqrt(sum(size * size for _, _, size in self.recent) / len(self.recent)) if self.recent else 0.0
 
 
+class HoldRecord:
+    """Whether the scale-in hold pays: of the capacity a hold of `full` seconds kept above the
+    recommendation, how much was needed again before the hold let it go (see HOLD_MEMORY). It
+    follows the recommendations through a hold of its own, so it judges the whole hold whatever
+    hold the policy uses. Nothing here is saved: a restarted controller holds in full until it has
+    seen HOLD_EVIDENCE instances released."""
+
+    def __init__(self) -> None:
+        self._held = WindowMax(0.0)
+        self.back = 0.0  # instances a rising recommendation found still held (decaying sum)
+        self.released = 0.0  # instances the hold let go unused (decaying sum)
+        self._last = -1.0
+        self._rec = 0.0
+        self._level = 0.0  # what the hold kept at the last update
+
+    @property
+    def pays(self) -> bool:
+        return self.released < HOLD_EVIDENCE or self.back >= self.released
+
+    def update(self, now: float, rec: float, full: float) -> None:
+        """`rec`: this moment's scale-in recommendation; `full`: the whole hold, in seconds."""
+        self._held.window = full
+        self._held.push(now, rec)
+        level = self._held.max(now, rec)
+        if self._last >= 0 and 0 <= now - self._last <= RESTART_AFTER:
+            keep = math.exp(-(now - self._last) / HOLD_MEMORY)
+            self.back = self.back * keep + max(0.0, min(rec, self._level) - self._rec)
+            self.released = self.released * keep + max(0.0, self._level - level)
+        self._last, self._rec, self._level = now, rec, level
+
+
 class SeasonalMemory:
     """Per-minute peaks of the smoothed need, and of the spikes, for the last `days` days."""
 
@@ -445,6 +499,7 @@ class Predictive:
         self._hot_run = 0  # samples in a row at or above the hot line
         self._held = 0.0  # the raw need of the first hot sample, while unconfirmed
         self.overloads = ShortOverloads(settings)
+        self.hold_record = HoldRecord()
 
     def decide(self, obs: Observation) -> Decision:
         s = self.s
@@ -617,8 +672,10 @@ class Predictive:
         if floor > rec:
             rec = floor
         rec = clamp(rec, lo, hi)
-        if s.hold_leads > 0:
-            self.window.hold(min(s.scale_in_window, s.hold_leads * lead))
+        full = min(s.scale_in_window, s.hold_leads * lead) if s.hold_leads > 0 else s.scale_in_window
+        self.hold_record.update(now, rec, full)
+        held_in_full = self.hold_record.pays
+        self.window.hold(full if held_in_full else min(full, max(lead, s.in_smooth)))
         self.window.push(now, rec)
         allowed = int(self.window.allowed(now, rec))
         desired = clamp(min(cap, allowed), lo, hi)
@@ -638,6 +695,10 @@ class Predictive:
         if desired > cap:
             return Decision(desired, f"keep within [{lo}, {hi}]")
         season = f" (recent days needed {usual_now:.1f} now)" if allowed == floor else ""
+        if not held_in_full:
+            season += (
+                f"; held {self.window.window:g} s, not {full:g}: held capacity came back less often than it was let go"
+            )
         return Decision(
             desired,
             self._why(obs, need, f"; the highest need of the last {self.window.window:g} s is {allowed}{season}"),
