@@ -14,10 +14,10 @@ from controller_asg.policy.baselines import AwsTargetTracking, K8sHpa, Limits, S
 from controller_asg.policy.predictive import (
     DAY,
     OVERLOAD_MEMORY,
+    HoldRecord,
     Predictive,
     PredictiveSettings,
     SeasonalMemory,
-    HoldRecord,
     ShortOverloads,
     headroom_factor,
     jitter_factor,
