@@ -4,21 +4,28 @@ bursty goal is reachable there at all.
 
 A burst that starts at a random time and is over before a launch asked at its first second could
 serve is met only by the capacity already standing when it starts. So give a policy every other
-advantage. `BaseAware(h)`:
+advantage. `BaseAware`:
 - knows the calm load (the member without its bursts) ahead, and keeps the oracle's supply for it
-  plus h instances (h < 0: it runs the calm load hotter than the target, cheaper than the oracle);
+  plus a headroom: h instances (`kind` "instances"; h < 0 runs the calm load hotter than the
+  target, cheaper than the oracle), or the oracle's supply for the calm load × (1 + h) (`kind`
+  "share");
 - sees a burst's whole size and length at its first second; when the burst outlasts the boot time
-  it launches exactly what the burst needs then (billed from then, serving a boot time later) and
-  terminates it at the burst's end;
+  by at least `serve` seconds it launches exactly what the burst needs then (billed from then,
+  serving a boot time later) and terminates it at the burst's end. (A launch for a burst barely
+  longer than the boot pays for all of it and serves a few seconds: whether that is worth it
+  depends on the loss the cost buys, so every `serve` in SERVES is a point of its own.)
 - keeps no headroom in the seconds after a burst in which the generator never starts another.
 It loses only requests above its standing capacity, in the first boot time of each burst.
 
 Bursts start as a Poisson process (the same chance every second outside those quiet seconds), and
-a burst's loss is convex and decreasing in the standing capacity, so a headroom that varies over
-time loses more than a constant one of the same mean (Jensen). The (cost, lost) points over integer
-h, joined by straight lines (alternating two headrooms), are the frontier: no policy that does not
-know when the next burst starts does better. `least_cost` reads off the cheapest point that loses
-no more than a given share; the bench prints it beside the goal.
+a burst's loss is convex and decreasing in the standing capacity, so a headroom that varies at
+random loses more than a steady one of the same mean (Jensen). Steady in what? A burst multiplies
+the calm load, so on a load that drifts (mixed-bursts' day) the loss a headroom saves scales with
+the load under it: a headroom in proportion to the calm load beats the same mean in instances, and
+the frontier has both kinds. Its points, joined by straight lines (alternating two headrooms) along
+their lower convex hull, are the frontier: no policy that does not know when the next burst starts
+does better. `least_cost` reads off the cheapest point that loses no more than a given share; the
+bench prints it beside the goal.
 """
 
 from __future__ import annotations
@@ -31,54 +38,106 @@ from controller_asg.sim.fleet import FleetParams, required
 from controller_asg.sim.oracle import forward_max
 from controller_asg.sim.synthetic import BurstParts
 
-HEADROOMS = range(-4, 13)
+HEADROOMS = range(-4, 13)  # instances over the calm load's supply
+SHARES = [k / 20 for k in range(-6, 21)]  # or this share of it: -30% to +100%
+SERVES = (0, 30, 60, 120, 240)  # seconds a launch must serve of a burst before it is asked
 
 
 @dataclass
 class Point:
-    headroom: int
+    headroom: float
     cost_vs_oracle: float
     lost_pct: float
+    kind: str = "instances"  # or "share": headroom × the calm load's supply
+    serve: int = 0
 
 
 def frontier(parts: BurstParts, p: FleetParams, oracle_hours: float) -> list[Point]:
-    """BaseAware(h) for every h in HEADROOMS on the member `parts`, with `p`'s boot time, min and
-    max, capacity and target; cost relative to the oracle's `oracle_hours`."""
+    """BaseAware for every headroom in HEADROOMS and SHARES and every `serve` in SERVES on the member
+    `parts`, with `p`'s boot time, min and max, capacity and target; cost relative to the oracle's
+    `oracle_hours`."""
     demand = parts.demand
     boot = int(np.ceil(p.boot_time))
+    calm_need = parts.base / (p.capacity * p.target)  # without its noise, which the target absorbs
     calm_supply = forward_max(required(parts.calm, p), boot)
     need = required(demand, p)
     quiet = np.zeros(len(demand), dtype=bool)
     for start, length in parts.bursts:
         quiet[start + length : start + length + parts.quiet_after] = True
-    points = []
+
+    def supply(share: float) -> np.ndarray:
+        scaled = np.maximum(p.min_instances, np.ceil(calm_need * (1 + share) - 1e-9)).astype(np.int64)
+        return forward_max(scaled, boot)
+
+    standings: list[tuple[float, str, np.ndarray]] = []
     for h in HEADROOMS:
-        standing = np.clip(calm_supply + np.where(quiet, min(h, 0), h), p.min_instances, p.max_instances)
-        serving = standing.astype(float)
-        billed = standing.astype(float)
-        for start, length in parts.bursts:
-            if length <= boot:
-                continue  # over before a launch could serve: nothing to launch for
-            end = start + length
-            extra = max(0, int(need[start:end].max()) - int(standing[start]))
-            billed[start:end] += extra
-            serving[start + boot : end] += extra
-        lost = np.maximum(0.0, demand - serving * p.capacity).sum() / demand.sum() * 100
-        points.append(Point(h, float(billed.sum()) / 3600 / oracle_hours, float(lost)))
-    return points
+        standings.append((float(h), "instances", calm_supply + np.where(quiet, min(h, 0), h)))
+    for k in SHARES:
+        standings.append((k, "share", np.where(quiet, supply(min(k, 0.0)), supply(k))))
+    return [
+        _point(headroom, kind, serve, standing, parts, p, need, boot, oracle_hours)
+        for headroom, kind, standing in standings
+        for serve in SERVES
+    ]
+
+
+def _point(
+    headroom: float,
+    kind: str,
+    serve: int,
+    standing: np.ndarray,
+    parts: BurstParts,
+    p: FleetParams,
+    need: np.ndarray,
+    boot: int,
+    oracle_hours: float,
+) -> Point:
+    demand = parts.demand
+    standing = np.clip(standing, p.min_instances, p.max_instances)
+    serving = standing.astype(float)
+    billed = standing.astype(float)
+    for start, length in parts.bursts:
+        if length <= boot + serve:
+            continue  # over before a launch could serve `serve` seconds of it: nothing launched
+        end = start + length
+        extra = max(0, int(need[start:end].max()) - int(standing[start]))
+        billed[start:end] += extra
+        serving[start + boot : end] += extra
+    lost = np.maximum(0.0, demand - serving * p.capacity).sum() / demand.sum() * 100
+    return Point(headroom, float(billed.sum()) / 3600 / oracle_hours, float(lost), kind, serve)
+
+
+def hull(points: list[Point]) -> list[Point]:
+    """The lower convex hull of the (cost, lost) points, cheapest first: every mix of two headrooms
+    (alternating them) lies on or above it, and no point lies below it."""
+    out: list[Point] = []
+    for q in sorted(points, key=lambda q: (q.cost_vs_oracle, q.lost_pct)):
+        if out and q.lost_pct >= out[-1].lost_pct:
+            continue  # costs no less and loses no less than one already on it
+        while len(out) >= 2:
+            a, b = out[-2], out[-1]
+            # b is above the line from a to q: mixing a and q does better than b
+            cross = (b.cost_vs_oracle - a.cost_vs_oracle) * (q.lost_pct - a.lost_pct) - (b.lost_pct - a.lost_pct) * (
+                q.cost_vs_oracle - a.cost_vs_oracle
+            )
+            if cross > 0:
+                break
+            out.pop()
+        out.append(q)
+    return out
 
 
 def least_cost(points: list[Point], lost_pct: float) -> float | None:
-    """The least cost on the frontier at which at most `lost_pct` is lost (None: not within
-    HEADROOMS). More headroom costs more and loses less; between two headrooms the frontier is the
-    straight line of alternating them."""
-    pts = sorted(points, key=lambda q: q.headroom)
+    """The least cost on the frontier at which at most `lost_pct` is lost (None: no headroom
+    measured loses that little). Between two points of the hull the frontier is the straight line
+    of alternating them."""
+    pts = hull(points)
     for i, point in enumerate(pts):
         if point.lost_pct > lost_pct:
             continue
-        before = pts[i - 1] if i else None
-        if before is None or before.lost_pct == point.lost_pct:
+        if i == 0:
             return point.cost_vs_oracle
+        before = pts[i - 1]
         share = (before.lost_pct - lost_pct) / (before.lost_pct - point.lost_pct)
         return before.cost_vs_oracle + share * (point.cost_vs_oracle - before.cost_vs_oracle)
     return None

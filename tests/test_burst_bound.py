@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench import bench_bursty
-from bench.burst_bound import Point, frontier, least_cost
+from bench import bench_bursty, burst_bound
+from bench.burst_bound import Point, frontier, hull, least_cost
 from controller_asg.policy import build_policy
 from controller_asg.sim import synthetic
 from controller_asg.sim.fleet import simulate
@@ -52,6 +52,25 @@ def test_least_cost_reads_the_frontier_between_its_points():
     assert least_cost(pts, 0.5) is None
 
 
+def test_the_frontier_is_the_lower_hull_of_both_kinds_of_headroom():
+    pts = [
+        Point(0, 1.0, 4.0),
+        Point(1, 1.2, 2.0),
+        Point(2, 1.4, 1.0),
+        Point(0.1, 1.1, 2.5, "share"),  # below the line from 1.0 to 1.2: on the hull
+        Point(0.3, 1.3, 1.8, "share"),  # above the line from 1.2 to 1.4: never worth it
+        Point(0.4, 1.5, 1.0, "share"),  # costs more than a point that loses as little
+    ]
+    assert [(q.kind, q.headroom) for q in hull(pts)] == [
+        ("instances", 0),
+        ("share", 0.1),
+        ("instances", 1),
+        ("instances", 2),
+    ]
+    assert least_cost(pts, 2.5) == pytest.approx(1.1)
+    assert least_cost(pts, 3.25) == pytest.approx(1.05)
+
+
 @pytest.mark.parametrize("key, boot", [("short-bursts/s1", 20.0), ("short-bursts/s1", 90.0), ("mixed-bursts/s1", 90.0)])
 def test_no_policy_the_bench_runs_beats_the_frontier(key, boot):
     demand, history = bench_bursty.scenario(key)
@@ -61,9 +80,13 @@ def test_no_policy_the_bench_runs_beats_the_frontier(key, boot):
     p = params_from(cfg, capacity_for_peak(parts.demand, bench_bursty.PEAK_INSTANCES, cfg.cpu_target), boot)
     oracle_hours = float(run_oracle(demand, p, measure_from=history).billed.sum()) / 3600.0
     points = frontier(parts, p, oracle_hours)
-    costs = [q.cost_vs_oracle for q in points]
-    lost = [q.lost_pct for q in points]
-    assert costs == sorted(costs) and lost == sorted(lost, reverse=True) and lost[-1] < 0.5 < lost[0]
+    for kind in ("instances", "share"):
+        for serve in burst_bound.SERVES:
+            costs = [q.cost_vs_oracle for q in points if q.kind == kind and q.serve == serve]
+            lost = [q.lost_pct for q in points if q.kind == kind and q.serve == serve]
+            assert costs == sorted(costs) and lost == sorted(lost, reverse=True), (kind, serve)
+    # the headrooms swept reach from far too little to enough
+    assert min(q.lost_pct for q in points) < 0.5 < max(q.lost_pct for q in points)
     for name in bench_bursty.SHOWN:
         f = figures(simulate(demand, build_policy(name, cfg), p, measure_from=history), p, oracle_hours)
         least = least_cost(points, f.lost_pct)
