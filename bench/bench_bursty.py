@@ -16,7 +16,7 @@ summary: on how many members predictive loses fewer requests and costs less than
 whether the issue's goals hold:
 - bursty members: cost <= 1.05x the oracle with lost <= 70% of k8s-hpa's;
 - NASA: lost < 0.03% at cost <= 1.02x, with fewer actions than k8s-hpa.
-Then, for the members made of random bursts, the least cost at which any policy that cannot tell
+Then, for the members made of random bursts, the least cost at which a policy that cannot tell
 when the next burst starts meets the loss goal (bench/burst_bound.py). Every figure goes to
 bench/out/bursty.json. Simulations run in BENCH_WORKERS processes (default: every core); each is
 independent, so the figures do not depend on how many.
@@ -266,7 +266,7 @@ BOUND_SHAPES = {"short-bursts": synthetic.short_bursts_parts, "mixed-bursts": sy
 
 
 def bounds(figures: dict[tuple[str, float], dict[str, dict]], history: dict[str, int]) -> dict[str, dict[str, dict]]:
-    """For each member made of random bursts and each boot time: the least cost at which any policy
+    """For each member made of random bursts and each boot time: the least cost at which a policy
     that does not know when the next burst starts can lose at most LOSS_GOAL of k8s-hpa's loss
     (bench/burst_bound.py, over the measured part, after the member's `history` seconds), beside
     predictive's figures."""
@@ -295,7 +295,7 @@ def bounds(figures: dict[tuple[str, float], dict[str, dict]], history: dict[str,
 
 def bound_table(found: dict[str, dict[str, dict]]) -> str:
     lines = [
-        "\nrandom bursts: the least cost at which ANY policy that cannot tell when the next burst starts"
+        "\nrandom bursts: the least cost at which a policy that cannot tell when the next burst starts"
         f" loses <= {LOSS_GOAL:.0%} of k8s-hpa's (bench/burst_bound.py), beside predictive (lost %, cost)",
         f"{'member':<18}" + "".join(f"{f'{b:g} s':>26}" for b in BOOTS),
     ]
@@ -309,7 +309,7 @@ def bound_table(found: dict[str, dict[str, dict]]) -> str:
                 f"{least + mark:>8} | {row['predictive']['lost_pct']:.2f}% {row['predictive']['cost_vs_oracle']:.2f}x"
             )
         lines.append(f"{key:<18}" + "".join(f"{c:>26}" for c in cells))
-    lines.append(f"(!: above {COST_GOAL}x: the bursty goal cannot be met there by any such policy)")
+    lines.append(f"(!: above {COST_GOAL}x: out of reach for such a policy, by the frontier's argument)")
     return "\n".join(lines)
 
 

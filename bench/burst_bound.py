@@ -23,8 +23,10 @@ random loses more than a steady one of the same mean (Jensen). Steady in what? A
 the calm load, so on a load that drifts (mixed-bursts' day) the loss a headroom saves scales with
 the load under it: a headroom in proportion to the calm load beats the same mean in instances, and
 the frontier has both kinds. Its points, joined by straight lines (alternating two headrooms) along
-their lower convex hull, are the frontier: no policy that does not know when the next burst starts
-does better. `least_cost` reads off the cheapest point that loses no more than a given share; the
+their lower convex hull, are the frontier: a policy that does not know when the next burst starts
+should not do better. That is an argument, not a proof (a frontier of headrooms in instances alone
+was beaten on mixed-bursts), so tests/test_burst_bound.py checks the policies the bench runs
+against it. `least_cost` reads off the cheapest point that loses no more than a given share; the
 bench prints it beside the goal.
 """
 
