@@ -7,8 +7,8 @@ serve is met only by the capacity already standing when it starts. So give a pol
 advantage. `BaseAware`:
 - knows the calm load (the member without its bursts) ahead, and keeps the oracle's supply for it
   plus a headroom: h instances (`kind` "instances"; h < 0 runs the calm load hotter than the
-  target, cheaper than the oracle), or the oracle's supply for the calm load × (1 + h) (`kind`
-  "share");
+  target, cheaper than the oracle), or the calm load's need without its noise (which the target
+  absorbs) × (1 + h), rounded up and held a boot time ahead as the oracle's is (`kind` "share");
 - sees a burst's whole size and length at its first second; when the burst outlasts the boot time
   by at least `serve` seconds it launches exactly what the burst needs then (billed from then,
   serving a boot time later) and terminates it at the burst's end. (A launch for a burst barely
@@ -50,7 +50,7 @@ class Point:
     headroom: float
     cost_vs_oracle: float
     lost_pct: float
-    kind: str = "instances"  # or "share": headroom × the calm load's supply
+    kind: str = "instances"  # or "share": headroom is a share of the calm need
     serve: int = 0
 
 

@@ -301,7 +301,7 @@ class HoldRecord:
     seen HOLD_EVIDENCE instances released."""
 
     def __init__(self) -> None:
-        self._held = WindowMax(0.0)
+        self._whole = WindowMax(0.0)  # the recommendations through a whole hold
         self.back = 0.0  # instances a rising recommendation found still held (decaying sum)
         self.released = 0.0  # instances the hold let go unused (decaying sum)
         self._last = -1.0
@@ -314,9 +314,9 @@ class HoldRecord:
 
     def update(self, now: float, rec: float, full: float) -> None:
         """`rec`: this moment's scale-in recommendation; `full`: the whole hold, in seconds."""
-        self._held.window = full
-        self._held.push(now, rec)
-        level = self._held.max(now, rec)
+        self._whole.window = full
+        self._whole.push(now, rec)
+        level = self._whole.max(now, rec)
         if self._last >= 0 and 0 <= now - self._last <= RESTART_AFTER:
             keep = math.exp(-(now - self._last) / HOLD_MEMORY)
             self.back = self.back * keep + max(0.0, min(rec, self._level) - self._rec)
