@@ -307,6 +307,8 @@ class HoldRecord:
         self._last = -1.0
         self._rec = 0.0
         self._level = 0.0  # what the hold kept at the last update
+        self._dt = -1.0
+        self._keep = 1.0
 
     @property
     def pays(self) -> bool:
@@ -317,10 +319,12 @@ class HoldRecord:
         self._whole.window = full
         self._whole.push(now, rec)
         level = self._whole.max(now, rec)
-        if self._last >= 0 and 0 <= now - self._last <= RESTART_AFTER:
-            keep = math.exp(-(now - self._last) / HOLD_MEMORY)
-            self.back = self.back * keep + max(0.0, min(rec, self._level) - self._rec)
-            self.released = self.released * keep + max(0.0, self._level - level)
+        dt = now - self._last
+        if self._last >= 0 and 0 <= dt <= RESTART_AFTER:
+            if dt != self._dt:  # cached: dt is nearly always the control interval
+                self._dt, self._keep = dt, math.exp(-dt / HOLD_MEMORY)
+            self.back = self.back * self._keep + max(0.0, min(rec, self._level) - self._rec)
+            self.released = self.released * self._keep + max(0.0, self._level - level)
         self._last, self._rec, self._level = now, rec, level
 
 
