@@ -59,6 +59,7 @@ def frontier(parts: BurstParts, p: FleetParams, oracle_hours: float) -> list[Poi
     `parts`, with `p`'s boot time, min and max, capacity and target; cost relative to the oracle's
     `oracle_hours`."""
     demand = parts.demand
+    total = demand.sum()
     boot = int(np.ceil(p.boot_time))
     calm_need = parts.base / (p.capacity * p.target)  # without its noise, which the target absorbs
     calm_supply = forward_max(required(parts.calm, p), boot)
@@ -66,47 +67,34 @@ def frontier(parts: BurstParts, p: FleetParams, oracle_hours: float) -> list[Poi
     quiet = np.zeros(len(demand), dtype=bool)
     for start, length in parts.bursts:
         quiet[start + length : start + length + parts.quiet_after] = True
+    supply = {
+        k: forward_max(np.maximum(p.min_instances, np.ceil(calm_need * (1 + k) - 1e-9)).astype(np.int64), boot)
+        for k in SHARES  # 0 among them, which the quiet seconds of a positive share stand at
+    }
 
-    def supply(share: float) -> np.ndarray:
-        scaled = np.maximum(p.min_instances, np.ceil(calm_need * (1 + share) - 1e-9)).astype(np.int64)
-        return forward_max(scaled, boot)
+    def point(headroom: float, kind: str, standing: np.ndarray, serve: int) -> Point:
+        serving = standing.astype(float)
+        billed = standing.astype(float)
+        for start, length in parts.bursts:
+            if length <= boot + serve:
+                continue  # over before a launch could serve `serve` seconds of it: nothing launched
+            end = start + length
+            extra = max(0, int(need[start:end].max()) - int(standing[start]))
+            billed[start:end] += extra
+            serving[start + boot : end] += extra
+        lost = np.maximum(0.0, demand - serving * p.capacity).sum() / total * 100
+        return Point(headroom, float(billed.sum()) / 3600 / oracle_hours, float(lost), kind, serve)
 
     standings: list[tuple[float, str, np.ndarray]] = []
     for h in HEADROOMS:
         standings.append((float(h), "instances", calm_supply + np.where(quiet, min(h, 0), h)))
     for k in SHARES:
-        standings.append((k, "share", np.where(quiet, supply(min(k, 0.0)), supply(k))))
-    return [
-        _point(headroom, kind, serve, standing, parts, p, need, boot, oracle_hours)
-        for headroom, kind, standing in standings
-        for serve in SERVES
-    ]
-
-
-def _point(
-    headroom: float,
-    kind: str,
-    serve: int,
-    standing: np.ndarray,
-    parts: BurstParts,
-    p: FleetParams,
-    need: np.ndarray,
-    boot: int,
-    oracle_hours: float,
-) -> Point:
-    demand = parts.demand
-    standing = np.clip(standing, p.min_instances, p.max_instances)
-    serving = standing.astype(float)
-    billed = standing.astype(float)
-    for start, length in parts.bursts:
-        if length <= boot + serve:
-            continue  # over before a launch could serve `serve` seconds of it: nothing launched
-        end = start + length
-        extra = max(0, int(need[start:end].max()) - int(standing[start]))
-        billed[start:end] += extra
-        serving[start + boot : end] += extra
-    lost = np.maximum(0.0, demand - serving * p.capacity).sum() / demand.sum() * 100
-    return Point(headroom, float(billed.sum()) / 3600 / oracle_hours, float(lost), kind, serve)
+        standings.append((k, "share", np.where(quiet, supply[min(k, 0.0)], supply[k])))
+    points = []
+    for headroom, kind, standing in standings:
+        standing = np.clip(standing, p.min_instances, p.max_instances)
+        points += [point(headroom, kind, standing, serve) for serve in SERVES]
+    return points
 
 
 def hull(points: list[Point]) -> list[Point]:
