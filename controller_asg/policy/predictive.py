@@ -699,13 +699,14 @@ class Predictive:
         if desired > cap:
             return Decision(desired, f"keep within [{lo}, {hi}]")
         season = f" (recent days needed {usual_now:.1f} now)" if allowed == floor else ""
-        if not held_in_full:
-            season += (
-                f"; held {self.window.window:g} s, not {full:g}: held capacity came back less often than it was let go"
-            )
+        cut = (
+            ""
+            if held_in_full
+            else f"; held {self.window.window:g} s, not {full:g}: held capacity came back less often than it was let go"
+        )
         return Decision(
             desired,
-            self._why(obs, need, f"; the highest need of the last {self.window.window:g} s is {allowed}{season}"),
+            self._why(obs, need, f"; the highest need of the last {self.window.window:g} s is {allowed}{season}{cut}"),
         )
 
     def _why(self, obs: Observation, need: Needs, tail: str) -> str:
