@@ -288,6 +288,8 @@ def bounds(figures: dict[tuple[str, float], dict[str, dict]], history: dict[str,
                     "least_cost": least,
                     "reachable": least is not None and least <= COST_GOAL,
                     "predictive": {k: figs["predictive"][k] for k in ("lost_pct", "cost_vs_oracle")},
+                    # the frontier at predictive's own loss: predictive should cost no less
+                    "least_cost_at_predictive_loss": burst_bound.least_cost(points, figs["predictive"]["lost_pct"]),
                     "frontier": [vars(q) for q in points],
                 }
     return out
@@ -310,6 +312,23 @@ def bound_table(found: dict[str, dict[str, dict]]) -> str:
             )
         lines.append(f"{key:<18}" + "".join(f"{c:>26}" for c in cells))
     lines.append(f"(!: above {COST_GOAL}x: out of reach for such a policy, by the frontier's argument)")
+    rows = [(key, b, row) for key, by_boot in found.items() for b, row in by_boot.items()]
+    below = [
+        f"{key}@{b}"
+        for key, b, row in rows
+        if row["least_cost_at_predictive_loss"] is not None
+        and row["predictive"]["cost_vs_oracle"] < row["least_cost_at_predictive_loss"] - 1e-9
+    ]
+    gaps = [
+        row["predictive"]["cost_vs_oracle"] - row["least_cost_at_predictive_loss"]
+        for _, _, row in rows
+        if row["least_cost_at_predictive_loss"] is not None
+    ]
+    lines.append(
+        f"predictive against the frontier at its own loss: on or above it in {len(rows) - len(below)}/{len(rows)}"
+        f" cells ({min(gaps):+.3f}x to {max(gaps):+.3f}x above it)"
+        + (f"; BELOW it (the frontier is no bound there): {', '.join(below)}" if below else "")
+    )
     return "\n".join(lines)
 
 
