@@ -17,7 +17,8 @@ whether the issue's goals hold:
 - bursty members: cost <= 1.05x the oracle with lost <= 70% of k8s-hpa's;
 - NASA: lost < 0.03% at cost <= 1.02x, with fewer actions than k8s-hpa.
 Then, for the members made of random bursts, the least cost at which a policy that cannot tell
-when the next burst starts meets the loss goal (bench/burst_bound.py). Every figure goes to
+when the next burst starts meets the loss goal (bench/burst_bound.py), and how that cheapest policy
+is made (the headroom it stands and the bursts it launches for). Every figure goes to
 bench/out/bursty.json. Simulations run in BENCH_WORKERS processes (default: every core); each is
 independent, so the figures do not depend on how many.
 
@@ -283,9 +284,14 @@ def bounds(figures: dict[tuple[str, float], dict[str, dict]], history: dict[str,
                 points = burst_bound.frontier(parts, p, figs["oracle"]["instance_hours"])
                 allowed = LOSS_GOAL * figs["k8s-hpa"]["lost_pct"]
                 least = burst_bound.least_cost(points, allowed)
+                cheapest = burst_bound.cheapest_at(points, allowed)
                 out.setdefault(key, {})[f"{boot:g}"] = {
                     "goal_lost_pct": allowed,
                     "least_cost": least,
+                    # how that cheapest policy is made: two hull points, alternated (share: of the time at the second)
+                    "cheapest_at_goal": None
+                    if cheapest is None
+                    else {"points": [vars(cheapest[0]), vars(cheapest[1])], "share": cheapest[2]},
                     "reachable": least is not None and least <= COST_GOAL,
                     "predictive": {k: figs["predictive"][k] for k in ("lost_pct", "cost_vs_oracle")},
                     # the frontier at predictive's own loss: predictive should cost no less
@@ -293,6 +299,35 @@ def bounds(figures: dict[tuple[str, float], dict[str, dict]], history: dict[str,
                     "frontier": [vars(q) for q in points],
                 }
     return out
+
+
+def cheapest_table(found: dict[str, dict[str, dict]]) -> str:
+    """How the frontier's cheapest policy meets the loss goal in each cell: its standing headroom
+    over the calm load (a share of the calm need, or instances: "i") and the bursts it launches for
+    (those longer than the boot time plus the `serve` it waits for); two of each when it alternates
+    two points of the hull."""
+    lines = [
+        "\nhow it does so: headroom over the calm load (%: of the calm need; i: instances), and the bursts"
+        " it launches for (>N s: those lasting longer; short-bursts' last 20-80 s); a..b: alternating two",
+        f"{'member':<18}" + "".join(f"{f'{b:g} s':>26}" for b in BOOTS),
+    ]
+    for key, by_boot in found.items():
+        cells = []
+        for b in BOOTS:
+            row = by_boot[f"{b:g}"]["cheapest_at_goal"]
+            if row is None:
+                cells.append("none")
+                continue
+            a, z = (burst_bound.Point(**q) for q in row["points"])
+            one, other = burst_bound.describe(a, b), burst_bound.describe(z, b)
+            if one == other:
+                cells.append(one)
+            elif (a.kind, a.serve) == (z.kind, z.serve):  # the same launches, two headrooms
+                cells.append(f"{one.split()[0]}..{other}")
+            else:
+                cells.append(f"{one}..{other}")
+        lines.append(f"{key:<18}" + "".join(f"{c:>26}" for c in cells))
+    return "\n".join(lines)
 
 
 def bound_table(found: dict[str, dict[str, dict]]) -> str:
@@ -390,6 +425,7 @@ def main() -> None:
             print(f"boot {boot:g} s: predictive loses more than k8s-hpa on {', '.join(s['more_lost_than_k8s_hpa'])}")
     found = bounds(figures, {m.name: m.history for m in family})
     print(bound_table(found))
+    print(cheapest_table(found))
     doc = {
         "boots": list(BOOTS),
         "policies": SHOWN + ["oracle"],

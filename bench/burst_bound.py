@@ -117,17 +117,34 @@ def hull(points: list[Point]) -> list[Point]:
     return out
 
 
-def least_cost(points: list[Point], lost_pct: float) -> float | None:
-    """The least cost on the frontier at which at most `lost_pct` is lost (None: no headroom
-    measured loses that little). Between two points of the hull the frontier is the straight line
-    of alternating them."""
+def cheapest_at(points: list[Point], lost_pct: float) -> tuple[Point, Point, float] | None:
+    """How the frontier's cheapest policy losing at most `lost_pct` is made: the two points of the
+    hull it alternates and the share of the time it stands at the second, (q, q, 0.0) when one
+    point alone does it; None when no headroom measured loses that little."""
     pts = hull(points)
     for i, point in enumerate(pts):
         if point.lost_pct > lost_pct:
             continue
         if i == 0:
-            return point.cost_vs_oracle
+            return point, point, 0.0
         before = pts[i - 1]
-        share = (before.lost_pct - lost_pct) / (before.lost_pct - point.lost_pct)
-        return before.cost_vs_oracle + share * (point.cost_vs_oracle - before.cost_vs_oracle)
+        return before, point, (before.lost_pct - lost_pct) / (before.lost_pct - point.lost_pct)
     return None
+
+
+def least_cost(points: list[Point], lost_pct: float) -> float | None:
+    """The least cost on the frontier at which at most `lost_pct` is lost (None: no headroom
+    measured loses that little). Between two points of the hull the frontier is the straight line
+    of alternating them."""
+    found = cheapest_at(points, lost_pct)
+    if found is None:
+        return None
+    before, point, share = found
+    return before.cost_vs_oracle + share * (point.cost_vs_oracle - before.cost_vs_oracle)
+
+
+def describe(point: Point, boot: float) -> str:
+    """A frontier point in a few characters: its headroom over the calm load, and the bursts it
+    launches for (longer than the boot time plus `serve`)."""
+    standing = f"{point.headroom:+.0%}" if point.kind == "share" else f"{point.headroom:+g}i"
+    return f"{standing} >{boot + point.serve:g}s"

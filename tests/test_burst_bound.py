@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from bench import bench_bursty, burst_bound
-from bench.burst_bound import Point, frontier, hull, least_cost
+from bench.burst_bound import Point, cheapest_at, describe, frontier, hull, least_cost
 from controller_asg.policy import build_policy
 from controller_asg.sim import synthetic
 from controller_asg.sim.fleet import simulate
@@ -50,6 +50,16 @@ def test_least_cost_reads_the_frontier_between_its_points():
     assert least_cost(pts, 2.0) == 1.2
     assert least_cost(pts, 3.0) == pytest.approx(1.1)  # half-way: alternating headroom 0 and 1
     assert least_cost(pts, 0.5) is None
+    assert cheapest_at(pts, 3.0) == (pts[0], pts[1], pytest.approx(0.5))
+    assert cheapest_at(pts, 2.0) == (pts[0], pts[1], 1.0)
+    assert cheapest_at(pts, 5.0) == (pts[0], pts[0], 0.0)
+    assert cheapest_at(pts, 0.5) is None
+
+
+def test_a_frontier_point_is_described_by_its_headroom_and_the_bursts_it_launches_for():
+    assert describe(Point(0.45, 1.0, 2.0, "share", 240), 45.0) == "+45% >285s"
+    assert describe(Point(-2.0, 1.0, 2.0, "instances", 0), 20.0) == "-2i >20s"
+    assert describe(Point(1.0, 1.0, 2.0, "instances", 30), 90.0) == "+1i >120s"
 
 
 def test_the_frontier_is_the_lower_hull_of_both_kinds_of_headroom():
