@@ -302,10 +302,7 @@ def bounds(figures: dict[tuple[str, float], dict[str, dict]], history: dict[str,
 
 
 def cheapest_table(found: dict[str, dict[str, dict]]) -> str:
-    """How the frontier's cheapest policy meets the loss goal in each cell: its standing headroom
-    over the calm load (a share of the calm need, or instances: "i") and the bursts it launches for
-    (those longer than the boot time plus the `serve` it waits for); two of each when it alternates
-    two points of the hull."""
+    """How the frontier's cheapest policy meets the loss goal in each cell (burst_bound.describe)."""
     lines = [
         "\nhow it does so: headroom over the calm load (%: of the calm need; i: instances), and the bursts"
         " it launches for (>N s: those lasting longer; short-bursts' last 20-80 s); a..b: alternating two",
@@ -318,14 +315,8 @@ def cheapest_table(found: dict[str, dict[str, dict]]) -> str:
             if row is None:
                 cells.append("none")
                 continue
-            a, z = (burst_bound.Point(**q) for q in row["points"])
-            one, other = burst_bound.describe(a, b), burst_bound.describe(z, b)
-            if one == other:
-                cells.append(one)
-            elif (a.kind, a.serve) == (z.kind, z.serve):  # the same launches, two headrooms
-                cells.append(f"{one.split()[0]}..{other}")
-            else:
-                cells.append(f"{one}..{other}")
+            first, second = (burst_bound.Point(**q) for q in row["points"])
+            cells.append(burst_bound.describe(first, second, b))
         lines.append(f"{key:<18}" + "".join(f"{c:>26}" for c in cells))
     return "\n".join(lines)
 

@@ -143,8 +143,19 @@ def least_cost(points: list[Point], lost_pct: float) -> float | None:
     return before.cost_vs_oracle + share * (point.cost_vs_oracle - before.cost_vs_oracle)
 
 
-def describe(point: Point, boot: float) -> str:
-    """A frontier point in a few characters: its headroom over the calm load, and the bursts it
-    launches for (longer than the boot time plus `serve`)."""
-    standing = f"{point.headroom:+.0%}" if point.kind == "share" else f"{point.headroom:+g}i"
-    return f"{standing} >{boot + point.serve:g}s"
+def describe(first: Point, second: Point, boot: float) -> str:
+    """What `cheapest_at` found, in a few characters: the headroom over the calm load (a share of
+    the calm need, or instances: "i") and the bursts a point launches for (those longer than the
+    boot time plus its `serve`); "a..b" when it alternates two points."""
+
+    def standing(q: Point) -> str:
+        return f"{q.headroom:+.0%}" if q.kind == "share" else f"{q.headroom:+g}i"
+
+    def launches(q: Point) -> str:
+        return f">{boot + q.serve:g}s"
+
+    if (first.kind, first.serve) != (second.kind, second.serve):
+        return f"{standing(first)} {launches(first)}..{standing(second)} {launches(second)}"
+    if first.headroom == second.headroom:
+        return f"{standing(first)} {launches(first)}"
+    return f"{standing(first)}..{standing(second)} {launches(first)}"  # the same launches, two headrooms

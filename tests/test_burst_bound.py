@@ -56,10 +56,12 @@ def test_least_cost_reads_the_frontier_between_its_points():
     assert cheapest_at(pts, 0.5) is None
 
 
-def test_a_frontier_point_is_described_by_its_headroom_and_the_bursts_it_launches_for():
-    assert describe(Point(0.45, 1.0, 2.0, "share", 240), 45.0) == "+45% >285s"
-    assert describe(Point(-2.0, 1.0, 2.0, "instances", 0), 20.0) == "-2i >20s"
-    assert describe(Point(1.0, 1.0, 2.0, "instances", 30), 90.0) == "+1i >120s"
+def test_the_cheapest_policy_is_described_by_its_headroom_and_the_bursts_it_launches_for():
+    share = Point(0.45, 1.0, 2.0, "share", 240)
+    assert describe(share, share, 45.0) == "+45% >285s"
+    assert describe(share, Point(0.7, 1.1, 1.5, "share", 240), 45.0) == "+45%..+70% >285s"
+    assert describe(Point(-2.0, 1.0, 2.0, "instances", 0), share, 20.0) == "-2i >20s..+45% >260s"
+    assert describe(Point(1.0, 1.0, 2.0, "instances", 30), Point(1.0, 1.0, 2.0, "instances", 30), 90.0) == "+1i >120s"
 
 
 def test_the_frontier_is_the_lower_hull_of_both_kinds_of_headroom():
