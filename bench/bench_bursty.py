@@ -283,8 +283,8 @@ def bounds(figures: dict[tuple[str, float], dict[str, dict]], history: dict[str,
                 figs = figures[(key, boot)]  # the oracle's run there is the cost reference
                 points = burst_bound.frontier(parts, p, figs["oracle"]["instance_hours"])
                 allowed = LOSS_GOAL * figs["k8s-hpa"]["lost_pct"]
-                least = burst_bound.least_cost(points, allowed)
                 cheapest = burst_bound.cheapest_at(points, allowed)
+                least = None if cheapest is None else burst_bound.cost_of(cheapest)
                 out.setdefault(key, {})[f"{boot:g}"] = {
                     "goal_lost_pct": allowed,
                     "least_cost": least,

@@ -137,10 +137,13 @@ def least_cost(points: list[Point], lost_pct: float) -> float | None:
     measured loses that little). Between two points of the hull the frontier is the straight line
     of alternating them."""
     found = cheapest_at(points, lost_pct)
-    if found is None:
-        return None
-    before, point, share = found
-    return before.cost_vs_oracle + share * (point.cost_vs_oracle - before.cost_vs_oracle)
+    return None if found is None else cost_of(found)
+
+
+def cost_of(found: tuple[Point, Point, float]) -> float:
+    """The cost of what `cheapest_at` found: its two points alternated in its share."""
+    first, second, share = found
+    return first.cost_vs_oracle + share * (second.cost_vs_oracle - first.cost_vs_oracle)
 
 
 def describe(first: Point, second: Point, boot: float) -> str:
