@@ -133,12 +133,14 @@ class FaultProxy:
                 if isinstance(verdict, tuple):
                     status, code, message = verdict
                     payload = ec2_error_xml(code, message) if service in ("ec2", "") else query_error_xml(code, message)
+                    # Noted before the reply leaves: a test that asserts on `seen` once its call returns
+                    # must find it there (noted after, the client could read the reply first).
+                    proxy._note(action, code)
                     self.send_response(status)
                     self.send_header("Content-Type", "text/xml")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
-                    proxy._note(action, code)
                     return
                 if verdict == "lose":
                     proxy._note(action, "lost")
@@ -158,6 +160,7 @@ class FaultProxy:
                     return
                 if callable(verdict):
                     payload = verdict(payload)
+                proxy._note(action, "rewritten" if callable(verdict) else "forwarded")  # before the reply, as above
                 self.send_response(resp.status)
                 for key, value in resp.getheaders():
                     if key.lower() not in ("content-length", "connection", "transfer-encoding", "server", "date"):
@@ -165,7 +168,6 @@ class FaultProxy:
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)
-                proxy._note(action, "rewritten" if callable(verdict) else "forwarded")
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
