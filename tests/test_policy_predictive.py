@@ -13,6 +13,7 @@ from controller_asg.policy.base import Observation
 from controller_asg.policy.baselines import AwsTargetTracking, K8sHpa, Limits, SeedLoop
 from controller_asg.policy.predictive import (
     DAY,
+    LONG_OVERLOAD,
     OVERLOAD_MEMORY,
     HoldRecord,
     Predictive,
@@ -485,10 +486,13 @@ def test_an_overload_is_measured_against_the_capacity_it_started_at():
         o.update(t, 7.0, 8, lead=90)  # the fleet launched to 8: still above the 4 it started at
     o.update(30, 4.0, 8, lead=90)
     assert not o.running and list(o.recent) == [(30, 28, 4.0)]
-    # one that outlasts the boot time is recorded as long, and the next is measured afresh
+    # one that outlasts LONG_OVERLOAD boot times is recorded as that long, and the next is
+    # measured afresh
     o.update(100, 9.0, 8, lead=90)
-    o.update(191, 9.0, 8, lead=90)
-    assert not o.running and o.recent[-1][1] == 91
+    o.update(100 + LONG_OVERLOAD * 90, 9.0, 8, lead=90)
+    assert o.running
+    o.update(101 + LONG_OVERLOAD * 90, 9.0, 8, lead=90)
+    assert not o.running and o.recent[-1][1] == LONG_OVERLOAD * 90 + 1
 
 
 def test_the_wait_is_the_longest_of_the_last_overloads_when_all_ended_within_the_boot():
@@ -509,8 +513,27 @@ def test_the_wait_is_the_longest_of_the_last_overloads_when_all_ended_within_the
     assert o.waiting(2410, o.wait(2410, 90)) == 40  # 10 s into the next: 40 s more
     o.update(2411, 9.0, 4, lead=90)  # larger than any recent one: not one of them
     assert o.waiting(2411, o.wait(2411, 90)) == 0
-    assert o.wait(2000, 45) == 0  # one of them outlasted a 45 s boot: launch at once
     assert o.wait(1845 + OVERLOAD_MEMORY + 1, 90) == 0  # the oldest is forgotten
+
+
+def test_overloads_a_launch_would_have_served_for_long_end_the_wait():
+    """Launches asked at the starts of the last four would have served each for its length past
+    the boot time: at most SERVED_SHARE of their total length, and the wait is the longest of those
+    that ended within the boot time; more, and the next overload is launched for at once (the
+    cases are at SERVED_SHARE 0.2)."""
+
+    def wait_after(lengths, lead):
+        o = ShortOverloads(PredictiveSettings(short_overloads=4))
+        for k, length in enumerate(lengths):
+            o.update(600 * k, 8.0, 4, lead=lead)
+            o.update(600 * k + length, 3.0, 4, lead=lead)
+        return o.wait(600 * len(lengths), lead)
+
+    assert wait_after((30, 50, 40, 45), 90) == 50  # all within the boot
+    assert wait_after((30, 30, 30, 120), 90) == 30  # 30 s served of 210 s
+    assert wait_after((30, 30, 30, 150), 90) == 0  # 60 s of 240 s
+    assert wait_after((30, 50, 40, 45), 35) == 30  # 30 s of 165 s, at a shorter boot
+    assert wait_after((30, 50, 40, 45), 30) == 0  # none ended within a 30 s boot
 
 
 def short_burst_run(**kw):

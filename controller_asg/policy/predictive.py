@@ -14,9 +14,10 @@ noise-aware scale-in. Six named parts, each a small class or method below:
   (`SeasonalMemory.trusted`), else as that day's calm level: yesterday's random bursts are no plan
   for today, its shape is;
 - **the short-overload rule** (`ShortOverloads`): how long recent overloads lasted against the
-  capacity they started at. When the last `short_overloads` all ended within the boot time, a
-  launch for the next would serve after it is over: it is asked only once an overload outlasts
-  them or is larger than any of them, and the scale-in plan keeps a standing headroom instead;
+  capacity they started at. When launches asked at the start of the last `short_overloads` would
+  have served for little of them (SERVED_SHARE), a launch for the next would mostly serve after it
+  is over: it is asked only once an overload outlasts the longest that ended within the boot time,
+  or is larger than any of them, and the scale-in plan keeps a standing headroom instead;
 - **the scale-out plan** (`Predictive._scale_out`): at once, as far as the plan says, once it
   exceeds capacity × (1 + tolerance). The plan is the smoothed need, or for hot instances (mean
   CPU ≥ `hot_ratio` × target) their raw need, trusted once the next sample confirms it
@@ -103,6 +104,13 @@ SILENCE = 0.2
 CALM_MINUTES = 15
 # Short overloads older than this are forgotten: a burst pattern of an hour ago says little now.
 OVERLOAD_MEMORY = 2 * 3600.0
+# An overload is followed for at most LONG_OVERLOAD boot times (a longer one is recorded as that
+# long: one level shift does not outweigh the rest). Recent overloads are short when launches asked
+# at their starts would have served (from a boot time in until each ended) for at most SERVED_SHARE
+# of their whole length. 0 would ask that every one ended within the boot time; one 91 s overload at
+# a 90 s boot then turned the rule off for the next four, on bursts of 20-80 s.
+LONG_OVERLOAD = 3.0
+SERVED_SHARE = 0.2
 # The scale-in hold keeps the highest recommendation of its last seconds: it pays when what it keeps
 # is needed again before it would let it go. Over the last HOLD_MEMORY seconds (a decaying sum) the
 # hold record counts the instances a rising recommendation found still held (they came back) and
@@ -135,7 +143,7 @@ class PredictiveSettings:
     in_slack: float = 0.25  # instances of rounding slack taken off the scale-in need
     jitter_z: float = 6.0  # … or this many σ of the sample jitter: noise faster than any launch (0: off)
     hold_leads: float = 8.0  # scale in to the highest need of this many boot times, at most the window (0: the window)
-    short_overloads: int = 4  # when this many recent overloads all ended within a boot time, wait out the next (0: off)
+    short_overloads: int = 4  # when launches served little of this many recent overloads, wait out the next (0: off)
     burst_headroom: float = 0.6  # … and stand this fraction of the calm need above it,
     burst_size: float = 0.6  # … at most this fraction of the recent overloads' size (RMS)
     full_z: float = 4.0  # the fleet at 100% CPU serves the smoothed need plus this many σ of the jitter (0: off)
@@ -232,7 +240,7 @@ class NeedEstimator:
 
 
 class ShortOverloads:
-    """Whether recent overloads were all over before a launch asked at their start could serve.
+    """Whether recent overloads were mostly over before a launch asked at their start could serve.
 
     An overload starts when the need seen exceeds the capacity of that moment past the tolerance,
     and ends when the need falls back to that capacity. It is measured against the capacity it
@@ -240,7 +248,7 @@ class ShortOverloads:
     have had to outlast, and its size (the most it asked above that capacity) is what the fleet
     standing at its start missed. A CPU sample stops at 100%, so that size stops at about the
     fleet itself: a small burst is measured, a large one is seen as large. One that runs longer
-    than the boot time is recorded as long.
+    than LONG_OVERLOAD boot times is recorded as that long.
 
     Nothing here is saved: after a restart the rule is off until `keep` new overloads are seen,
     and the policy launches for every overload as it does without it."""
@@ -261,7 +269,7 @@ class ShortOverloads:
         if not self.running:
             if seen > cap * (1 + self.tolerance):
                 self.start, self.cap0, self.size = now, cap, seen - cap
-        elif seen <= self.cap0 or now - self.start > lead:
+        elif seen <= self.cap0 or now - self.start > LONG_OVERLOAD * lead:
             self.recent.append((now, now - self.start, self.size))
             self.start = -1.0
         else:
@@ -269,12 +277,17 @@ class ShortOverloads:
 
     def wait(self, now: float, lead: float) -> float:
         """How long an overload must last before a launch for it is worth asking: the longest of
-        the last `keep` when every one of them (ended within OVERLOAD_MEMORY) was shorter than
-        `lead`, else 0 (launch at once)."""
+        the last `keep` (ended within OVERLOAD_MEMORY) that ended within `lead`, when launches
+        asked at their starts would have served for at most SERVED_SHARE of their total length;
+        else 0 (launch at once)."""
         lengths = [length for ended, length, _ in self.recent if ended >= now - OVERLOAD_MEMORY]
-        if self.keep <= 0 or len(lengths) < self.keep or max(lengths) >= lead:
+        if self.keep <= 0 or len(lengths) < self.keep:
             return 0.0
-        return max(lengths)
+        within = [length for length in lengths if length < lead]
+        served = sum(length - lead for length in lengths if length > lead)
+        if not within or served > SERVED_SHARE * sum(lengths):
+            return 0.0
+        return max(within)
 
     def waiting(self, now: float, wait: float) -> float:
         """Of `wait` (what `wait` returned), what is still to run before launching for the running
