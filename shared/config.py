@@ -813,7 +813,7 @@ class Config:
     policy: str = setting(
         "HELIX_POLICY",
         "predictive",
-        "Scaling policy: `predictive` (target tracking that plans a launch time ahead from recent days, and keeps standing capacity instead of launching for overloads that recently were mostly over within a boot time), `target` (target tracking) or `threshold` (the seed's).",
+        "Scaling policy: `predictive` (target tracking that plans a launch time ahead from recent days, keeps standing capacity instead of launching for overloads that recently were mostly over within a boot time, and lets what it launched for a burst go when the burst ends once held capacity stops coming back), `target` (target tracking) or `threshold` (the seed's).",
         choice("predictive", "target", "threshold"),
         group="controller",
     )

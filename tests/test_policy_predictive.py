@@ -11,11 +11,14 @@ import pytest
 from controller_asg.policy import build_policy, make_policy
 from controller_asg.policy.base import Observation
 from controller_asg.policy.baselines import AwsTargetTracking, K8sHpa, Limits, SeedLoop
+from controller_asg.policy.common import Needs
 from controller_asg.policy.predictive import (
     DAY,
+    LEVEL_SHIFT,
     LONG_OVERLOAD,
     OVERLOAD_MEMORY,
     HoldRecord,
+    NeedEstimator,
     Predictive,
     PredictiveSettings,
     SeasonalMemory,
@@ -618,16 +621,95 @@ def isolated_bursts():
     return released, p
 
 
-def test_the_hold_is_cut_to_a_boot_time_once_held_capacity_stops_coming_back():
+def test_once_the_hold_does_not_pay_what_a_burst_launched_is_let_go_when_it_ends():
     released, p = isolated_bursts()
     assert len(released) == 6, released
     # The first bursts are held in full: nothing has been judged yet.
     assert min(released[:2]) >= 400, released
-    # After them the hold is seen not to pay: the fleet is back to its calm size at least 100 s
-    # sooner.
+    # After them the hold is seen not to pay, and the scale-in plan starts from the calm need,
+    # which leaves the bursts out: the fleet is back to its calm size once the launched instances'
+    # warm-up is over.
     assert not p.hold_record.pays
-    assert max(released[-3:]) <= 300, released
+    assert max(released[-3:]) <= 150, released
     assert p.window.window == 90
+    assert p.estimate.calm == pytest.approx(3.0, abs=0.3)
+
+
+def test_the_calm_need_weighs_the_first_moment_after_an_overload_as_one_sample():
+    """Moments inside an overload are left out of the calm need; the first one after it, still on
+    the overload's falling edge (its launches warming, counted at the target), counts as one
+    sample, not as the whole overload."""
+    estimate = NeedEstimator(PredictiveSettings(in_smooth=90))
+
+    def need(level):
+        return Needs(up=level, down=level, seen=level, mean_up=0.5, known=4, total=level / 2)
+
+    for t in range(600):
+        estimate.update(t, need(4.0))
+        estimate.update_calm(t, 4.0)
+    for t in range(600, 660):  # an overload: the estimator runs on, the calm need does not
+        estimate.update(t, need(10.0))
+    estimate.update(660, need(8.0))
+    estimate.update_calm(660, 8.0)
+    assert estimate.calm == pytest.approx(4.0 + 4.0 * (1 - math.exp(-1 / 90)))  # not 4 + 4 x (1 - e^(-60/90))
+
+
+def test_a_rise_that_stays_becomes_the_calm_need_and_is_not_scaled_in_meanwhile():
+    """A need that rises from 3 to 9 and stays: the calm need leaves it out for LEVEL_SHIFT seconds,
+    then takes it as the load's level; meanwhile the fleet keeps what the need's average plans."""
+    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90))
+    fleet = Fleet(p, n=4, boot=90)
+    lowest = 99
+    for t in range(2400 + int(LEVEL_SHIFT)):
+        fleet.step(t, (9.0 if t >= 1200 else 3.0) * 0.5)
+        if t >= 1500:
+            lowest = min(lowest, fleet.serving + len(fleet.pending))
+        if t == 1200 + LEVEL_SHIFT - 10:
+            assert p.overloads.excursion and p.estimate.calm < 4
+    assert not p.overloads.excursion
+    assert p.estimate.calm == pytest.approx(9.0, abs=0.5)
+    assert lowest >= 9, lowest
+
+
+def test_a_ramp_that_turns_is_let_go_as_it_falls():
+    """Planning from the calm need (the hold does not pay: a record of bursts that stayed gone),
+    the fleet an overload launched is held no higher than the need's own average plans: a rise
+    that turns back is scaled in on its way down, before it falls to where it started."""
+    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90))
+    p.hold_record.released = 1000.0
+    fleet = Fleet(p, n=4, boot=90)
+
+    def need(t):  # 3, up to 12 over 10 minutes, back down to 4 over 10 minutes, then 4
+        if t < 1200:
+            return 3.0
+        if t < 1800:
+            return 3.0 + 9.0 * (t - 1200) / 600
+        return max(4.0, 12.0 - 8.0 * (t - 1800) / 600)
+
+    peak = 0
+    for t in range(2400):
+        fleet.step(t, need(t) * 0.5)
+        peak = max(peak, fleet.serving + len(fleet.pending))
+    assert peak >= 12
+    assert p.overloads.excursion  # the need has not fallen back to the 4 it started at
+    assert fleet.serving + len(fleet.pending) <= 8
+
+
+def test_bursts_that_fall_back_bring_the_burst_margin_a_ramp_does_not():
+    o = ShortOverloads(PredictiveSettings(short_overloads=4))
+    for k in range(4):  # four overloads of 2 boot times that fell back
+        o.update(600 * k, 8.0, 4, lead=90)
+        o.update(600 * k + 180, 3.0, 4, lead=90)
+    assert o.coming(2000, 90)
+    assert not o.coming(1980 + OVERLOAD_MEMORY, 90)  # the first is forgotten
+    # rises the fleet was slow to follow (a ramp): each outlasts LONG_OVERLOAD boot times
+    coming = []
+    for k in range(3):
+        start = 3000 + 400 * k
+        o.update(start, 8.0, 4, lead=90)
+        o.update(start + 1 + LONG_OVERLOAD * 90, 9.0, 8, lead=90)
+        coming.append(o.coming(start + 300, 90))
+    assert coming == [True, True, False]  # three, then two, then one of the last four fell back
 
 
 def test_load_that_comes_back_within_the_hold_keeps_it_whole():

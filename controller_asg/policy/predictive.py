@@ -5,7 +5,9 @@ noise-aware scale-in. Six named parts, each a small class or method below:
   `target` formula, in instances at the target, under the conservative rules of
   `common.needs`), smoothed for scaling out (`up_smooth`) and for scaling in (`in_smooth`), with
   two measures of noise: how far the raw need wanders from its average (`wander`), and the
-  sample-to-sample jitter (`jitter`);
+  sample-to-sample jitter (`jitter`); and the calm need, the same average over the moments outside
+  overloads (from an overload's start until the need falls back to the capacity it started at; one
+  that lasts LEVEL_SHIFT is the load's new level);
 - **the seasonal memory** (`SeasonalMemory`): per-minute peaks of the smoothed need for
   `history_days` days; what recent days needed at this minute, and over the next `lead` seconds.
   Beside them, per-minute peaks of a short average of the need at moments it overloaded the fleet:
@@ -35,11 +37,15 @@ noise-aware scale-in. Six named parts, each a small class or method below:
   boot time alone while the hold does not pay (below); never
   below `floor_fraction` of what recent days needed at this minute (a sudden silence does not
   throw away capacity that returns with the traffic); never while launches are pending. While
-  overloads are short it plans from the calm need between them, plus `burst_headroom` of it (at
-  most their measured size), and holds the fleet while one runs;
+  overloads are short, or the hold does not pay, it plans from the calm need instead, so what a
+  burst launched is let go when it ends (while one runs, no lower than the most the need asked for
+  over the last boot time), with `burst_margin` in place of `in_margin` while bursts come
+  (`ShortOverloads.coming`, its share scaled as the jitter's); while overloads are short, plus
+  `burst_headroom` of the calm need (at most their measured size);
 - **the hold record** (`HoldRecord`): whether the capacity the scale-in hold keeps is needed again
   before the hold lets it go, at least as often as it is let go unused. Load that returns keeps the
-  whole hold; bursts that end and stay gone cut it to a boot time (at least `in_smooth`).
+  whole hold; bursts that end and stay gone cut it to a boot time (at least `in_smooth`) and turn
+  the scale-in plan to the calm need.
 
 With no history it is smoothed target tracking with a hot fast path. The history is what
 `export_state` returns, so it survives a controller restart. Why each part is shaped as it is,
@@ -111,6 +117,11 @@ OVERLOAD_MEMORY = 2 * 3600.0
 # a 90 s boot then turned the rule off for the next four, on bursts of 20-80 s.
 LONG_OVERLOAD = 3.0
 SERVED_SHARE = 0.2
+# The calm need leaves out the seconds from an overload's start until the need seen falls back to
+# the capacity it started at, however long that takes (so its launches are let go as soon as it is
+# over, not after the averages have followed it back down); after LEVEL_SHIFT seconds it is not a
+# burst but the load's new level, and the calm need takes the scale-in need's average.
+LEVEL_SHIFT = 1500.0
 # The scale-in hold keeps the highest recommendation of its last seconds: it pays when what it keeps
 # is needed again before it would let it go. Over the last HOLD_MEMORY seconds (a decaying sum) the
 # hold record counts the instances a rising recommendation found still held (they came back) and
@@ -140,11 +151,12 @@ class PredictiveSettings:
     hot_z: float = 3.0  # … unless it stands this many σ of the jitter beyond the hot line
     noise_z: float = 0.75  # scale-in headroom: this many σ of the need's wander …
     in_margin: float = 0.13  # … or this fraction of the need, whichever is more
+    burst_margin: float = 0.35  # … this fraction of the calm need while bursts come, planning from it
     in_slack: float = 0.25  # instances of rounding slack taken off the scale-in need
     jitter_z: float = 6.0  # … or this many σ of the sample jitter: noise faster than any launch (0: off)
     hold_leads: float = 8.0  # scale in to the highest need of this many boot times, at most the window (0: the window)
     short_overloads: int = 4  # when launches served little of this many recent overloads, wait out the next (0: off)
-    burst_headroom: float = 0.6  # … and stand this fraction of the calm need above it,
+    burst_headroom: float = 0.7  # … and stand this fraction of the calm need above it,
     burst_size: float = 0.6  # … at most this fraction of the recent overloads' size (RMS)
     full_z: float = 4.0  # the fleet at 100% CPU serves the smoothed need plus this many σ of the jitter (0: off)
     metric: str = "CPU"  # what the samples measure, for the reason text
@@ -172,6 +184,7 @@ class NeedEstimator:
         self._calm_last = -1.0
         self._seen_before = -1.0
         self._last: float | None = None
+        self._step = 0.0  # seconds between the last two samples
         self._dt = -1.0
         self._alphas = (1.0, 1.0, 1.0, 1.0)
 
@@ -188,25 +201,34 @@ class NeedEstimator:
         return math.sqrt(self._calm_var)
 
     def update_calm(self, now: float, down: float) -> None:
-        """Take `down`, the scale-in need at a moment outside any overload, into the calm need (the
-        time since the last such moment weighs it, as `update` weighs every sample)."""
+        """Take `down`, the scale-in need at a moment outside any overload, into the calm need,
+        weighed as one sample (by the time since the sample before it, as `update` weighs every
+        sample), not by the time since the last calm moment: the first moment after an overload,
+        its instances still warming and counted at the target, would carry the whole overload."""
         last = self._calm_last
         if self.calm < 0 or now - last > RESTART_AFTER or now < last:
             self.calm, self._calm_var = down, 0.0
         else:
-            _, a_down, a_noise, _ = self._weights(now - last)
+            _, a_down, a_noise, _ = self._weights(min(now - last, self._step))
             self.calm += (down - self.calm) * a_down
             dev = down - self.calm
             self._calm_var += (dev * dev - self._calm_var) * a_noise
         self._calm_last = now
+
+    def take_level(self, now: float) -> None:
+        """The load has moved to a new level (LEVEL_SHIFT): the calm need starts from the scale-in
+        need's average and its wander."""
+        self.calm, self._calm_var, self._calm_last = self.down, self._wander_var, now
 
     def update(self, now: float, need: Needs) -> None:
         if self._last is None or now - self._last > RESTART_AFTER or now < self._last:
             self.up, self.down = need.up, need.down
             self.fast = need.seen
             self._wander_var = self._jitter_var = 0.0
+            self._step = 0.0
         else:
-            a_up, a_down, a_noise, a_fast = self._weights(now - self._last)
+            self._step = now - self._last
+            a_up, a_down, a_noise, a_fast = self._weights(self._step)
             self.up += (need.up - self.up) * a_up
             self.down += (need.down - self.down) * a_down
             if need.known:
@@ -250,6 +272,10 @@ class ShortOverloads:
     fleet itself: a small burst is measured, a large one is seen as large. One that runs longer
     than LONG_OVERLOAD boot times is recorded as that long.
 
+    Beside the overloads it follows the excursion the calm need leaves out: from an overload's start
+    until the need seen falls back to the capacity it started at, for at most LEVEL_SHIFT seconds
+    (`shifted` says, for one update, that it ran that long and the load is at a new level).
+
     Nothing here is saved: after a restart the rule is off until `keep` new overloads are seen,
     and the policy launches for every overload as it does without it."""
 
@@ -260,15 +286,28 @@ class ShortOverloads:
         self.start = -1.0  # when the running overload started (-1: none running)
         self.cap0 = 0  # the capacity it started at
         self.size = 0.0  # the most it asked above cap0 so far
+        self.excursion_start = -1.0  # -1: none running
+        self.excursion_cap0 = 0
+        self.shifted = False
 
     @property
     def running(self) -> bool:
         return self.start >= 0
 
+    @property
+    def excursion(self) -> bool:
+        return self.excursion_start >= 0
+
     def update(self, now: float, seen: float, cap: int, lead: float) -> None:
+        self.shifted = False
+        if self.excursion and (seen <= self.excursion_cap0 or now - self.excursion_start > LEVEL_SHIFT):
+            self.shifted = seen > self.excursion_cap0
+            self.excursion_start = -1.0
         if not self.running:
             if seen > cap * (1 + self.tolerance):
                 self.start, self.cap0, self.size = now, cap, seen - cap
+                if not self.excursion:
+                    self.excursion_start, self.excursion_cap0 = now, cap
         elif seen <= self.cap0 or now - self.start > LONG_OVERLOAD * lead:
             self.recent.append((now, now - self.start, self.size))
             self.start = -1.0
@@ -300,6 +339,16 @@ class ShortOverloads:
         if self.size > max(size for _, _, size in self.recent):
             return 0.0
         return max(0.0, wait - (now - self.start))
+
+    def coming(self, now: float, lead: float) -> bool:
+        """Whether bursts come: the last `keep` overloads ended within OVERLOAD_MEMORY, and at least
+        half of them were bursts (the need fell back to the capacity each started at within
+        LONG_OVERLOAD boot times). Launches may or may not catch such bursts, but only capacity
+        standing when one starts meets its first boot time. A rise the fleet was slow to follow (a
+        ramp) does not fall back."""
+        recent = [length for ended, length, _ in self.recent if ended >= now - OVERLOAD_MEMORY]
+        bursts = sum(1 for length in recent if length <= LONG_OVERLOAD * lead)
+        return self.keep > 0 and len(recent) >= self.keep and 2 * bursts >= self.keep
 
     def size_rms(self) -> float:
         """The root mean square of the recent overloads' sizes, in instances at the target."""
@@ -517,6 +566,7 @@ class Predictive:
         self._held = 0.0  # the raw need of the first hot sample, while unconfirmed
         self.overloads = ShortOverloads(settings)
         self.hold_record = HoldRecord()
+        self._recent_need = WindowMax(DEFAULT_LEAD)  # the unsmoothed scale-in need of the last boot time
 
     def decide(self, obs: Observation) -> Decision:
         s = self.s
@@ -534,7 +584,9 @@ class Predictive:
         spike_ahead = self.memory.spike_ahead(obs.now, lead)
         if need.known and s.short_overloads > 0:
             self.overloads.update(obs.now, need.seen, obs.capacity, lead)
-            if not self.overloads.running:
+            if self.overloads.shifted:
+                self.estimate.take_level(obs.now)
+            elif not self.overloads.excursion:
                 self.estimate.update_calm(obs.now, need.down)
         wait = self.overloads.wait(obs.now, lead)
         waiting = self.overloads.waiting(obs.now, wait)
@@ -659,46 +711,41 @@ class Predictive:
         """`pre_launch`: how far the scale-out plan rose above the need on what recent days needed
         next; the scale-in plan keeps that much too, or it would hand back what was just planned.
         `short`: recent overloads were all over within a boot time, so no launch serves them: plan
-        from the calm need between them, with a standing headroom for them, and hold the fleet
-        while one runs."""
+        from the calm need between them, with a standing headroom for them."""
         s = self.s
         lo, hi, cap, now = s.min_instances, s.max_instances, obs.capacity, obs.now
-        base = self.estimate.calm if short else self.estimate.down
-        wander = self.estimate.calm_wander if short else self.estimate.wander
-        plan = base + max(0.0, pre_launch)
-        # Headroom sized from the observed burstiness: how far the need wanders from its average,
-        # and the sample-to-sample jitter, which no launch can follow whatever the boot time (the
-        # heavy-tailed noise that otherwise launches on every spike and hands it straight back);
-        # or a fixed fraction of the need when the load is smooth (the hysteresis that stops a calm
-        # fleet flapping). The largest, not the sum.
-        # The margin and the wander's share grow with the boot time they cover; the sample jitter's
-        # only shrinks, and less, at short boots (`jitter_factor`).
-        f = headroom_factor(lead)
-        headroom = max(f * s.in_margin * plan, f * s.noise_z * wander, jitter_factor(lead) * s.jitter_z * jitter)
-        if short:
-            # Bursts no launch can catch are served by what stands when they start (bench/burst_bound.py:
-            # a steady headroom loses less than a varying one of the same cost). A fraction of the calm
-            # need, so it scales with the fleet, and of the bursts' own size, so small ones get little;
-            # scaled with the boot time like the margin.
-            headroom = max(headroom, f * min(s.burst_headroom * plan, s.burst_size * self.overloads.size_rms()))
-        rec = ceil_units(plan + headroom - s.in_slack)
-        if s.full_z > 0:
-            rec = max(rec, ceil_units(s.cpu_target * (base + s.full_z * jitter)))
-        # Rounded down: the floor is a guard against sudden silence, not extra headroom.
-        floor = int(s.floor_fraction * usual_now) if usual_now > 0 else 0
-        if floor > rec:
-            rec = floor
-        rec = clamp(rec, lo, hi)
+        est = self.estimate
+        margin = headroom_factor(lead) * s.in_margin
+        rec, floor = self._recommend(est.down, est.wander, margin, pre_launch, jitter, lead, usual_now, short)
         full = min(s.scale_in_window, s.hold_leads * lead) if s.hold_leads > 0 else s.scale_in_window
         self.hold_record.update(now, rec, full)
         held_in_full = self.hold_record.pays
+        # While overloads are short, or the hold does not pay (bursts end and stay gone), the plan
+        # starts from the calm need once measured: what an overload launched is let go as soon as it is over, not after a 90 s
+        # average has followed it down and the hold has kept its highest value; bursts at random
+        # times are better met by a standing margin than by capacity that stands only after them
+        # (bench/burst_bound.py).
+        calm = (short or not held_in_full) and est.calm >= 0
+        if calm:
+            # Bursts that come at random are met by a margin that stands (`burst_margin`), in place of
+            # the capacity the hold would have kept after them. Like the sample jitter, a burst's
+            # first boot time is out of any launch's reach whatever the boot time: its share shrinks
+            # less at short boots, and does not grow at long ones.
+            if self.overloads.coming(now, lead):
+                margin = jitter_factor(lead) * s.burst_margin
+            rec, floor = self._recommend(est.calm, est.calm_wander, margin, pre_launch, jitter, lead, usual_now, short)
         self.window.hold(full if held_in_full else min(full, max(lead, s.in_smooth)))
         self.window.push(now, rec)
         allowed = int(self.window.allowed(now, rec))
         desired = clamp(min(cap, allowed), lo, hi)
-        if desired < cap and short and self.overloads.running:
-            # The calm need ignores a running burst, so the fleet is held until it is over.
-            desired = cap
+        self._recent_need.window = lead
+        self._recent_need.push(now, need.down)
+        if desired < cap and calm and self.overloads.excursion:
+            # The calm need leaves a running overload out: while it runs, the fleet goes no lower
+            # than the most the need asked for over the last boot time (a burst holds it; a ramp
+            # that turned lets it go as the load falls). Not pushed into the hold, which would keep
+            # it after the end.
+            desired = max(desired, min(cap, ceil_units(self._recent_need.max(now, need.down))))
         if desired < cap and obs.pending and cap <= hi:
             # Never scale in while launches are pending: a launch about to serve is the worst
             # capacity to give up, and cancelling it restarts the boot clock when the load returns.
@@ -721,6 +768,45 @@ class Predictive:
             desired,
             self._why(obs, need, f"; the highest need of the last {self.window.window:g} s is {allowed}{season}{cut}"),
         )
+
+    def _recommend(
+        self,
+        base: float,
+        wander: float,
+        margin: float,
+        pre_launch: float,
+        jitter: float,
+        lead: float,
+        usual_now: float,
+        short: bool,
+    ) -> tuple[int, int]:
+        """(the scale-in recommendation planned from `base`, a need with its `wander`, and `margin`
+        of the need (scaled for the boot time); the floor of what recent days needed now)."""
+        s = self.s
+        plan = base + max(0.0, pre_launch)
+        # Headroom sized from the observed burstiness: how far the need wanders from its average,
+        # and the sample-to-sample jitter, which no launch can follow whatever the boot time (the
+        # heavy-tailed noise that otherwise launches on every spike and hands it straight back);
+        # or a fixed fraction of the need when the load is smooth (the hysteresis that stops a calm
+        # fleet flapping). The largest, not the sum.
+        # The wander's share grows with the boot time it covers (as the margin does); the sample
+        # jitter's only shrinks, and less, at short boots (`jitter_factor`).
+        f = headroom_factor(lead)
+        headroom = max(margin * plan, f * s.noise_z * wander, jitter_factor(lead) * s.jitter_z * jitter)
+        if short:
+            # Bursts no launch can catch are served by what stands when they start (bench/burst_bound.py:
+            # a steady headroom loses less than a varying one of the same cost). A fraction of the calm
+            # need, so it scales with the fleet, and of the bursts' own size, so small ones get little;
+            # scaled with the boot time like the margin.
+            headroom = max(headroom, f * min(s.burst_headroom * plan, s.burst_size * self.overloads.size_rms()))
+        rec = ceil_units(plan + headroom - s.in_slack)
+        if s.full_z > 0:
+            rec = max(rec, ceil_units(s.cpu_target * (base + s.full_z * jitter)))
+        # Rounded down: the floor is a guard against sudden silence, not extra headroom.
+        floor = int(s.floor_fraction * usual_now) if usual_now > 0 else 0
+        if floor > rec:
+            rec = floor
+        return clamp(rec, s.min_instances, s.max_instances), floor
 
     def _why(self, obs: Observation, need: Needs, tail: str) -> str:
         s = self.s
