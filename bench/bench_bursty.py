@@ -305,8 +305,9 @@ def cheapest_table(found: dict[str, dict[str, dict]]) -> str:
     """How the frontier's cheapest policy meets the loss goal in each cell (burst_bound.describe)."""
     lines = [
         "\nhow it does so: headroom over the calm load (%: of the calm need; i: instances), and the bursts"
-        " it launches for (>N s: those lasting longer; short-bursts' last 20-80 s); a..b: alternating two",
-        f"{'member':<18}" + "".join(f"{f'{b:g} s':>26}" for b in BOOTS),
+        " it launches for (>N s: those lasting longer; short-bursts' last 20-80 s; x0.5: half of what they"
+        " need above the standing capacity); a..b: alternating two",
+        f"{'member':<18}" + "".join(f"{f'{b:g} s':>33}" for b in BOOTS),
     ]
     for key, by_boot in found.items():
         cells = []
@@ -317,7 +318,7 @@ def cheapest_table(found: dict[str, dict[str, dict]]) -> str:
                 continue
             first, second = (burst_bound.Point(**q) for q in row["points"])
             cells.append(burst_bound.describe(first, second, b))
-        lines.append(f"{key:<18}" + "".join(f"{c:>26}" for c in cells))
+        lines.append(f"{key:<18}" + "".join(f"{c:>33}" for c in cells))
     return "\n".join(lines)
 
 

@@ -10,8 +10,10 @@ advantage. `BaseAware`:
   target, cheaper than the oracle), or the calm load's need without its noise (which the target
   absorbs) × (1 + h), rounded up and held a boot time ahead as the oracle's is (`kind` "share");
 - sees a burst's whole size and length at its first second; when the burst outlasts the boot time
-  by at least `serve` seconds it launches exactly what the burst needs then (billed from then,
-  serving a boot time later) and terminates it at the burst's end. (A launch for a burst barely
+  by at least `serve` seconds it launches what the burst needs above the standing capacity then,
+  or a share of that (`launch`: half of it loses more for less, a trade a policy that launches on
+  what a saturated fleet shows makes, and one that beat the frontier without it), billed from
+  then, serving a boot time later, and terminates it at the burst's end. (A launch for a burst barely
   longer than the boot pays for all of it and serves a few seconds: whether that is worth it
   depends on the loss the cost buys, so every `serve` in SERVES is a point of its own.)
 - keeps no headroom in the seconds after a burst in which the generator never starts another.
@@ -43,6 +45,7 @@ from controller_asg.sim.synthetic import BurstParts
 HEADROOMS = range(-4, 13)  # instances over the calm load's supply
 SHARES = [k / 20 for k in range(-6, 21)]  # or this share of it: -30% to +100%
 SERVES = (0, 30, 60, 120, 240)  # seconds a launch must serve of a burst before it is asked
+LAUNCHES = (0.5, 1.0)  # the share of a burst's need above the standing capacity a launch asks for
 
 
 @dataclass
@@ -52,6 +55,7 @@ class Point:
     lost_pct: float
     kind: str = "instances"  # or "share": headroom is a share of the calm need
     serve: int = 0
+    launch: float = 1.0
 
 
 def frontier(parts: BurstParts, p: FleetParams, oracle_hours: float) -> list[Point]:
@@ -72,18 +76,18 @@ def frontier(parts: BurstParts, p: FleetParams, oracle_hours: float) -> list[Poi
         for k in SHARES  # 0 among them, which the quiet seconds of a positive share stand at
     }
 
-    def point(headroom: float, kind: str, standing: np.ndarray, serve: int) -> Point:
+    def point(headroom: float, kind: str, standing: np.ndarray, serve: int, launch: float) -> Point:
         serving = standing.astype(float)
         billed = standing.astype(float)
         for start, length in parts.bursts:
             if length <= boot + serve:
                 continue  # over before a launch could serve `serve` seconds of it: nothing launched
             end = start + length
-            extra = max(0, int(need[start:end].max()) - int(standing[start]))
+            extra = int(np.ceil(launch * max(0, int(need[start:end].max()) - int(standing[start])) - 1e-9))
             billed[start:end] += extra
             serving[start + boot : end] += extra
         lost = np.maximum(0.0, demand - serving * p.capacity).sum() / total * 100
-        return Point(headroom, float(billed.sum()) / 3600 / oracle_hours, float(lost), kind, serve)
+        return Point(headroom, float(billed.sum()) / 3600 / oracle_hours, float(lost), kind, serve, launch)
 
     standings: list[tuple[float, str, np.ndarray]] = []
     for h in HEADROOMS:
@@ -93,7 +97,7 @@ def frontier(parts: BurstParts, p: FleetParams, oracle_hours: float) -> list[Poi
     points = []
     for headroom, kind, standing in standings:
         standing = np.clip(standing, p.min_instances, p.max_instances)
-        points += [point(headroom, kind, standing, serve) for serve in SERVES]
+        points += [point(headroom, kind, standing, serve, launch) for serve in SERVES for launch in LAUNCHES]
     return points
 
 
@@ -149,15 +153,16 @@ def cost_of(found: tuple[Point, Point, float]) -> float:
 def describe(first: Point, second: Point, boot: float) -> str:
     """What `cheapest_at` found, in a few characters: the headroom over the calm load (a share of
     the calm need, or instances: "i") and the bursts a point launches for (those longer than the
-    boot time plus its `serve`); "a..b" when it alternates two points."""
+    boot time plus its `serve`, and "x0.5" when it launches half of what they need above the
+    standing capacity); "a..b" when it alternates two points."""
 
     def standing(q: Point) -> str:
         return f"{q.headroom:+.0%}" if q.kind == "share" else f"{q.headroom:+g}i"
 
     def launches(q: Point) -> str:
-        return f">{boot + q.serve:g}s"
+        return f">{boot + q.serve:g}s" + ("" if q.launch == 1.0 else f" x{q.launch:g}")
 
-    if (first.kind, first.serve) != (second.kind, second.serve):
+    if (first.kind, first.serve, first.launch) != (second.kind, second.serve, second.launch):
         return f"{standing(first)} {launches(first)}..{standing(second)} {launches(second)}"
     if first.headroom == second.headroom:
         return f"{standing(first)} {launches(first)}"

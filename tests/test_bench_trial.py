@@ -22,7 +22,11 @@ def test_settings_and_scenarios_are_parsed(monkeypatch):
 @pytest.mark.parametrize(
     "env, value, message",
     [
-        ("BENCH_PREDICTIVE", "in_margn=0.1", "'in_margn': expected one of burst_headroom, burst_size, cpu_target,"),
+        (
+            "BENCH_PREDICTIVE",
+            "in_margn=0.1",
+            "'in_margn': expected one of burst_headroom, burst_margin, burst_size, cpu_target,",
+        ),
         ("BENCH_PREDICTIVE", "in_margin=lots", "in_margin=lots: expected a number"),
         ("BENCH_PREDICTIVE", "metric=1", "'metric': expected one of"),
         ("BENCH_ONLY", "nasa@21", "'nasa@21': expected a member of nasa, short-bursts/s1, @ one of"),

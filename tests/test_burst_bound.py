@@ -62,6 +62,9 @@ def test_the_cheapest_policy_is_described_by_its_headroom_and_the_bursts_it_laun
     assert describe(share, Point(0.7, 1.1, 1.5, "share", 240), 45.0) == "+45%..+70% >285s"
     assert describe(Point(-2.0, 1.0, 2.0, "instances", 0), share, 20.0) == "-2i >20s..+45% >260s"
     assert describe(Point(1.0, 1.0, 2.0, "instances", 30), Point(1.0, 1.0, 2.0, "instances", 30), 90.0) == "+1i >120s"
+    half = Point(0.3, 1.0, 2.0, "share", 0, 0.5)
+    assert describe(half, half, 20.0) == "+30% >20s x0.5"
+    assert describe(half, share, 20.0) == "+30% >20s x0.5..+45% >260s"
 
 
 def test_the_frontier_is_the_lower_hull_of_both_kinds_of_headroom():
@@ -94,9 +97,11 @@ def test_no_policy_the_bench_runs_beats_the_frontier(key, boot):
     points = frontier(parts, p, oracle_hours)
     for kind in ("instances", "share"):
         for serve in burst_bound.SERVES:
-            costs = [q.cost_vs_oracle for q in points if q.kind == kind and q.serve == serve]
-            lost = [q.lost_pct for q in points if q.kind == kind and q.serve == serve]
-            assert costs == sorted(costs) and lost == sorted(lost, reverse=True), (kind, serve)
+            for launch in burst_bound.LAUNCHES:
+                same = [q for q in points if (q.kind, q.serve, q.launch) == (kind, serve, launch)]
+                costs = [q.cost_vs_oracle for q in same]
+                lost = [q.lost_pct for q in same]
+                assert costs == sorted(costs) and lost == sorted(lost, reverse=True), (kind, serve, launch)
     # the headrooms swept reach from far too little to enough
     assert min(q.lost_pct for q in points) < 0.5 < max(q.lost_pct for q in points)
     for name in bench_bursty.SHOWN:
