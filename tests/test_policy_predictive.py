@@ -606,23 +606,27 @@ def test_the_hold_record_counts_held_capacity_that_came_back_and_capacity_let_go
 def isolated_bursts():
     """3 hours of a calm need of 3 instances hit every 30 minutes by a 4-minute burst to 9, at a
     90 s boot with a 300 s hold: (seconds from each burst's end until the fleet is back to 5 or
-    fewer, the policy)."""
+    fewer, the policy, the reasons of its scale-ins)."""
     p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90, scale_in_window=300))
     fleet = Fleet(p, n=4, boot=90)
     released, ended = [], None
+    scale_ins = []  # their reasons
     for t in range(3 * 3600):
         phase = t % 1800
-        fleet.step(t, (9.0 if 100 <= phase < 340 else 3.0) * 0.5)
+        before = fleet.serving + len(fleet.pending)
+        d = fleet.step(t, (9.0 if 100 <= phase < 340 else 3.0) * 0.5)
+        if d.desired < before:
+            scale_ins.append(d.reason)
         if phase == 340:
             ended = t
         if ended is not None and fleet.serving + len(fleet.pending) <= 5:
             released.append(t - ended)
             ended = None
-    return released, p
+    return released, p, scale_ins
 
 
 def test_once_the_hold_does_not_pay_what_a_burst_launched_is_let_go_when_it_ends():
-    released, p = isolated_bursts()
+    released, p, scale_ins = isolated_bursts()
     assert len(released) == 6, released
     # The first bursts are held in full: nothing has been judged yet.
     assert min(released[:2]) >= 400, released
@@ -633,6 +637,8 @@ def test_once_the_hold_does_not_pay_what_a_burst_launched_is_let_go_when_it_ends
     assert max(released[-3:]) <= 150, released
     assert p.window.window == 90
     assert p.estimate.calm == pytest.approx(3.0, abs=0.3)
+    assert "planned from the calm need 3." in scale_ins[-1], scale_ins[-1]
+    assert "planned from the calm need" not in scale_ins[0], scale_ins[0]
 
 
 def test_the_calm_need_weighs_the_first_moment_after_an_overload_as_one_sample():

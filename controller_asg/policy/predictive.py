@@ -721,10 +721,10 @@ class Predictive:
         self.hold_record.update(now, rec, full)
         held_in_full = self.hold_record.pays
         # While overloads are short, or the hold does not pay (bursts end and stay gone), the plan
-        # starts from the calm need once measured: what an overload launched is let go as soon as it is over, not after a 90 s
-        # average has followed it down and the hold has kept its highest value; bursts at random
-        # times are better met by a standing margin than by capacity that stands only after them
-        # (bench/burst_bound.py).
+        # starts from the calm need once measured: what an overload launched is let go as soon as
+        # it is over, not after a 90 s average has followed it down and the hold has kept its
+        # highest value; bursts at random times are better met by a standing margin than by
+        # capacity that stands only after them (bench/burst_bound.py).
         calm = (short or not held_in_full) and est.calm >= 0
         if calm:
             # Bursts that come at random are met by a margin that stands (`burst_margin`), in place of
@@ -759,6 +759,8 @@ class Predictive:
         if desired > cap:
             return Decision(desired, f"keep within [{lo}, {hi}]")
         season = f" (recent days needed {usual_now:.1f} now)" if allowed == floor else ""
+        if calm:
+            season += f" (planned from the calm need {est.calm:.1f}, overloads left out)"
         cut = (
             ""
             if held_in_full
