@@ -155,7 +155,7 @@ class PredictiveSettings:
     in_slack: float = 0.25  # instances of rounding slack taken off the scale-in need
     jitter_z: float = 6.0  # … or this many σ of the sample jitter: noise faster than any launch (0: off)
     hold_leads: float = 8.0  # scale in to the highest need of this many boot times, at most the window (0: the window)
-    short_overloads: int = 4  # when launches served little of this many recent overloads, wait out the next (0: off)
+    short_overloads: int = 4  # when launches served little of this many recent overloads, wait out the next (0: off, and the calm need with it)
     burst_headroom: float = 0.7  # … and stand this fraction of the calm need above it,
     burst_size: float = 0.6  # … at most this fraction of the recent overloads' size (RMS)
     full_z: float = 4.0  # the fleet at 100% CPU serves the smoothed need plus this many σ of the jitter (0: off)
