@@ -578,6 +578,8 @@ class Predictive:
         jitter = self.estimate.jitter
         self.estimate.update(obs.now, need)
         lead = self.lead(obs)
+        self._recent_need.window = lead
+        self._recent_need.push(obs.now, need.down)
         if need.known:
             self.memory.remember(obs.now, self.estimate.down, self._spike_peak(obs, lead))
         usual_now, usual_ahead = self.memory.now_and_ahead(obs.now, lead)
@@ -738,8 +740,6 @@ class Predictive:
         self.window.push(now, rec)
         allowed = int(self.window.allowed(now, rec))
         desired = clamp(min(cap, allowed), lo, hi)
-        self._recent_need.window = lead
-        self._recent_need.push(now, need.down)
         if desired < cap and calm and self.overloads.excursion:
             # The calm need leaves a running overload out: while it runs, the fleet goes no lower
             # than the most the need asked for over the last boot time (a burst holds it; a ramp
