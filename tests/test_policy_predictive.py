@@ -662,7 +662,7 @@ def test_the_calm_need_weighs_the_first_moment_after_an_overload_as_one_sample()
 
 def test_a_rise_that_stays_becomes_the_calm_need_and_is_not_scaled_in_meanwhile():
     """A need that rises from 3 to 9 and stays: the calm need leaves it out for LEVEL_SHIFT seconds,
-    then takes it as the load's level; meanwhile the fleet keeps what the need's average plans."""
+    then takes it as the load's level; meanwhile the fleet is not scaled in below it."""
     p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90))
     fleet = Fleet(p, n=4, boot=90)
     lowest = 99
@@ -679,8 +679,9 @@ def test_a_rise_that_stays_becomes_the_calm_need_and_is_not_scaled_in_meanwhile(
 
 def test_a_ramp_that_turns_is_let_go_as_it_falls():
     """Planning from the calm need (the hold does not pay: a record of bursts that stayed gone),
-    the fleet an overload launched is held no higher than the need's own average plans: a rise
-    that turns back is scaled in on its way down, before it falls to where it started."""
+    the fleet an overload launched is held no higher than the most the need asked for over the last
+    boot time: a rise that turns back is scaled in on its way down, before it falls to where it
+    started."""
     p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90))
     p.hold_record.released = 1000.0
     fleet = Fleet(p, n=4, boot=90)

@@ -319,7 +319,7 @@ class ShortOverloads:
         the last `keep` (ended within OVERLOAD_MEMORY) that ended within `lead`, when launches
         asked at their starts would have served for at most SERVED_SHARE of their total length;
         else 0 (launch at once)."""
-        lengths = [length for ended, length, _ in self.recent if ended >= now - OVERLOAD_MEMORY]
+        lengths = self._lengths(now)
         if self.keep <= 0 or len(lengths) < self.keep:
             return 0.0
         within = [length for length in lengths if length < lead]
@@ -346,9 +346,13 @@ class ShortOverloads:
         LONG_OVERLOAD boot times). Launches may or may not catch such bursts, but only capacity
         standing when one starts meets its first boot time. A rise the fleet was slow to follow (a
         ramp) does not fall back."""
-        recent = [length for ended, length, _ in self.recent if ended >= now - OVERLOAD_MEMORY]
-        bursts = sum(1 for length in recent if length <= LONG_OVERLOAD * lead)
-        return self.keep > 0 and len(recent) >= self.keep and 2 * bursts >= self.keep
+        lengths = self._lengths(now)
+        bursts = sum(1 for length in lengths if length <= LONG_OVERLOAD * lead)
+        return self.keep > 0 and len(lengths) >= self.keep and 2 * bursts >= self.keep
+
+    def _lengths(self, now: float) -> list[float]:
+        """The lengths of the recent overloads that ended within OVERLOAD_MEMORY."""
+        return [length for ended, length, _ in self.recent if ended >= now - OVERLOAD_MEMORY]
 
     def size_rms(self) -> float:
         """The root mean square of the recent overloads' sizes, in instances at the target."""
@@ -712,7 +716,7 @@ class Predictive:
     ) -> Decision:
         """`pre_launch`: how far the scale-out plan rose above the need on what recent days needed
         next; the scale-in plan keeps that much too, or it would hand back what was just planned.
-        `short`: recent overloads were all over within a boot time, so no launch serves them: plan
+        `short`: recent overloads were mostly over within a boot time, so no launch serves them: plan
         from the calm need between them, with a standing headroom for them."""
         s = self.s
         lo, hi, cap, now = s.min_instances, s.max_instances, obs.capacity, obs.now
