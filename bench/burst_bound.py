@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from controller_asg.policy.common import ceil_units
 from controller_asg.sim.fleet import FleetParams, required
 from controller_asg.sim.oracle import forward_max
 from controller_asg.sim.synthetic import BurstParts
@@ -83,7 +84,7 @@ def frontier(parts: BurstParts, p: FleetParams, oracle_hours: float) -> list[Poi
             if length <= boot + serve:
                 continue  # over before a launch could serve `serve` seconds of it: nothing launched
             end = start + length
-            extra = int(np.ceil(launch * max(0, int(need[start:end].max()) - int(standing[start])) - 1e-9))
+            extra = ceil_units(launch * max(0, int(need[start:end].max()) - int(standing[start])))
             billed[start:end] += extra
             serving[start + boot : end] += extra
         lost = np.maximum(0.0, demand - serving * p.capacity).sum() / total * 100
