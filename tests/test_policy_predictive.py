@@ -11,7 +11,7 @@ import pytest
 from controller_asg.policy import build_policy, make_policy
 from controller_asg.policy.base import Observation
 from controller_asg.policy.baselines import AwsTargetTracking, K8sHpa, Limits, SeedLoop
-from controller_asg.policy.common import Needs
+from controller_asg.policy.common import Needs, ceil_units
 from controller_asg.policy.predictive import (
     DAY,
     LEVEL_SHIFT,
@@ -305,6 +305,31 @@ def test_a_long_silence_keeps_the_floor_all_through():
 def yesterdays_bursts(s):
     """A need of 5, and 30 for the first 4 minutes of every 10."""
     return 30.0 if s % 600 < 240 else 5.0
+
+
+def test_an_untrusted_memory_launches_ahead_less_at_short_boots_only():
+    """What recent days needed over the next lead is launched ahead in full while the memory keeps
+    its promises, at any boot time; while it over-promises, below a 90 s boot only the share scaled
+    as the headroom is (a short boot follows the rise itself nearly as well)."""
+    rise = lambda s: 30.0 if 14 * 3600 <= s < 15 * 3600 else 5.0  # noqa: E731
+
+    def launched_ahead(lead, trusted):
+        """(instances launched a minute before the rise, what recent days needed over the lead)"""
+        p = history_policy(lead=lead)
+        for day in (0, 6):  # yesterday is not seen: day 7 rests on day 6 and day 0, which agree
+            feed_day(p, day, rise, n=40)
+        p.memory.false_alarms = 0.0 if trusted else 1.0
+        t = 7 * DAY + 14 * 3600 - 60
+        d = p.decide(obs(t, [0.25] * 5))  # a need of 2.5
+        ahead = p.memory.now_and_ahead(t, lead)[1]
+        assert ahead > 20 and f"recent days needed {ahead:.1f}" in d.reason, d
+        return d.desired, ahead
+
+    for lead, trusted in ((90, True), (20, True), (90, False), (300, False)):
+        desired, ahead = launched_ahead(lead, trusted)
+        assert desired == ceil_units(0.6 * ahead), (lead, trusted, desired, ahead)
+    desired, ahead = launched_ahead(20, trusted=False)
+    assert desired == ceil_units(0.6 * headroom_factor(20) * ahead) < ceil_units(0.6 * ahead), (desired, ahead)
 
 
 def test_one_days_bursts_that_do_not_come_back_are_no_longer_planned_for():

@@ -25,7 +25,8 @@ noise-aware scale-in. Six named parts, each a small class or method below:
   CPU ≥ `hot_ratio` × target) their raw need, trusted once the next sample confirms it
   (`hot_confirm`) or when it stands `hot_z` σ of the jitter above the hot line; and never less
   than `floor_fraction` of what recent days needed over the next lead, so a rise that recurs daily
-  is met a boot time ahead, nor than the whole of a spike that recurred within it. Then the noise
+  is met a boot time ahead (below a 90 s boot, that share scaled as the headroom is while the
+  memory is not `trusted`), nor than the whole of a spike that recurred within it. Then the noise
   floor: the fleet at 100% CPU keeps serving the smoothed need plus `full_z` σ of the jitter;
 - **the scale-in plan** (`Predictive._scale_in`): the smoothed need plus headroom, the largest of
   `noise_z` σ of its wander, `jitter_z` σ of the sample jitter (noise too fast for any launch to
@@ -654,7 +655,12 @@ class Predictive:
             base = self.estimate.up
         plan = base
         # What recent days needed over the next lead: launch a boot time ahead of a recurring rise.
-        expected = s.floor_fraction * usual_ahead if usual_ahead > 0 else 0.0
+        # While the memory over-promises (not `trusted`: real traffic's minute-to-minute peaks,
+        # which come back less than recent days' maxima say), the rise may not come: launch ahead
+        # only the share scaled with the boot time as the headroom is, since a short boot follows
+        # the rise itself nearly as well.
+        share = s.floor_fraction if self.memory.trusted else s.floor_fraction * min(1.0, headroom_factor(lead))
+        expected = share * usual_ahead if usual_ahead > 0 else 0.0
         # A spike that recurred within it: all of it, since a fleet it overloaded saw less than it
         # asked for, and a fraction would lose the rest.
         spiking = spike_ahead > expected
