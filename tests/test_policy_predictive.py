@@ -278,11 +278,15 @@ def test_history_keeps_capacity_through_a_sudden_silence():
     assert d.desired >= 6, d  # floor: 0.6 × the usual 10
 
 
+def rise_at_two(s):
+    """A need of 5, and 30 for an hour from 14:00."""
+    return 30.0 if 14 * 3600 <= s < 15 * 3600 else 5.0
+
+
 def test_history_launches_ahead_of_a_recurring_rise():
     p = history_policy()
-    burst = lambda s: 30.0 if 14 * 3600 <= s < 15 * 3600 else 5.0  # noqa: E731
     for day in range(2):
-        feed_day(p, day, burst, n=40)  # a fleet that kept up with it
+        feed_day(p, day, rise_at_two, n=40)  # a fleet that kept up with it
     # day 2, a minute before the usual burst, load still at the usual 5: launch ahead
     t = 2 * DAY + 14 * 3600 - 60
     d = p.decide(obs(t, [0.25] * 5))
@@ -311,13 +315,13 @@ def test_an_untrusted_memory_launches_ahead_less_at_short_boots_only():
     """What recent days needed over the next lead is launched ahead in full while the memory keeps
     its promises, at any boot time; while it over-promises, below a 90 s boot only the share scaled
     as the headroom is (a short boot follows the rise itself nearly as well)."""
-    rise = lambda s: 30.0 if 14 * 3600 <= s < 15 * 3600 else 5.0  # noqa: E731
+    share = PredictiveSettings().floor_fraction
 
     def launched_ahead(lead, trusted):
         """(instances launched a minute before the rise, what recent days needed over the lead)"""
         p = history_policy(lead=lead)
         for day in (0, 6):  # yesterday is not seen: day 7 rests on day 6 and day 0, which agree
-            feed_day(p, day, rise, n=40)
+            feed_day(p, day, rise_at_two, n=40)
         p.memory.false_alarms = 0.0 if trusted else 1.0
         t = 7 * DAY + 14 * 3600 - 60
         d = p.decide(obs(t, [0.25] * 5))  # a need of 2.5
@@ -327,9 +331,9 @@ def test_an_untrusted_memory_launches_ahead_less_at_short_boots_only():
 
     for lead, trusted in ((90, True), (20, True), (90, False), (300, False)):
         desired, ahead = launched_ahead(lead, trusted)
-        assert desired == ceil_units(0.6 * ahead), (lead, trusted, desired, ahead)
+        assert desired == ceil_units(share * ahead), (lead, trusted, desired, ahead)
     desired, ahead = launched_ahead(20, trusted=False)
-    assert desired == ceil_units(0.6 * headroom_factor(20) * ahead) < ceil_units(0.6 * ahead), (desired, ahead)
+    assert desired == ceil_units(share * headroom_factor(20) * ahead) < ceil_units(share * ahead), (desired, ahead)
 
 
 def test_one_days_bursts_that_do_not_come_back_are_no_longer_planned_for():
