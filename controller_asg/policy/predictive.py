@@ -22,7 +22,8 @@ noise-aware scale-in. Six named parts, each a small class or method below:
   or is larger than any of them, and the scale-in plan keeps a standing headroom instead;
 - **the scale-out plan** (`Predictive._scale_out`): at once, as far as the plan says, once it
   exceeds capacity × (1 + tolerance). The plan is the smoothed need, or for hot instances (mean
-  CPU ≥ `hot_ratio` × target) their raw need, trusted once the next sample confirms it
+  CPU ≥ `hot_ratio` × target, or `rise_ratio` × target in a sudden rise: the raw need well above
+  its 10 s average) their raw need, trusted once the next sample confirms it
   (`hot_confirm`) or when it stands `hot_z` σ of the jitter above the hot line; and never less
   than `floor_fraction` of what recent days needed over the next lead, so a rise that recurs daily
   is met a boot time ahead (below a 90 s boot, that share scaled as the headroom is while the
@@ -88,6 +89,11 @@ JITTER_CLIP = 4.0
 # traffic that only wanders rarely does), and planned for when it did so at the same time on at
 # least SPIKE_DAYS of the recent days SPIKE_BACK (a one-off spike is not worth a pre-warm).
 SPIKE_SMOOTH = 10.0
+# A sudden rise: the raw need RISE or more above its SPIKE_SMOOTH-second average (a burst's first
+# seconds; a drift, however steep, keeps that average close behind the raw need). Its raw need is
+# used from `rise_ratio` × target, below the usual hot line: each second spent waiting for the
+# smoothed need or the hot line is a second added to the boot time the burst runs over capacity.
+RISE = 0.25
 SPIKE_CPU = 0.9
 SPIKE_BACK = (1, 2, 7)
 SPIKE_DAYS = 2
@@ -148,6 +154,7 @@ class PredictiveSettings:
     up_smooth: float = 60.0  # seconds: moving average of the scale-out need (0: none)
     in_smooth: float = 90.0  # seconds: moving average of the scale-in need (0: none)
     hot_ratio: float = 1.4  # mean CPU / target from which the raw need is used, not the smoothed one
+    rise_ratio: float = 1.2  # … or from which it is used in a sudden rise (RISE above its 10 s average)
     hot_confirm: int = 2  # samples in a row a hot reading must last before its whole raw need is trusted
     hot_z: float = 3.0  # … unless it stands this many σ of the jitter beyond the hot line
     noise_z: float = 0.75  # scale-in headroom: this many σ of the need's wander …
@@ -638,6 +645,8 @@ class Predictive:
         s = self.s
         cap, n = obs.capacity, obs.in_service
         hot_line = min(0.95, s.hot_ratio * s.cpu_target)
+        if need.up >= (1 + RISE) * self.estimate.fast > 0:
+            hot_line = min(hot_line, s.rise_ratio * s.cpu_target)
         self._hot_run = self._hot_run + 1 if need.known and need.mean_up >= hot_line else 0
         # A hot reading is trusted when the next sample confirms it, or at once when it stands out
         # from the sample noise; until then it plans for its raw need less that noise, so one noisy
