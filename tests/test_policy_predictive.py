@@ -206,21 +206,23 @@ def test_a_sudden_rise_is_launched_for_from_a_lower_line_a_drift_is_not():
     `rise_ratio` × target (mean CPU 0.6), below the usual hot line (0.7); a drift to the same CPU,
     which that average follows closely, is planned as before."""
 
-    def sudden(**kw):
+    def steady(**kw):
+        """A policy that saw 10 instances at 0.4 (a need of 8) for 300 s."""
         p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=300, **kw))
         for t in range(300):
             p.decide(obs(t, [0.4] * 10))
-        return p.decide(obs(300, [0.64] * 10))  # a need of 8, then 12.8 at once
+        return p
+
+    def sudden(**kw):
+        return steady(**kw).decide(obs(300, [0.64] * 10))  # a need of 12.8 at once
 
     d = sudden()
     assert d.desired == 13 and "planning for 12.8" in d.reason, d  # the whole raw need
     assert sudden(rise_ratio=1.4).desired == 10  # at the usual hot line: the smoothed need, below 11
 
     def drift(**kw):
-        p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=300, **kw))
-        for t in range(300):
-            p.decide(obs(t, [0.4] * 10))
-        # up to 0.64 (as sudden()'s) over 240 s, and held there: the smoothed need lags by about 1.1
+        p = steady(**kw)
+        # up to 0.64 (as sudden()'s) over 240 s, and held there: the smoothed need lags by about 1.2
         return [p.decide(obs(t, [0.4 + 0.24 * min(1.0, (t - 300) / 240)] * 10)).desired for t in range(300, 700)]
 
     assert drift() == drift(rise_ratio=1.4)

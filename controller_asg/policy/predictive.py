@@ -89,14 +89,14 @@ JITTER_CLIP = 4.0
 # traffic that only wanders rarely does), and planned for when it did so at the same time on at
 # least SPIKE_DAYS of the recent days SPIKE_BACK (a one-off spike is not worth a pre-warm).
 SPIKE_SMOOTH = 10.0
+SPIKE_CPU = 0.9
+SPIKE_BACK = (1, 2, 7)
+SPIKE_DAYS = 2
 # A sudden rise: the raw need RISE or more above its SPIKE_SMOOTH-second average (a burst's first
 # seconds; a drift, however steep, keeps that average close behind the raw need). Its raw need is
 # used from `rise_ratio` × target, below the usual hot line: each second spent waiting for the
 # smoothed need or the hot line is a second added to the boot time the burst runs over capacity.
 RISE = 0.25
-SPIKE_CPU = 0.9
-SPIKE_BACK = (1, 2, 7)
-SPIKE_DAYS = 2
 # The scale-in headroom scales as (boot time / DEFAULT_LEAD) ** HEADROOM_POWER, the boot time held
 # within HEADROOM_LEADS (the range `make bench BENCH_ARGS=bursty` measures).
 HEADROOM_POWER = 0.25
