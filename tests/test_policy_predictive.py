@@ -174,6 +174,11 @@ def test_no_flapping_on_a_slowly_varying_noisy_load(sigma):
     assert lost == 0.0, lost
 
 
+def fleet_policy(**kw):
+    """`predictive` for 1-40 instances with a 300 s scale-in window, `kw` its other settings."""
+    return Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=300, **kw))
+
+
 def noisy_prefix(p, n, mean_cpu, sigma_cpu, seconds=900, seed=2):
     """Feed `seconds` of 1 s samples of n instances at a noisy mean CPU (white noise)."""
     import random
@@ -186,7 +191,7 @@ def noisy_prefix(p, n, mean_cpu, sigma_cpu, seconds=900, seed=2):
 
 
 def test_one_hot_sample_within_the_noise_launches_nothing_a_confirmed_one_launches_all():
-    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=300))
+    p = fleet_policy()
     assert noisy_prefix(p, 3, 0.4, 0.14).desired == 3
     # 0.8 over 3 is hot (>= 0.7) but only 2.9 sigma of the jitter above the mean: not on its own
     assert p.decide(obs(900, [0.8] * 3)).desired == 3
@@ -195,7 +200,7 @@ def test_one_hot_sample_within_the_noise_launches_nothing_a_confirmed_one_launch
 
 
 def test_a_hot_sample_beyond_the_noise_launches_at_once():
-    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=300))
+    p = fleet_policy()
     assert noisy_prefix(p, 3, 0.4, 0.05).desired == 3
     d = p.decide(obs(900, [0.9] * 3))  # 0.9 over 3 with a 0.05 jitter: no doubt
     assert d.desired == 6, d
@@ -208,7 +213,7 @@ def test_a_sudden_rise_is_launched_for_from_a_lower_line_a_drift_is_not():
 
     def steady(**kw):
         """A policy that saw 10 instances at 0.4 (a need of 8) for 300 s."""
-        p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=300, **kw))
+        p = fleet_policy(**kw)
         for t in range(300):
             p.decide(obs(t, [0.4] * 10))
         return p
@@ -237,7 +242,7 @@ def test_small_noisy_fleet_keeps_its_full_capacity_above_the_noise_peaks():
     import random
 
     def run(**kw):
-        p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=300, **kw))
+        p = fleet_policy(**kw)
         fleet = Fleet(p, n=3, boot=90)
         rnd = random.Random(5)
         lost, lowest = 0.0, 99
