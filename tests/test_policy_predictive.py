@@ -160,23 +160,23 @@ def slow_noisy_run(policy, sigma, hours=6, seed=1):
     return actions, lost
 
 
+def fleet_policy(**kw):
+    """`predictive` for 1-40 instances planning for a 90 s boot with a 300 s scale-in window (the
+    defaults, written out: these tests' figures rest on them), `kw` its other settings."""
+    return Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90, scale_in_window=300, **kw))
+
+
 @pytest.mark.parametrize("sigma", [0.8, 1.6])
 def test_no_flapping_on_a_slowly_varying_noisy_load(sigma):
     """One noisy second used to take the hot fast path and launch instances that the scale-in rule
     gave back the second they came into service (100 actions here at sigma 0.8, 635 at 1.6). Now a
     hot reading must be confirmed or stand out from the measured sample noise: fewer actions than
     the Kubernetes HPA on the same load (25 and 74), and nothing lost."""
-    settings = PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=300)
-    actions, lost = slow_noisy_run(Predictive(settings), sigma)
+    actions, lost = slow_noisy_run(fleet_policy(), sigma)
     hpa_actions, _ = slow_noisy_run(K8sHpa(Limits(1, 40)), sigma)
     assert actions <= hpa_actions, (actions, hpa_actions)
     assert actions <= 16 if sigma < 1 else actions <= 40, actions  # the need alone takes about 8
     assert lost == 0.0, lost
-
-
-def fleet_policy(**kw):
-    """`predictive` for 1-40 instances with a 300 s scale-in window, `kw` its other settings."""
-    return Predictive(PredictiveSettings(min_instances=1, max_instances=40, scale_in_window=300, **kw))
 
 
 def noisy_prefix(p, n, mean_cpu, sigma_cpu, seconds=900, seed=2):
@@ -603,7 +603,7 @@ def test_overloads_a_launch_would_have_served_for_long_end_the_wait():
 def short_burst_run(**kw):
     """4 hours of a calm need of 3 instances hit every 10 minutes by a 40 s burst to 9, at a 90 s
     boot: (launches, the lowest capacity in the last hour, the requests lost, in instance-seconds)."""
-    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90, **kw))
+    p = fleet_policy(**kw)
     fleet = Fleet(p, n=4, boot=90)
     launches, lowest, lost = 0, 99, 0.0
     for t in range(4 * 3600):
@@ -632,7 +632,7 @@ def test_bursts_shorter_than_the_boot_are_served_by_standing_capacity_not_launch
 
 
 def test_a_sustained_rise_after_short_bursts_launches_within_the_wait():
-    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90))
+    p = fleet_policy()
     fleet = Fleet(p, n=4, boot=90)
     t = 0
     for t in range(3600):
@@ -668,7 +668,7 @@ def isolated_bursts():
     """3 hours of a calm need of 3 instances hit every 30 minutes by a 4-minute burst to 9, at a
     90 s boot with a 300 s hold: (seconds from each burst's end until the fleet is back to 5 or
     fewer, the policy, the reasons of its scale-ins)."""
-    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90, scale_in_window=300))
+    p = fleet_policy()
     fleet = Fleet(p, n=4, boot=90)
     released, ended = [], None
     scale_ins = []  # their reasons
@@ -724,7 +724,7 @@ def test_the_calm_need_weighs_the_first_moment_after_an_overload_as_one_sample()
 def test_a_rise_that_stays_becomes_the_calm_need_and_is_not_scaled_in_meanwhile():
     """A need that rises from 3 to 9 and stays: the calm need leaves it out for LEVEL_SHIFT seconds,
     then takes it as the load's level; meanwhile the fleet is not scaled in below it."""
-    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90))
+    p = fleet_policy()
     fleet = Fleet(p, n=4, boot=90)
     lowest = 99
     for t in range(2400 + int(LEVEL_SHIFT)):
@@ -743,7 +743,7 @@ def test_a_ramp_that_turns_is_let_go_as_it_falls():
     the fleet an overload launched is held no higher than the most the need asked for over the last
     boot time: a rise that turns back is scaled in on its way down, before it falls to where it
     started."""
-    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90))
+    p = fleet_policy()
     p.hold_record.released = 1000.0
     fleet = Fleet(p, n=4, boot=90)
 
@@ -781,7 +781,7 @@ def test_bursts_that_fall_back_bring_the_burst_margin_a_ramp_does_not():
 
 
 def test_load_that_comes_back_within_the_hold_keeps_it_whole():
-    p = Predictive(PredictiveSettings(min_instances=1, max_instances=40, lead=90, scale_in_window=300))
+    p = fleet_policy()
     fleet = Fleet(p, n=4, boot=90)
     lowest = 99
     for t in range(2 * 3600):
