@@ -18,7 +18,10 @@ wedge the table. flock belongs to the open file description, so threads of one p
 serialise on a `threading.Lock`. Readers copy the bytes under the lock and decode the copy, so a
 reader never sees a torn row or a row half old and half new; writers hold the lock only for the
 few assignments of one update (MonitorS batches a poll cycle into chunks), so readers wait
-microseconds.
+microseconds. MonitorS also holds it exclusive while it creates the table, writing the magic last,
+and `attach` checks the layout under it shared: a reader never takes a table being made for a
+foreign one. A table whose creator died before its magic is 'not there yet' to readers, and the
+next MonitorS replaces it.
 
 Trust. Nothing read from the segment is taken at face value: a stray write or a bug elsewhere
 can leave any byte anywhere, and one bad byte must not wedge every reader. A snapshot clamps a
@@ -990,6 +993,17 @@ def _unlink_segment(name: str, directory: str) -> bool:
     return True
 
 
+def _half_made(shm: _Segment) -> bool:
+    """A table whose creator has not finished it, or never will: no room for a header yet, or no
+    magic yet (open_or_create writes the magic last)."""
+    if shm.size < HEADER_SIZE:
+        return True
+    header = np.ndarray((), dtype=HEADER_DTYPE, buffer=shm.buf)
+    magic = int(header["magic"])
+    del header  # release the exported buffer so the segment can be closed
+    return magic == 0
+
+
 class _Writer:
     """What a writer sees inside `MetricsTable.writing()`: live views into the segment."""
 
@@ -1028,14 +1042,35 @@ class MetricsTable:
         (HELIX_SHM_DIR). Raises TableNotFound, LayoutMismatch, or NotPrivate when the directory is
         not this user's alone, or the segment or its lock is not (`private`, the default; a
         read-only look such as `inspect` may pass False, which still checks the directory)."""
-        shm = _open_segment(name, directory, private=private)
+        shm: _Segment | None = _open_segment(name, directory, private=private)
         if shm is None:
             raise TableNotFound(f"no metrics table '{name}' in {directory or SHM_DIR} (is MonitorS running?)")
+        lock_fd = -1
         try:
-            capacity = cls._check_layout(name, shm)
             lock_fd = _open_lock(name, directory, private=private)
+            # MonitorS holds the lock exclusive from before it creates the segment until the header
+            # is whole (open_or_create), so under the shared lock a table is complete or absent. The
+            # first look may have caught it being made (mapped at size 0, or magic not yet written):
+            # it only said that a table is there; look again under the lock.
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)
+            try:
+                shm.close()
+                shm = _open_segment(name, directory, private=private)
+                if shm is None:
+                    raise TableNotFound(f"no metrics table '{name}' in {directory or SHM_DIR} (removed meanwhile)")
+                if _half_made(shm):
+                    raise TableNotFound(
+                        f"table '{name}' is half-made (its creator stopped before writing its header); "
+                        "MonitorS replaces it when it starts"
+                    )
+                capacity = cls._check_layout(name, shm)
+            finally:
+                fcntl.flock(lock_fd, fcntl.LOCK_UN)
         except BaseException:
-            shm.close()
+            if shm is not None:
+                shm.close()
+            if lock_fd >= 0:
+                os.close(lock_fd)
             raise
         return cls(name, shm, lock_fd, capacity)
 
@@ -1064,6 +1099,13 @@ class MetricsTable:
         cls, name: str, capacity: int, reset: bool, lock_fd: int, directory: str
     ) -> MetricsTable:
         shm = _open_segment(name, directory, private=True)
+        if shm is not None and _half_made(shm):
+            # A creator that died between making the segment and writing its magic (the magic is
+            # written last, under this lock): nothing was ever registered in it, so replacing it
+            # loses nothing and needs no HELIX_SHM_RESET.
+            shm.close()
+            _unlink_segment(name, directory)
+            shm = None
         if shm is not None:
             try:
                 found = cls._check_layout(name, shm, expected_capacity=capacity)

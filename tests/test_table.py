@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -112,6 +113,48 @@ def test_foreign_segment_is_a_layout_mismatch(table_name):
         MetricsTable.attach(table_name)
     with pytest.raises(LayoutMismatch, match="magic"):
         MetricsTable.open_or_create(table_name, 8)
+
+
+def test_attach_while_monitor_s_is_still_making_the_table_waits_for_the_whole_table(table_name):
+    """CI caught a controller that attached between MonitorS creating the segment and writing its
+    magic, and exited on 'magic 0x0'. The creator holds the lock exclusive throughout: a reader
+    blocks on it, then sees the finished table; and a half-made one left by a dead creator is
+    'not there yet' to a reader and replaced by the next MonitorS, with no reset."""
+    import threading
+
+    from shared.table import _create_segment, _open_lock, segment_size
+
+    lock_fd = _open_lock(table_name)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)  # MonitorS inside open_or_create
+    try:
+        _create_segment(table_name, "", segment_size(8)).close()  # made, header not yet written
+        got: list[object] = []
+        reader = threading.Thread(target=lambda: got.append(_attach_or_error(table_name)), daemon=True)
+        reader.start()
+        reader.join(0.5)
+        assert reader.is_alive() and not got, f"attach did not wait for the creator: {got}"
+        MetricsTable._open_or_create_locked(table_name, 8, False, lock_fd, "")  # noqa: SLF001 - the creator's own step
+    finally:
+        fcntl.flock(lock_fd, fcntl.LOCK_UN)
+        os.close(lock_fd)
+    reader.join(30)
+    (table,) = got
+    assert isinstance(table, MetricsTable) and table.capacity == 8
+    table.close()
+
+    MetricsTable.remove(table_name)
+    _create_segment(table_name, "", segment_size(8)).close()  # its creator died before the magic
+    with pytest.raises(TableNotFound, match=f"table '{table_name}' is half-made"):
+        MetricsTable.attach(table_name)
+    with MetricsTable.open_or_create(table_name, 8) as table:
+        assert table.capacity == 8 and table.snapshot().instances() == []
+
+
+def _attach_or_error(name: str) -> object:
+    try:
+        return MetricsTable.attach(name)
+    except Exception as exc:  # noqa: BLE001 - the test reports whatever attach did
+        return exc
 
 
 def test_attach_without_segment(table_name):
