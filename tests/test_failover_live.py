@@ -334,6 +334,19 @@ def _running(pid: int) -> bool:
         return False
 
 
+def kill_and_wait_for_replacement(
+    cluster: Cluster, manager: Manager, victim: str, what: str
+) -> tuple[float, list[dict]]:
+    """SIGKILL `victim` and wait for `manager`'s next acts; returns (when killed, those acts). Not its
+    acts stamped after the kill: an act carries the start time of its control step, and a kill that
+    lands inside a step, before the step looks at the provider, is replaced by that very step with
+    a time a little before the kill (CI's loaded machine caught it). The fleet is settled before
+    each kill, so the manager's next act is the replacement."""
+    before = len(manager.acts())
+    killed = cluster.kill_instance(victim)
+    return killed, wait_for(lambda: manager.acts()[before:], 30, what)
+
+
 def first_after(items: list[Any], since: float, key: Callable[[Any], float]) -> float | None:
     times = sorted(key(i) for i in items if key(i) >= since)
     return times[0] if times else None
@@ -375,8 +388,7 @@ def test_kill_pause_cut_off_and_restart_all_the_fleet_keeps_healing_under_one_ac
     epoch2, leader2 = wait_for(m2.leader_epoch, 30, "m2 to take over")
     assert epoch2 == 2
     victim = sorted(first)[0]
-    killed = cluster.kill_instance(victim)
-    replaced = wait_for(lambda: m2.acts(since=killed), 30, "m2 to replace the killed instance")
+    killed, replaced = kill_and_wait_for_replacement(cluster, m2, victim, "m2 to replace the killed instance")
     timings["kill -9: death -> 'leader now'"] = leader2 - died
     timings["kill -9: instance killed -> new leader's launch"] = replaced[0]["time"] - killed
     second = wait_for(lambda: cluster.settled([m2]), 60, f"the fleet back at {MIN} HEALTHY")
@@ -397,8 +409,7 @@ def test_kill_pause_cut_off_and_restart_all_the_fleet_keeps_healing_under_one_ac
     assert epoch3 == 3
     timings["SIGSTOP: stop -> 'leader now'"] = leader3 - stopped
     victim = sorted(second)[0]
-    killed = cluster.kill_instance(victim)
-    wait_for(lambda: m1b.acts(since=killed), 30, "m1 to replace the killed instance")
+    kill_and_wait_for_replacement(cluster, m1b, victim, "m1 to replace the killed instance")
     m2.controller.signal(signal.SIGCONT)
     woke = time.time()
     # The woken controller notices it lost the lease, and stands by.
@@ -533,8 +544,9 @@ def test_kill_pause_cut_off_and_restart_all_the_fleet_keeps_healing_under_one_ac
     # churn breaker restored from the store may still be judging that launch, and a death before
     # the new leader sees it HEALTHY counts as a failed launch (its slot then backs off 10 s).
     victim = sorted(adopted - after)[0]
-    killed = cluster.kill_instance(victim)
-    replaced = wait_for(lambda: leader5.acts(since=killed), 30, f"{leader5.tag} to replace the killed instance")
+    killed, replaced = kill_and_wait_for_replacement(
+        cluster, leader5, victim, f"{leader5.tag} to replace the killed instance"
+    )
     timings["restart all: instance killed -> new leader's launch"] = replaced[0]["time"] - killed
     fifth = wait_for(lambda: cluster.settled([m1c, m2c]), 60, f"the fleet back at {MIN} HEALTHY after the restart")
     new = set(cluster.watch.seen) - before_restart
